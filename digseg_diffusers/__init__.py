@@ -1,0 +1,33 @@
+"""digseg-diffusers: DiGSeg ("Diffusion Models as a Generalist Segmentation Learner") for diffusers.
+
+Public names are imported lazily so that `import digseg_diffusers` stays cheap for the CLI and ComfyUI.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "DiGSegPipeline": "pipeline_digseg",
+    "DiGSegOutput": "pipeline_digseg",
+    "BACKGROUND_LABEL": "pipeline_digseg",
+    "DiGSegTextProjection": "text_projection",
+    "build_char_clip_tokenizer": "tokenization",
+}
+
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipeline_digseg import BACKGROUND_LABEL, DiGSegOutput, DiGSegPipeline
+    from .text_projection import DiGSegTextProjection
+    from .tokenization import build_char_clip_tokenizer
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,82 @@
+"""Mask <-> latent codec (method.md section 2).
+
+This module is the only place that knows how a segmentation mask becomes a VAE latent and back. Training,
+inference and the VAE mask study all go through it, so a change of convention happens here or nowhere.
+
+Conventions:
+- pixels handed to a VAE are in [-1, 1], ``[B, 3, H, W]``;
+- a mask ``m`` in [0, 1] (binary for training targets) is encoded as ``2m - 1`` replicated to 3 channels,
+  through the posterior *mean* (no sampling), times ``vae.config.scaling_factor``;
+- a latent is decoded with ``D(z / scaling_factor)``, averaged over the 3 channels, clamped to [-1, 1] and
+  mapped to [0, 1].
+
+Both ``AutoencoderKL`` (a posterior with a mean) and ``AutoencoderTiny`` (a deterministic encoder) are accepted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "scaling_factor",
+    "encode_pixels",
+    "decode_pixels",
+    "masks_to_pixels",
+    "encode_masks",
+    "decode_mask_channels",
+    "mask_channels_to_probabilities",
+    "decode_masks",
+]
+
+
+def scaling_factor(vae) -> float:
+    """The factor that brings the VAE's latents to roughly unit variance (1.0 when the config has none)."""
+    return float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+
+
+def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Encode ``[B, 3, H, W]`` pixels in [-1, 1] into scaled latents (posterior mean, never a sample)."""
+    encoded = vae.encode(pixels.to(dtype=vae.dtype))
+    if hasattr(encoded, "latent_dist"):
+        latents = encoded.latent_dist.mode()
+    elif hasattr(encoded, "latents"):
+        latents = encoded.latents
+    else:  # a plain tuple from return_dict=False style encoders
+        latents = encoded[0]
+        latents = latents.mode() if hasattr(latents, "mode") else latents
+    return latents * scaling_factor(vae)
+
+
+def decode_pixels(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Decode scaled latents into ``[B, 3, H, W]`` pixels (nominally in [-1, 1], not clamped)."""
+    return vae.decode(latents.to(dtype=vae.dtype) / scaling_factor(vae), return_dict=False)[0]
+
+
+def masks_to_pixels(masks: torch.Tensor) -> torch.Tensor:
+    """Map masks ``[B, H, W]`` or ``[B, 1, H, W]`` in [0, 1] to VAE input ``[B, 3, H, W]`` in [-1, 1]."""
+    if masks.dim() == 3:
+        masks = masks.unsqueeze(1)
+    if masks.dim() != 4 or masks.shape[1] != 1:
+        raise ValueError(f"masks must be [B,H,W] or [B,1,H,W]; got shape {tuple(masks.shape)}")
+    pixels = masks.float() * 2.0 - 1.0
+    return pixels.expand(-1, 3, -1, -1)
+
+
+def encode_masks(vae, masks: torch.Tensor) -> torch.Tensor:
+    """Encode masks in [0, 1] (``[B, H, W]`` or ``[B, 1, H, W]``) into scaled mask latents."""
+    return encode_pixels(vae, masks_to_pixels(masks).to(device=vae.device))
+
+
+def decode_mask_channels(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Decode mask latents to the raw 3-channel output in [-1, 1] space (for channel-spread studies)."""
+    return decode_pixels(vae, latents).float()
+
+
+def mask_channels_to_probabilities(channels: torch.Tensor) -> torch.Tensor:
+    """Reduce decoded ``[B, 3, H, W]`` mask channels to probabilities ``[B, 1, H, W]`` in [0, 1]."""
+    return (channels.mean(dim=1, keepdim=True).clamp(-1.0, 1.0) + 1.0) / 2.0
+
+
+def decode_masks(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Decode mask latents into probabilities ``[B, 1, H, W]`` in [0, 1]."""
+    return mask_channels_to_probabilities(decode_mask_channels(vae, latents))

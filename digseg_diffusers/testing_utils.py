@@ -1,0 +1,138 @@
+"""Tiny randomly initialised components with the SD2 structure, for tests, benchmarks and offline demos.
+
+Nothing here downloads anything. The U-Net keeps SD2's block layout (three cross-attention down levels, a
+plain bottom level, linear projections in the transformers), scaled down to a few thousand parameters per
+block, so code that selects modules "by structure" sees the same structure as on the real model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .tokenization import build_char_clip_tokenizer
+
+SD2_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+SD2_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+
+
+def make_tiny_unet(
+    in_channels: int = 8,
+    cross_attention_dim: int = 32,
+    block_out_channels: tuple[int, ...] = (16, 32, 32, 32),
+    attention_head_dim: int | tuple[int, ...] = (2, 4, 4, 4),
+    seed: int = 0,
+) -> UNet2DConditionModel:
+    """A 4-level U-Net laid out like SD2's (`CrossAttn` x3 + plain down, mirrored up, linear projections)."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=4,
+        down_block_types=SD2_DOWN_BLOCKS,
+        up_block_types=SD2_UP_BLOCKS,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        attention_head_dim=attention_head_dim,
+        cross_attention_dim=cross_attention_dim,
+        use_linear_projection=True,
+        norm_num_groups=8,
+    )
+
+
+def make_tiny_vae(seed: int = 0) -> AutoencoderKL:
+    """An 8x-downsampling `AutoencoderKL` with 4 latent channels, like SD's, but tiny."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+
+
+def make_tiny_text_encoder(hidden_size: int = 32, max_length: int = 32, seed: int = 0) -> CLIPTextModel:
+    """A 2-layer CLIP text transformer sized for the character-level tokenizer (514 tokens)."""
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=514,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=max_length,
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def make_ddim_scheduler(prediction_type: str = "v_prediction") -> DDIMScheduler:
+    """DDIM with trailing spacing and SD2's scaled-linear betas, as DiGSeg uses at inference."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=1,
+        prediction_type=prediction_type,
+        timestep_spacing="trailing",
+    )
+
+
+def make_tiny_components(
+    seed: int = 0, text_hidden_size: int = 24, cross_attention_dim: int = 32, prediction_type: str = "v_prediction"
+) -> dict:
+    """All components of a tiny DiGSeg pipeline (text width != cross-attention width, as with CLIP-L + SD2)."""
+    from .text_projection import DiGSegTextProjection
+
+    torch.manual_seed(seed)
+    return {
+        "unet": make_tiny_unet(cross_attention_dim=cross_attention_dim, seed=seed),
+        "vae": make_tiny_vae(seed=seed),
+        "scheduler": make_ddim_scheduler(prediction_type),
+        "text_encoder": make_tiny_text_encoder(hidden_size=text_hidden_size, seed=seed),
+        "tokenizer": build_char_clip_tokenizer(),
+        "text_projection": DiGSegTextProjection(text_hidden_size, cross_attention_dim),
+    }
+
+
+def make_tiny_pipeline(seed: int = 0, **kwargs):
+    """A complete, untrained, tiny `DiGSegPipeline` in eval mode."""
+    from .pipeline_digseg import DiGSegPipeline
+
+    pipe = DiGSegPipeline(**make_tiny_components(seed=seed), **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_sd_base(path: str | os.PathLike, prediction_type: str = "epsilon", seed: int = 0) -> str:
+    """Write a tiny Stable-Diffusion-layout folder (4-channel U-Net, VAE, DDPM scheduler, CLIP text, tokenizer).
+
+    It stands in for an SD2 checkpoint in tests of `DiGSegPipeline.from_base_model`.
+    """
+    path = str(path)
+    make_tiny_unet(in_channels=4, cross_attention_dim=32, seed=seed).save_pretrained(os.path.join(path, "unet"))
+    make_tiny_vae(seed=seed).save_pretrained(os.path.join(path, "vae"))
+    DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+    ).save_pretrained(os.path.join(path, "scheduler"))
+    make_tiny_text_encoder(hidden_size=32, seed=seed).save_pretrained(os.path.join(path, "text_encoder"))
+    build_char_clip_tokenizer().save_pretrained(os.path.join(path, "tokenizer"))
+    return path
