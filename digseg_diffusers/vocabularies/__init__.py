@@ -1,0 +1,221 @@
+"""Benchmark vocabularies: class names and the label ids each dataset stores in its annotation files.
+
+Each vocabulary is a JSON file next to this module (see ``README.md`` for where every list comes from). A
+`Vocabulary` knows the class names in evaluation order, the raw label id of each class in the dataset's own
+annotation format, and how to turn a raw label map into class indices ``0..K-1`` with an ignore index for
+everything else (unlabeled pixels, background of the 59/20-class protocols, ids outside the vocabulary).
+
+Annotation files that were already converted to contiguous ids (detectron2's ``annotations_detectron2``,
+mmseg's ``*_labelTrainIds.png``) are handled by `Vocabulary.with_contiguous_ids`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+
+import numpy as np
+import torch
+
+__all__ = ["Vocabulary", "list_vocabularies", "load_vocabulary", "IGNORE_INDEX", "LARGE_IGNORE_INDEX"]
+
+IGNORE_INDEX = 255
+"""Class index given to ignored pixels by `Vocabulary.map_labels` when the vocabulary has at most 255 classes."""
+
+LARGE_IGNORE_INDEX = 65535
+"""Ignore index for vocabularies with more than 255 classes (A-847, PC-459), where 255 is a real class."""
+
+_VOCABULARY_NAMES = (
+    "ade20k-150",
+    "ade20k-847",
+    "pascal-context-59",
+    "pascal-context-459",
+    "coco-stuff-171",
+    "cityscapes-19",
+    "pascal-voc-20",
+)
+
+_ALIASES = {
+    "a-150": "ade20k-150",
+    "a150": "ade20k-150",
+    "ade150": "ade20k-150",
+    "ade-150": "ade20k-150",
+    "ade20k": "ade20k-150",
+    "a-847": "ade20k-847",
+    "a847": "ade20k-847",
+    "ade847": "ade20k-847",
+    "ade-847": "ade20k-847",
+    "ade20k-full": "ade20k-847",
+    "pc-59": "pascal-context-59",
+    "pc59": "pascal-context-59",
+    "pascal-context": "pascal-context-59",
+    "context-59": "pascal-context-59",
+    "pc-459": "pascal-context-459",
+    "pc459": "pascal-context-459",
+    "context-459": "pascal-context-459",
+    "coco-stuff": "coco-stuff-171",
+    "cocostuff": "coco-stuff-171",
+    "coco-stuff-164k": "coco-stuff-171",
+    "coco-171": "coco-stuff-171",
+    "cityscapes": "cityscapes-19",
+    "cs-19": "cityscapes-19",
+    "voc": "pascal-voc-20",
+    "voc20": "pascal-voc-20",
+    "voc-20": "pascal-voc-20",
+    "pascal-voc": "pascal-voc-20",
+    "pascal-voc-2012": "pascal-voc-20",
+}
+
+
+@dataclass
+class Vocabulary:
+    """A list of class names with the dataset label id of each class.
+
+    Attributes:
+        name: canonical name, e.g. ``"ade20k-150"``.
+        class_names: class names in evaluation order (class index ``k`` is ``class_names[k]``). Names with WordNet
+            synonyms (A-847) keep the full comma-separated string, which is also what CLIP-based methods prompt with;
+            `synonyms` splits it.
+        label_ids: the value stored for each class in the dataset's annotation files.
+        ignore_label: the raw value that marks unlabeled pixels (``None`` if the format has none).
+        background_label: the raw value of "background" where the dataset has one (VOC, PASCAL Context). The
+            vocabulary does not contain background, so those pixels are ignored too.
+        title, label_format, sources: documentation carried from the data file.
+    """
+
+    name: str
+    class_names: list[str]
+    label_ids: list[int]
+    ignore_label: int | None = None
+    background_label: int | None = None
+    title: str = ""
+    label_format: str = ""
+    sources: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if len(self.class_names) != len(self.label_ids):
+            raise ValueError(
+                f"class_names ({len(self.class_names)}) and label_ids ({len(self.label_ids)}) must have the same length"
+            )
+        if len(set(self.label_ids)) != len(self.label_ids):
+            raise ValueError(f"label_ids of vocabulary {self.name!r} contain duplicates")
+        if any(i < 0 for i in self.label_ids):
+            raise ValueError(f"label_ids of vocabulary {self.name!r} must be non-negative")
+
+    def __len__(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def ignore_index(self) -> int:
+        """The class index `map_labels` gives to ignored pixels: 255, or 65535 when 255 is a valid class index."""
+        return IGNORE_INDEX if self.num_classes <= IGNORE_INDEX else LARGE_IGNORE_INDEX
+
+    @property
+    def synonyms(self) -> list[list[str]]:
+        """Each class name split at ", " (A-847 names are WordNet synonym lists; other vocabularies give one each)."""
+        return [[part.strip() for part in name.split(", ") if part.strip()] for name in self.class_names]
+
+    def index(self, class_name: str) -> int:
+        """The class index of ``class_name``."""
+        try:
+            return self.class_names.index(class_name)
+        except ValueError:
+            raise ValueError(f"{class_name!r} is not a class of vocabulary {self.name!r}") from None
+
+    @cached_property
+    def _lookup_table(self) -> np.ndarray:
+        table = np.full(max(self.label_ids) + 1, self.ignore_index, dtype=np.int64)
+        table[np.asarray(self.label_ids, dtype=np.int64)] = np.arange(self.num_classes, dtype=np.int64)
+        return table
+
+    def map_labels(self, label_map: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Map a raw dataset label map (any shape, integer values) to class indices ``0..K-1``.
+
+        Every value that is not one of `label_ids` (the ignore label, background, unknown ids, negative values)
+        becomes `ignore_index`. Returns int64 of the same kind (numpy or torch, same device) as the input.
+        """
+        is_tensor = isinstance(label_map, torch.Tensor)
+        if is_tensor:
+            if label_map.is_floating_point() or label_map.is_complex():
+                raise ValueError(f"label_map must hold integers; got dtype {label_map.dtype}")
+            table = torch.from_numpy(self._lookup_table).to(label_map.device)
+            labels = label_map.long()
+            valid = (labels >= 0) & (labels < table.numel())
+            result = torch.full_like(labels, self.ignore_index)
+            result[valid] = table[labels[valid]]
+            return result
+        labels = np.asarray(label_map)
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"label_map must hold integers; got dtype {labels.dtype}")
+        labels = labels.astype(np.int64, copy=False)
+        table = self._lookup_table
+        valid = (labels >= 0) & (labels < table.size)
+        result = np.full(labels.shape, self.ignore_index, dtype=np.int64)
+        result[valid] = table[labels[valid]]
+        return result
+
+    def with_contiguous_ids(self, ignore_label: int | None = None) -> Vocabulary:
+        """The same classes for annotations already stored as class indices ``0..K-1``.
+
+        That is the format of detectron2's prepared benchmarks (``annotations_detectron2``: 255 ignore, 65535 for
+        A-847/PC-459 TIFFs) and of mmseg's ``*_labelTrainIds.png``. ``ignore_label`` defaults to `ignore_index`.
+        """
+        return dataclasses.replace(
+            self,
+            label_ids=list(range(self.num_classes)),
+            ignore_label=self.ignore_index if ignore_label is None else ignore_label,
+            background_label=None,
+            label_format=f"contiguous class indices 0..{self.num_classes - 1}",
+        )
+
+    def subset(self, class_names: list[str]) -> Vocabulary:
+        """A vocabulary with only ``class_names`` (in that order), keeping their label ids."""
+        indices = [self.index(n) for n in class_names]
+        return dataclasses.replace(
+            self,
+            name=f"{self.name}-subset",
+            class_names=[self.class_names[i] for i in indices],
+            label_ids=[self.label_ids[i] for i in indices],
+        )
+
+
+def _normalize(name: str) -> str:
+    return name.strip().lower().replace("_", "-").replace(" ", "-")
+
+
+def list_vocabularies() -> list[str]:
+    """Canonical names of the bundled vocabularies."""
+    return list(_VOCABULARY_NAMES)
+
+
+def load_vocabulary(name: str) -> Vocabulary:
+    """Load a bundled vocabulary by canonical name or alias (e.g. ``"a-150"``, ``"pc-459"``, ``"voc"``)."""
+    if not isinstance(name, str):
+        raise ValueError(f"vocabulary name must be a string; got {type(name).__name__}")
+    key = _normalize(name)
+    key = _ALIASES.get(key, key)
+    if key not in _VOCABULARY_NAMES:
+        raise ValueError(
+            f"Unknown vocabulary {name!r}. Known vocabularies: {', '.join(_VOCABULARY_NAMES)} "
+            f"(aliases: {', '.join(sorted(_ALIASES))})"
+        )
+    text = resources.files(__name__).joinpath(f"{key}.json").read_text(encoding="utf-8")
+    data = json.loads(text)
+    classes = data["classes"]
+    return Vocabulary(
+        name=data["name"],
+        class_names=[c["name"] for c in classes],
+        label_ids=[int(c["id"]) for c in classes],
+        ignore_label=data.get("ignore_label"),
+        background_label=data.get("background_label"),
+        title=data.get("title", ""),
+        label_format=data.get("label_format", ""),
+        sources=list(data.get("sources", [])),
+    )

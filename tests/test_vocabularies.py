@@ -1,0 +1,139 @@
+import numpy as np
+import pytest
+import torch
+
+from digseg_diffusers.vocabularies import (
+    IGNORE_INDEX,
+    LARGE_IGNORE_INDEX,
+    Vocabulary,
+    list_vocabularies,
+    load_vocabulary,
+)
+
+EXPECTED_SIZES = {
+    "ade20k-150": 150,
+    "ade20k-847": 847,
+    "pascal-context-59": 59,
+    "pascal-context-459": 459,
+    "coco-stuff-171": 171,
+    "cityscapes-19": 19,
+    "pascal-voc-20": 20,
+}
+
+
+def test_list_vocabularies_names_every_bundled_vocabulary():
+    assert sorted(list_vocabularies()) == sorted(EXPECTED_SIZES)
+
+
+@pytest.mark.parametrize("name,size", sorted(EXPECTED_SIZES.items()))
+def test_sizes_names_and_ids(name, size):
+    vocab = load_vocabulary(name)
+    assert vocab.name == name
+    assert len(vocab) == vocab.num_classes == size
+    assert len(vocab.label_ids) == size
+    assert all(n and n == n.strip() for n in vocab.class_names)
+    assert len(set(vocab.class_names)) == size, "duplicate class names"
+    assert len(set(vocab.label_ids)) == size, "duplicate label ids"
+    assert vocab.ignore_label not in vocab.label_ids
+    assert vocab.background_label is None or vocab.background_label not in vocab.label_ids
+    assert vocab.sources
+
+
+@pytest.mark.parametrize(
+    "name,first,last,ids",
+    [
+        ("ade20k-150", "wall", "flag", (1, 150)),
+        ("pascal-context-59", "aeroplane", "wood", (1, 59)),
+        ("pascal-context-459", "accordion", "wool", (1, 459)),
+        ("coco-stuff-171", "person", "wood", (0, 181)),
+        ("cityscapes-19", "road", "bicycle", (0, 18)),
+        ("pascal-voc-20", "aeroplane", "tvmonitor", (1, 20)),
+    ],
+)
+def test_known_ends_and_id_ranges(name, first, last, ids):
+    vocab = load_vocabulary(name)
+    assert vocab.class_names[0] == first and vocab.class_names[-1] == last
+    assert (min(vocab.label_ids), max(vocab.label_ids)) == ids
+
+
+def test_coco_stuff_skips_the_eleven_unused_ids():
+    vocab = load_vocabulary("coco-stuff-171")
+    assert sorted(set(range(182)) - set(vocab.label_ids)) == [11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90]
+    assert vocab.label_ids[vocab.index("stop sign")] == 12
+
+
+def test_pascal_context_59_is_a_subset_of_459():
+    pc59, pc459 = load_vocabulary("pc-59"), load_vocabulary("pc-459")
+    assert set(pc59.class_names) <= set(pc459.class_names)
+    # mmseg's converter keeps the 459-id order, so the 59 classes appear in the same relative order
+    positions = [pc459.index(n) for n in pc59.class_names]
+    assert positions == sorted(positions)
+
+
+def test_ade847_synonyms_split_wordnet_lists():
+    vocab = load_vocabulary("a-847")
+    assert vocab.class_names[1] == "building, edifice"
+    assert vocab.synonyms[1] == ["building", "edifice"]
+    assert vocab.synonyms[0] == ["wall"]
+
+
+@pytest.mark.parametrize(
+    "alias,name",
+    [("A-150", "ade20k-150"), ("a_847", "ade20k-847"), ("PC-59", "pascal-context-59"), ("pc459", "pascal-context-459"),
+     ("coco stuff", "coco-stuff-171"), ("Cityscapes", "cityscapes-19"), ("voc", "pascal-voc-20")],
+)
+def test_aliases(alias, name):
+    assert load_vocabulary(alias).name == name
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="Unknown vocabulary 'ade30k'.*ade20k-150.*pascal-voc-20"):
+        load_vocabulary("ade30k")
+
+
+def test_map_labels_ade150_shifts_and_ignores_zero():
+    vocab = load_vocabulary("ade20k-150")
+    raw = np.array([[0, 1, 2], [150, 149, 0]], dtype=np.uint8)
+    expected = np.array([[IGNORE_INDEX, 0, 1], [149, 148, IGNORE_INDEX]])
+    mapped = vocab.map_labels(raw)
+    assert mapped.dtype == np.int64
+    np.testing.assert_array_equal(mapped, expected)
+
+
+def test_map_labels_coco_stuff_and_voc_background():
+    coco = load_vocabulary("coco-stuff-171")
+    raw = np.array([0, 11, 12, 181, 255, 200])
+    np.testing.assert_array_equal(coco.map_labels(raw), [0, 255, 11, 170, 255, 255])
+    voc = load_vocabulary("pascal-voc-20")
+    np.testing.assert_array_equal(voc.map_labels(np.array([0, 1, 20, 255])), [255, 0, 19, 255])
+
+
+def test_map_labels_torch_and_large_vocabularies():
+    vocab = load_vocabulary("ade20k-847")
+    assert vocab.ignore_index == LARGE_IGNORE_INDEX
+    wall, edifice = vocab.label_ids[0], vocab.label_ids[1]
+    raw = torch.tensor([[wall, edifice], [0, 5000]], dtype=torch.int32)
+    mapped = vocab.map_labels(raw)
+    assert isinstance(mapped, torch.Tensor) and mapped.dtype == torch.int64
+    assert mapped.tolist() == [[0, 1], [LARGE_IGNORE_INDEX, LARGE_IGNORE_INDEX]]
+    # class index 255 is a real class here and must survive the mapping
+    assert vocab.map_labels(np.array([vocab.label_ids[255]])).tolist() == [255]
+
+
+def test_map_labels_rejects_float_maps():
+    with pytest.raises(ValueError, match="label_map must hold integers"):
+        load_vocabulary("cityscapes").map_labels(np.zeros((2, 2), dtype=np.float32))
+
+
+def test_with_contiguous_ids_reads_prepared_annotations():
+    vocab = load_vocabulary("pascal-context-459").with_contiguous_ids()
+    assert vocab.label_ids == list(range(459)) and vocab.ignore_label == LARGE_IGNORE_INDEX
+    raw = np.array([0, 458, 65535], dtype=np.uint16)
+    np.testing.assert_array_equal(vocab.map_labels(raw), [0, 458, LARGE_IGNORE_INDEX])
+
+
+def test_vocabulary_validates_its_fields():
+    with pytest.raises(ValueError, match="same length"):
+        Vocabulary("x", ["a", "b"], [1])
+    with pytest.raises(ValueError, match="duplicates"):
+        Vocabulary("x", ["a", "b"], [1, 1])
