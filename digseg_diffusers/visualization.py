@@ -1,0 +1,141 @@
+"""Colours for DiGSeg label maps: one fixed palette shared by the CLI, the ComfyUI nodes and the demos.
+
+Framework-free on purpose (numpy + PIL only) so that every front end draws the same class in the same colour:
+label 0 is the background (black, left untouched by `overlay`), label k + 1 is prompt k.
+"""
+
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["BASE_COLORS", "label_colors", "colorize_label_map", "overlay"]
+
+BASE_COLORS: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75),  # red
+    (60, 180, 75),  # green
+    (0, 130, 200),  # blue
+    (255, 225, 25),  # yellow
+    (245, 130, 48),  # orange
+    (145, 30, 180),  # purple
+    (70, 240, 240),  # cyan
+    (240, 50, 230),  # magenta
+    (210, 245, 60),  # lime
+    (250, 190, 212),  # pink
+    (0, 128, 128),  # teal
+    (220, 190, 255),  # lavender
+    (170, 110, 40),  # brown
+    (255, 250, 200),  # beige
+    (128, 0, 0),  # maroon
+    (170, 255, 195),  # mint
+    (128, 128, 0),  # olive
+    (255, 215, 180),  # apricot
+    (0, 0, 128),  # navy
+    (128, 128, 128),  # grey
+)
+"""Colours of prompts 0..19 (labels 1..20): high-contrast first, so few-prompt results are easy to read."""
+
+IGNORE_COLOR = (255, 255, 255)
+"""Colour of `ignore_index` pixels (ground-truth maps mark unlabelled pixels with 255)."""
+
+
+def label_colors(num_classes: int) -> np.ndarray:
+    """The palette for labels ``0..num_classes``: ``uint8 [num_classes + 1, 3]``, row 0 = background (black).
+
+    Beyond the 20 base colours, hues follow the golden angle so that any number of classes (A-847 has 847)
+    gets distinct, deterministic colours.
+    """
+    if not isinstance(num_classes, (int, np.integer)) or num_classes < 0:
+        raise ValueError(f"`num_classes` must be a non-negative integer; got {num_classes!r}.")
+    colors = np.zeros((int(num_classes) + 1, 3), dtype=np.uint8)
+    for k in range(int(num_classes)):
+        if k < len(BASE_COLORS):
+            colors[k + 1] = BASE_COLORS[k]
+        else:
+            j = k - len(BASE_COLORS)
+            hue = (j * 0.618033988749895) % 1.0
+            saturation = 0.55 + 0.45 * ((j // 3) % 2)
+            value = 0.65 + 0.35 * (j % 2)
+            colors[k + 1] = np.round(np.array(colorsys.hsv_to_rgb(hue, saturation, value)) * 255.0)
+    return colors
+
+
+def _as_label_array(label_map) -> np.ndarray:
+    labels = np.asarray(label_map)
+    if labels.ndim != 2:
+        raise ValueError(f"`label_map` must be a 2-D [H, W] array; got shape {labels.shape}.")
+    if labels.dtype == bool or not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+        raise ValueError(f"`label_map` must hold integer labels; got dtype {labels.dtype}.")
+    if np.issubdtype(labels.dtype, np.floating):
+        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+            raise ValueError("`label_map` is float but holds non-integer values; pass integer labels.")
+    labels = labels.astype(np.int64)
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"`label_map` has negative labels (min {labels.min()}); labels are 0 (background) or k + 1.")
+    return labels
+
+
+def colorize_label_map(label_map, num_classes: int | None = None, ignore_index: int | None = 255) -> np.ndarray:
+    """Paint a ``[H, W]`` label map (0 = background, k + 1 = prompt k) as an ``[H, W, 3]`` uint8 RGB image.
+
+    Args:
+        label_map: integer labels (numpy array, PIL "L"/"P"/"I" image, or anything `np.asarray` accepts).
+        num_classes: the number of prompts K; labels above K are an error (a mismatch between the map and the
+            prompt list it came with). Defaults to the largest label present.
+        ignore_index: painted white when ``num_classes < ignore_index`` (ground-truth "unlabelled" pixels).
+    """
+    labels = _as_label_array(label_map)
+    ignored = None
+    if ignore_index is not None and (num_classes is None or num_classes < ignore_index):
+        ignored = labels == ignore_index
+        if ignored.any():
+            labels = np.where(ignored, 0, labels)
+        else:
+            ignored = None
+    largest = int(labels.max()) if labels.size else 0
+    if num_classes is None:
+        num_classes = largest
+    elif largest > num_classes:
+        raise ValueError(f"`label_map` has label {largest} but `num_classes` is {num_classes} (labels are 0..K).")
+    rgb = label_colors(num_classes)[labels]
+    if ignored is not None:
+        rgb[ignored] = IGNORE_COLOR
+    return rgb
+
+
+def overlay(image_uint8, label_map, alpha: float = 0.5, num_classes: int | None = None) -> np.ndarray:
+    """Blend the label colours onto an image; background pixels (label 0) keep the image unchanged.
+
+    Args:
+        image_uint8: ``[H, W, 3]`` (or ``[H, W]`` grey, or ``[H, W, 4]`` RGBA: alpha dropped) uint8 image, or a
+            PIL image.
+        label_map: ``[H, W]`` integer labels of the same height and width.
+        alpha: weight of the label colour, in [0, 1].
+        num_classes: as in `colorize_label_map`.
+
+    Returns:
+        ``[H, W, 3]`` uint8.
+    """
+    if isinstance(image_uint8, Image.Image):
+        image_uint8 = np.asarray(image_uint8.convert("RGB"))
+    image = np.asarray(image_uint8)
+    if image.dtype != np.uint8:
+        raise ValueError(f"`image_uint8` must be uint8; got {image.dtype} (scale float images by 255 first).")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"`image_uint8` must be [H, W], [H, W, 3] or [H, W, 4]; got shape {image.shape}.")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    image = image[:, :, :3]
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"`alpha` must lie in [0, 1]; got {alpha}.")
+    labels = _as_label_array(label_map)
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"`label_map` is {labels.shape} but the image is {image.shape[:2]} (H, W); they must match.")
+    colors = colorize_label_map(labels, num_classes, ignore_index=None).astype(np.float32)
+    blended = image.astype(np.float32) * (1.0 - alpha) + colors * alpha
+    foreground = (labels != 0)[:, :, None]
+    return np.where(foreground, np.round(blended), image).astype(np.uint8)
