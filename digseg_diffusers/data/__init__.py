@@ -1,0 +1,60 @@
+"""Dataset readers and the DiGSeg training sample transform.
+
+- Readers (``readers.py``) list one split of a dataset and map its label ids to class indices:
+  :class:`FolderReader` (the generic format of ``docs/data_format.md``), :class:`ADE20KReader`,
+  :class:`COCOStuffReader`, :class:`CityscapesReader`, :class:`PascalContextReader`; :func:`build_reader`
+  picks one by name.
+- :class:`SegmentationTrainingDataset` turns any reader into augmented one-class-per-sample training items;
+  :func:`collate_segmentation_batch` batches them.
+"""
+
+from .class_names import ADE20K_150, CITYSCAPES_19, COCO_STUFF_171, DEFAULT_CLASS_NAMES, PASCAL_CONTEXT_59
+from .dataset import SegmentationTrainingDataset, collate_segmentation_batch
+from .readers import (
+    BACKGROUND_INDEX,
+    IGNORE_INDEX,
+    READERS,
+    ADE20KReader,
+    CityscapesReader,
+    COCOStuffReader,
+    FolderReader,
+    PascalContextReader,
+    SegmentationExample,
+    SegmentationReader,
+    ValidationExample,
+    build_reader,
+    ignore_index_for,
+    read_class_names_file,
+    read_image,
+    read_label_ids,
+)
+from .transforms import random_scale_flip_crop, resize_image, resize_label_nearest
+
+__all__ = [
+    "ADE20K_150",
+    "BACKGROUND_INDEX",
+    "CITYSCAPES_19",
+    "COCO_STUFF_171",
+    "DEFAULT_CLASS_NAMES",
+    "IGNORE_INDEX",
+    "PASCAL_CONTEXT_59",
+    "READERS",
+    "ADE20KReader",
+    "COCOStuffReader",
+    "CityscapesReader",
+    "FolderReader",
+    "PascalContextReader",
+    "SegmentationExample",
+    "SegmentationReader",
+    "SegmentationTrainingDataset",
+    "ValidationExample",
+    "build_reader",
+    "collate_segmentation_batch",
+    "ignore_index_for",
+    "random_scale_flip_crop",
+    "read_class_names_file",
+    "read_image",
+    "read_label_ids",
+    "resize_image",
+    "resize_label_nearest",
+]

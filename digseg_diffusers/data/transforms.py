@@ -1,0 +1,88 @@
+"""Geometric training augmentation shared by every dataset: flip, scale jitter, crop/pad to a square.
+
+The image is resampled bilinearly and the label map with nearest neighbour (a blended label id would be a
+different class). Both use pixel-centre coordinates, so they stay aligned. Padding of the label map uses the
+ignore index: padded pixels are excluded from the loss.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of an ``uint8`` ``[H, W, 3]`` image."""
+    if image.shape[:2] == (height, width):
+        return image
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+
+def resize_label_nearest(label: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of a ``[H, W]`` label map, sampling at pixel centres."""
+    src_height, src_width = label.shape
+    if (src_height, src_width) == (height, width):
+        return label
+    rows = np.minimum(((np.arange(height) + 0.5) * src_height / height).astype(np.int64), src_height - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * src_width / width).astype(np.int64), src_width - 1)
+    return label[rows[:, None], cols[None, :]]
+
+
+def random_scale_flip_crop(
+    image: np.ndarray,
+    label: np.ndarray,
+    rng: np.random.Generator,
+    resolution: int,
+    ignore_index: int,
+    scale_range: tuple[float, float] = (0.8, 1.2),
+    flip_prob: float = 0.5,
+    resize_short_side: bool = True,
+    image_pad_value: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random horizontal flip, random scale, then a random ``resolution`` x ``resolution`` crop (padding
+    where the scaled image is smaller).
+
+    Args:
+        image: ``uint8`` ``[H, W, 3]``.
+        label: ``[H, W]`` class indices.
+        rng: the only source of randomness (a per-sample generator makes samples reproducible).
+        resolution: side of the output square.
+        ignore_index: label value of padded pixels.
+        scale_range: the scale factor is drawn uniformly in this range.
+        resize_short_side: scale relative to an image whose short side is ``resolution`` (so a 2048x1024
+            Cityscapes frame and a 512x683 ADE20K image both give crops with similar content), instead of
+            relative to the native size.
+        image_pad_value: value of padded image pixels (0 = black).
+
+    Returns:
+        ``uint8`` ``[S, S, 3]`` image and ``[S, S]`` label (same dtype as ``label``).
+    """
+    height, width = label.shape
+    scale = rng.uniform(*scale_range)
+    if resize_short_side:
+        scale *= resolution / min(height, width)
+    new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+    image = resize_image(image, new_height, new_width)
+    label = resize_label_nearest(label, new_height, new_width)
+    if rng.random() < flip_prob:
+        image, label = image[:, ::-1], label[:, ::-1]
+
+    out_image = np.full((resolution, resolution, 3), image_pad_value, dtype=np.uint8)
+    out_label = np.full((resolution, resolution), ignore_index, dtype=label.dtype)
+    # Along each axis: crop a random window when larger, paste at a random offset when smaller.
+    src_top, dst_top, copy_height = _window(new_height, resolution, rng)
+    src_left, dst_left, copy_width = _window(new_width, resolution, rng)
+    out_image[dst_top : dst_top + copy_height, dst_left : dst_left + copy_width] = image[
+        src_top : src_top + copy_height, src_left : src_left + copy_width
+    ]
+    out_label[dst_top : dst_top + copy_height, dst_left : dst_left + copy_width] = label[
+        src_top : src_top + copy_height, src_left : src_left + copy_width
+    ]
+    return out_image, out_label
+
+
+def _window(length: int, resolution: int, rng: np.random.Generator) -> tuple[int, int, int]:
+    """(source start, destination start, copied length) along one axis."""
+    if length >= resolution:
+        return int(rng.integers(0, length - resolution + 1)), 0, resolution
+    return 0, int(rng.integers(0, resolution - length + 1)), length

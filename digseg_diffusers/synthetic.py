@@ -1,0 +1,378 @@
+"""A deterministic, seeded world of shapes: the project's own segmentation task.
+
+No Stable Diffusion or CLIP weights can be downloaded on the build machines, yet the method has to be shown to
+learn. This module draws scenes of simple shapes whose label maps are exact, so a small DiGSeg model can be
+trained and evaluated end to end on a CPU.
+
+Design choices (they matter for what the model has to learn):
+
+- The class is the *shape* only. Fill colour, fill texture, size, rotation and position are drawn independently
+  of the class, so colour never gives the class away.
+- Backgrounds are random gradients, stripes or smooth colour noise, plus per-pixel noise over the whole image.
+- Later shapes occlude earlier ones; the label map records what is visible. A placement that would hide more
+  than half of an earlier shape (or leave too little of the new one in the frame) is redrawn, so every labelled
+  shape stays recognisable.
+- Shapes are rasterised with numpy at pixel centres, without antialiasing. The image is painted through the
+  same boolean masks that write the label map, so label and image agree exactly (value 255 is never used).
+- Each fill colour is drawn until it differs clearly from the pixels it covers, so boundaries stay visible.
+
+Label maps use the generic folder format of :mod:`digseg_diffusers.data`: ``0`` = background (a valid pixel
+that belongs to no class), ``c + 1`` = ``SHAPE_CLASSES[c]``.
+
+Seeds: scene ``i`` of split ``s`` uses seed ``SPLIT_SEED_OFFSETS[s] + i``. The splits own disjoint blocks of
+``SEEDS_PER_SPLIT`` seeds (train ``[0, 10**7)``, val ``[10**7, 2*10**7)``, test ``[2*10**7, 3*10**7)``), so
+held-out scenes are never trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross", "heart")
+
+BACKGROUND_LABEL = 0
+"""Label-map value of background pixels; shape class ``c`` is written as ``c + 1``."""
+
+SEEDS_PER_SPLIT = 10_000_000
+SPLIT_SEED_OFFSETS: dict[str, int] = {"train": 0, "val": SEEDS_PER_SPLIT, "test": 2 * SEEDS_PER_SPLIT}
+
+GENERATOR_VERSION = 1
+"""Bumped whenever the same seed would draw a different scene."""
+
+# Size of a shape's radius as a fraction of the image side.
+RADIUS_RANGE: tuple[float, float] = (0.12, 0.24)
+# Shape centres are drawn in this fraction of the image (shapes may leave the frame a little).
+CENTER_RANGE: tuple[float, float] = (0.1, 0.9)
+# An earlier shape must keep at least this fraction of its in-frame area visible.
+MIN_VISIBLE_FRACTION = 0.5
+# A new shape must show at least this fraction of its nominal area inside the frame.
+MIN_IN_FRAME_FRACTION = 0.4
+# Minimum Euclidean RGB distance between a fill colour and the mean colour of the pixels it covers.
+MIN_COLOR_CONTRAST = 90.0
+MAX_PLACEMENT_TRIES = 40
+MAX_COLOR_TRIES = 30
+
+
+def _regular_star(points: int, outer: float, inner: float) -> np.ndarray:
+    angles = np.arange(2 * points) * math.pi / points - math.pi / 2
+    radii = np.where(np.arange(2 * points) % 2 == 0, outer, inner)
+    return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+
+
+def _heart_polygon(num_vertices: int = 48) -> np.ndarray:
+    t = np.linspace(0.0, 2 * math.pi, num_vertices, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))  # image y points down
+    y = y - (y.max() + y.min()) / 2
+    scale = 1.1 / max(np.abs(x).max(), np.abs(y).max())
+    return np.stack([x, y], axis=1) * scale
+
+
+# Polygons in a unit frame (shape radius 1). Equilateral triangle with circumradius 1.2, 5-point star.
+_POLYGONS: dict[str, np.ndarray] = {
+    "triangle": _regular_star(3, 1.2, 1.2)[::2],
+    "star": _regular_star(5, 1.15, 0.5),
+    "heart": _heart_polygon(),
+}
+
+
+def _inside_polygon(u: np.ndarray, v: np.ndarray, vertices: np.ndarray) -> np.ndarray:
+    """Even-odd point-in-polygon test, vectorised over points."""
+    inside = np.zeros(u.shape, dtype=bool)
+    count = len(vertices)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for i in range(count):
+            x1, y1 = vertices[i]
+            x2, y2 = vertices[(i + 1) % count]
+            crosses = (y1 > v) != (y2 > v)
+            x_at_v = x1 + (x2 - x1) * (v - y1) / (y2 - y1)
+            inside ^= crosses & (u < x_at_v)
+    return inside
+
+
+def rasterize_shape(
+    shape: int | str,
+    center: tuple[float, float],
+    radius: float,
+    rotation: float,
+    size: int | tuple[int, int],
+) -> np.ndarray:
+    """Boolean mask of one shape, sampled at pixel centres (no antialiasing).
+
+    Args:
+        shape: a class index into ``SHAPE_CLASSES`` or a class name.
+        center: ``(x, y)`` in pixels; pixel ``(i, j)`` has its centre at ``(j + 0.5, i + 0.5)``.
+        radius: size of the shape in pixels (the circle's radius; other shapes are scaled alike).
+        rotation: counter-clockwise rotation in radians.
+        size: image side, or ``(height, width)``.
+    """
+    name = SHAPE_CLASSES[shape] if isinstance(shape, (int, np.integer)) else shape
+    if name not in SHAPE_CLASSES:
+        raise ValueError(f"`shape` must be one of {SHAPE_CLASSES} or an index into it, got {shape!r}.")
+    if radius <= 0:
+        raise ValueError(f"`radius` must be positive, got {radius}.")
+    height, width = (size, size) if isinstance(size, (int, np.integer)) else size
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+    dx, dy = xs - center[0], ys - center[1]
+    cos_r, sin_r = math.cos(rotation), math.sin(rotation)
+    u = (dx * cos_r + dy * sin_r) / radius
+    v = (-dx * sin_r + dy * cos_r) / radius
+    if name == "circle":
+        return u * u + v * v <= 1.0
+    if name == "square":
+        return (np.abs(u) <= 0.8) & (np.abs(v) <= 0.8)
+    if name == "ring":
+        d2 = u * u + v * v
+        return (d2 <= 1.0) & (d2 >= 0.55**2)
+    if name == "cross":
+        au, av = np.abs(u), np.abs(v)
+        return ((au <= 1.0) & (av <= 0.32)) | ((au <= 0.32) & (av <= 1.0))
+    return _inside_polygon(u, v, _POLYGONS[name])
+
+
+@dataclass(frozen=True)
+class SyntheticObject:
+    """One drawn shape, in drawing order (later ones occlude earlier ones)."""
+
+    class_index: int
+    center: tuple[float, float]
+    radius: float
+    rotation: float
+
+    @property
+    def class_name(self) -> str:
+        return SHAPE_CLASSES[self.class_index]
+
+
+@dataclass(frozen=True)
+class SyntheticScene:
+    """A generated scene.
+
+    Attributes:
+        seed: the seed it was generated from.
+        image: ``uint8`` array ``[H, W, 3]``.
+        label: ``uint8`` array ``[H, W]``; ``0`` = background, ``c + 1`` = ``SHAPE_CLASSES[c]``.
+        class_indices: sorted indices (into ``SHAPE_CLASSES``) of the classes visible in ``label``.
+        objects: the shapes in drawing order (a fully described scene, for tests and debugging).
+    """
+
+    seed: int
+    image: np.ndarray
+    label: np.ndarray
+    class_indices: tuple[int, ...]
+    objects: tuple[SyntheticObject, ...]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [SHAPE_CLASSES[c] for c in self.class_indices]
+
+    def mask(self, class_index: int) -> np.ndarray:
+        """Boolean ``[H, W]`` mask of the visible pixels of one class."""
+        return self.label == class_index + 1
+
+
+def _random_color(rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, 256, size=3).astype(np.float64)
+
+
+def _coordinate_ramp(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Signed distance along a random direction, in pixels from the image centre."""
+    angle = rng.uniform(0.0, 2 * math.pi)
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5 - size / 2
+    return xs * math.cos(angle) + ys * math.sin(angle)
+
+
+def _gradient(rng: np.random.Generator, size: int, color_a: np.ndarray, color_b: np.ndarray) -> np.ndarray:
+    ramp = _coordinate_ramp(rng, size)
+    weight = (ramp - ramp.min()) / max(ramp.max() - ramp.min(), 1e-9)
+    return color_a + weight[..., None] * (color_b - color_a)
+
+
+def _stripes(rng: np.random.Generator, size: int, color_a: np.ndarray, color_b: np.ndarray) -> np.ndarray:
+    ramp = _coordinate_ramp(rng, size)
+    period = rng.uniform(size / 16, size / 4)
+    phase = rng.uniform(0.0, 2 * math.pi)
+    wave = np.sin(2 * math.pi * ramp / period + phase)
+    weight = (wave > 0).astype(np.float64) if rng.random() < 0.5 else (wave + 1) / 2
+    return color_a + weight[..., None] * (color_b - color_a)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int) -> np.ndarray:
+    grid = int(rng.integers(2, 7))
+    coarse = rng.integers(0, 256, size=(grid, grid, 3)).astype(np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), dtype=np.float64)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    kind = rng.choice(["gradient", "stripes", "noise"])
+    if kind == "gradient":
+        return _gradient(rng, size, _random_color(rng), _random_color(rng))
+    if kind == "stripes":
+        return _stripes(rng, size, _random_color(rng), _random_color(rng))
+    return _smooth_noise(rng, size)
+
+
+def _fill(rng: np.random.Generator, size: int, covered_mean: np.ndarray) -> np.ndarray:
+    """A fill (solid, gradient or stripes) whose colours all contrast with `covered_mean`."""
+    kind = rng.choice(["solid", "gradient", "stripes"], p=[0.6, 0.25, 0.15])
+    num_colors = 1 if kind == "solid" else 2
+    best_colors, best_contrast = None, -1.0
+    for _ in range(MAX_COLOR_TRIES):
+        colors = [_random_color(rng) for _ in range(num_colors)]
+        contrast = min(float(np.linalg.norm(c - covered_mean)) for c in colors)
+        if contrast > best_contrast:
+            best_colors, best_contrast = colors, contrast
+        if contrast >= MIN_COLOR_CONTRAST:
+            break
+    if kind == "solid":
+        return np.broadcast_to(best_colors[0], (size, size, 3))
+    if kind == "gradient":
+        return _gradient(rng, size, *best_colors)
+    return _stripes(rng, size, *best_colors)
+
+
+def generate_scene(seed: int, size: int = 64, max_objects: int = 4, min_objects: int = 1) -> SyntheticScene:
+    """Draw one scene; the same arguments always give the same arrays.
+
+    Args:
+        seed: any non-negative integer (see ``SPLIT_SEED_OFFSETS`` for the seeds each split uses).
+        size: image side in pixels (square images).
+        max_objects / min_objects: the number of shapes is drawn uniformly in ``[min_objects, max_objects]``;
+            a shape that finds no acceptable placement is left out, so a scene can show fewer (never zero).
+    """
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
+    if not isinstance(size, (int, np.integer)) or size < 16:
+        raise ValueError(f"`size` must be an integer of at least 16 pixels, got {size!r}.")
+    if not 1 <= min_objects <= max_objects:
+        raise ValueError(
+            f"`min_objects` and `max_objects` must satisfy 1 <= min_objects <= max_objects, "
+            f"got min_objects={min_objects}, max_objects={max_objects}."
+        )
+    rng = np.random.default_rng(int(seed))
+    image = _background(rng, size)
+    label = np.full((size, size), BACKGROUND_LABEL, dtype=np.uint8)
+    visible: list[np.ndarray] = []  # visible mask of each placed object
+    in_frame_area: list[int] = []
+    objects: list[SyntheticObject] = []
+
+    num_objects = int(rng.integers(min_objects, max_objects + 1))
+    for _ in range(num_objects):
+        class_index = int(rng.integers(len(SHAPE_CLASSES)))
+        for _ in range(MAX_PLACEMENT_TRIES):
+            radius = rng.uniform(*RADIUS_RANGE) * size
+            center = (rng.uniform(*CENTER_RANGE) * size, rng.uniform(*CENTER_RANGE) * size)
+            rotation = rng.uniform(0.0, 2 * math.pi)
+            mask = rasterize_shape(class_index, center, radius, rotation, size)
+            nominal = rasterize_shape(class_index, (2 * radius, 2 * radius), radius, 0.0, int(4 * radius) + 1)
+            if mask.sum() < MIN_IN_FRAME_FRACTION * nominal.sum():
+                continue
+            if all(
+                (earlier & ~mask).sum() >= MIN_VISIBLE_FRACTION * area
+                for earlier, area in zip(visible, in_frame_area)
+            ):
+                break
+        else:
+            continue  # no acceptable placement for this shape: leave it out
+        covered_mean = image[mask].mean(axis=0)
+        fill = _fill(rng, size, covered_mean)
+        image = np.where(mask[..., None], fill, image)
+        label[mask] = class_index + 1
+        visible = [earlier & ~mask for earlier in visible] + [mask]
+        in_frame_area.append(int(mask.sum()))
+        objects.append(SyntheticObject(class_index, (float(center[0]), float(center[1])), float(radius), float(rotation)))
+
+    if not objects:  # cannot happen with the default ranges; guards against future edits
+        raise RuntimeError(f"seed {seed} produced a scene without objects.")
+    noise_std = rng.uniform(2.0, 10.0)
+    image = image + rng.normal(0.0, noise_std, size=image.shape)
+    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    class_indices = tuple(int(v) - 1 for v in np.unique(label) if v != BACKGROUND_LABEL)
+    return SyntheticScene(int(seed), image, label, class_indices, tuple(objects))
+
+
+def split_seeds(split: str, num_images: int, seed_offset: int | None = None) -> range:
+    """The seeds of a split's scenes. Known splits own disjoint blocks of ``SEEDS_PER_SPLIT`` seeds.
+
+    For ``train``/``val``/``test`` the range must stay inside the split's block (so held-out seeds are never
+    trained on); any other split name needs an explicit ``seed_offset``.
+    """
+    if num_images < 0:
+        raise ValueError(f"`num_images` must be non-negative, got {num_images}.")
+    if split in SPLIT_SEED_OFFSETS:
+        block_start = SPLIT_SEED_OFFSETS[split]
+        start = block_start if seed_offset is None else seed_offset
+        if not (block_start <= start and start + num_images <= block_start + SEEDS_PER_SPLIT):
+            raise ValueError(
+                f"split {split!r} owns seeds [{block_start}, {block_start + SEEDS_PER_SPLIT}); "
+                f"seed_offset={seed_offset} with num_images={num_images} leaves that block."
+            )
+        return range(start, start + num_images)
+    if seed_offset is None:
+        raise ValueError(
+            f"split {split!r} is not one of {tuple(SPLIT_SEED_OFFSETS)}; pass an explicit `seed_offset`."
+        )
+    if seed_offset < 0:
+        raise ValueError(f"`seed_offset` must be non-negative, got {seed_offset}.")
+    return range(seed_offset, seed_offset + num_images)
+
+
+def write_dataset(
+    root: str | os.PathLike,
+    split: str = "train",
+    num_images: int = 100,
+    seed_offset: int | None = None,
+    size: int = 64,
+    max_objects: int = 4,
+    min_objects: int = 1,
+    overwrite: bool = False,
+) -> Path:
+    """Write scenes in the generic folder format (``root/classes.txt``, ``root/<split>/{images,labels}``).
+
+    Images and labels are PNG (lossless, so they agree pixel for pixel); ``<split>/synthetic.json`` records the
+    generator version, seeds and settings. Returns the split folder.
+    """
+    seeds = split_seeds(split, num_images, seed_offset)
+    root = Path(root)
+    split_dir = root / split
+    images_dir, labels_dir = split_dir / "images", split_dir / "labels"
+    if not overwrite and images_dir.is_dir() and any(images_dir.iterdir()):
+        raise FileExistsError(f"{images_dir} already holds images; pass overwrite=True to replace them.")
+    root.mkdir(parents=True, exist_ok=True)
+    classes_file = root / "classes.txt"
+    classes_text = "\n".join(SHAPE_CLASSES) + "\n"
+    if classes_file.exists():
+        if classes_file.read_text(encoding="utf-8").splitlines() != list(SHAPE_CLASSES):
+            raise ValueError(f"{classes_file} exists with other classes than {SHAPE_CLASSES}.")
+    else:
+        classes_file.write_text(classes_text, encoding="utf-8")
+    for folder in (images_dir, labels_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for stale in folder.glob("*.png"):
+                stale.unlink()
+    for seed in seeds:
+        scene = generate_scene(seed, size=size, max_objects=max_objects, min_objects=min_objects)
+        stem = f"scene_{seed:08d}"
+        Image.fromarray(scene.image).save(images_dir / f"{stem}.png")
+        Image.fromarray(scene.label).save(labels_dir / f"{stem}.png")
+    metadata = {
+        "generator": "digseg_diffusers.synthetic",
+        "generator_version": GENERATOR_VERSION,
+        "split": split,
+        "first_seed": seeds.start,
+        "num_images": num_images,
+        "size": size,
+        "min_objects": min_objects,
+        "max_objects": max_objects,
+        "classes": list(SHAPE_CLASSES),
+    }
+    (split_dir / "synthetic.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    return split_dir
