@@ -1,0 +1,119 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from digseg_diffusers.synthetic import (
+    BACKGROUND_LABEL,
+    SEEDS_PER_SPLIT,
+    SHAPE_CLASSES,
+    SPLIT_SEED_OFFSETS,
+    generate_scene,
+    rasterize_shape,
+    split_seeds,
+    write_dataset,
+)
+
+
+def test_same_seed_gives_identical_scene():
+    first, second = generate_scene(123, size=48), generate_scene(123, size=48)
+    np.testing.assert_array_equal(first.image, second.image)
+    np.testing.assert_array_equal(first.label, second.label)
+    assert first.objects == second.objects
+
+
+def test_different_seeds_differ():
+    scenes = [generate_scene(seed, size=48) for seed in range(6)]
+    for i in range(len(scenes)):
+        for j in range(i + 1, len(scenes)):
+            assert not np.array_equal(scenes[i].image, scenes[j].image)
+    assert len({scene.label.tobytes() for scene in scenes}) == len(scenes)
+
+
+def test_scene_arrays_and_classes():
+    scene = generate_scene(7, size=64, max_objects=4)
+    assert scene.image.shape == (64, 64, 3) and scene.image.dtype == np.uint8
+    assert scene.label.shape == (64, 64) and scene.label.dtype == np.uint8
+    values = set(np.unique(scene.label).tolist())
+    assert 255 not in values
+    assert values - {BACKGROUND_LABEL} == {c + 1 for c in scene.class_indices}
+    assert scene.class_names == [SHAPE_CLASSES[c] for c in scene.class_indices]
+    assert 1 <= len(scene.objects) <= 4
+
+
+def test_label_map_matches_drawn_objects():
+    """Later shapes occlude earlier ones; the label shows exactly what is visible."""
+    for seed in range(20):
+        scene = generate_scene(seed, size=48, max_objects=5)
+        expected = np.full((48, 48), BACKGROUND_LABEL, dtype=np.uint8)
+        for obj in scene.objects:
+            expected[rasterize_shape(obj.class_index, obj.center, obj.radius, obj.rotation, 48)] = obj.class_index + 1
+        np.testing.assert_array_equal(scene.label, expected)
+        # the last drawn shape is fully visible
+        last = scene.objects[-1]
+        last_mask = rasterize_shape(last.class_index, last.center, last.radius, last.rotation, 48)
+        assert (scene.label[last_mask] == last.class_index + 1).all()
+
+
+def test_every_class_appears_and_colour_does_not_encode_class():
+    mean_colors = {c: [] for c in range(len(SHAPE_CLASSES))}
+    for seed in range(150):
+        scene = generate_scene(seed, size=32)
+        for c in scene.class_indices:
+            mean_colors[c].append(scene.image[scene.mask(c)].mean(axis=0))
+    for c, colors in mean_colors.items():
+        assert len(colors) >= 5, f"class {SHAPE_CLASSES[c]} appeared only {len(colors)} times"
+        # fills of one class span a wide colour range (drawn independently of the class)
+        assert np.ptp(np.stack(colors), axis=0).min() > 100
+
+
+def test_shapes_differ_from_each_other():
+    masks = [rasterize_shape(name, (32.0, 32.0), 20.0, 0.3, 64) for name in SHAPE_CLASSES]
+    for i in range(len(masks)):
+        assert masks[i].sum() > 100
+        for j in range(i + 1, len(masks)):
+            iou = (masks[i] & masks[j]).sum() / (masks[i] | masks[j]).sum()
+            assert iou < 0.9, (SHAPE_CLASSES[i], SHAPE_CLASSES[j], iou)
+    ring = rasterize_shape("ring", (32.0, 32.0), 20.0, 0.0, 64)
+    assert not ring[32, 32]  # the ring has a hole
+
+
+def test_invalid_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="seed"):
+        generate_scene(-1)
+    with pytest.raises(ValueError, match="size"):
+        generate_scene(0, size=8)
+    with pytest.raises(ValueError, match="min_objects"):
+        generate_scene(0, min_objects=3, max_objects=2)
+    with pytest.raises(ValueError, match="shape"):
+        rasterize_shape("hexagon", (0, 0), 1.0, 0.0, 8)
+
+
+def test_split_seed_ranges_are_disjoint():
+    train, val, test = split_seeds("train", 100), split_seeds("val", 100), split_seeds("test", 100)
+    assert set(train).isdisjoint(val) and set(train).isdisjoint(test) and set(val).isdisjoint(test)
+    assert val.start == SPLIT_SEED_OFFSETS["val"]
+    with pytest.raises(ValueError, match="owns seeds"):
+        split_seeds("train", 10, seed_offset=SEEDS_PER_SPLIT - 5)  # would run into the val seeds
+    with pytest.raises(ValueError, match="seed_offset"):
+        split_seeds("custom", 10)
+    assert split_seeds("custom", 3, seed_offset=50_000_000) == range(50_000_000, 50_000_003)
+
+
+def test_write_dataset_files_match_generator(tmp_path):
+    split_dir = write_dataset(tmp_path, "val", num_images=3, size=32)
+    assert (tmp_path / "classes.txt").read_text().splitlines() == list(SHAPE_CLASSES)
+    stems = sorted(p.stem for p in (split_dir / "images").glob("*.png"))
+    assert stems == sorted(p.stem for p in (split_dir / "labels").glob("*.png"))
+    assert len(stems) == 3
+    seed = SPLIT_SEED_OFFSETS["val"]
+    scene = generate_scene(seed, size=32)
+    np.testing.assert_array_equal(np.asarray(Image.open(split_dir / "images" / f"{stems[0]}.png")), scene.image)
+    np.testing.assert_array_equal(np.asarray(Image.open(split_dir / "labels" / f"{stems[0]}.png")), scene.label)
+    metadata = json.loads((split_dir / "synthetic.json").read_text())
+    assert metadata["first_seed"] == seed and metadata["num_images"] == 3
+    with pytest.raises(FileExistsError):
+        write_dataset(tmp_path, "val", num_images=2, size=32)
+    write_dataset(tmp_path, "val", num_images=2, size=32, overwrite=True)
+    assert len(list((split_dir / "images").glob("*.png"))) == 2
