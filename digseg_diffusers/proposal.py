@@ -1,0 +1,363 @@
+"""CLIP-based class proposal for open-vocabulary segmentation (method.md section 4).
+
+DiGSeg answers one text query per denoising run, so with a large vocabulary (A-847) segmenting every class is
+wasteful. A CLIP model first scores the image against the vocabulary with the prompt "A photo of a {class}.",
+and only the proposed classes are segmented:
+
+- a class is kept when the cosine between the image embedding and the class text embedding exceeds
+  ``global_threshold`` (0.25 in the paper),
+- or when the best cosine between any *patch token* and the class text embedding exceeds ``patch_threshold``.
+  Small objects barely move the global embedding but can dominate a few patches, so this recovers them.
+
+Patch tokens (a choice, the paper does not say how): the vision tower's last hidden states without the CLS
+token, passed through the same ``post_layernorm`` and ``visual_projection`` that turn the CLS token into the
+image embedding, so that patches and image live in the one joint space where text cosines are defined.
+No value-path surgery (as in MaskCLIP) is applied; patch cosines of a stock CLIP are noisier than global ones, so
+``patch_threshold`` defaults a little higher (0.3, uncalibrated: tune it on a validation split with real weights).
+
+The image is resized as a whole to the CLIP input size (no center crop), so classes near the borders keep
+their patches. Text embeddings of a vocabulary are computed once and cached, keyed by the class names and the
+templates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers.utils import logging
+
+from .vocabularies import Vocabulary, load_vocabulary
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["DiGSegClassProposer", "ProposalScores", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PROPOSER_CONFIG_NAME = "proposer_config.json"
+
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+@dataclass
+class ProposalScores:
+    """Scores of one batch of images against one vocabulary.
+
+    Attributes:
+        class_names: the vocabulary, in its own order (columns of the score matrices).
+        global_scores: ``[B, C]`` cosine between each image embedding and each class text embedding.
+        patch_scores: ``[B, C]`` best patch-token cosine per class (``None`` when patch refinement is off).
+        selected: per image, the indices of the proposed classes, best first.
+    """
+
+    class_names: list[str]
+    global_scores: torch.Tensor
+    patch_scores: torch.Tensor | None
+    selected: list[list[int]]
+
+    @property
+    def proposals(self) -> list[list[str]]:
+        return [[self.class_names[i] for i in indices] for indices in self.selected]
+
+
+def _image_to_chw(image: ImageInput, index: int) -> list[torch.Tensor]:
+    """One image (or a batch) as float ``[3, H, W]`` tensors in [0, 1]."""
+    if isinstance(image, PIL.Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint8:
+            array = image.astype(np.float32) / 255.0
+        elif image.dtype == np.uint16:
+            array = image.astype(np.float32) / 65535.0
+        elif np.issubdtype(image.dtype, np.floating):
+            array = image.astype(np.float32)
+        else:
+            raise ValueError(f"images[{index}]: unsupported numpy dtype {image.dtype} (use uint8, uint16 or float)")
+        if array.ndim == 2:
+            array = array[..., None]
+        if array.ndim == 4:
+            return [t for i in range(array.shape[0]) for t in _image_to_chw(array[i], index)]
+        if array.ndim != 3:
+            raise ValueError(f"images[{index}]: numpy images must be HW, HWC or NHWC; got shape {array.shape}")
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    elif isinstance(image, torch.Tensor):
+        tensor = image
+        if tensor.ndim == 4:
+            return [t for i in range(tensor.shape[0]) for t in _image_to_chw(tensor[i], index)]
+        if tensor.ndim == 2:
+            tensor = tensor[None]
+        if tensor.ndim != 3:
+            raise ValueError(f"images[{index}]: torch images must be CHW or NCHW; got shape {tuple(tensor.shape)}")
+        tensor = tensor.float()
+    else:
+        raise ValueError(
+            f"images[{index}]: expected a PIL image, numpy array or torch tensor; got {type(image).__name__}"
+        )
+    channels = tensor.shape[0]
+    if channels == 1:
+        tensor = tensor.expand(3, -1, -1)
+    elif channels == 4:
+        tensor = tensor[:3]
+    elif channels != 3:
+        raise ValueError(f"images[{index}]: expected 1, 3 or 4 channels; got {channels}")
+    return [tensor]
+
+
+class DiGSegClassProposer(torch.nn.Module):
+    """Proposes which vocabulary classes an image contains, with a CLIP model.
+
+    Args:
+        clip_model: a `transformers.CLIPModel` (the paper uses ViT-L/14).
+        tokenizer: the CLIP tokenizer matching ``clip_model``.
+        template: the prompt, or several prompts whose text embeddings are averaged; ``{}`` is the class name.
+        global_threshold: keep a class when the image-text cosine exceeds this.
+        patch_threshold: also keep it when its best patch-token cosine exceeds this; ``None`` disables patches.
+        top_k: at most this many classes per image (best first); ``None`` for no cap.
+        min_classes: at least this many classes per image (the best by global score), so that an image never gets
+            an empty query list; 0 for pure thresholding.
+        image_size: side of the square CLIP input; defaults to the vision config's. Other sizes interpolate the
+            position embeddings (more patches for small objects).
+        image_mean, image_std: normalisation of the CLIP model (OpenAI CLIP's by default).
+        text_batch_size: class prompts encoded per text-tower call.
+
+    Proposals are ordered by how far a class clears its threshold: ``max(global - global_threshold,
+    patch - patch_threshold)``, so a small object rescued by its patches competes fairly with large ones.
+    """
+
+    def __init__(
+        self,
+        clip_model,
+        tokenizer,
+        template: str | Sequence[str] = "A photo of a {}.",
+        global_threshold: float = 0.25,
+        patch_threshold: float | None = 0.3,
+        top_k: int | None = None,
+        min_classes: int = 1,
+        image_size: int | None = None,
+        image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        image_std: Sequence[float] = OPENAI_CLIP_STD,
+        text_batch_size: int = 256,
+    ):
+        super().__init__()
+        templates = [template] if isinstance(template, str) else list(template)
+        if not templates or any("{}" not in t for t in templates):
+            raise ValueError(f"template must contain '{{}}' where the class name goes; got {template!r}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be a positive integer or None; got {top_k}")
+        if min_classes < 0:
+            raise ValueError(f"min_classes must be >= 0; got {min_classes}")
+        if len(image_mean) != 3 or len(image_std) != 3:
+            raise ValueError("image_mean and image_std need 3 values (RGB)")
+        self.clip_model = clip_model.eval()
+        self.tokenizer = tokenizer
+        self.templates = templates
+        self.global_threshold = float(global_threshold)
+        self.patch_threshold = None if patch_threshold is None else float(patch_threshold)
+        self.top_k = top_k
+        self.min_classes = int(min_classes)
+        self.image_size = int(image_size or clip_model.config.vision_config.image_size)
+        self.image_mean = tuple(float(v) for v in image_mean)
+        self.image_std = tuple(float(v) for v in image_std)
+        self.text_batch_size = int(text_batch_size)
+        self._text_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.clip_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.clip_model.parameters()).dtype
+
+    def proposer_config(self) -> dict:
+        """The settings saved next to the CLIP weights."""
+        return {
+            "template": self.templates[0] if len(self.templates) == 1 else self.templates,
+            "global_threshold": self.global_threshold,
+            "patch_threshold": self.patch_threshold,
+            "top_k": self.top_k,
+            "min_classes": self.min_classes,
+            "image_size": self.image_size,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
+
+    # ------------------------------------------------------------------ raw CLIP towers (overridable in tests)
+    def _embed_texts(self, prompts: list[str]) -> torch.Tensor:
+        """Projected text embeddings ``[N, D]`` (not normalised). Uses the towers directly so that it works
+        with transformers 4.x (tensor) and 5.x (model output) ``get_text_features`` alike."""
+        inputs = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+        outputs = self.clip_model.text_model(
+            input_ids=inputs["input_ids"].to(self.device), attention_mask=inputs["attention_mask"].to(self.device)
+        )
+        return self.clip_model.text_projection(outputs.pooler_output)
+
+    def _embed_pixels(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected image embeddings ``[B, D]`` and patch-token embeddings ``[B, P, D]`` (not normalised)."""
+        vision = self.clip_model.vision_model
+        interpolate = self.image_size != self.clip_model.config.vision_config.image_size
+        outputs = vision(pixel_values=pixel_values, interpolate_pos_encoding=interpolate)
+        image_embeds = self.clip_model.visual_projection(outputs.pooler_output)
+        patch_embeds = self.clip_model.visual_projection(vision.post_layernorm(outputs.last_hidden_state[:, 1:]))
+        return image_embeds, patch_embeds
+
+    # ------------------------------------------------------------------ encoders
+    def clear_cache(self) -> None:
+        """Forget cached vocabulary embeddings (needed only if the CLIP weights were changed in place)."""
+        self._text_cache.clear()
+
+    @torch.no_grad()
+    def encode_vocabulary(self, class_names: Sequence[str]) -> torch.Tensor:
+        """Unit-norm text embeddings ``[C, D]`` of the class prompts, computed once per (names, templates)."""
+        names = tuple(class_names)
+        if not names:
+            raise ValueError("the vocabulary is empty")
+        key = (names, tuple(self.templates))
+        cached = self._text_cache.get(key)
+        if cached is None:
+            per_template = []
+            for template in self.templates:
+                prompts = [template.format(name) for name in names]
+                chunks = [
+                    self._embed_texts(prompts[i : i + self.text_batch_size]).float()
+                    for i in range(0, len(prompts), self.text_batch_size)
+                ]
+                per_template.append(F.normalize(torch.cat(chunks), dim=-1))
+            cached = F.normalize(torch.stack(per_template).mean(0), dim=-1)
+            self._text_cache[key] = cached
+        return cached.to(self.device)
+
+    def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        """Images (PIL, numpy HWC/NHWC uint8/uint16/float in [0, 1], torch CHW/NCHW float in [0, 1], or a list)
+        to normalised CLIP input ``[B, 3, S, S]``: the whole image resized (bicubic, antialiased), not cropped."""
+        if isinstance(images, (list, tuple)):
+            tensors = [t for i, image in enumerate(images) for t in _image_to_chw(image, i)]
+        else:
+            tensors = _image_to_chw(images, 0)
+        if not tensors:
+            raise ValueError("no images given")
+        size = (self.image_size, self.image_size)
+        resized = [
+            F.interpolate(t[None].to(self.device, torch.float32), size=size, mode="bicubic", antialias=True)
+            for t in tensors
+        ]
+        pixels = torch.cat(resized).clamp(0.0, 1.0)
+        mean = torch.tensor(self.image_mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=self.device).view(1, 3, 1, 1)
+        return ((pixels - mean) / std).to(self.dtype)
+
+    @torch.no_grad()
+    def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit-norm image embeddings ``[B, D]`` and patch-token embeddings ``[B, P, D]``."""
+        image_embeds, patch_embeds = self._embed_pixels(self.preprocess(images))
+        return F.normalize(image_embeds.float(), dim=-1), F.normalize(patch_embeds.float(), dim=-1)
+
+    # ------------------------------------------------------------------ proposal
+    @staticmethod
+    def _class_names(vocabulary: Vocabulary | Sequence[str] | str) -> list[str]:
+        if isinstance(vocabulary, Vocabulary):
+            return list(vocabulary.class_names)
+        if isinstance(vocabulary, str):
+            return list(load_vocabulary(vocabulary).class_names)
+        names = list(vocabulary)
+        if not all(isinstance(n, str) and n for n in names):
+            raise ValueError("vocabulary must be a Vocabulary, a bundled vocabulary name, or a list of class names")
+        return names
+
+    def select(self, global_scores: torch.Tensor, patch_scores: torch.Tensor | None) -> list[list[int]]:
+        """Apply thresholds, ordering, ``top_k`` and ``min_classes`` to score matrices ``[B, C]``."""
+        margin = global_scores - self.global_threshold
+        if patch_scores is not None and self.patch_threshold is not None:
+            margin = torch.maximum(margin, patch_scores - self.patch_threshold)
+        selected = []
+        for row_margin, row_global in zip(margin, global_scores):
+            order = torch.argsort(row_margin, descending=True, stable=True)
+            kept = [int(i) for i in order if row_margin[i] > 0]
+            if self.top_k is not None:
+                kept = kept[: self.top_k]
+            if len(kept) < self.min_classes:
+                for i in torch.argsort(row_global, descending=True, stable=True).tolist():
+                    if len(kept) >= min(self.min_classes, row_global.numel()):
+                        break
+                    if i not in kept:
+                        kept.append(i)
+            selected.append(kept)
+        return selected
+
+    @torch.no_grad()
+    def score(
+        self, images: ImageInput | Sequence[ImageInput], vocabulary: Vocabulary | Sequence[str] | str
+    ) -> ProposalScores:
+        """Global and patch scores of every class for every image, and the selection `propose` returns."""
+        names = self._class_names(vocabulary)
+        text = self.encode_vocabulary(names)
+        image_embeds, patch_embeds = self.encode_images(images)
+        global_scores = (image_embeds @ text.T).cpu()
+        patch_scores = None
+        if self.patch_threshold is not None:
+            patch_scores = torch.einsum("bpd,cd->bpc", patch_embeds, text).amax(dim=1).cpu()
+        return ProposalScores(names, global_scores, patch_scores, self.select(global_scores, patch_scores))
+
+    def propose(
+        self, images: ImageInput | Sequence[ImageInput], vocabulary: Vocabulary | Sequence[str] | str
+    ) -> list[list[str]]:
+        """The proposed class names, one list per image, best first."""
+        return self.score(images, vocabulary).proposals
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write the CLIP model, its tokenizer and ``proposer_config.json`` into one folder."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.clip_model.save_pretrained(save_directory, **kwargs)
+        self.tokenizer.save_pretrained(save_directory)
+        with open(os.path.join(save_directory, PROPOSER_CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(self.proposer_config(), f, indent=2)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs
+    ) -> DiGSegClassProposer:
+        """Load a saved proposer, or wrap any CLIP checkpoint (a folder or hub id such as
+        ``openai/clip-vit-large-patch14``) with default settings when it has no ``proposer_config.json``.
+
+        Keyword arguments named like constructor arguments override the saved settings; the rest (``torch_dtype``,
+        ``local_files_only``, ...) go to ``CLIPModel.from_pretrained``.
+        """
+        from transformers import AutoTokenizer, CLIPModel
+
+        settings = {}
+        path = str(pretrained_model_name_or_path)
+        local = os.path.join(path, subfolder or "", PROPOSER_CONFIG_NAME)
+        if os.path.isdir(path):
+            if os.path.isfile(local):
+                with open(local, encoding="utf-8") as f:
+                    settings = json.load(f)
+        else:
+            from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+            try:
+                config_file = hf_hub_download(path, PROPOSER_CONFIG_NAME, subfolder=subfolder)
+                with open(config_file, encoding="utf-8") as f:
+                    settings = json.load(f)
+            except LocalEntryNotFoundError:
+                logger.warning(f"{PROPOSER_CONFIG_NAME} of {path} is not reachable offline; using default settings")
+            except EntryNotFoundError:  # a plain CLIP checkpoint: default settings
+                pass
+        own_keys = {
+            "template", "global_threshold", "patch_threshold", "top_k", "min_classes", "image_size",
+            "image_mean", "image_std", "text_batch_size",
+        }  # fmt: skip
+        settings.update({k: kwargs.pop(k) for k in list(kwargs) if k in own_keys})
+        sub = {"subfolder": subfolder} if subfolder else {}
+        clip_model = CLIPModel.from_pretrained(path, **sub, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **sub)
+        return cls(clip_model, tokenizer, **settings)
