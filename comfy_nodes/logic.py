@@ -1,0 +1,542 @@
+"""Everything the DiGSeg ComfyUI nodes compute, as plain functions over torch tensors.
+
+Nothing here imports ComfyUI, so the tests (and CI, which has no ComfyUI) exercise the real node logic; `nodes.py`
+only adds ComfyUI's schema, device management, progress bar and interrupt check around these functions.
+
+Tensor conventions (ComfyUI's):
+- IMAGE: float32 ``[B, H, W, C]`` in [0, 1] (C = 3; 1 or 4 are accepted, alpha is dropped).
+- MASK: float32 ``[N, H, W]`` in [0, 1].
+- The Segment node's mask batch is image-major: for image ``b`` and prompt ``k`` (K prompts), the mask is at index
+  ``b * K + k``.
+- The label map is a MASK-shaped float tensor ``[B, H, W]`` holding integer labels: 0 = background, k + 1 = prompt k
+  (the pipeline's `label_maps`, unchanged). It is *not* a [0, 1] mask; pick one region with the Pick Mask node.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from digseg_diffusers.visualization import overlay
+
+logger = logging.getLogger(__name__)
+
+DEMO_CHOICE = "(embedded demo model)"
+NO_MODEL_CHOICE = "(no model found: put DiGSeg folders in models/digseg)"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PICK_KINDS = ("mask", "probability", "region")
+OVERLAY_ALPHA = 0.5
+MODEL_INDEX = "model_index.json"
+
+_PROMPT_SEPARATORS = re.compile(r"[,\n\r]+")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts and tensors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_prompts(text: str) -> list[str]:
+    """Comma- and/or newline-separated prompts -> a clean list (stripped, empties and duplicates dropped, order kept).
+
+    Duplicates are dropped because two identical prompts would give two identical masks and split the label map's
+    argmax between them.
+    """
+    if text is None:
+        return []
+    if not isinstance(text, str):
+        raise ValueError(f"prompts must be a string; got {type(text).__name__}.")
+    parts = (part.strip() for part in _PROMPT_SEPARATORS.split(text))
+    return list(dict.fromkeys(part for part in parts if part))
+
+
+def comfy_images_to_pipeline(images: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE ``[B, H, W, C]`` float in [0, 1] -> pipeline input ``[B, 3, H, W]`` float32 in [0, 1] (CPU)."""
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"image must be a ComfyUI IMAGE tensor [B, H, W, C]; got {type(images).__name__}.")
+    if images.ndim == 3:  # a single image without batch dimension
+        images = images.unsqueeze(0)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"image must be a ComfyUI IMAGE tensor [B, H, W, C] with C in (1, 3, 4); got {tuple(images.shape)}.")
+    pixels = images.detach().to(device="cpu", dtype=torch.float32)
+    if pixels.shape[-1] == 1:
+        pixels = pixels.expand(*pixels.shape[:-1], 3)
+    pixels = pixels[..., :3]
+    # Upstream nodes may leave values a hair outside [0, 1] (or NaN); the pipeline insists on [0, 1].
+    pixels = torch.nan_to_num(pixels, nan=0.0).clamp(0.0, 1.0)
+    return pixels.permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass
+class SegmentationResult:
+    """What the Segment node produced, kept together so Pick Mask can never pair masks with the wrong prompts.
+
+    Attributes:
+        masks: float32 ``[B, K, H, W]`` with 0/1 values (probability > mask threshold).
+        probabilities: float32 ``[B, K, H, W]`` in [0, 1].
+        label_maps: int64 ``[B, H, W]``: 0 = background, k + 1 = prompt k.
+        prompts: the K prompts, in mask order.
+    """
+
+    masks: torch.Tensor
+    probabilities: torch.Tensor
+    label_maps: torch.Tensor
+    prompts: list[str] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.label_maps.shape[0])
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts)
+
+    def mask_batch(self) -> torch.Tensor:
+        """ComfyUI MASK ``[B * K, H, W]``, image-major (index ``b * K + k``)."""
+        b, k, h, w = self.masks.shape
+        return self.masks.reshape(b * k, h, w)
+
+    def label_map_mask(self) -> torch.Tensor:
+        """The label maps as a MASK-shaped float32 tensor ``[B, H, W]`` of integer labels."""
+        return self.label_maps.to(torch.float32)
+
+
+def empty_result(num_images: int, height: int, width: int, prompts: list[str] | None = None) -> SegmentationResult:
+    """All-zero masks/probabilities and an all-background label map (used when there is nothing to segment)."""
+    prompts = list(prompts or [])
+    k = len(prompts)
+    return SegmentationResult(
+        masks=torch.zeros(num_images, k, height, width),
+        probabilities=torch.zeros(num_images, k, height, width),
+        label_maps=torch.zeros(num_images, height, width, dtype=torch.int64),
+        prompts=prompts,
+    )
+
+
+def pipeline_output_to_result(output: Any, prompts: list[str], num_images: int, height: int, width: int) -> SegmentationResult:
+    """`DiGSegOutput` (output_type "pt" or "np") -> `SegmentationResult`, checking every shape on the way."""
+    k = len(prompts)
+
+    def stack(items, name: str, per_image_shape: tuple[int, ...]) -> torch.Tensor:
+        if len(items) != num_images:
+            raise ValueError(f"The pipeline returned {len(items)} {name} for {num_images} images.")
+        tensors = [torch.as_tensor(np.asarray(item) if not isinstance(item, torch.Tensor) else item) for item in items]
+        for tensor in tensors:
+            if tuple(tensor.shape) != per_image_shape:
+                raise ValueError(f"The pipeline returned {name} of shape {tuple(tensor.shape)}, expected {per_image_shape}.")
+        return torch.stack(tensors).cpu()
+
+    probabilities = stack(output.probabilities, "probability maps", (k, height, width)).to(torch.float32)
+    masks = stack(output.masks, "masks", (k, height, width)).to(torch.float32)
+    label_maps = stack(output.label_maps, "label maps", (height, width)).to(torch.int64)
+    return SegmentationResult(masks=masks, probabilities=probabilities, label_maps=label_maps, prompts=list(prompts))
+
+
+def segment(
+    pipe: Any,
+    images: torch.Tensor,
+    prompts: list[str],
+    *,
+    num_inference_steps: int = 1,
+    ensemble_size: int = 1,
+    processing_resolution: int | None = None,
+    mask_threshold: float = 0.7,
+    background_threshold: float | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress_callback: Callable[[int, int], None] | None = None,
+) -> SegmentationResult:
+    """Run the pipeline on a ComfyUI IMAGE batch with K shared prompts.
+
+    B images and K prompts always give ``[B, K, H, W]`` masks at the input size, even when nothing is found
+    (all-zero masks) or when there are no prompts at all (K = 0: nothing is run, the label map is all background).
+    `processing_resolution` None (or negative) means the model's default, 0 the image's own size.
+    `background_threshold` None (or negative) means "same as `mask_threshold`".
+    """
+    pixels = comfy_images_to_pipeline(images)
+    num_images, _, height, width = pixels.shape
+    prompts = list(prompts)
+    if num_images == 0 or not prompts:
+        if not prompts:
+            logger.warning("DiGSeg Segment: no prompts given; returning empty masks and an all-background label map.")
+        return empty_result(num_images, height, width, prompts)
+    if background_threshold is not None and background_threshold < 0:
+        background_threshold = None
+    if processing_resolution is not None and processing_resolution < 0:
+        processing_resolution = None
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))  # same noise on every device
+    output = pipe(
+        pixels,
+        prompt=prompts,
+        num_inference_steps=int(num_inference_steps),
+        ensemble_size=int(ensemble_size),
+        processing_resolution=None if processing_resolution is None else int(processing_resolution),
+        match_input_resolution=True,
+        batch_size=int(batch_size),
+        mask_threshold=float(mask_threshold),
+        background_threshold=background_threshold,
+        generator=generator,
+        output_type="pt",
+        progress_callback=progress_callback,
+    )
+    return pipeline_output_to_result(output, prompts, num_images, height, width)
+
+
+def overlay_batch(images: torch.Tensor, label_maps: torch.Tensor, num_classes: int, alpha: float = OVERLAY_ALPHA) -> torch.Tensor:
+    """Colour the label maps onto the images: IMAGE ``[B, H, W, C]`` + ``[B, H, W]`` labels -> IMAGE ``[B, H, W, 3]``."""
+    pixels = comfy_images_to_pipeline(images).permute(0, 2, 3, 1)  # [B,H,W,3] in [0,1]
+    if label_maps.shape[0] != pixels.shape[0] or tuple(label_maps.shape[1:]) != tuple(pixels.shape[1:3]):
+        raise ValueError(f"label maps {tuple(label_maps.shape)} do not match images {tuple(pixels.shape[:3])} (B, H, W).")
+    images_uint8 = (pixels * 255.0).round().to(torch.uint8).numpy()
+    labels = label_maps.to(torch.int64).cpu().numpy()
+    painted = [overlay(image, label, alpha=alpha, num_classes=num_classes) for image, label in zip(images_uint8, labels)]
+    if not painted:
+        return torch.zeros(0, *pixels.shape[1:3], 3)
+    return torch.from_numpy(np.stack(painted)).to(torch.float32) / 255.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Picking one prompt's mask
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def select_prompt_index(prompts: list[str], select: str | int) -> int | None:
+    """Resolve a prompt name (exact, then case-insensitive) or an integer index (negative counts from the end).
+
+    Returns None for a name that is not among the prompts (a class that was not segmented, e.g. not proposed):
+    the caller gives an all-zero mask for it. An index out of range is a wiring error and raises.
+    """
+    if isinstance(select, bool):
+        raise ValueError(f"select must be a prompt name or an index; got {select!r}.")
+    if isinstance(select, int):
+        text = str(select)
+    elif isinstance(select, str):
+        text = select.strip()
+    else:
+        raise ValueError(f"select must be a prompt name or an index; got {type(select).__name__}.")
+    if not text:
+        raise ValueError("select is empty: give a prompt name or an index (0 = first prompt).")
+    if text in prompts:
+        return prompts.index(text)
+    lowered = [p.lower() for p in prompts]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    if re.fullmatch(r"[+-]?\d+", text):
+        index = int(text)
+        if not -len(prompts) <= index < len(prompts):
+            raise ValueError(
+                f"select index {index} is out of range for {len(prompts)} prompts ({', '.join(prompts) or 'none'})."
+            )
+        return index % len(prompts)
+    return None
+
+
+def pick_mask(result: SegmentationResult, select: str | int, kind: str = "mask") -> torch.Tensor:
+    """One prompt's MASK ``[B, H, W]`` out of a segmentation result.
+
+    kind: "mask" (binary, probability > mask threshold; masks of different prompts may overlap), "probability"
+    (soft map in [0, 1]) or "region" (the prompt's label-map region: exclusive, background excluded).
+    """
+    if kind not in PICK_KINDS:
+        raise ValueError(f"kind must be one of {PICK_KINDS}; got {kind!r}.")
+    index = select_prompt_index(result.prompts, select)
+    num_images, height, width = result.label_maps.shape
+    if index is None:
+        logger.warning(
+            "DiGSeg Pick Mask: %r is not among the prompts (%s); returning empty masks.",
+            select,
+            ", ".join(result.prompts) or "none",
+        )
+        return torch.zeros(num_images, height, width)
+    if kind == "mask":
+        return result.masks[:, index].clone()
+    if kind == "probability":
+        return result.probabilities[:, index].clone()
+    return (result.label_maps == index + 1).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finding and loading models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def demo_model_path() -> str | None:
+    """The embedded demo model's folder, or None when this digseg_diffusers has none (older versions)."""
+    try:
+        from digseg_diffusers import demo
+    except ImportError:
+        return None
+    default_model_path = getattr(demo, "default_model_path", None)
+    if default_model_path is None:
+        return None
+    try:
+        path = os.fspath(default_model_path())
+    except Exception as error:  # a broken demo must not break the model list
+        logger.warning("DiGSeg: the embedded demo model is unavailable: %s", error)
+        return None
+    return path if os.path.isfile(os.path.join(path, MODEL_INDEX)) else None
+
+
+def list_model_folders(search_paths: list[str], max_depth: int = 2) -> list[str]:
+    """Names (relative, "/"-separated) of the pipeline folders (with `model_index.json`) under the search paths.
+
+    Nested folders are found up to `max_depth` levels (``models/digseg/org/name``); a pipeline folder is not searched
+    further.
+    """
+    found: list[str] = []
+    for root in search_paths:
+        if not os.path.isdir(root):
+            continue
+        pending = [("", 0)]
+        while pending:
+            relative, depth = pending.pop()
+            folder = os.path.join(root, relative) if relative else root
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError:
+                continue
+            for entry in entries:
+                if not entry.is_dir() or entry.name.startswith("."):
+                    continue
+                name = f"{relative}/{entry.name}" if relative else entry.name
+                if os.path.isfile(os.path.join(entry.path, MODEL_INDEX)):
+                    found.append(name)
+                elif depth + 1 < max_depth:
+                    pending.append((name, depth + 1))
+    return sorted(dict.fromkeys(found))
+
+
+def model_choices(search_paths: list[str]) -> list[str]:
+    """The loader's drop-down: the demo model (when embedded) first, then the local folders."""
+    choices = ([DEMO_CHOICE] if demo_model_path() else []) + list_model_folders(search_paths)
+    return choices or [NO_MODEL_CHOICE]
+
+
+def _find_in(search_paths: list[str], name: str) -> str | None:
+    for root in search_paths:
+        candidate = os.path.join(root, *name.split("/"))
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def resolve_model_source(model: str, hub_id_or_path: str, search_paths: list[str]) -> tuple[str, str]:
+    """Decide what to load: ``("local", folder)`` or ``("hub", repo_id)``.
+
+    A non-empty `hub_id_or_path` wins over the drop-down: an existing folder is loaded as is, a name found under
+    the digseg model folders too, anything shaped like ``owner/name`` is a Hugging Face Hub id.
+    """
+    override = (hub_id_or_path or "").strip()
+    if override:
+        expanded = os.path.expanduser(override)
+        if os.path.isdir(expanded):
+            return "local", os.path.abspath(expanded)
+        found = _find_in(search_paths, override)
+        if found is not None and os.path.isdir(found):
+            return "local", os.path.abspath(found)
+        if _HUB_ID.match(override):
+            return "hub", override
+        raise ValueError(
+            f"hub_id_or_path {override!r} is neither an existing folder nor a Hugging Face Hub id (owner/name)."
+        )
+    if model == DEMO_CHOICE:
+        path = demo_model_path()
+        if path is None:
+            raise ValueError("The embedded demo model is not available in this digseg_diffusers installation.")
+        return "local", path
+    if not model or model == NO_MODEL_CHOICE:
+        raise ValueError(
+            "No DiGSeg model selected: put a folder saved by DiGSegPipeline.save_pretrained into "
+            f"{' or '.join(search_paths) or 'models/digseg'}, or type a Hub id / folder into hub_id_or_path."
+        )
+    found = _find_in(search_paths, model)
+    if found is None or not os.path.isfile(os.path.join(found, MODEL_INDEX)):
+        raise ValueError(f"DiGSeg model {model!r} was not found in {', '.join(search_paths)} (no {MODEL_INDEX}).")
+    return "local", os.path.abspath(found)
+
+
+def resolve_adapter_path(adapter: str, search_paths: list[str], model_folder: str | None = None) -> str | None:
+    """An adapter folder: absolute/user path, or relative to the model folder or the digseg model folders."""
+    adapter = (adapter or "").strip()
+    if not adapter:
+        return None
+    expanded = os.path.expanduser(adapter)
+    if os.path.isabs(expanded):
+        if os.path.exists(expanded):
+            return expanded
+        raise ValueError(f"adapter {adapter!r} does not exist.")
+    roots = ([model_folder] if model_folder else []) + list(search_paths)
+    found = _find_in(roots, adapter)
+    if found is None:
+        raise ValueError(f"adapter {adapter!r} was not found (looked in {', '.join(roots)}).")
+    return os.path.abspath(found)
+
+
+def torch_dtype_for(precision: str, auto_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """"fp32" / "fp16" / "bf16" -> torch dtype; "auto" -> `auto_dtype` (the device's choice)."""
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision == "auto":
+        return auto_dtype
+    if precision not in table:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}.")
+    return table[precision]
+
+
+def _is_offline_error(error: BaseException) -> bool:
+    """Whether an exception chain says "no network" (connection refused, DNS failure, offline mode)."""
+    markers = ("offline", "connection", "resolve", "timed out", "timeout", "network", "unreachable", "max retries")
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            return True
+        name = type(error).__name__.lower()
+        text = str(error).lower()
+        if "offline" in name or "connect" in name or any(marker in text for marker in markers):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def hub_offline_mode() -> bool:
+    """True when huggingface_hub was told not to use the network (HF_HUB_OFFLINE)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency of diffusers
+        return False
+
+
+def _dtype_kwargs(torch_dtype: torch.dtype) -> dict:
+    """diffusers renamed `torch_dtype` to `dtype` (the old name warns); use whichever this version knows."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present where `dtype` is accepted)
+    except ImportError:
+        return {"torch_dtype": torch_dtype}
+    return {"dtype": torch_dtype}
+
+
+def load_pipeline(
+    kind: str,
+    location: str,
+    torch_dtype: torch.dtype,
+    adapter_path: str | None = None,
+    pipeline_class: Any = None,
+) -> Any:
+    """Load a `DiGSegPipeline` (local folder or Hub id) in `torch_dtype`, then the optional adapter.
+
+    Hub failures are turned into one clear message that names the id and says whether the machine looks offline.
+    """
+    if pipeline_class is None:
+        from digseg_diffusers import DiGSegPipeline as pipeline_class
+    if kind == "local":
+        pipe = pipeline_class.from_pretrained(location, local_files_only=True, **_dtype_kwargs(torch_dtype))
+    elif kind == "hub":
+        offline = hub_offline_mode()
+        try:
+            pipe = pipeline_class.from_pretrained(location, local_files_only=offline, **_dtype_kwargs(torch_dtype))
+        except Exception as error:
+            if offline or _is_offline_error(error):
+                raise RuntimeError(
+                    f"DiGSeg: could not download the model {location!r} from the Hugging Face Hub: this machine is "
+                    f"offline ({type(error).__name__}). Download it elsewhere and put the folder into the models/digseg "
+                    "folder (or point hub_id_or_path at it)."
+                ) from error
+            raise RuntimeError(f"DiGSeg: could not load the model {location!r} from the Hugging Face Hub: {error}") from error
+    else:
+        raise ValueError(f"kind must be 'local' or 'hub'; got {kind!r}.")
+    if adapter_path:
+        load_adapter = getattr(pipe, "load_digseg_adapter", None)
+        if load_adapter is None:
+            raise ValueError("This digseg_diffusers version cannot load adapters (no `load_digseg_adapter`).")
+        load_adapter(adapter_path)
+        pipe.to(dtype=torch_dtype)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)  # ComfyUI's own progress bar reports instead
+    return pipe
+
+
+def _stamp(path: str | None) -> float | None:
+    """Modification time of a model/adapter folder's newest top-level file, so re-saved models are reloaded."""
+    if not path or not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        return os.path.getmtime(path)
+    try:
+        return max([os.path.getmtime(path)] + [e.stat().st_mtime for e in os.scandir(path)])
+    except OSError:
+        return None
+
+
+def cache_key(kind: str, location: str, torch_dtype: torch.dtype, adapter_path: str | None) -> tuple:
+    """What identifies a loaded model: source, precision, adapter (and the files' modification times)."""
+    location_key = os.path.realpath(location) if kind == "local" else location
+    adapter_key = os.path.realpath(adapter_path) if adapter_path else ""
+    return (kind, location_key, str(torch_dtype), adapter_key, _stamp(location if kind == "local" else None), _stamp(adapter_path))
+
+
+class ModelCache:
+    """A small LRU of loaded models, so switching a workflow back and forth does not reload from disk.
+
+    `on_evict` is called with every value that leaves the cache (the ComfyUI layer releases its memory there).
+    """
+
+    def __init__(self, max_entries: int = 2, on_evict: Callable[[Any], None] | None = None):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1; got {max_entries}.")
+        self.max_entries = max_entries
+        self.on_evict = on_evict
+        self._entries: OrderedDict[tuple, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._entries
+
+    def get_or_load(self, key: tuple, load: Callable[[], Any]) -> Any:
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            logger.info("DiGSeg: using the cached model %s", key[1])
+            return self._entries[key]
+        value = load()
+        self._entries[key] = value
+        while len(self._entries) > self.max_entries:
+            _, evicted = self._entries.popitem(last=False)
+            if self.on_evict is not None:
+                self.on_evict(evicted)
+        return value
+
+    def clear(self) -> None:
+        while self._entries:
+            _, evicted = self._entries.popitem(last=False)
+            if self.on_evict is not None:
+                self.on_evict(evicted)
+
+
+@dataclass
+class DiGSegModel:
+    """The loader's output: a pipeline plus what ComfyUI needs to manage its memory.
+
+    Attributes:
+        pipeline: the `DiGSegPipeline`.
+        dtype: the precision it was loaded in.
+        source: a human-readable description ("local:/path" or "hub:owner/name").
+        patcher: ComfyUI's `ModelPatcher` around the pipeline's modules (None outside ComfyUI).
+    """
+
+    pipeline: Any
+    dtype: torch.dtype
+    source: str
+    patcher: Any = None

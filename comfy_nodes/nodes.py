@@ -1,0 +1,308 @@
+"""DiGSeg nodes for ComfyUI (V3 schema, pinned to the versioned `comfy_api.v0_0_2`).
+
+Only imported inside a running ComfyUI (from `comfy_entrypoint`). The computation lives in `logic.py`; this module
+adds the node schemas, ComfyUI's model-folder registry, device/memory management, the progress bar and interrupts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+import comfy.model_management as model_management
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+
+try:  # the versioned API; `latest` only if a future ComfyUI drops v0_0_2
+    from comfy_api.v0_0_2 import ComfyExtension, io
+except ImportError:  # pragma: no cover - depends on the ComfyUI version
+    from comfy_api.latest import ComfyExtension, io
+
+from . import logic
+
+logger = logging.getLogger(__name__)
+
+MODEL_FOLDER = "digseg"
+CATEGORY = "DiGSeg"
+
+# models/digseg, plus whatever extra_model_paths.yaml lists under "digseg:" (ComfyUI adds those itself).
+folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
+
+DiGSegModelType = io.Custom("DIGSEG_MODEL")
+DiGSegSegmentationType = io.Custom("DIGSEG_SEGMENTATION")
+
+
+def model_search_paths() -> list[str]:
+    return folder_paths.get_folder_paths(MODEL_FOLDER)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory management: the pipeline's modules live in a ModelPatcher, so ComfyUI's memory manager can offload them
+# like its own models (when another model needs the VRAM, or on "Unload models" / POST /free).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DiGSegModules(torch.nn.Module):
+    """The pipeline's torch modules under one `nn.Module`, the unit ComfyUI's `ModelPatcher` moves between devices."""
+
+    def __init__(self, pipeline):
+        super().__init__()
+        for name, component in pipeline.components.items():
+            if isinstance(component, torch.nn.Module):
+                self.add_module(name, component)
+
+
+def _auto_dtype(device: torch.device) -> torch.dtype:
+    if model_management.should_use_fp16(device, prioritize_performance=False):
+        return torch.float16
+    if model_management.should_use_bf16(device, prioritize_performance=False):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _release(model: logic.DiGSegModel) -> None:
+    """Called when a model leaves the loader cache: move its weights off the GPU and return the cached memory."""
+    if model.patcher is not None:
+        try:
+            model.patcher.detach()
+        except Exception as error:  # never let cleanup break a run
+            logger.warning("DiGSeg: could not offload an evicted model: %s", error)
+    model_management.soft_empty_cache()
+
+
+_CACHE = logic.ModelCache(max_entries=2, on_evict=_release)
+
+
+def _estimate_memory(model: logic.DiGSegModel, image: torch.Tensor, rows: int, processing_resolution: int) -> int:
+    """Bytes one U-Net/VAE chunk needs beyond the weights (ComfyUI's own SD-VAE decode estimate per latent pixel)."""
+    height, width = int(image.shape[1]), int(image.shape[2])
+    if processing_resolution < 0:
+        processing_resolution = int(model.pipeline.config.get("default_processing_resolution", 512) or 0)
+    if processing_resolution > 0:
+        scale = processing_resolution / max(height, width)
+        height, width = height * scale, width * scale
+    latent_pixels = max(1, int(height) // 8) * max(1, int(width) // 8)
+    return int(rows * latent_pixels * 2178 * 64 * model_management.dtype_size(model.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Nodes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DiGSegModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DiGSegModelLoader",
+            display_name="DiGSeg Model Loader",
+            category=CATEGORY,
+            description=(
+                "Loads a DiGSeg segmentation model: a folder saved by DiGSegPipeline.save_pretrained in models/digseg "
+                "(or a path from extra_model_paths.yaml), the embedded demo model, or a Hugging Face Hub id. "
+                "Loaded models are cached and managed by ComfyUI's memory manager."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "model",
+                    options=logic.model_choices(model_search_paths()),
+                    tooltip="A folder under models/digseg with a model_index.json, or the embedded demo model.",
+                ),
+                io.Combo.Input(
+                    "precision",
+                    options=list(logic.PRECISIONS),
+                    default="auto",
+                    tooltip="Weight dtype. auto: fp16 where the device supports it, else bf16, else fp32.",
+                ),
+                io.String.Input(
+                    "hub_id_or_path",
+                    default="",
+                    optional=True,
+                    tooltip="Optional. A Hugging Face Hub id (owner/name, needs network) or a folder path; overrides 'model'.",
+                ),
+                io.String.Input(
+                    "adapter",
+                    default="",
+                    optional=True,
+                    tooltip="Optional. A DiGSeg adapter folder (absolute, or relative to the model or models/digseg).",
+                ),
+            ],
+            outputs=[DiGSegModelType.Output(display_name="digseg_model")],
+        )
+
+    @classmethod
+    def execute(cls, model: str, precision: str, hub_id_or_path: str = "", adapter: str = "") -> io.NodeOutput:
+        search_paths = model_search_paths()
+        kind, location = logic.resolve_model_source(model, hub_id_or_path, search_paths)
+        adapter_path = logic.resolve_adapter_path(adapter, search_paths, location if kind == "local" else None)
+        load_device = model_management.get_torch_device()
+        offload_device = model_management.unet_offload_device()
+        dtype = logic.torch_dtype_for(precision, _auto_dtype(load_device))
+        key = logic.cache_key(kind, location, dtype, adapter_path)
+
+        def load() -> logic.DiGSegModel:
+            logger.info("DiGSeg: loading %s (%s, %s)", location, dtype, adapter_path or "no adapter")
+            pipeline = logic.load_pipeline(kind, location, dtype, adapter_path)
+            pipeline.to(offload_device)
+            patcher = comfy.model_patcher.ModelPatcher(
+                DiGSegModules(pipeline), load_device=load_device, offload_device=offload_device
+            )
+            return logic.DiGSegModel(pipeline=pipeline, dtype=dtype, source=f"{kind}:{location}", patcher=patcher)
+
+        return io.NodeOutput(_CACHE.get_or_load(key, load))
+
+
+class DiGSegSegment(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DiGSegSegment",
+            display_name="DiGSeg Segment",
+            category=CATEGORY,
+            description=(
+                "Segments every image of the batch once per prompt. masks: MASK [B*K, H, W], image-major "
+                "(image b, prompt k at index b*K + k). label_map: [B, H, W] integer labels as floats "
+                "(0 = background, k + 1 = prompt k). overlay: the label map coloured over the images. "
+                "A prompt that matches nothing gives an all-zero mask."
+            ),
+            inputs=[
+                DiGSegModelType.Input("digseg_model"),
+                io.Image.Input("image"),
+                io.String.Input(
+                    "prompts",
+                    multiline=True,
+                    default="person, sky",
+                    tooltip="Class names or phrases, separated by commas or new lines; duplicates are dropped.",
+                ),
+                io.Int.Input("steps", default=1, min=1, max=100, tooltip="DDIM steps per prompt (1 works with trailing spacing)."),
+                io.Int.Input("ensemble_size", default=1, min=1, max=64, tooltip="Noise seeds averaged per prompt."),
+                io.Int.Input(
+                    "processing_resolution",
+                    default=-1,
+                    min=-1,
+                    max=4096,
+                    tooltip="Longest image side during processing (a multiple of 8). -1 = the model's default, 0 = the image's own size.",
+                ),
+                io.Float.Input("mask_threshold", default=0.7, min=0.0, max=1.0, step=0.01, tooltip="Probability above which a pixel is in the mask."),
+                io.Float.Input(
+                    "background_threshold",
+                    default=-1.0,
+                    min=-1.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Label map: pixels whose best prompt scores below this are background. Negative = mask_threshold.",
+                ),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the initial noise."),
+                io.Int.Input(
+                    "batch_size",
+                    default=8,
+                    min=1,
+                    max=256,
+                    tooltip="(image, prompt, seed) rows per U-Net/VAE call. Lower it if memory runs out; results do not change.",
+                ),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="masks", tooltip="[B*K, H, W], index b*K + k = image b, prompt k."),
+                io.Mask.Output(display_name="label_map", tooltip="[B, H, W] integer labels: 0 background, k+1 prompt k."),
+                io.Image.Output(display_name="overlay", tooltip="The label map coloured over the images."),
+                DiGSegSegmentationType.Output(
+                    display_name="segmentation", tooltip="Everything above plus the prompt names, for DiGSeg Pick Mask."
+                ),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        digseg_model: logic.DiGSegModel,
+        image: torch.Tensor,
+        prompts: str,
+        steps: int,
+        ensemble_size: int,
+        processing_resolution: int,
+        mask_threshold: float,
+        background_threshold: float,
+        seed: int,
+        batch_size: int,
+    ) -> io.NodeOutput:
+        prompt_list = logic.parse_prompts(prompts)
+        num_images = int(image.shape[0]) if image.ndim == 4 else 1
+        rows = num_images * len(prompt_list) * ensemble_size
+        if rows > 0 and digseg_model.patcher is not None:
+            memory = _estimate_memory(digseg_model, image if image.ndim == 4 else image[None], min(batch_size, rows), processing_resolution)
+            model_management.load_models_gpu([digseg_model.patcher], memory_required=memory, force_full_load=True)
+
+        progress = None
+
+        def on_progress(done: int, total: int) -> None:
+            nonlocal progress
+            model_management.throw_exception_if_processing_interrupted()
+            if progress is None:
+                progress = comfy.utils.ProgressBar(total)
+            progress.update_absolute(done, total)
+
+        try:
+            result = logic.segment(
+                digseg_model.pipeline,
+                image,
+                prompt_list,
+                num_inference_steps=steps,
+                ensemble_size=ensemble_size,
+                processing_resolution=processing_resolution,
+                mask_threshold=mask_threshold,
+                background_threshold=background_threshold,
+                seed=seed,
+                batch_size=batch_size,
+                progress_callback=on_progress,
+            )
+        finally:
+            model_management.soft_empty_cache()
+        overlay = logic.overlay_batch(image, result.label_maps, num_classes=result.num_prompts)
+        output_device = model_management.intermediate_device()
+        return io.NodeOutput(
+            result.mask_batch().to(output_device),
+            result.label_map_mask().to(output_device),
+            overlay.to(output_device),
+            result,
+        )
+
+
+class DiGSegPickMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DiGSegPickMask",
+            display_name="DiGSeg Pick Mask",
+            category=CATEGORY,
+            description=(
+                "One prompt's MASK [B, H, W] out of a DiGSeg segmentation, by prompt name or index. "
+                "A name that was not segmented gives an all-zero mask."
+            ),
+            inputs=[
+                DiGSegSegmentationType.Input("segmentation"),
+                io.String.Input("select", default="0", tooltip="A prompt name, or its index (0 = first, -1 = last)."),
+                io.Combo.Input(
+                    "kind",
+                    options=list(logic.PICK_KINDS),
+                    default="mask",
+                    tooltip="mask: thresholded (may overlap other prompts); probability: soft map; region: the label-map region (exclusive).",
+                ),
+            ],
+            outputs=[io.Mask.Output(display_name="mask")],
+        )
+
+    @classmethod
+    def execute(cls, segmentation: logic.SegmentationResult, select: str, kind: str) -> io.NodeOutput:
+        mask = logic.pick_mask(segmentation, select, kind)
+        return io.NodeOutput(mask.to(model_management.intermediate_device()))
+
+
+NODES: list[type[io.ComfyNode]] = [DiGSegModelLoader, DiGSegSegment, DiGSegPickMask]
+
+
+class DiGSegExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
