@@ -320,3 +320,12 @@ def test_invalid_dataset_arguments(synthetic_root):
         SegmentationTrainingDataset(reader, resolution=0)
     with pytest.raises(ValueError, match="dataset_format"):
         build_reader("voc", synthetic_root)
+
+
+def test_data_format_doc_example_runs(tmp_path, monkeypatch, capsys):
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "data_format.md").read_text()
+    example = doc.split("### Example\n\n```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "data_format.md", "exec"), {})
+    assert "['cat', 'dog']" in capsys.readouterr().out
+    assert len(FolderReader(tmp_path / "my_dataset")) == 1
