@@ -287,7 +287,8 @@ def generate_scene(seed: int, size: int = 64, max_objects: int = 4, min_objects:
         label[mask] = class_index + 1
         visible = [earlier & ~mask for earlier in visible] + [mask]
         in_frame_area.append(int(mask.sum()))
-        objects.append(SyntheticObject(class_index, (float(center[0]), float(center[1])), float(radius), float(rotation)))
+        center = (float(center[0]), float(center[1]))
+        objects.append(SyntheticObject(class_index, center, float(radius), float(rotation)))
 
     if not objects:  # cannot happen with the default ranges; guards against future edits
         raise RuntimeError(f"seed {seed} produced a scene without objects.")

@@ -129,7 +129,8 @@ def test_coco_stuff_layouts(tmp_path):
     reader = COCOStuffReader(raw_root, "val")
     assert len(reader) == 1 and reader.num_classes == 171 and not reader.uses_train_ids
     # raw ids skip the 11 unused COCO thing ids: 12 -> class 11, 181 -> class 170, 11 (unused) -> ignore
-    np.testing.assert_array_equal(reader.map_label(np.array([0, 10, 12, 181, 11, 255], np.uint8)), [0, 10, 11, 170, 255, 255])
+    mapped = reader.map_label(np.array([0, 10, 12, 181, 11, 255], np.uint8))
+    np.testing.assert_array_equal(mapped, [0, 10, 11, 170, 255, 255])
     assert reader.class_names[11] == "stop sign" and reader.class_names[170] == "wood"
 
     converted = tmp_path / "converted"

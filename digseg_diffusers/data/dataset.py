@@ -126,7 +126,9 @@ class SegmentationTrainingDataset(torch.utils.data.Dataset):
                 continue
             return self._make_sample(index, candidate, image, label, skipped)
         first_errors = "; ".join(list(self._bad.values())[:3])
-        raise RuntimeError(f"none of the {size} examples of {self.reader!r} could be read. First errors: {first_errors}")
+        raise RuntimeError(
+            f"none of the {size} examples of {self.reader!r} could be read. First errors: {first_errors}"
+        )
 
     def _mark_bad(self, index: int, error: Exception) -> None:
         message = f"{self.reader[index].image_path}: {type(error).__name__}: {error}"

@@ -322,7 +322,9 @@ def _resolve_root(root: Path, marker: str, nested: str) -> Path:
         return root
     if (root / nested / marker).exists():
         return root / nested
-    raise FileNotFoundError(f"{root} does not look like {nested}: neither {root / marker} nor {root / nested / marker} exists.")
+    raise FileNotFoundError(
+        f"{root} does not look like {nested}: neither {root / marker} nor {root / nested / marker} exists."
+    )
 
 
 class ADE20KReader(SegmentationReader):
@@ -479,10 +481,14 @@ class PascalContextReader(SegmentationReader):
         label_dir = _require_dir(root / "SegmentationClassContext", "Pascal Context label maps")
         missing = [stem for stem in stems if not (label_dir / f"{stem}.png").is_file()]
         if missing:
-            raise ValueError(f"{len(missing)} image(s) of {split_file} have no label map in {label_dir}, e.g. {missing[:5]}.")
+            raise ValueError(
+                f"{len(missing)} image(s) of {split_file} have no label map in {label_dir}, e.g. {missing[:5]}."
+            )
         missing = [stem for stem in stems if not (image_dir / f"{stem}.jpg").is_file()]
         if missing:
-            raise ValueError(f"{len(missing)} image(s) of {split_file} are missing from {image_dir}, e.g. {missing[:5]}.")
+            raise ValueError(
+                f"{len(missing)} image(s) of {split_file} are missing from {image_dir}, e.g. {missing[:5]}."
+            )
         examples = [SegmentationExample(str(image_dir / f"{s}.jpg"), str(label_dir / f"{s}.png")) for s in stems]
         class_names = _check_class_names(class_names, "pascal_context")
         mapping = {raw_id: raw_id - 1 for raw_id in range(1, 60)}
