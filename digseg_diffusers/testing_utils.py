@@ -95,17 +95,17 @@ def make_ddim_scheduler(prediction_type: str = "v_prediction") -> DDIMScheduler:
 def make_tiny_components(
     seed: int = 0, text_hidden_size: int = 24, cross_attention_dim: int = 32, prediction_type: str = "v_prediction"
 ) -> dict:
-    """All components of a tiny DiGSeg pipeline (text width != cross-attention width, as with CLIP-L + SD2)."""
+    """All components of a tiny DiGSeg pipeline in eval mode (text width != cross-attention width, as CLIP-L + SD2)."""
     from .text_projection import DiGSegTextProjection
 
     torch.manual_seed(seed)
     return {
-        "unet": make_tiny_unet(cross_attention_dim=cross_attention_dim, seed=seed),
-        "vae": make_tiny_vae(seed=seed),
+        "unet": make_tiny_unet(cross_attention_dim=cross_attention_dim, seed=seed).eval(),
+        "vae": make_tiny_vae(seed=seed).eval(),
         "scheduler": make_ddim_scheduler(prediction_type),
         "text_encoder": make_tiny_text_encoder(hidden_size=text_hidden_size, seed=seed),
         "tokenizer": build_char_clip_tokenizer(),
-        "text_projection": DiGSegTextProjection(text_hidden_size, cross_attention_dim),
+        "text_projection": DiGSegTextProjection(text_hidden_size, cross_attention_dim).eval(),
     }
 
 

@@ -1,0 +1,653 @@
+"""`DiGSegPipeline`: text-prompted segmentation by denoising mask latents with a Stable Diffusion U-Net.
+
+A sibling of diffusers' Marigold pipelines: same argument names where the meaning is the same, an output
+dataclass, `check_inputs`, batch chunking, progress bars, `generator`/`latents`, `output_type`.
+
+How a call runs (method.md section 4), batched by design:
+1. every image is encoded once by the VAE (``z_x``); every distinct prompt is encoded once (text encoder +
+   `text_projection`);
+2. each (image, prompt, ensemble member) is one *row*; rows start from Gaussian noise and are denoised with
+   DDIM (trailing spacing) in chunks of `batch_size` rows, the U-Net seeing ``[z_x, z_y,t]``;
+3. the E ensemble latents of an (image, prompt) pair are averaged, then decoded (batched) into a probability
+   map; `> mask_threshold` gives the binary mask, the argmax over prompts gives the label map.
+Noise is drawn for all rows before chunking, so results do not depend on `batch_size`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import PipelineImageInput
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from transformers import PreTrainedModel
+
+from . import mask_codec
+from .image_processing import RESAMPLE_METHODS, DiGSegImageProcessor
+from .text_projection import DiGSegTextProjection
+from .unet_surgery import widen_conv_in
+
+logger = logging.get_logger(__name__)
+
+BACKGROUND_LABEL = 0
+"""Label-map value of pixels where no prompt scores above `background_threshold`; prompt k is labelled k + 1."""
+
+OUTPUT_TYPES = ("np", "pt", "pil")
+
+EXAMPLE_DOC_STRING = """
+Examples:
+```py
+>>> from digseg_diffusers import DiGSegPipeline
+>>> from PIL import Image
+
+>>> pipe = DiGSegPipeline.from_pretrained("path/or/hub-id-of-a-digseg-model")
+>>> image = Image.open("scene.png")
+>>> out = pipe(image, prompt=["circle", "star"], num_inference_steps=1, ensemble_size=1)
+>>> out.probabilities[0].shape  # [K, H, W], one map per prompt, values in [0, 1]
+>>> out.masks[0][1]             # binary mask of "star" (probability > mask_threshold)
+>>> out.label_maps[0]           # 0 = background, k + 1 = prompt k
+```
+"""
+
+
+@dataclass
+class DiGSegOutput(BaseOutput):
+    """Output of `DiGSegPipeline`; every list has one entry per input image, in input order.
+
+    Args:
+        probabilities: per image, the probability maps ``[K, H, W]`` in [0, 1], one per prompt in prompt order
+            (`np.ndarray` for "np", `torch.Tensor` for "pt", a list of K "L"-mode images for "pil").
+        masks: per image, the binary masks ``[K, H, W]`` (`probabilities > mask_threshold`; bool arrays/tensors,
+            or "L" images with 0/255 for "pil").
+        label_maps: per image, ``[H, W]`` int64 labels: `BACKGROUND_LABEL` (0) where the best prompt scores below
+            `background_threshold`, else 1 + the index of the best prompt ("P"-mode palette image for "pil").
+        prompts: per image, the prompts in the order of the K maps.
+        uncertainty: per image, ``[K, H, W]`` standard deviation of the ensemble members' probabilities, or None.
+        latents: ``[R, 4, h, w]`` final latents of every row (image-major, then prompt, then ensemble member),
+            or None.
+    """
+
+    probabilities: list
+    masks: list
+    label_maps: list
+    prompts: list[list[str]]
+    uncertainty: list | None = None
+    latents: torch.Tensor | None = None
+
+
+class DiGSegPipeline(DiffusionPipeline):
+    """Text-prompted segmentation with a Stable Diffusion U-Net fine-tuned to generate mask latents (DiGSeg).
+
+    Args:
+        unet: a `UNet2DConditionModel` with ``2 x latent_channels`` inputs (``[z_x, z_y,t]``).
+        vae: `AutoencoderKL` or `AutoencoderTiny`, frozen; encodes images and decodes mask latents.
+        scheduler: `DDIMScheduler` (trailing timestep spacing recommended: 1 step already works).
+        text_encoder: a transformers text model whose first output is the token states (CLIP text by default).
+        tokenizer: the text encoder's tokenizer.
+        text_projection: `DiGSegTextProjection` mapping text width to the U-Net's `cross_attention_dim`.
+        default_denoising_steps: steps used when `num_inference_steps` is not given.
+        default_processing_resolution: longest side the image is resized to when `processing_resolution` is not
+            given (0 = native resolution).
+        default_mask_threshold: tau for binary masks (0.7, the paper's fixed value).
+        default_background_threshold: tau_bg for the label map; None means "same as the mask threshold".
+        base_model: name or path of the text-to-image model this pipeline was built from (for model cards).
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_projection->unet->vae"
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL | AutoencoderTiny,
+        scheduler: DDIMScheduler,
+        text_encoder: PreTrainedModel,
+        tokenizer: Any,
+        text_projection: DiGSegTextProjection,
+        default_denoising_steps: int = 1,
+        default_processing_resolution: int = 512,
+        default_mask_threshold: float = 0.7,
+        default_background_threshold: float | None = None,
+        base_model: str | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            unet=unet,
+            vae=vae,
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_projection=text_projection,
+        )
+        self.register_to_config(
+            default_denoising_steps=default_denoising_steps,
+            default_processing_resolution=default_processing_resolution,
+            default_mask_threshold=default_mask_threshold,
+            default_background_threshold=default_background_threshold,
+            base_model=base_model,
+        )
+        self.vae_scale_factor = _vae_scale_factor(vae)
+        self.image_processor = DiGSegImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Construction
+    # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_base_model(
+        cls,
+        base_model: str | os.PathLike,
+        text_encoder: str | os.PathLike | PreTrainedModel | None = None,
+        tokenizer: str | os.PathLike | Any | None = None,
+        text_projection_hidden_features: int | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> "DiGSegPipeline":
+        """Build an *untrained* DiGSeg pipeline from a Stable-Diffusion-layout checkpoint (hub id or folder).
+
+        The U-Net's `conv_in` is widened to ``[z_x, z_y]`` (pretrained kernel duplicated and halved), a fresh
+        `text_projection` maps the text width to the U-Net's `cross_attention_dim`, and the scheduler becomes DDIM
+        with trailing spacing (keeping the base's betas and `prediction_type`, epsilon or v).
+
+        Args:
+            base_model: hub id or folder with `unet/`, `vae/`, `scheduler/` (and `text_encoder/`, `tokenizer/`
+                when `text_encoder` is None).
+            text_encoder: None to use the base's own text encoder, or a hub id / folder / model instance (e.g. a
+                CLIP ViT-L/14 as in the paper). A full `CLIPModel` checkpoint contributes its text tower.
+            tokenizer: tokenizer instance or id; defaults to the one next to `text_encoder`.
+            text_projection_hidden_features: hidden width of the text MLP (default: the larger of the two widths).
+            torch_dtype: dtype to load the weights in.
+            kwargs: passed to every `from_pretrained` (`cache_dir`, `revision`, `local_files_only`, `token`, ...).
+        """
+        from transformers import AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer
+
+        base_model = str(base_model)
+        load_kwargs = dict(kwargs)
+        if torch_dtype is not None:
+            load_kwargs["torch_dtype"] = torch_dtype
+        unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **load_kwargs)
+        vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae", **load_kwargs)
+        scheduler = DDIMScheduler.from_pretrained(
+            base_model,
+            subfolder="scheduler",
+            timestep_spacing="trailing",
+            set_alpha_to_one=True,
+            clip_sample=False,
+            **kwargs,
+        )
+        if scheduler.config.get("rescale_betas_zero_snr", False) and scheduler.config.prediction_type == "epsilon":
+            logger.warning(
+                "The base scheduler uses zero terminal SNR with epsilon prediction: the first DDIM step at t=999 is "
+                "not finite. Use a v-prediction base or set `rescale_betas_zero_snr=False`."
+            )
+
+        def load_text_model(source: str, subfolder: str | None):
+            extra = {"subfolder": subfolder} if subfolder else {}
+            try:
+                return CLIPTextModel.from_pretrained(source, **extra, **load_kwargs)
+            except (ValueError, TypeError, OSError, KeyError) as clip_error:
+                try:
+                    return AutoModel.from_pretrained(source, **extra, **load_kwargs)
+                except Exception:
+                    raise clip_error from None
+
+        def load_tokenizer(source: str, subfolder: str | None, model: PreTrainedModel):
+            # CLIP tokenizers are loaded by class: AutoTokenizer would look for a root config.json that SD-layout
+            # repos do not have, which fails offline.
+            extra = {"subfolder": subfolder} if subfolder else {}
+            tokenizer_class = CLIPTokenizer if isinstance(model, CLIPTextModel) else AutoTokenizer
+            return tokenizer_class.from_pretrained(source, **extra, **kwargs)
+
+        if text_encoder is None:
+            text_encoder = load_text_model(base_model, "text_encoder")
+            if tokenizer is None:
+                tokenizer = load_tokenizer(base_model, "tokenizer", text_encoder)
+        elif isinstance(text_encoder, (str, os.PathLike)):
+            source = str(text_encoder)
+            text_encoder = load_text_model(source, None)
+            if tokenizer is None:
+                tokenizer = load_tokenizer(source, None, text_encoder)
+        if tokenizer is None:
+            raise ValueError("`tokenizer` is required when `text_encoder` is given as a model instance.")
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(str(tokenizer), None, text_encoder)
+
+        latent_channels = vae.config.latent_channels
+        widen_conv_in(unet, latent_channels=latent_channels)
+        text_projection = DiGSegTextProjection(
+            in_features=text_encoder.config.hidden_size,
+            out_features=unet.config.cross_attention_dim,
+            hidden_features=text_projection_hidden_features,
+        ).to(dtype=unet.dtype)
+        return cls(
+            unet=unet,
+            vae=vae,
+            scheduler=scheduler,
+            text_encoder=text_encoder.eval(),
+            tokenizer=tokenizer,
+            text_projection=text_projection,
+            base_model=base_model,
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiGSegPipeline":
+        """`DiffusionPipeline.from_pretrained`, plus re-aligning CPU weights (see `align_cpu_weights`)."""
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                align_cpu_weights(component)
+        return pipe
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Building blocks shared with training
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def text_max_length(self) -> int:
+        """Token length every prompt is padded to; fixed so a prompt's embedding never depends on its neighbours."""
+        length = getattr(self.tokenizer, "model_max_length", 77)
+        return int(length) if length and length <= 4096 else 77
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Encode prompts into cross-attention states ``[P, L, cross_attention_dim]`` (text encoder + projection)."""
+        tokens = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.text_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        device = self.text_encoder.device
+        token_states = self.text_encoder(tokens.input_ids.to(device))[0]
+        projection_param = next(self.text_projection.parameters())
+        token_states = token_states.to(device=projection_param.device, dtype=projection_param.dtype)
+        return self.text_projection(token_states)
+
+    def encode_images(self, pixels: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Encode ``[N, 3, H, W]`` pixels in [-1, 1] into image latents ``z_x``, in chunks of `batch_size`."""
+        batch_size = batch_size or pixels.shape[0]
+        return torch.cat(
+            [
+                mask_codec.encode_pixels(self.vae, pixels[i : i + batch_size].to(self.vae.device))
+                for i in range(0, pixels.shape[0], batch_size)
+            ],
+            dim=0,
+        )
+
+    def decode_latents(self, latents: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Decode mask latents ``[Q, 4, h, w]`` into probabilities ``[Q, 1, H, W]``, in chunks of `batch_size`."""
+        batch_size = batch_size or max(latents.shape[0], 1)
+        return torch.cat(
+            [mask_codec.decode_masks(self.vae, latents[i : i + batch_size]) for i in range(0, latents.shape[0], batch_size)],
+            dim=0,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Input handling
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _canonical_images(self, image: PipelineImageInput) -> torch.Tensor:
+        """Any supported image input -> float ``[N, 3, H, W]`` in [0, 1]; ValueErrors name the offending image."""
+        if image is None:
+            raise ValueError("`image` is required.")
+        images = image if isinstance(image, list) else [image]
+        if len(images) == 0:
+            raise ValueError("`image` is an empty list.")
+        tensors = []
+        for i, img in enumerate(images):
+            if not isinstance(img, (Image.Image, np.ndarray, torch.Tensor)):
+                raise ValueError(f"`image[{i}]` has unsupported type {type(img).__name__}; use PIL, numpy or torch.")
+            try:
+                tensor = self.image_processor.load_image_canonical(img)
+            except ValueError as error:
+                raise ValueError(f"`image[{i}]`: {error}") from None
+            if tensor.shape[-1] == 0 or tensor.shape[-2] == 0:
+                raise ValueError(f"`image[{i}]` is empty: shape {tuple(tensor.shape)}.")
+            if torch.isnan(tensor).any() or tensor.min() < 0.0 or tensor.max() > 1.0:
+                raise ValueError(f"`image[{i}]`: float pixel values must lie in [0, 1].")
+            if tensors and tensor.shape[-2:] != tensors[0].shape[-2:]:
+                raise ValueError(
+                    f"`image[{i}]` is {tuple(tensor.shape[-2:])} (H, W) but `image[0]` is "
+                    f"{tuple(tensors[0].shape[-2:])}: images of one call must share a size; call once per size."
+                )
+            tensors.append(tensor)
+        return torch.cat(tensors, dim=0)
+
+    @staticmethod
+    def _prompts_per_image(prompt: str | list[str] | list[list[str]] | None, num_images: int) -> list[list[str]]:
+        if prompt is None:
+            raise ValueError("`prompt` is required: a string, a list of strings, or one list of strings per image.")
+        if isinstance(prompt, str):
+            per_image = [[prompt]] * num_images
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, (list, tuple)) for p in prompt):
+            if len(prompt) != num_images:
+                raise ValueError(
+                    f"`prompt` has {len(prompt)} per-image lists but there are {num_images} images."
+                )
+            per_image = [list(p) for p in prompt]
+        elif isinstance(prompt, (list, tuple)):
+            per_image = [list(prompt)] * num_images
+        else:
+            raise ValueError(f"`prompt` must be a string or a list of strings; got {type(prompt).__name__}.")
+        for i, prompts in enumerate(per_image):
+            if not prompts:
+                raise ValueError(f"`prompt` for image {i} is empty; give at least one prompt.")
+            for p in prompts:
+                if not isinstance(p, str):
+                    raise ValueError(f"`prompt` entries must be strings; got {type(p).__name__} ({p!r}).")
+                if not p.strip():
+                    raise ValueError("`prompt` contains an empty string.")
+        return per_image
+
+    def check_inputs(
+        self,
+        num_images: int,
+        image_size: tuple[int, int],
+        num_rows: int,
+        num_inference_steps: int | None,
+        ensemble_size: int,
+        processing_resolution: int | None,
+        resample_method_input: str,
+        batch_size: int,
+        mask_threshold: float,
+        background_threshold: float,
+        latents: torch.Tensor | None,
+        generator: torch.Generator | list[torch.Generator] | None,
+        output_type: str,
+        output_uncertainty: bool,
+    ) -> tuple[int, int]:
+        """Validate the arguments; returns the latent size ``(h, w)``. Every error names its argument."""
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool):
+            raise ValueError(f"`num_inference_steps` must be an integer; got {num_inference_steps!r}.")
+        max_steps = self.scheduler.config.num_train_timesteps
+        if not 1 <= num_inference_steps <= max_steps:
+            raise ValueError(f"`num_inference_steps` must be in [1, {max_steps}]; got {num_inference_steps}.")
+        if not isinstance(ensemble_size, int) or ensemble_size < 1:
+            raise ValueError(f"`ensemble_size` must be a positive integer; got {ensemble_size!r}.")
+        if output_uncertainty and ensemble_size < 2:
+            raise ValueError("`output_uncertainty=True` needs `ensemble_size` of at least 2.")
+        if not isinstance(processing_resolution, int) or processing_resolution < 0:
+            raise ValueError(
+                f"`processing_resolution` must be a non-negative integer (0 = native); got {processing_resolution!r}."
+            )
+        if processing_resolution % self.vae_scale_factor != 0:
+            raise ValueError(
+                f"`processing_resolution` must be a multiple of {self.vae_scale_factor}; got {processing_resolution}."
+            )
+        if resample_method_input not in RESAMPLE_METHODS:
+            raise ValueError(f"`resample_method_input` must be one of {RESAMPLE_METHODS}; got {resample_method_input!r}.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
+        for name, value in (("mask_threshold", mask_threshold), ("background_threshold", background_threshold)):
+            if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"`{name}` must be a number in [0, 1]; got {value!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}; got {output_type!r}.")
+
+        height, width = image_size
+        if processing_resolution > 0:
+            longest = max(height, width)
+            height, width = height * processing_resolution // longest, width * processing_resolution // longest
+            if height == 0 or width == 0:
+                raise ValueError(f"`image` has an extreme aspect ratio ({image_size[1]} x {image_size[0]}).")
+        latent_size = (-(-height // self.vae_scale_factor), -(-width // self.vae_scale_factor))
+
+        if latents is not None:
+            if generator is not None:
+                raise ValueError("`latents` and `generator` cannot be used together.")
+            expected = (num_rows, self.vae.config.latent_channels, *latent_size)
+            if not torch.is_tensor(latents) or tuple(latents.shape) != expected:
+                shape = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+                raise ValueError(
+                    f"`latents` has shape {shape}; expected {expected} (images x prompts x ensemble_size rows, "
+                    "image-major)."
+                )
+        if isinstance(generator, list):
+            if len(generator) != num_rows:
+                raise ValueError(
+                    f"`generator` is a list of {len(generator)}; expected one generator per row: {num_rows} "
+                    f"(images x prompts x ensemble_size)."
+                )
+            if not all(isinstance(g, torch.Generator) for g in generator):
+                raise ValueError("`generator` list must contain only `torch.Generator` objects.")
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"`generator` must be a torch.Generator or a list of them; got {type(generator).__name__}.")
+        return latent_size
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Inference
+    # ------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: PipelineImageInput,
+        prompt: str | list[str] | list[list[str]] | None = None,
+        num_inference_steps: int | None = None,
+        ensemble_size: int = 1,
+        processing_resolution: int | None = None,
+        match_input_resolution: bool = True,
+        resample_method_input: str = "bilinear",
+        batch_size: int = 8,
+        mask_threshold: float | None = None,
+        background_threshold: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        output_uncertainty: bool = False,
+        output_latent: bool = False,
+        return_dict: bool = True,
+        progress_callback: Callable[[int, int], None] | None = None,
+    ) -> DiGSegOutput | tuple:
+        """Segment `image` once per prompt.
+
+        Args:
+            image: a PIL image, a numpy array (HWC / NHWC; uint8, uint16, or float in [0, 1]), a torch tensor
+                (CHW / NCHW, float in [0, 1] or uint8), or a list of those. Grayscale, RGBA (alpha dropped), 16-bit
+                inputs and sizes that are not multiples of 8 are handled. All images of one call share a size.
+            prompt: a class name or phrase, a list of them (shared by every image), or one list per image.
+            num_inference_steps: DDIM steps per query (default from the config: 1, enough with trailing spacing).
+            ensemble_size: noise seeds per query; their final latents are averaged before decoding.
+            processing_resolution: longest side the image is resized to before encoding; 0 = native size;
+                default from the config (512).
+            match_input_resolution: resize the outputs back to the input size (else: processing size).
+            resample_method_input: interpolation for the input resize (and the output resize of probabilities).
+            batch_size: rows (image x prompt x ensemble member) per U-Net call; also the VAE chunk size.
+                Bounds memory; never changes results.
+            mask_threshold: tau for `masks` (default from the config: 0.7).
+            background_threshold: tau_bg for `label_maps` (default: the config's, else `mask_threshold`).
+            generator: one `torch.Generator`, or one per row (images x prompts x ensemble_size, image-major).
+            latents: initial noise ``[rows, 4, h, w]`` instead of `generator`.
+            output_type: "np", "pt" or "pil".
+            output_uncertainty: also return the ensemble's per-pixel standard deviation (needs
+                `ensemble_size >= 2`; decodes every member, so it costs E x more decoding).
+            output_latent: also return the final latents of every row.
+            return_dict: return a `DiGSegOutput` (else a tuple in the dataclass's field order).
+            progress_callback: called as ``progress_callback(done, total)`` after every U-Net call; raise from
+                it to cancel the run (ComfyUI does this for its interrupt button).
+
+        Returns:
+            `DiGSegOutput`, or a tuple ``(probabilities, masks, label_maps, prompts, uncertainty, latents)``.
+        """
+        # 0. Defaults from the config.
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_denoising_steps
+        if processing_resolution is None:
+            processing_resolution = self.config.default_processing_resolution
+        if mask_threshold is None:
+            mask_threshold = self.config.default_mask_threshold
+        if background_threshold is None:
+            background_threshold = self.config.default_background_threshold
+            if background_threshold is None:
+                background_threshold = mask_threshold
+
+        # 1. Inputs.
+        pixels01 = self._canonical_images(image)  # [N,3,H,W] in [0,1]
+        num_images = pixels01.shape[0]
+        prompts_per_image = self._prompts_per_image(prompt, num_images)
+        num_rows = sum(len(p) for p in prompts_per_image) * ensemble_size
+        latent_size = self.check_inputs(
+            num_images,
+            tuple(pixels01.shape[-2:]),
+            num_rows,
+            num_inference_steps,
+            ensemble_size,
+            processing_resolution,
+            resample_method_input,
+            batch_size,
+            mask_threshold,
+            background_threshold,
+            latents,
+            generator,
+            output_type,
+            output_uncertainty,
+        )
+        device = self._execution_device
+        dtype = self.unet.dtype
+
+        # 2. Image latents, once per image.
+        pixels, padding, original_size = self.image_processor.preprocess(
+            pixels01, processing_resolution, resample_method_input, device=device, dtype=self.vae.dtype
+        )
+        image_latents = self.encode_images(pixels, batch_size).to(dtype)  # [N,4,h,w]
+        if tuple(image_latents.shape[-2:]) != latent_size:  # a VAE whose stride is not what its config says
+            raise ValueError(f"VAE produced latents of size {tuple(image_latents.shape[-2:])}, expected {latent_size}.")
+
+        # 3. Prompt embeddings, once per distinct prompt.
+        unique_prompts = list(dict.fromkeys(p for prompts in prompts_per_image for p in prompts))
+        prompt_embeds = self.encode_prompts(unique_prompts).to(device=device, dtype=dtype)  # [P,L,D]
+
+        # 4. Rows: (image, prompt, member), image-major. Noise for all rows is drawn before chunking.
+        row_image, row_prompt = [], []
+        for n, prompts in enumerate(prompts_per_image):
+            for p in prompts:
+                row_image += [n] * ensemble_size
+                row_prompt += [unique_prompts.index(p)] * ensemble_size
+        row_image = torch.tensor(row_image, device=device)
+        row_prompt = torch.tensor(row_prompt, device=device)
+        shape = (num_rows, self.vae.config.latent_channels, *latent_size)
+        if latents is None:
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            noise = latents.to(device=device, dtype=dtype)
+
+        # 5. Denoise in chunks of `batch_size` rows.
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        num_chunks = -(-num_rows // batch_size)
+        total_calls, calls_done = num_chunks * len(timesteps), 0
+        final_latents = []
+        with self.progress_bar(total=total_calls) as progress:
+            for start in range(0, num_rows, batch_size):
+                rows = slice(start, start + batch_size)
+                z_x = image_latents[row_image[rows]]
+                text = prompt_embeds[row_prompt[rows]]
+                z_y = noise[rows]
+                for i, t in enumerate(timesteps):
+                    model_input = torch.cat([z_x, self.scheduler.scale_model_input(z_y, t)], dim=1)
+                    model_output = self.unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
+                    step = self.scheduler.step(model_output, t, z_y)
+                    # The last step keeps the x0 estimate, whatever `set_alpha_to_one` says.
+                    z_y = step.pred_original_sample if i == len(timesteps) - 1 else step.prev_sample
+                    calls_done += 1
+                    progress.update()
+                    if progress_callback is not None:
+                        progress_callback(calls_done, total_calls)
+                final_latents.append(z_y)
+        row_latents = torch.cat(final_latents, dim=0)  # [R,4,h,w]
+
+        # 6. Average the ensemble in latent space, then decode once per (image, prompt).
+        member_latents = row_latents.reshape(-1, ensemble_size, *row_latents.shape[1:])  # [Q,E,4,h,w]
+        probabilities = self.decode_latents(member_latents.mean(dim=1), batch_size)  # [Q,1,PH',PW']
+        uncertainty = None
+        if output_uncertainty:
+            members = self.decode_latents(row_latents, batch_size)
+            uncertainty = members.reshape(-1, ensemble_size, *members.shape[1:]).std(dim=1)
+
+        # 7. Back to the input geometry.
+        def restore(maps: torch.Tensor) -> torch.Tensor:
+            maps = self.image_processor.unpad_image(maps.float(), padding)
+            if match_input_resolution and tuple(maps.shape[-2:]) != tuple(original_size):
+                maps = F.interpolate(maps, size=tuple(original_size), mode=resample_method_input)
+            return maps[:, 0].clamp(0.0, 1.0)
+
+        probabilities = restore(probabilities)  # [Q,H,W]
+        if uncertainty is not None:
+            uncertainty = restore(uncertainty)
+
+        # 8. Per image: masks and label maps.
+        out_probs, out_masks, out_labels, out_unc = [], [], [], []
+        start = 0
+        for prompts in prompts_per_image:
+            probs = probabilities[start : start + len(prompts)]
+            masks = probs > mask_threshold
+            best, best_index = probs.max(dim=0)
+            labels = torch.where(best >= background_threshold, best_index + 1, BACKGROUND_LABEL).long()
+            out_probs.append(probs)
+            out_masks.append(masks)
+            out_labels.append(labels)
+            if uncertainty is not None:
+                out_unc.append(uncertainty[start : start + len(prompts)])
+            start += len(prompts)
+
+        out_probs, out_masks, out_labels, out_unc = (
+            _convert(out_probs, output_type, "probability"),
+            _convert(out_masks, output_type, "mask"),
+            _convert(out_labels, output_type, "label"),
+            _convert(out_unc, output_type, "probability") if uncertainty is not None else None,
+        )
+        returned_latents = row_latents if output_latent else None
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (out_probs, out_masks, out_labels, prompts_per_image, out_unc, returned_latents)
+        return DiGSegOutput(
+            probabilities=out_probs,
+            masks=out_masks,
+            label_maps=out_labels,
+            prompts=prompts_per_image,
+            uncertainty=out_unc,
+            latents=returned_latents,
+        )
+
+
+def align_cpu_weights(module: torch.nn.Module, alignment: int = 64) -> torch.nn.Module:
+    """Copy CPU parameters and buffers that sit at unaligned addresses into freshly allocated memory.
+
+    Weights memory-mapped from a safetensors file can start at any byte offset; CPU kernels then take another
+    (equally valid) summation order, and a reloaded model differs from the saved one by ~1e-6. Realigning once
+    at load time makes a loaded pipeline reproduce the saved one bit for bit.
+    """
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
+                tensor.data = tensor.data.clone()
+    return module
+
+
+def _vae_scale_factor(vae) -> int:
+    if vae is None:
+        return 8
+    if isinstance(vae, AutoencoderTiny):
+        return 2 ** (len(vae.config.encoder_block_out_channels) - 1)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _convert(items: list[torch.Tensor], output_type: str, kind: str) -> list:
+    """Per-image tensors -> the requested output type."""
+    if output_type == "pt":
+        return [item.cpu() for item in items]
+    arrays = [item.cpu().numpy() for item in items]
+    if output_type == "np":
+        return arrays
+    if kind == "probability":
+        return [[Image.fromarray((m * 255.0).round().astype(np.uint8), mode="L") for m in a] for a in arrays]
+    if kind == "mask":
+        return [[Image.fromarray(m.astype(np.uint8) * 255, mode="L") for m in a] for a in arrays]
+    return [Image.fromarray(a.astype(np.uint8 if a.max(initial=0) < 256 else np.uint16)) for a in arrays]
