@@ -35,7 +35,8 @@ def test_unit_std_per_sample(variant, t):
 
 def test_gaussian_is_plain_randn():
     latents = _latents()
-    noise = sample_training_noise(latents, torch.arange(16) * 60, T, variant="gaussian", generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    noise = sample_training_noise(latents, torch.arange(16) * 60, T, variant="gaussian", generator=generator)
     expected = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
     assert torch.equal(noise, expected)
     assert abs(noise.mean().item()) < 0.02

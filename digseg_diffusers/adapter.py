@@ -1,0 +1,751 @@
+"""The DiGSeg adapter: which parts of a Stable Diffusion U-Net are trained, and how they are saved and loaded.
+
+DiGSeg fine-tunes little of the U-Net (``method.md`` section 3): the cross-attention of two middle resolution
+levels, the mid-block attention, and ``conv_in`` (which takes the 8-channel ``[z_x, z_y,t]`` input), plus the
+text projection MLP. Everything else stays bitwise frozen, so an adapter is small and applies to any copy of
+the base model.
+
+Modules are chosen by *structure*, not by hard-coded names, so every ``UNet2DConditionModel`` of the SD family
+(SD 1.x, SD 2.x, SDXL-like layouts, the tiny test U-Net) works:
+
+- **Levels.** A level is a resolution of the U-Net. Level ``k`` is ``down_blocks[k]`` together with its mirror
+  ``up_blocks[n - 1 - k]`` (``n = len(down_blocks)``), both running at ``1 / 2**k`` of the latent resolution:
+  level 0 is the full latent resolution, level ``n - 1`` the coarsest. In SD2 (down: CrossAttn x3 + plain) the
+  levels with cross-attention are 0, 1, 2 (up_blocks 3, 2, 1). The mid block is not a level; it has its own
+  switch.
+- **Default levels** (``levels=None``): the two levels with cross-attention closest to the middle of the level
+  range, ``(n - 1) / 2``; for SD 1.x/2.x this is ``(1, 2)``, i.e. latent/2 and latent/4 (image/16 and image/32).
+  The paper's "1/4 and 1/8 resolutions" does not say relative to what, so the levels are configurable.
+- **Projections.** In a selected level, every cross-attention module (``attn2`` in SD's transformer blocks;
+  recognised by ``Attention.is_cross_attention``) contributes ``to_q``, ``to_k``, ``to_v`` and ``to_out.0``.
+  In the mid block, the cross-attention and (by default, ``mid_block_self_attention=True``) the
+  self-attention contribute the same four projections: the paper says "the mid-block attention", not only
+  its cross-attention.
+
+Two modes: ``"lora"`` injects PEFT LoRA layers (rank/alpha configurable) on those projections; ``"full"``
+trains their weights directly. In both, ``conv_in`` and the text projection are trained and saved whole.
+
+An adapter folder holds ``digseg_adapter.safetensors`` (keys prefixed ``unet.`` and ``text_projection.``) and
+``digseg_adapter_config.json`` (the config, the selected module names, and an architecture fingerprint that
+is checked before anything is loaded, so a wrong base model gives a clear ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS_NAME = "digseg_adapter.safetensors"
+ADAPTER_CONFIG_NAME = "digseg_adapter_config.json"
+ADAPTER_FORMAT = "digseg-adapter"
+ADAPTER_FORMAT_VERSION = 1
+# The PEFT adapter name used inside the U-Net.
+PEFT_ADAPTER_NAME = "digseg"
+ADAPTER_MODES = ("lora", "full")
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+UNET_PREFIX = "unet."
+TEXT_PROJECTION_PREFIX = "text_projection."
+
+
+@dataclass
+class DiGSegAdapterConfig:
+    """What the DiGSeg adapter trains (see the module docstring for how levels are numbered).
+
+    Args:
+        mode: ``"lora"`` (PEFT LoRA on the selected attention projections) or ``"full"`` (their weights).
+        levels: resolution levels whose cross-attention is trained; ``None`` picks the two middle levels that
+            have cross-attention when applied to a U-Net.
+        rank, alpha, dropout: LoRA rank, ``lora_alpha`` and ``lora_dropout`` (ignored in ``"full"`` mode).
+        include_mid_block: train the mid block's attention.
+        mid_block_self_attention: with ``include_mid_block``, also its self-attention (not only cross-attention).
+        train_conv_in: train (and save) ``conv_in`` whole.
+        train_text_projection: train (and save) the text projection MLP whole.
+        base_model: name or path of the base model, recorded in the saved config for the user.
+    """
+
+    mode: str = "lora"
+    levels: tuple[int, ...] | None = None
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    include_mid_block: bool = True
+    mid_block_self_attention: bool = True
+    train_conv_in: bool = True
+    train_text_projection: bool = True
+    base_model: str | None = None
+
+    def __post_init__(self):
+        if self.mode not in ADAPTER_MODES:
+            raise ValueError(f"Unknown adapter `mode` {self.mode!r}; choose one of {', '.join(ADAPTER_MODES)}.")
+        if self.levels is not None:
+            if isinstance(self.levels, (int, str)) or not all(
+                isinstance(level, int) and not isinstance(level, bool) and level >= 0 for level in self.levels
+            ):
+                raise ValueError(f"`levels` must be a sequence of non-negative ints or None, got {self.levels!r}.")
+            self.levels = tuple(sorted(set(self.levels)))
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"`rank` must be a positive int, got {self.rank!r}.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ValueError(f"`alpha` must be a positive number, got {self.alpha!r}.")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
+        for name in ("include_mid_block", "mid_block_self_attention", "train_conv_in", "train_text_projection"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+        if self.base_model is not None and not isinstance(self.base_model, str):
+            raise ValueError(f"`base_model` must be a string or None, got {self.base_model!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["levels"] = None if self.levels is None else list(self.levels)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiGSegAdapterConfig:
+        """Build a config from ``to_dict()`` output; keys that are not config fields are ignored with a warning."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            logger.warning("Ignoring unknown DiGSeg adapter config keys: %s", ", ".join(unknown))
+        kwargs = {key: value for key, value in data.items() if key in names}
+        if kwargs.get("levels") is not None:
+            kwargs["levels"] = tuple(kwargs["levels"])
+        return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- selection
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The bare model behind DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return all(isinstance(getattr(module, name, None), nn.Module) for name in ("to_q", "to_k", "to_v", "to_out"))
+
+
+def _is_cross_attention(module: nn.Module) -> bool:
+    flag = getattr(module, "is_cross_attention", None)
+    if flag is not None:
+        return bool(flag)
+    # Attention classes without the flag: keys are computed from another width than queries.
+    return _in_features(module.to_k) != _in_features(module.to_q)
+
+
+def _in_features(layer: nn.Module) -> int | None:
+    layer = getattr(layer, "base_layer", layer)  # a PEFT-wrapped Linear
+    return getattr(layer, "in_features", None)
+
+
+def _attention_modules(block: nn.Module, prefix: str, cross_only: bool) -> list[str]:
+    names = []
+    for name, module in block.named_modules(prefix=prefix):
+        if _is_attention(module) and (not cross_only or _is_cross_attention(module)):
+            names.append(name)
+    return names
+
+
+def _projection_names(unet: nn.Module, attention_names: list[str]) -> list[str]:
+    modules = dict(unet.named_modules())
+    names = []
+    for attention_name in attention_names:
+        attention = modules[attention_name]
+        for projection in ATTENTION_PROJECTIONS:
+            if projection == "to_out.0":
+                to_out = attention.to_out
+                present = isinstance(to_out, (nn.ModuleList, nn.Sequential)) and len(to_out) > 0
+            else:
+                present = getattr(attention, projection, None) is not None
+            if present:
+                names.append(f"{attention_name}.{projection}")
+    return names
+
+
+def _level_blocks(unet: nn.Module) -> list[list[tuple[str, nn.Module]]]:
+    """``[(qualified name, block), ...]`` for each level: its down block and its mirrored up block."""
+    down_blocks = getattr(unet, "down_blocks", None)
+    up_blocks = getattr(unet, "up_blocks", None)
+    if down_blocks is None or up_blocks is None:
+        raise ValueError(
+            f"`unet` ({type(unet).__name__}) has no `down_blocks`/`up_blocks`; the DiGSeg adapter needs a "
+            "UNet2DConditionModel-like U-Net."
+        )
+    if len(down_blocks) != len(up_blocks):
+        raise ValueError(
+            f"`unet` has {len(down_blocks)} down blocks but {len(up_blocks)} up blocks; levels cannot be "
+            "paired by resolution."
+        )
+    count = len(down_blocks)
+    return [
+        [(f"down_blocks.{level}", down_blocks[level]), (f"up_blocks.{count - 1 - level}", up_blocks[count - 1 - level])]
+        for level in range(count)
+    ]
+
+
+def cross_attention_levels(unet: nn.Module) -> tuple[int, ...]:
+    """The resolution levels of ``unet`` that contain cross-attention (``(0, 1, 2)`` for SD 1.x/2.x)."""
+    unet = _unwrap(unet)
+    return tuple(
+        level
+        for level, blocks in enumerate(_level_blocks(unet))
+        if any(_attention_modules(block, name, cross_only=True) for name, block in blocks)
+    )
+
+
+def default_levels(unet: nn.Module, count: int = 2) -> tuple[int, ...]:
+    """The ``count`` cross-attention levels closest to the middle of the level range (``(1, 2)`` for SD2)."""
+    unet = _unwrap(unet)
+    middle = (len(_level_blocks(unet)) - 1) / 2
+    candidates = sorted(cross_attention_levels(unet), key=lambda level: (abs(level - middle), level))
+    return tuple(sorted(candidates[:count]))
+
+
+def resolve_config(unet: nn.Module, config: DiGSegAdapterConfig) -> DiGSegAdapterConfig:
+    """A copy of ``config`` with ``levels`` filled in and checked against ``unet``."""
+    unet = _unwrap(unet)
+    available = cross_attention_levels(unet)
+    levels = default_levels(unet) if config.levels is None else config.levels
+    for level in levels:
+        if level not in available:
+            raise ValueError(
+                f"`levels` asks for level {level}, but this U-Net's levels with cross-attention are "
+                f"{', '.join(map(str, available)) or 'none'} (level k = down_blocks[k] + its mirrored up block)."
+            )
+    return DiGSegAdapterConfig.from_dict({**config.to_dict(), "levels": list(levels)})
+
+
+def select_adapter_modules(unet: nn.Module, config: DiGSegAdapterConfig | None = None) -> list[str]:
+    """Qualified names of the attention projections (``...attn2.to_q`` etc.) that ``config`` trains."""
+    unet = _unwrap(unet)
+    config = resolve_config(unet, config or DiGSegAdapterConfig())
+    attention_names: list[str] = []
+    level_blocks = _level_blocks(unet)
+    for level in config.levels:
+        for name, block in level_blocks[level]:
+            attention_names += _attention_modules(block, name, cross_only=True)
+    if config.include_mid_block and getattr(unet, "mid_block", None) is not None:
+        attention_names += _attention_modules(
+            unet.mid_block, "mid_block", cross_only=not config.mid_block_self_attention
+        )
+    return _projection_names(unet, attention_names)
+
+
+# ------------------------------------------------------------------------------------------------ applying
+
+
+def _lora_config(config: DiGSegAdapterConfig, target_modules: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(target_modules),
+        init_lora_weights=True,
+        bias="none",
+    )
+
+
+def _has_lora(unet: nn.Module) -> bool:
+    return PEFT_ADAPTER_NAME in (getattr(unet, "peft_config", None) or {})
+
+
+def _tuner_layers(unet: nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
+
+
+def _inject_lora(unet: nn.Module, config: DiGSegAdapterConfig, target_modules: list[str]) -> None:
+    lora_config = _lora_config(config, target_modules)
+    if hasattr(unet, "add_adapter"):  # diffusers models: keeps unet.peft_config and the active adapter in sync
+        unet.add_adapter(lora_config, adapter_name=PEFT_ADAPTER_NAME)
+    else:
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(lora_config, unet, adapter_name=PEFT_ADAPTER_NAME)
+        unet.peft_config = {**(getattr(unet, "peft_config", None) or {}), PEFT_ADAPTER_NAME: lora_config}
+
+
+def _remove_lora(unet: nn.Module) -> None:
+    """Drop a previously injected DiGSeg LoRA (unfusing it first), leaving the base weights as they were."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    unfuse_adapter(unet)
+    unet.peft_config.pop(PEFT_ADAPTER_NAME, None)
+    if not unet.peft_config:
+        # No other adapter: put the plain layers back, so the U-Net is structurally what it was (as diffusers'
+        # `unload_lora` does).
+        from diffusers.utils import recurse_remove_peft_layers
+
+        recurse_remove_peft_layers(unet)
+        del unet.peft_config
+        if hasattr(unet, "_hf_peft_config_loaded"):
+            unet._hf_peft_config_loaded = None
+        return
+    for module in unet.modules():
+        if isinstance(module, BaseTunerLayer) and PEFT_ADAPTER_NAME in getattr(module, "lora_A", {}):
+            module.delete_adapter(PEFT_ADAPTER_NAME)
+
+
+def _set_trainable(
+    unet: nn.Module, text_projection: nn.Module | None, config: DiGSegAdapterConfig, target_modules: list[str]
+) -> list[nn.Parameter]:
+    unet.requires_grad_(False)
+    if text_projection is not None:
+        text_projection.requires_grad_(False)
+    modules = dict(unet.named_modules())
+    if config.mode == "lora":
+        for name, parameter in unet.named_parameters():
+            if "lora_" in name and f".{PEFT_ADAPTER_NAME}." in f"{name}.":
+                parameter.requires_grad_(True)
+    else:
+        for name in target_modules:
+            modules[name].requires_grad_(True)
+    if config.train_conv_in:
+        unet.conv_in.requires_grad_(True)
+    if config.train_text_projection:
+        text_projection.requires_grad_(True)
+    parameters = [p for p in unet.parameters() if p.requires_grad]
+    if text_projection is not None:
+        parameters += [p for p in text_projection.parameters() if p.requires_grad]
+    return parameters
+
+
+def _check_text_projection(text_projection: nn.Module | None, config: DiGSegAdapterConfig) -> None:
+    if config.train_text_projection and text_projection is None:
+        raise ValueError("`text_projection` is None but the adapter config has `train_text_projection=True`.")
+
+
+def apply_adapter(
+    unet: nn.Module, text_projection: nn.Module | None, config: DiGSegAdapterConfig | None = None
+) -> list[nn.Parameter]:
+    """Freeze everything, then make exactly the parts ``config`` selects trainable.
+
+    In ``"lora"`` mode PEFT LoRA layers are injected into the selected projections (they start as a no-op);
+    in ``"full"`` mode the projections' own weights are unfrozen. ``conv_in`` and ``text_projection`` are
+    unfrozen whole when the config says so. Returns the trainable parameters, for the optimizer.
+    """
+    unet = _unwrap(unet)
+    text_projection = None if text_projection is None else _unwrap(text_projection)
+    config = resolve_config(unet, config or DiGSegAdapterConfig())
+    _check_text_projection(text_projection, config)
+    target_modules = select_adapter_modules(unet, config)
+    if not target_modules and config.mode == "lora":
+        raise ValueError("The adapter config selects no attention module: give `levels` or `include_mid_block`.")
+    if _has_lora(unet):
+        raise ValueError(
+            "`unet` already carries a DiGSeg LoRA adapter; apply the adapter to a fresh U-Net, or use "
+            "`load_adapter(..., is_trainable=True)` to continue training a saved one."
+        )
+    if config.mode == "lora":
+        _inject_lora(unet, config, target_modules)
+    return _set_trainable(unet, text_projection, config, target_modules)
+
+
+def adapter_state_dict(
+    unet: nn.Module, text_projection: nn.Module | None, config: DiGSegAdapterConfig | None = None
+) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (CPU copies): LoRA or selected weights, ``conv_in``, text projection.
+
+    Keys are ``unet.<name>`` (LoRA keys as PEFT writes them, without the adapter name) and
+    ``text_projection.<name>``.
+    """
+    unet = _unwrap(unet)
+    text_projection = None if text_projection is None else _unwrap(text_projection)
+    config = resolve_config(unet, config or DiGSegAdapterConfig())
+    _check_text_projection(text_projection, config)
+    state: dict[str, torch.Tensor] = {}
+    if config.mode == "lora":
+        if not _has_lora(unet):
+            raise ValueError("`unet` has no DiGSeg LoRA adapter; call `apply_adapter` first (or use mode='full').")
+        from peft import get_peft_model_state_dict
+
+        lora_state = get_peft_model_state_dict(unet, adapter_name=PEFT_ADAPTER_NAME)
+        state.update({UNET_PREFIX + key: value for key, value in lora_state.items()})
+    else:
+        modules = dict(unet.named_modules())
+        for name in select_adapter_modules(unet, config):
+            module = modules[name]
+            if hasattr(module, "base_layer"):
+                raise ValueError(f"`{name}` is wrapped by a LoRA layer; a 'full' adapter needs a U-Net without LoRA.")
+            state.update({f"{UNET_PREFIX}{name}.{key}": value for key, value in module.state_dict().items()})
+    if config.train_conv_in:
+        state.update({f"{UNET_PREFIX}conv_in.{key}": value for key, value in unet.conv_in.state_dict().items()})
+    if config.train_text_projection:
+        state.update({TEXT_PROJECTION_PREFIX + key: value for key, value in text_projection.state_dict().items()})
+    return {key: value.detach().to("cpu").clone().contiguous() for key, value in state.items()}
+
+
+# ------------------------------------------------------------------------------------------ fingerprinting
+
+
+def _config_value(module: nn.Module, name: str) -> Any:
+    config = getattr(module, "config", None)
+    if config is None:
+        return None
+    value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _text_projection_features(text_projection: nn.Module) -> tuple[int | None, int | None]:
+    in_features = _config_value(text_projection, "in_features")
+    out_features = _config_value(text_projection, "out_features")
+    if in_features is None or out_features is None:
+        linears = [m for m in text_projection.modules() if isinstance(m, nn.Linear)]
+        if linears:
+            in_features = in_features or linears[0].in_features
+            out_features = out_features or linears[-1].out_features
+    return in_features, out_features
+
+
+def architecture_fingerprint(unet: nn.Module, text_projection: nn.Module | None = None) -> dict[str, Any]:
+    """The shape-defining facts an adapter depends on; saved with it and compared when loading."""
+    unet = _unwrap(unet)
+    fingerprint = {
+        "unet_class": type(unet).__name__,
+        "in_channels": _config_value(unet, "in_channels") or unet.conv_in.in_channels,
+        "cross_attention_dim": _config_value(unet, "cross_attention_dim"),
+        "block_out_channels": _config_value(unet, "block_out_channels"),
+        "layers_per_block": _config_value(unet, "layers_per_block"),
+        "transformer_layers_per_block": _config_value(unet, "transformer_layers_per_block"),
+        "down_block_types": _config_value(unet, "down_block_types"),
+        "up_block_types": _config_value(unet, "up_block_types"),
+    }
+    if text_projection is not None:
+        in_features, out_features = _text_projection_features(_unwrap(text_projection))
+        fingerprint["text_projection_in_features"] = in_features
+        fingerprint["text_projection_out_features"] = out_features
+    return fingerprint
+
+
+def _check_fingerprint(saved: dict[str, Any], current: dict[str, Any], source: str, base_model: str | None) -> None:
+    differences = [
+        f"{key}: {saved[key]!r} (adapter) vs {current[key]!r} (this model)"
+        for key in saved
+        if key in current and saved[key] is not None and current[key] is not None and saved[key] != current[key]
+    ]
+    if differences:
+        hint = f" It was made for base model {base_model!r}." if base_model else ""
+        raise ValueError(
+            f"The DiGSeg adapter from {source} does not fit this model's architecture: "
+            + "; ".join(differences)
+            + f".{hint} Load it onto the base model it was trained for."
+        )
+
+
+# ------------------------------------------------------------------------------------------ saving/loading
+
+
+def save_adapter(
+    save_directory: str | os.PathLike,
+    unet: nn.Module,
+    text_projection: nn.Module | None,
+    config: DiGSegAdapterConfig | None = None,
+) -> None:
+    """Write ``digseg_adapter.safetensors`` and ``digseg_adapter_config.json`` into ``save_directory``."""
+    if os.path.isfile(save_directory):
+        raise ValueError(f"`save_directory` {str(save_directory)!r} is a file; give a folder.")
+    unet = _unwrap(unet)
+    text_projection = None if text_projection is None else _unwrap(text_projection)
+    config = resolve_config(unet, config or DiGSegAdapterConfig())
+    state = adapter_state_dict(unet, text_projection, config)
+    os.makedirs(save_directory, exist_ok=True)
+    save_file(state, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    document = {
+        "format": ADAPTER_FORMAT,
+        "format_version": ADAPTER_FORMAT_VERSION,
+        **config.to_dict(),
+        "target_modules": select_adapter_modules(unet, config),
+        "architecture": architecture_fingerprint(unet, text_projection if config.train_text_projection else None),
+        "library_versions": _library_versions(),
+    }
+    with open(os.path.join(save_directory, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as handle:
+        json.dump(document, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+
+
+def _library_versions() -> dict[str, str]:
+    import diffusers
+    import peft
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__}
+
+
+def _resolve_adapter_files(
+    directory_or_hub_id: str | os.PathLike, subfolder: str | None, **hub_kwargs
+) -> tuple[str, str]:
+    """Local paths of the config and weights, from a folder or (via the Hub cache / a download) a repo id."""
+    source = str(directory_or_hub_id)
+    folder = os.path.join(source, subfolder) if subfolder else source
+    if os.path.isdir(folder):
+        paths = (os.path.join(folder, ADAPTER_CONFIG_NAME), os.path.join(folder, ADAPTER_WEIGHTS_NAME))
+        missing = [os.path.basename(path) for path in paths if not os.path.isfile(path)]
+        if missing:
+            raise ValueError(f"{folder!r} is not a DiGSeg adapter folder: {', '.join(missing)} missing.")
+        return paths
+    if os.path.exists(folder):
+        raise ValueError(f"{folder!r} is a file; give the adapter's folder or a Hugging Face Hub repo id.")
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return tuple(
+            hf_hub_download(source, filename, subfolder=subfolder, **hub_kwargs)
+            for filename in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
+        )
+    except HFValidationError as error:
+        raise OSError(f"{source!r} is neither a local folder nor a valid Hugging Face Hub repo id.") from error
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+        raise OSError(
+            f"Cannot load the DiGSeg adapter {source!r}: it is not a local folder, not in the Hugging Face cache, "
+            "and the Hub cannot be reached (offline, or HF_HUB_OFFLINE is set). Download it once with network "
+            "access, or pass the path of a saved adapter folder."
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise OSError(
+            f"{source!r} is not a local folder and no such Hugging Face Hub repo is accessible (check the name, "
+            "or pass `token=` for a private or gated repo)."
+        ) from error
+    except RevisionNotFoundError as error:
+        raise OSError(f"The Hub repo {source!r} has no revision {hub_kwargs.get('revision')!r}.") from error
+    except EntryNotFoundError as error:
+        raise OSError(
+            f"The Hub repo {source!r} has no DiGSeg adapter ({ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}"
+            + (f" in subfolder {subfolder!r}" if subfolder else "")
+            + ")."
+        ) from error
+
+
+def _read_adapter_document(path: str, source: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{ADAPTER_CONFIG_NAME} of the adapter {source} is not valid JSON: {error}") from error
+    if not isinstance(document, dict) or document.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{ADAPTER_CONFIG_NAME} of {source} is not a DiGSeg adapter config.")
+    if document.get("format_version", 0) > ADAPTER_FORMAT_VERSION:
+        raise ValueError(
+            f"The adapter {source} uses format version {document['format_version']}; this digseg-diffusers "
+            f"reads version {ADAPTER_FORMAT_VERSION} and older. Upgrade digseg-diffusers."
+        )
+    return document
+
+
+def _shape(value: Any) -> torch.Size:
+    return value.shape if isinstance(value, torch.Tensor) else torch.Size(value)
+
+
+def _check_tensors(loaded: dict[str, torch.Tensor], expected: dict[str, Any], what: str, source: str) -> None:
+    """Same keys and shapes (``expected`` holds tensors or shapes), else a ValueError listing the differences."""
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    mismatched = [
+        f"{key}: {tuple(loaded[key].shape)} (adapter) vs {tuple(_shape(expected[key]))} (this model)"
+        for key in sorted(set(loaded) & set(expected))
+        if loaded[key].shape != _shape(expected[key])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
+    if mismatched:
+        problems.append("shape mismatch " + "; ".join(mismatched[:5]) + (" ..." if len(mismatched) > 5 else ""))
+    if problems:
+        message = " | ".join(problems)
+        raise ValueError(f"The DiGSeg adapter from {source} does not fit this {what}: {message.removesuffix(' ...')}.")
+
+
+def _expected_lora_shapes(
+    modules: dict[str, nn.Module], target_modules: list[str], rank: int
+) -> dict[str, torch.Size]:
+    """The LoRA tensors (PEFT's key format for linear layers) a rank-``rank`` adapter has on ``target_modules``."""
+    shapes = {}
+    for name in target_modules:
+        layer = modules[name]
+        layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(
+                f"`{name}` is a {type(layer).__name__}, not a linear projection; cannot load LoRA into it."
+            )
+        shapes[f"{name}.lora_A.weight"] = torch.Size((rank, layer.in_features))
+        shapes[f"{name}.lora_B.weight"] = torch.Size((layer.out_features, rank))
+    return shapes
+
+
+def _copy_into(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        parameters = dict(module.named_parameters())
+        parameters.update(dict(module.named_buffers()))
+        for key, value in state.items():
+            parameters[key].copy_(value)
+
+
+def load_adapter(
+    unet: nn.Module,
+    text_projection: nn.Module | None,
+    directory_or_hub_id: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    is_trainable: bool = False,
+    **hub_kwargs,
+) -> DiGSegAdapterConfig:
+    """Load a saved DiGSeg adapter into ``unet`` (and ``text_projection``), in place.
+
+    ``directory_or_hub_id`` is a folder written by ``save_adapter`` or a Hugging Face Hub repo id (``hub_kwargs``
+    such as ``revision``, ``token``, ``cache_dir``, ``local_files_only`` go to ``hf_hub_download``). The
+    architecture fingerprint and the selected module set are checked before any weight is touched; a mismatch
+    raises ``ValueError``. A DiGSeg LoRA already in ``unet`` is replaced. With ``is_trainable=True`` the
+    adapter's parameters are left trainable (as after ``apply_adapter``), otherwise everything is frozen.
+    Returns the adapter's config.
+    """
+    unet = _unwrap(unet)
+    text_projection = None if text_projection is None else _unwrap(text_projection)
+    source = repr(str(directory_or_hub_id))
+    config_path, weights_path = _resolve_adapter_files(directory_or_hub_id, subfolder, **hub_kwargs)
+    document = _read_adapter_document(config_path, source)
+    config = DiGSegAdapterConfig.from_dict(
+        {key: value for key, value in document.items() if key in {f.name for f in fields(DiGSegAdapterConfig)}}
+    )
+    if config.train_text_projection and text_projection is None:
+        raise ValueError(f"The adapter {source} carries text projection weights but `text_projection` is None.")
+    saved_fingerprint = document.get("architecture", {})
+    current_fingerprint = architecture_fingerprint(
+        unet, text_projection if config.train_text_projection else None
+    )
+    _check_fingerprint(saved_fingerprint, current_fingerprint, source, config.base_model)
+    try:
+        config = resolve_config(unet, config)
+    except ValueError as error:
+        raise ValueError(f"The adapter {source} does not fit this U-Net: {error}") from error
+    target_modules = select_adapter_modules(unet, config)
+    saved_targets = document.get("target_modules")
+    if saved_targets is not None and list(saved_targets) != target_modules:
+        raise ValueError(
+            f"The adapter {source} was trained on {len(saved_targets)} attention projections that this U-Net "
+            f"does not have in the same places ({len(target_modules)} selected here); it needs the same U-Net "
+            "layout as its base model."
+        )
+
+    state = load_file(weights_path, device="cpu")
+    unet_state = {key[len(UNET_PREFIX) :]: value for key, value in state.items() if key.startswith(UNET_PREFIX)}
+    projection_state = {
+        key[len(TEXT_PROJECTION_PREFIX) :]: value
+        for key, value in state.items()
+        if key.startswith(TEXT_PROJECTION_PREFIX)
+    }
+    stray = sorted(key for key in state if not key.startswith((UNET_PREFIX, TEXT_PROJECTION_PREFIX)))
+    if stray:
+        raise ValueError(f"The adapter {source} has tensors that belong to no component: {', '.join(stray[:5])}.")
+    conv_in_state = {key: value for key, value in unet_state.items() if key.startswith("conv_in.")}
+    attention_state = {key: value for key, value in unet_state.items() if not key.startswith("conv_in.")}
+
+    expected_conv_in = (
+        {f"conv_in.{key}": value for key, value in unet.conv_in.state_dict().items()} if config.train_conv_in else {}
+    )
+    _check_tensors(conv_in_state, expected_conv_in, "U-Net's conv_in", source)
+    expected_projection = text_projection.state_dict() if config.train_text_projection else {}
+    _check_tensors(projection_state, expected_projection, "text projection", source)
+
+    modules = dict(unet.named_modules())
+    if config.mode == "lora":
+        expected = _expected_lora_shapes(modules, target_modules, config.rank)
+    else:
+        expected = {
+            f"{name}.{key}": value for name in target_modules for key, value in modules[name].state_dict().items()
+        }
+    _check_tensors(attention_state, expected, "U-Net's attention", source)
+
+    # Everything is checked: from here on the model is changed.
+    if _has_lora(unet):
+        _remove_lora(unet)
+    if config.mode == "lora":
+        from peft import set_peft_model_state_dict
+
+        _inject_lora(unet, config, target_modules)
+        result = set_peft_model_state_dict(unet, attention_state, adapter_name=PEFT_ADAPTER_NAME)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"PEFT did not place these tensors of the adapter {source}: {result.unexpected_keys[:5]}")
+    else:
+        _copy_into(unet, attention_state)
+    _copy_into(unet, conv_in_state)
+    if projection_state:
+        _copy_into(text_projection, projection_state)
+
+    if is_trainable:
+        _set_trainable(unet, text_projection, config, target_modules)
+    else:
+        unet.requires_grad_(False)
+        if text_projection is not None:
+            text_projection.requires_grad_(False)
+    return config
+
+
+# --------------------------------------------------------------------------------------------------- fusing
+
+
+# The base weight of each fused layer, kept so that unfusing restores it bit for bit (subtracting the LoRA
+# delta again, as PEFT's `unmerge` does, leaves rounding errors). A non-persistent buffer follows `.to()`.
+_UNFUSED_WEIGHT_BUFFER = "digseg_unfused_weight"
+
+
+def fuse_adapter(unet: nn.Module, safe_merge: bool = False) -> None:
+    """Merge the DiGSeg LoRA into the base weights for faster inference (no-op for 'full' adapters).
+
+    The original weights of the merged layers are kept (a copy of the adapted projections only), so that
+    ``unfuse_adapter`` restores them exactly. ``safe_merge=True`` checks the merged weights for NaNs first.
+    """
+    unet = _unwrap(unet)
+    if not _has_lora(unet):
+        logger.info("No DiGSeg LoRA in this U-Net: nothing to fuse ('full' adapters are already in the weights).")
+        return
+    for layer in _tuner_layers(unet):
+        if PEFT_ADAPTER_NAME in getattr(layer, "lora_A", {}) and PEFT_ADAPTER_NAME not in layer.merged_adapters:
+            if layer.merged_adapters:
+                raise ValueError("Another adapter is fused into this U-Net; unfuse it before fusing the DiGSeg one.")
+            weight = layer.get_base_layer().weight
+            layer.register_buffer(_UNFUSED_WEIGHT_BUFFER, weight.detach().clone(), persistent=False)
+            layer.merge(safe_merge=safe_merge, adapter_names=[PEFT_ADAPTER_NAME])
+
+
+def unfuse_adapter(unet: nn.Module) -> None:
+    """Undo ``fuse_adapter``: restore the original base weights exactly and apply the LoRA on the fly again."""
+    unet = _unwrap(unet)
+    for layer in _tuner_layers(unet):
+        if PEFT_ADAPTER_NAME in getattr(layer, "merged_adapters", []):
+            layer.unmerge()
+            original = layer._buffers.pop(_UNFUSED_WEIGHT_BUFFER, None)
+            if original is not None:
+                with torch.no_grad():
+                    layer.get_base_layer().weight.copy_(original)
+
+
+def is_adapter_fused(unet: nn.Module) -> bool:
+    """Whether the DiGSeg LoRA is currently merged into the base weights."""
+    return any(PEFT_ADAPTER_NAME in getattr(layer, "merged_adapters", []) for layer in _tuner_layers(_unwrap(unet)))
