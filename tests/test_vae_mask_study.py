@@ -125,6 +125,23 @@ def test_script_with_a_saved_vae_and_a_label_folder(tmp_path):
     assert saved["mae_mean"] == pytest.approx(report["mae_mean"])
 
 
+def test_script_reads_masks_through_the_project_readers(tmp_path):
+    make_tiny_vae().save_pretrained(tmp_path / "vae")
+    root = tmp_path / "ADEChallengeData2016"
+    (root / "images" / "validation").mkdir(parents=True)
+    (root / "annotations" / "validation").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.zeros((36, 36, 3), dtype=np.uint8)).save(root / "images" / "validation" / f"{i}.jpg")
+        label = np.zeros((36, 36), dtype=np.uint8)  # 0 = "other", ignored by the ADE20K reader
+        label[4:20, 4:30] = 7 + i
+        Image.fromarray(label).save(root / "annotations" / "validation" / f"{i}.png")
+    report = run_script([
+        "--pretrained_model_name_or_path", str(tmp_path / "vae"), "--data_dir", str(tmp_path),
+        "--dataset_format", "ade20k", "--split", "validation", "--num_masks", "5", "--resolution", "32",
+    ])  # fmt: skip
+    check_report(report, 2, 32)  # one mask per label map; the ignored id 0 is never drawn as a class
+
+
 def test_script_with_autoencoder_tiny_and_random_shapes(tmp_path, capsys):
     torch.manual_seed(0)
     AutoencoderTiny(

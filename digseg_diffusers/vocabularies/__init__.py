@@ -23,10 +23,10 @@ import torch
 __all__ = ["Vocabulary", "list_vocabularies", "load_vocabulary", "IGNORE_INDEX", "LARGE_IGNORE_INDEX"]
 
 IGNORE_INDEX = 255
-"""Class index given to ignored pixels by `Vocabulary.map_labels` when the vocabulary has at most 255 classes."""
+"""Class index given to ignored pixels by `Vocabulary.map_labels` when the vocabulary has fewer than 255 classes."""
 
 LARGE_IGNORE_INDEX = 65535
-"""Ignore index for vocabularies with more than 255 classes (A-847, PC-459), where 255 is a real class."""
+"""Ignore index for vocabularies of 255 classes or more (A-847, PC-459), where 255 is a real class."""
 
 _VOCABULARY_NAMES = (
     "ade20k-150",
@@ -114,8 +114,9 @@ class Vocabulary:
 
     @property
     def ignore_index(self) -> int:
-        """The class index `map_labels` gives to ignored pixels: 255, or 65535 when 255 is a valid class index."""
-        return IGNORE_INDEX if self.num_classes <= IGNORE_INDEX else LARGE_IGNORE_INDEX
+        """The class index `map_labels` gives to ignored pixels: 255, or 65535 for 255 classes or more (the rule of
+        ``digseg_diffusers.data.readers.ignore_index_for``)."""
+        return IGNORE_INDEX if self.num_classes < IGNORE_INDEX else LARGE_IGNORE_INDEX
 
     @property
     def synonyms(self) -> list[list[str]]:
