@@ -599,6 +599,26 @@ def _expected_lora_shapes(
     return shapes
 
 
+def _lora_layout_matches(unet: nn.Module, config: DiGSegAdapterConfig, target_modules: list[str]) -> bool:
+    """Whether `unet` already carries an unfused DiGSeg LoRA on exactly these modules with this rank and alpha."""
+    if not _has_lora(unet) or is_adapter_fused(unet):
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    # Compare the layers that really carry the LoRA: peft may store `target_modules` shortened to suffixes.
+    adapted = sorted(
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, BaseTunerLayer) and PEFT_ADAPTER_NAME in getattr(module, "lora_A", {})
+    )
+    existing = unet.peft_config[PEFT_ADAPTER_NAME]
+    return (
+        adapted == sorted(target_modules)
+        and existing.r == config.rank
+        and float(existing.lora_alpha) == float(config.alpha)
+    )
+
+
 def _copy_into(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         parameters = dict(module.named_parameters())
@@ -682,13 +702,17 @@ def load_adapter(
         }
     _check_tensors(attention_state, expected, "U-Net's attention", source)
 
-    # Everything is checked: from here on the model is changed.
-    if _has_lora(unet):
+    # Everything is checked: from here on the model is changed. A LoRA of the same layout (a training run
+    # resuming from a checkpoint) is refilled in place, so that optimizers and DDP wrappers that hold its
+    # parameters stay valid; any other LoRA is replaced.
+    refill = config.mode == "lora" and _lora_layout_matches(unet, config, target_modules)
+    if _has_lora(unet) and not refill:
         _remove_lora(unet)
     if config.mode == "lora":
         from peft import set_peft_model_state_dict
 
-        _inject_lora(unet, config, target_modules)
+        if not refill:
+            _inject_lora(unet, config, target_modules)
         result = set_peft_model_state_dict(unet, attention_state, adapter_name=PEFT_ADAPTER_NAME)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"PEFT did not place these tensors of the adapter {source}: {result.unexpected_keys[:5]}")
@@ -749,3 +773,24 @@ def unfuse_adapter(unet: nn.Module) -> None:
 def is_adapter_fused(unet: nn.Module) -> bool:
     """Whether the DiGSeg LoRA is currently merged into the base weights."""
     return any(PEFT_ADAPTER_NAME in getattr(layer, "merged_adapters", []) for layer in _tuner_layers(_unwrap(unet)))
+
+
+def merge_and_unload_adapter(unet: nn.Module) -> nn.Module:
+    """Bake a DiGSeg LoRA into the U-Net weights and remove the PEFT layers, for a standalone `save_pretrained`.
+
+    Unlike `fuse_adapter` this cannot be undone: the U-Net becomes a plain `UNet2DConditionModel` whose weights
+    include the adapter. A U-Net without a LoRA ('full' mode) is returned unchanged.
+    """
+    unet = _unwrap(unet)
+    if not _has_lora(unet):
+        return unet
+    from diffusers.utils import recurse_remove_peft_layers
+
+    fuse_adapter(unet)
+    for layer in _tuner_layers(unet):
+        layer._buffers.pop(_UNFUSED_WEIGHT_BUFFER, None)
+    recurse_remove_peft_layers(unet)
+    del unet.peft_config
+    if hasattr(unet, "_hf_peft_config_loaded"):
+        unet._hf_peft_config_loaded = None
+    return unet

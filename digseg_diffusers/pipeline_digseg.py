@@ -254,8 +254,8 @@ class DiGSegPipeline(DiffusionPipeline):
         length = getattr(self.tokenizer, "model_max_length", 77)
         return int(length) if length and length <= 4096 else 77
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Encode prompts into cross-attention states ``[P, L, cross_attention_dim]`` (text encoder + projection)."""
+    def encode_text_states(self, prompts: list[str]) -> torch.Tensor:
+        """Token states ``[P, L, text_width]`` of the frozen text encoder (before the trainable projection)."""
         tokens = self.tokenizer(
             list(prompts),
             padding="max_length",
@@ -263,11 +263,42 @@ class DiGSegPipeline(DiffusionPipeline):
             truncation=True,
             return_tensors="pt",
         )
-        device = self.text_encoder.device
-        token_states = self.text_encoder(tokens.input_ids.to(device))[0]
+        return self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Encode prompts into cross-attention states ``[P, L, cross_attention_dim]`` (text encoder + projection)."""
+        token_states = self.encode_text_states(prompts)
         projection_param = next(self.text_projection.parameters())
         token_states = token_states.to(device=projection_param.device, dtype=projection_param.dtype)
         return self.text_projection(token_states)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Adapters (the trainable DiGSeg parts; see `digseg_diffusers.adapter`)
+    # ------------------------------------------------------------------------------------------------------------
+
+    def save_digseg_adapter(self, save_directory: str | os.PathLike, config=None) -> None:
+        """Save the adapter (LoRA or full attention weights, `conv_in`, `text_projection`) as safetensors + JSON."""
+        from .adapter import save_adapter
+
+        save_adapter(save_directory, self.unet, self.text_projection, config or getattr(self, "adapter_config", None))
+
+    def load_digseg_adapter(self, directory_or_hub_id: str | os.PathLike, **kwargs):
+        """Load an adapter from a folder or Hub id onto this pipeline's base weights; returns its config."""
+        from .adapter import load_adapter
+
+        self.adapter_config = load_adapter(self.unet, self.text_projection, directory_or_hub_id, **kwargs)
+        return self.adapter_config
+
+    def fuse_digseg_adapter(self) -> None:
+        """Merge a loaded LoRA into the U-Net weights for faster inference (undo with `unfuse_digseg_adapter`)."""
+        from .adapter import fuse_adapter
+
+        fuse_adapter(self.unet)
+
+    def unfuse_digseg_adapter(self) -> None:
+        from .adapter import unfuse_adapter
+
+        unfuse_adapter(self.unet)
 
     def encode_images(self, pixels: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Encode ``[N, 3, H, W]`` pixels in [-1, 1] into image latents ``z_x``, in chunks of `batch_size`."""

@@ -1,0 +1,450 @@
+#!/usr/bin/env python
+"""Train a DiGSeg adapter (method.md section 3) with accelerate.
+
+    accelerate launch training/train_adapter.py \
+        --base_model stabilityai/stable-diffusion-2 --text_encoder openai/clip-vit-large-patch14 \
+        --dataset_format ade20k --train_data_dir /data/ADEChallengeData2016 --output_dir digseg-ade20k
+
+One sample = one image and one queried class; the U-Net learns to denoise that class's mask latent, conditioned
+on the image latent (concatenated) and the class name (cross-attention). The VAE and text encoder stay frozen;
+the adapter (LoRA, or "full" weights, on the selected cross-attention projections and the mid-block attention)
+plus `conv_in` and the text projection train. Runs on one CPU, several processes, one or many GPUs and several
+machines through accelerate's own launcher; checkpoints with `save_state` hold only the trainable weights and
+the optimizer/scheduler/RNG state, and `--resume_from_checkpoint latest` continues where a run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from digseg_diffusers import DiGSegPipeline, mask_codec
+from digseg_diffusers.adapter import (
+    ADAPTER_MODES,
+    DiGSegAdapterConfig,
+    apply_adapter,
+    load_adapter,
+    save_adapter,
+)
+from digseg_diffusers.data import SegmentationTrainingDataset, build_reader, collate_segmentation_batch
+from digseg_diffusers.data.readers import READERS, read_class_names_file
+from digseg_diffusers.evaluation import evaluate_examples
+from digseg_diffusers.noise import NOISE_VARIANTS, sample_training_noise
+
+logger = get_logger(__name__, log_level="INFO")
+
+ADAPTER_SUBFOLDER = "adapter"
+ENTIRE_UNET_WEIGHTS = "unet.safetensors"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a DiGSeg adapter.")
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", help="A DiGSeg pipeline folder or Hub id to start from.")
+    model.add_argument("--base_model", help="A Stable Diffusion (SD2-family) folder or Hub id to build DiGSeg from.")
+    model.add_argument("--text_encoder", help="Text encoder for --base_model (default: the base's own).")
+    model.add_argument("--revision", default=None)
+    model.add_argument("--adapter_mode", choices=ADAPTER_MODES, default="lora")
+    model.add_argument("--levels", type=int, nargs="*", default=None, help="Resolution levels to adapt (default: the two middle cross-attention levels).")
+    model.add_argument("--rank", type=int, default=8)
+    model.add_argument("--lora_alpha", type=float, default=8.0)
+    model.add_argument("--no_mid_block", action="store_true", help="Leave the mid-block attention frozen.")
+    model.add_argument("--no_conv_in", action="store_true", help="Leave conv_in frozen.")
+    model.add_argument("--resume_adapter", default=None, help="Start from the weights of a saved adapter (folder or Hub id).")
+    model.add_argument(
+        "--train_entire_unet",
+        action="store_true",
+        help="Train every U-Net weight (for small models trained from scratch, like the embedded demo model); "
+        "checkpoints then hold the whole U-Net. Implies --save_pipeline.",
+    )
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_format", choices=sorted(READERS), default="folder")
+    data.add_argument("--train_data_dir", required=True)
+    data.add_argument("--train_split", default=None, help="Split name (default: the reader's training split).")
+    data.add_argument("--validation_split", default=None, help="Split for periodic validation (default: none).")
+    data.add_argument("--class_names_file", default=None, help="Override the dataset's class names (one per line).")
+    data.add_argument("--resolution", type=int, default=512)
+    data.add_argument("--negative_prob", type=float, default=0.1)
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", required=True)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--train_batch_size", type=int, default=2, help="Per device.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--max_train_steps", type=int, default=30000)
+    train.add_argument("--learning_rate", type=float, default=1e-4)
+    train.add_argument("--lr_scheduler", default="constant_with_warmup")
+    train.add_argument("--lr_warmup_steps", type=int, default=500)
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    train.add_argument("--adam_epsilon", type=float, default=1e-8)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--noise_variant", choices=NOISE_VARIANTS, default="multires_annealed")
+    train.add_argument("--noise_strength", type=float, default=0.9)
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--checkpointing_steps", type=int, default=500)
+    train.add_argument("--checkpoints_total_limit", type=int, default=None)
+    train.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+
+    report = parser.add_argument_group("logging, validation and publishing")
+    report.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    report.add_argument("--logging_dir", default="logs")
+    report.add_argument("--validation_steps", type=int, default=1000)
+    report.add_argument("--num_validation_images", type=int, default=4)
+    report.add_argument("--validation_inference_steps", type=int, default=1)
+    report.add_argument("--validation_resolution", type=int, default=None, help="Processing resolution (default: --resolution).")
+    report.add_argument("--save_pipeline", action="store_true", help="Also save the whole trained pipeline (needed for 'full' mode models that ship on their own).")
+    report.add_argument("--push_to_hub", action="store_true")
+    report.add_argument("--hub_model_id", default=None)
+    report.add_argument("--hub_token", default=None)
+    report.add_argument("--dataset_name", default=None, help="Dataset id for the model card (e.g. 'ade20k').")
+
+    args = parser.parse_args(argv)
+    if bool(args.pretrained_model_name_or_path) == bool(args.base_model):
+        parser.error("give exactly one of --pretrained_model_name_or_path (DiGSeg) or --base_model (Stable Diffusion)")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps", "validation_steps", "resolution"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be positive")
+    return args
+
+
+def load_pipeline(args: argparse.Namespace) -> DiGSegPipeline:
+    """The pipeline to train: an existing DiGSeg model, or a fresh one built from an SD base (+ text encoder)."""
+    if args.pretrained_model_name_or_path:
+        return DiGSegPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision)
+    return DiGSegPipeline.from_base_model(args.base_model, text_encoder=args.text_encoder, revision=args.revision)
+
+
+def latent_loss_weights(valid: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """Per-latent-pixel loss weight: the share of non-ignored image pixels under it (method.md: ignore excluded)."""
+    return F.adaptive_avg_pool2d(valid, latent_size)
+
+
+def checkpoint_dirs(output_dir: str) -> list[Path]:
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(folders, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+
+    # Accelerator: one object for every launch mode (CPU, processes, GPUs, machines).
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # Models: frozen VAE and text encoder; the adapter's parts of the U-Net and the text projection train.
+    pipeline = load_pipeline(args)
+    pipeline.set_progress_bar_config(disable=True)
+    unet, vae, text_encoder, text_projection = pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.text_projection
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    base_model = args.base_model or pipeline.config.base_model or args.pretrained_model_name_or_path
+    adapter_config = DiGSegAdapterConfig(
+        mode=args.adapter_mode,
+        levels=tuple(args.levels) if args.levels else None,
+        rank=args.rank,
+        alpha=args.lora_alpha,
+        include_mid_block=not args.no_mid_block,
+        train_conv_in=not args.no_conv_in,
+        base_model=base_model,
+    )
+    trainable_params = apply_adapter(unet, text_projection, adapter_config)
+    if args.resume_adapter:
+        adapter_config = load_adapter(unet, text_projection, args.resume_adapter, is_trainable=True)
+        trainable_params = [p for p in list(unet.parameters()) + list(text_projection.parameters()) if p.requires_grad]
+    if args.train_entire_unet:
+        unet.requires_grad_(True)
+        trainable_params = [p for p in list(unet.parameters()) + list(text_projection.parameters()) if p.requires_grad]
+        args.save_pipeline = True
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)  # the base model's betas and target
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    logger.info(
+        f"Trainable parameters: {sum(p.numel() for p in trainable_params):,} of "
+        f"{sum(p.numel() for p in unet.parameters()) + sum(p.numel() for p in text_projection.parameters()):,} "
+        f"(adapter mode {adapter_config.mode}, prediction type {noise_scheduler.config.prediction_type})"
+    )
+
+    # Checkpoints hold only what trains: the adapter files, written by these hooks, plus accelerate's states.
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_adapter(os.path.join(output_dir, ADAPTER_SUBFOLDER), unet, text_projection, adapter_config)
+            if args.train_entire_unet:
+                save_file(accelerator.unwrap_model(unet).state_dict(), os.path.join(output_dir, ENTIRE_UNET_WEIGHTS))
+        weights.clear()
+
+    def load_model_hook(models, input_dir):
+        if args.train_entire_unet:  # copy in place: the optimizer and DDP hold these very tensors
+            plain_unet = accelerator.unwrap_model(unet)
+            state = load_file(os.path.join(input_dir, ENTIRE_UNET_WEIGHTS))
+            with torch.no_grad():
+                for name, tensor in plain_unet.state_dict(keep_vars=True).items():
+                    tensor.copy_(state[name])
+        load_adapter(unet, text_projection, os.path.join(input_dir, ADAPTER_SUBFOLDER), is_trainable=True)
+        if args.train_entire_unet:
+            accelerator.unwrap_model(unet).requires_grad_(True)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # Data.
+    class_names = read_class_names_file(args.class_names_file) if args.class_names_file else None
+    reader_kwargs = {"class_names": class_names} if class_names else {}
+    train_reader = build_reader(args.dataset_format, args.train_data_dir, args.train_split, **reader_kwargs)
+    train_dataset = SegmentationTrainingDataset(
+        train_reader, resolution=args.resolution, negative_prob=args.negative_prob, seed=args.seed
+    )
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collate_segmentation_batch,
+        num_workers=args.dataloader_num_workers,
+        drop_last=len(train_dataset) >= args.train_batch_size * accelerator.num_processes,
+    )
+    validation_reader = None
+    if args.validation_split:
+        validation_reader = build_reader(args.dataset_format, args.train_data_dir, args.validation_split, **reader_kwargs)
+    with torch.no_grad():  # the text encoder is frozen: each class name is encoded once for the whole run
+        class_token_states = pipeline.encode_text_states(train_dataset.class_names).to(accelerator.device, weight_dtype)
+
+    # Optimizer and learning-rate schedule.
+    optimizer = torch.optim.AdamW(
+        trainable_params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    unet, text_projection, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, text_projection, optimizer, train_dataloader, lr_scheduler
+    )
+    num_update_steps_per_epoch = max(1, math.ceil(len(train_dataloader) / args.gradient_accumulation_steps))
+    num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+
+    if args.report_to != "none":
+        accelerator.init_trackers("digseg-adapter", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    # Resume.
+    global_step, first_epoch = 0, 0
+    if args.resume_from_checkpoint:
+        path = checkpoint_dirs(args.output_dir)[-1] if args.resume_from_checkpoint == "latest" and checkpoint_dirs(args.output_dir) else None
+        if args.resume_from_checkpoint != "latest":
+            path = Path(args.resume_from_checkpoint)
+        if path is None or not path.is_dir():
+            logger.info(f"No checkpoint found for --resume_from_checkpoint={args.resume_from_checkpoint}; starting a new run.")
+        else:
+            logger.info(f"Resuming from {path}")
+            accelerator.load_state(str(path))
+            global_step = int(path.name.split("-")[-1])
+            first_epoch = global_step // num_update_steps_per_epoch
+
+    # Train.
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"***** Training: {len(train_dataset)} examples, {args.max_train_steps} steps, batch {total_batch_size} "
+        f"({args.train_batch_size} per device x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation) *****"
+    )
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    loss_history: list[tuple[int, float]] = []
+    validation_history: list[dict] = []
+    skipped_files = 0
+    for epoch in range(first_epoch, num_train_epochs):
+        train_dataset.set_epoch(epoch)
+        unet.train()
+        text_projection.train()
+        steps_done_in_epoch = global_step - epoch * num_update_steps_per_epoch
+        batches = train_dataloader
+        if steps_done_in_epoch > 0:  # resuming mid-epoch: skip the batches already trained on
+            batches = accelerator.skip_first_batches(train_dataloader, steps_done_in_epoch * args.gradient_accumulation_steps)
+        for batch in batches:
+            with accelerator.accumulate(unet, text_projection):
+                with torch.no_grad():
+                    pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)
+                    image_latents = mask_codec.encode_pixels(vae, pixels).float()
+                    mask_latents = mask_codec.encode_masks(vae, batch["mask"].to(accelerator.device, weight_dtype)).float()
+                batch_size = mask_latents.shape[0]
+                timesteps = torch.randint(0, num_train_timesteps, (batch_size,), device=mask_latents.device).long()
+                noise = sample_training_noise(
+                    mask_latents, timesteps, num_train_timesteps, variant=args.noise_variant, strength=args.noise_strength
+                )
+                noisy_latents = noise_scheduler.add_noise(mask_latents, noise, timesteps)
+                if noise_scheduler.config.prediction_type == "epsilon":
+                    target = noise
+                elif noise_scheduler.config.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(mask_latents, noise, timesteps)
+                else:
+                    raise ValueError(f"Unsupported prediction_type {noise_scheduler.config.prediction_type!r}")
+
+                text_states = text_projection(class_token_states[batch["class_index"].to(accelerator.device)].float())
+                model_input = torch.cat([image_latents, noisy_latents], dim=1)
+                model_pred = unet(model_input, timesteps, encoder_hidden_states=text_states, return_dict=False)[0]
+
+                weights = latent_loss_weights(batch["valid"].to(accelerator.device).float(), tuple(mask_latents.shape[-2:]))
+                squared_error = (model_pred.float() - target.float()) ** 2 * weights
+                loss = squared_error.sum() / (weights.sum() * model_pred.shape[1]).clamp(min=1.0)
+
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            skipped_files += int(batch["num_skipped"].sum())
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress_bar.update(1)
+            step_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
+            loss_history.append((global_step, step_loss))
+            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "skipped_files": skipped_files}
+            progress_bar.set_postfix(loss=f"{step_loss:.4f}")
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+                    existing = checkpoint_dirs(args.output_dir)
+                    for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+                        shutil.rmtree(old, ignore_errors=True)
+                accelerator.wait_for_everyone()
+                accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+
+            if validation_reader is not None and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):
+                metrics = run_validation(args, accelerator, pipeline, validation_reader, unet, text_projection)
+                if metrics is not None:
+                    validation_history.append({"step": global_step, **metrics})
+                    accelerator.log({"val/mIoU": metrics["mIoU"], "val/pixel_accuracy": metrics["pixel_accuracy"]}, step=global_step)
+
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+
+    # Save the adapter (and optionally the whole pipeline), the run summary and the model card.
+    accelerator.wait_for_everyone()
+    summary = {}
+    if accelerator.is_main_process:
+        unet_trained = accelerator.unwrap_model(unet)
+        projection_trained = accelerator.unwrap_model(text_projection)
+        adapter_dir = os.path.join(args.output_dir, ADAPTER_SUBFOLDER)
+        save_adapter(adapter_dir, unet_trained, projection_trained, adapter_config)
+        if args.save_pipeline:
+            save_trained_pipeline(pipeline, unet_trained, projection_trained, adapter_config, os.path.join(args.output_dir, "pipeline"))
+        summary = {
+            "global_step": global_step,
+            "first_loss": loss_history[0][1] if loss_history else None,
+            "last_loss": loss_history[-1][1] if loss_history else None,
+            "losses": loss_history,
+            "validation": validation_history,
+            "skipped_files": skipped_files,
+            "num_processes": accelerator.num_processes,
+            "adapter": adapter_config.to_dict(),
+        }
+        with open(os.path.join(args.output_dir, "train_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        write_card_and_maybe_push(args, adapter_dir, adapter_config, train_dataset.class_names, validation_history)
+    accelerator.end_training()
+    return summary
+
+
+def save_trained_pipeline(pipeline, unet, text_projection, adapter_config, path: str) -> None:
+    """Save a standalone pipeline: LoRA merged into the weights (or full weights), loadable with from_pretrained."""
+    from digseg_diffusers.adapter import merge_and_unload_adapter
+
+    merge_and_unload_adapter(unet)
+    pipeline.register_modules(unet=unet, text_projection=text_projection)
+    pipeline.save_pretrained(path)
+
+
+@torch.no_grad()
+def run_validation(args, accelerator, pipeline, reader, unet, text_projection) -> dict | None:
+    """mIoU of the current weights on the first `--num_validation_images` validation images (main process)."""
+    if not accelerator.is_main_process:
+        return None
+    unet_eval, projection_eval = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_projection)
+    was_training = unet_eval.training
+    unet_eval.eval()
+    projection_eval.eval()
+    pipeline.register_modules(unet=unet_eval, text_projection=projection_eval)
+    examples = (reader.load_validation_example(i) for i in range(min(args.num_validation_images, len(reader))))
+    confusion = evaluate_examples(
+        pipeline,
+        examples,
+        reader.class_names,
+        ignore_index=reader.ignore_index,
+        num_inference_steps=args.validation_inference_steps,
+        processing_resolution=args.validation_resolution or args.resolution,
+    )
+    metrics = confusion.compute()
+    logger.info(f"validation mIoU {metrics['mIoU']:.4f}, pixel accuracy {metrics['pixel_accuracy']:.4f}")
+    if was_training:
+        unet_eval.train()
+        projection_eval.train()
+    return {"mIoU": metrics["mIoU"], "pixel_accuracy": metrics["pixel_accuracy"]}
+
+
+def write_card_and_maybe_push(args, adapter_dir: str, adapter_config, class_names, validation_history) -> None:
+    """Write the model card next to the adapter; upload the folder when asked (needs network)."""
+    from digseg_diffusers.hub import push_folder_to_hub, write_adapter_card
+
+    template = Path(__file__).resolve().parent.parent / "hub_cards" / "adapter_card_template.md"
+    metrics = validation_history[-1] if validation_history else None
+    write_adapter_card(
+        adapter_dir,
+        template_path=template if template.is_file() else None,
+        base_model=adapter_config.base_model,
+        repo_id=args.hub_model_id,
+        dataset_name=args.dataset_name or args.dataset_format,
+        class_names=class_names,
+        metrics=metrics,
+        training_args={k: v for k, v in vars(args).items() if k != "hub_token"},
+    )
+    if args.push_to_hub:
+        push_folder_to_hub(adapter_dir, args.hub_model_id, token=args.hub_token)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
