@@ -1,0 +1,140 @@
+"""`training/train_adapter.py` end to end: 2 accelerate processes on CPU, resume, the trained adapter, the card."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from digseg_diffusers import DiGSegPipeline
+from digseg_diffusers.hub import read_card_metadata
+from digseg_diffusers.synthetic import write_dataset
+from digseg_diffusers.testing_utils import make_tiny_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "training" / "train_adapter.py"
+STEPS = 60
+
+
+def launch(args: list[str], num_processes: int = 2) -> subprocess.CompletedProcess:
+    """`accelerate launch` with several CPU processes (accelerate's --cpu flag alone starts only one)."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes)]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT)] + args
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_dataset(root / "data", "train", num_images=16, size=64)
+    write_dataset(root / "data", "val", num_images=2, size=64)
+    make_tiny_pipeline().save_pretrained(root / "base")
+    common = [
+        "--pretrained_model_name_or_path", str(root / "base"), "--train_data_dir", str(root / "data"),
+        "--resolution", "64", "--train_batch_size", "4", "--learning_rate", "5e-4", "--rank", "16",
+        "--lr_warmup_steps", "0", "--output_dir", str(root / "out"), "--report_to", "none",
+        "--checkpointing_steps", "30", "--validation_split", "val", "--validation_steps", str(STEPS),
+        "--num_validation_images", "2", "--dataset_name", "synthetic-shapes",
+    ]  # fmt: skip
+    first = launch(common + ["--max_train_steps", str(STEPS)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    first_summary = json.loads((root / "out" / "train_summary.json").read_text())
+    second = launch(common + ["--max_train_steps", str(STEPS + 4), "--resume_from_checkpoint", "latest"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    second_summary = json.loads((root / "out" / "train_summary.json").read_text())
+    return root, first_summary, second_summary
+
+
+@pytest.mark.slow
+def test_two_process_training_lowers_the_loss_and_checkpoints(trained):
+    root, summary, _ = trained
+    assert summary["num_processes"] == 2 and summary["global_step"] == STEPS
+    losses = [loss for _, loss in summary["losses"]]
+    assert [step for step, _ in summary["losses"]] == list(range(1, STEPS + 1))
+    assert statistics.mean(losses[-15:]) < 0.85 * statistics.mean(losses[:15])
+    for step in (30, 60):
+        assert (root / "out" / f"checkpoint-{step}" / "adapter" / "digseg_adapter.safetensors").is_file()
+        assert (root / "out" / f"checkpoint-{step}" / "optimizer.bin").is_file()
+    assert summary["validation"] and 0.0 <= summary["validation"][-1]["mIoU"] <= 1.0
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_saved_step(trained):
+    root, _, resumed = trained
+    # Only the 4 new steps ran; the finished ones were not redone.
+    assert [step for step, _ in resumed["losses"]] == [STEPS + 1, STEPS + 2, STEPS + 3, STEPS + 4]
+    assert resumed["global_step"] == STEPS + 4
+    # The optimizer state came back: AdamW's step counter continues from the checkpoint instead of restarting.
+    state = torch.load(root / "out" / f"checkpoint-{STEPS + 4}" / "optimizer.bin", weights_only=True)
+    steps = {int(s["step"]) for s in state["state"].values()}
+    assert steps == {STEPS + 4}
+
+
+@pytest.mark.slow
+def test_trained_adapter_changes_outputs_and_leaves_frozen_weights(trained):
+    root, _, _ = trained
+    base = DiGSegPipeline.from_pretrained(root / "base")
+    base.set_progress_bar_config(disable=True)
+    adapted = DiGSegPipeline.from_pretrained(root / "base")
+    adapted.set_progress_bar_config(disable=True)
+    config = adapted.load_digseg_adapter(root / "out" / "adapter")
+    image = np.random.RandomState(0).randint(0, 256, (64, 64, 3), dtype=np.uint8)
+    kwargs = dict(processing_resolution=0)
+    before = base(image, "circle", generator=torch.Generator().manual_seed(0), **kwargs).probabilities[0]
+    after = adapted(image, "circle", generator=torch.Generator().manual_seed(0), **kwargs).probabilities[0]
+    assert np.abs(before - after).max() > 1e-3
+
+    for name in ("vae", "text_encoder"):
+        for (key, a), (_, b) in zip(getattr(base, name).state_dict().items(), getattr(adapted, name).state_dict().items()):
+            assert torch.equal(a, b), f"{name}.{key} changed"
+    # Every U-Net weight but conv_in is frozen; inside a LoRA-wrapped projection the original is its base layer.
+    assert config.mode == "lora"
+    adapted_state = adapted.unet.state_dict()
+    for key, value in base.unet.state_dict().items():
+        if key.startswith("conv_in."):
+            continue
+        module, _, leaf = key.rpartition(".")
+        adapted_key = key if key in adapted_state else f"{module}.base_layer.{leaf}"
+        assert torch.equal(adapted_state[adapted_key], value), f"{key} changed"
+
+
+@pytest.mark.slow
+def test_model_card_metadata(trained):
+    root, _, _ = trained
+    card = read_card_metadata(root / "out" / "adapter" / "README.md")
+    assert card["library_name"] == "digseg-diffusers"
+    assert card["pipeline_tag"] == "image-segmentation"
+    assert card["base_model"] == str(root / "base") and card["base_model_relation"] == "adapter"
+    assert card["datasets"] == ["synthetic-shapes"] and "digseg" in card["tags"] and card["license"]
+    metrics = {m["type"]: m["value"] for m in card["model-index"][0]["results"][0]["metrics"]}
+    assert set(metrics) >= {"mIoU", "pixel_accuracy"}
+    assert sorted(os.listdir(root / "out" / "adapter")) == [
+        "README.md", "digseg_adapter.safetensors", "digseg_adapter_config.json",
+    ]  # fmt: skip
+
+
+def test_ignored_pixels_get_no_loss_weight():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from train_adapter import latent_loss_weights
+    finally:
+        sys.path.pop(0)
+    valid = torch.ones(1, 1, 16, 16)
+    valid[..., :8, :] = 0.0  # top half ignored
+    valid[..., 8:, :4] = 0.0  # and a quarter-cell strip
+    weights = latent_loss_weights(valid, (2, 2))
+    torch.testing.assert_close(weights, torch.tensor([[[[0.0, 0.0], [0.5, 1.0]]]]))
+
+
+def test_bad_arguments_fail_with_a_message(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--pretrained_model_name_or_path" in result.stderr
