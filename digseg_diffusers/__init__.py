@@ -16,12 +16,21 @@ _LAZY = {
     "BACKGROUND_LABEL": "pipeline_digseg",
     "DiGSegTextProjection": "text_projection",
     "build_char_clip_tokenizer": "tokenization",
+    "DiGSegAdapterConfig": "adapter",
+    "DiGSegClassProposer": "proposal",
+    "ConfusionMatrix": "metrics",
+    "load_vocabulary": "vocabularies",
+    "list_vocabularies": "vocabularies",
 }
 
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .adapter import DiGSegAdapterConfig
+    from .metrics import ConfusionMatrix
     from .pipeline_digseg import BACKGROUND_LABEL, DiGSegOutput, DiGSegPipeline
+    from .proposal import DiGSegClassProposer
+    from .vocabularies import list_vocabularies, load_vocabulary
     from .text_projection import DiGSegTextProjection
     from .tokenization import build_char_clip_tokenizer
 
