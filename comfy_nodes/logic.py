@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 DEMO_CHOICE = "(embedded demo model)"
 NO_MODEL_CHOICE = "(no model found: put DiGSeg folders in models/digseg)"
+NO_PROPOSER_CHOICE = "(no proposer found: put a saved DiGSegClassProposer in models/digseg)"
+PROPOSER_CONFIG = "proposer_config.json"
+CUSTOM_VOCABULARY = "custom"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 PICK_KINDS = ("mask", "probability", "region")
 OVERLAY_ALPHA = 0.5
@@ -285,10 +288,10 @@ def demo_model_path() -> str | None:
     return path if os.path.isfile(os.path.join(path, MODEL_INDEX)) else None
 
 
-def list_model_folders(search_paths: list[str], max_depth: int = 2) -> list[str]:
-    """Names (relative, "/"-separated) of the pipeline folders (with `model_index.json`) under the search paths.
+def list_model_folders(search_paths: list[str], max_depth: int = 2, marker: str = MODEL_INDEX) -> list[str]:
+    """Names (relative, "/"-separated) of the model folders (holding `marker`) under the search paths.
 
-    Nested folders are found up to `max_depth` levels (``models/digseg/org/name``); a pipeline folder is not searched
+    Nested folders are found up to `max_depth` levels (``models/digseg/org/name``); a model folder is not searched
     further.
     """
     found: list[str] = []
@@ -307,7 +310,7 @@ def list_model_folders(search_paths: list[str], max_depth: int = 2) -> list[str]
                 if not entry.is_dir() or entry.name.startswith("."):
                     continue
                 name = f"{relative}/{entry.name}" if relative else entry.name
-                if os.path.isfile(os.path.join(entry.path, MODEL_INDEX)):
+                if os.path.isfile(os.path.join(entry.path, marker)):
                     found.append(name)
                 elif depth + 1 < max_depth:
                     pending.append((name, depth + 1))
@@ -328,11 +331,14 @@ def _find_in(search_paths: list[str], name: str) -> str | None:
     return None
 
 
-def resolve_model_source(model: str, hub_id_or_path: str, search_paths: list[str]) -> tuple[str, str]:
+def resolve_model_source(
+    model: str, hub_id_or_path: str, search_paths: list[str], marker: str = MODEL_INDEX
+) -> tuple[str, str]:
     """Decide what to load: ``("local", folder)`` or ``("hub", repo_id)``.
 
     A non-empty `hub_id_or_path` wins over the drop-down: an existing folder is loaded as is, a name found under
-    the digseg model folders too, anything shaped like ``owner/name`` is a Hugging Face Hub id.
+    the digseg model folders too, anything shaped like ``owner/name`` is a Hugging Face Hub id. A drop-down name
+    must be a folder holding `marker`.
     """
     override = (hub_id_or_path or "").strip()
     if override:
@@ -352,14 +358,14 @@ def resolve_model_source(model: str, hub_id_or_path: str, search_paths: list[str
         if path is None:
             raise ValueError("The embedded demo model is not available in this digseg_diffusers installation.")
         return "local", path
-    if not model or model == NO_MODEL_CHOICE:
+    if not model or model in (NO_MODEL_CHOICE, NO_PROPOSER_CHOICE):
         raise ValueError(
-            "No DiGSeg model selected: put a folder saved by DiGSegPipeline.save_pretrained into "
+            f"No model selected: put a saved folder (with {marker}) into "
             f"{' or '.join(search_paths) or 'models/digseg'}, or type a Hub id / folder into hub_id_or_path."
         )
     found = _find_in(search_paths, model)
-    if found is None or not os.path.isfile(os.path.join(found, MODEL_INDEX)):
-        raise ValueError(f"DiGSeg model {model!r} was not found in {', '.join(search_paths)} (no {MODEL_INDEX}).")
+    if found is None or not os.path.isfile(os.path.join(found, marker)):
+        raise ValueError(f"Model {model!r} was not found in {', '.join(search_paths)} (no {marker}).")
     return "local", os.path.abspath(found)
 
 
@@ -392,7 +398,7 @@ def torch_dtype_for(precision: str, auto_dtype: torch.dtype = torch.float32) -> 
 
 def _is_offline_error(error: BaseException) -> bool:
     """Whether an exception chain says "no network" (connection refused, DNS failure, offline mode)."""
-    markers = ("offline", "connection", "resolve", "timed out", "timeout", "network", "unreachable", "max retries")
+    markers = ("offline", "connect", "resolve", "timed out", "timeout", "network", "unreachable", "max retries")
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -427,6 +433,25 @@ def _dtype_kwargs(torch_dtype: torch.dtype) -> dict:
     return {"dtype": torch_dtype}
 
 
+def _from_pretrained(model_class: Any, kind: str, location: str, **kwargs) -> Any:
+    """`model_class.from_pretrained` for a local folder or a Hub id, with one clear message when the Hub fails."""
+    if kind == "local":
+        return model_class.from_pretrained(location, local_files_only=True, **kwargs)
+    if kind != "hub":
+        raise ValueError(f"kind must be 'local' or 'hub'; got {kind!r}.")
+    offline = hub_offline_mode()
+    try:
+        return model_class.from_pretrained(location, local_files_only=offline, **kwargs)
+    except Exception as error:
+        if offline or _is_offline_error(error):
+            raise RuntimeError(
+                f"DiGSeg: could not download the model {location!r} from the Hugging Face Hub: this machine is "
+                f"offline ({type(error).__name__}). Download it elsewhere and put the folder into the models/digseg "
+                "folder (or point hub_id_or_path at it)."
+            ) from error
+        raise RuntimeError(f"DiGSeg: could not load the model {location!r} from the Hugging Face Hub: {error}") from error
+
+
 def load_pipeline(
     kind: str,
     location: str,
@@ -440,22 +465,7 @@ def load_pipeline(
     """
     if pipeline_class is None:
         from digseg_diffusers import DiGSegPipeline as pipeline_class
-    if kind == "local":
-        pipe = pipeline_class.from_pretrained(location, local_files_only=True, **_dtype_kwargs(torch_dtype))
-    elif kind == "hub":
-        offline = hub_offline_mode()
-        try:
-            pipe = pipeline_class.from_pretrained(location, local_files_only=offline, **_dtype_kwargs(torch_dtype))
-        except Exception as error:
-            if offline or _is_offline_error(error):
-                raise RuntimeError(
-                    f"DiGSeg: could not download the model {location!r} from the Hugging Face Hub: this machine is "
-                    f"offline ({type(error).__name__}). Download it elsewhere and put the folder into the models/digseg "
-                    "folder (or point hub_id_or_path at it)."
-                ) from error
-            raise RuntimeError(f"DiGSeg: could not load the model {location!r} from the Hugging Face Hub: {error}") from error
-    else:
-        raise ValueError(f"kind must be 'local' or 'hub'; got {kind!r}.")
+    pipe = _from_pretrained(pipeline_class, kind, location, **_dtype_kwargs(torch_dtype))
     if adapter_path:
         load_adapter = getattr(pipe, "load_digseg_adapter", None)
         if load_adapter is None:
@@ -508,7 +518,7 @@ class ModelCache:
     def get_or_load(self, key: tuple, load: Callable[[], Any]) -> Any:
         if key in self._entries:
             self._entries.move_to_end(key)
-            logger.info("DiGSeg: using the cached model %s", key[1])
+            logger.debug("DiGSeg: reusing the cached model %r", key)
             return self._entries[key]
         value = load()
         self._entries[key] = value
@@ -540,3 +550,82 @@ class DiGSegModel:
     dtype: torch.dtype
     source: str
     patcher: Any = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Class proposal
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def proposer_choices(search_paths: list[str]) -> list[str]:
+    """The proposal node's drop-down: folders saved by `DiGSegClassProposer.save_pretrained`."""
+    return list_model_folders(search_paths, marker=PROPOSER_CONFIG) or [NO_PROPOSER_CHOICE]
+
+
+def vocabulary_choices() -> list[str]:
+    """Bundled benchmark vocabularies, then "custom" (a typed class list)."""
+    try:
+        from digseg_diffusers.vocabularies import list_vocabularies
+    except ImportError:  # an older digseg_diffusers without vocabularies
+        return [CUSTOM_VOCABULARY]
+    return list(list_vocabularies()) + [CUSTOM_VOCABULARY]
+
+
+def resolve_vocabulary(vocabulary: str, custom_classes: str) -> tuple[list[str], list[str]]:
+    """The class names to score, and the prompt each one becomes in Segment (its first synonym).
+
+    A-847 names are WordNet synonym lists ("building, edifice"): CLIP scores the full string, but a comma would
+    split it into several Segment prompts, so the proposed prompt is the first synonym.
+    """
+    if vocabulary == CUSTOM_VOCABULARY:
+        names = parse_prompts(custom_classes)
+        if not names:
+            raise ValueError("vocabulary is 'custom' but custom_classes is empty: type class names (comma or newline separated).")
+        return names, list(names)
+    from digseg_diffusers.vocabularies import load_vocabulary
+
+    names = list(load_vocabulary(vocabulary).class_names)
+    return names, [name.split(",")[0].strip() for name in names]
+
+
+def load_proposer(kind: str, location: str, torch_dtype: torch.dtype, proposer_class: Any = None) -> Any:
+    """Load a `DiGSegClassProposer` (a saved folder, or any CLIP checkpoint folder / Hub id) in `torch_dtype`."""
+    if proposer_class is None:
+        from digseg_diffusers.proposal import DiGSegClassProposer as proposer_class
+    return _from_pretrained(proposer_class, kind, location, **_transformers_dtype_kwargs(torch_dtype))
+
+
+def _transformers_dtype_kwargs(torch_dtype: torch.dtype) -> dict:
+    """transformers >= 4.56 calls it `dtype` (the old `torch_dtype` warns)."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype": torch_dtype} if (major, minor) >= (4, 56) else {"torch_dtype": torch_dtype}
+
+
+def propose_classes(
+    proposer: Any,
+    images: torch.Tensor,
+    class_names: list[str],
+    prompt_names: list[str] | None = None,
+    *,
+    global_threshold: float = 0.25,
+    patch_threshold: float | None = 0.3,
+    top_k: int | None = None,
+) -> list[str]:
+    """Proposed prompts for a ComfyUI IMAGE batch: the union over the images, best first within each image.
+
+    Segment shares one prompt list across the batch (so that masks stay ``[B * K, H, W]``), hence the union; image
+    0's proposals come first. `patch_threshold` None/negative disables patch refinement, `top_k` None/0 no cap.
+    """
+    prompt_names = list(prompt_names) if prompt_names is not None else list(class_names)
+    if len(prompt_names) != len(class_names):
+        raise ValueError(f"prompt_names ({len(prompt_names)}) must match class_names ({len(class_names)}).")
+    pixels = comfy_images_to_pipeline(images)
+    if pixels.shape[0] == 0:
+        return []
+    proposer.global_threshold = float(global_threshold)
+    proposer.patch_threshold = None if patch_threshold is None or patch_threshold < 0 else float(patch_threshold)
+    proposer.top_k = int(top_k) if top_k else None
+    scores = proposer.score(pixels, class_names)
+    return list(dict.fromkeys(prompt_names[i] for indices in scores.selected for i in indices))

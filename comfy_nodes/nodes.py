@@ -55,6 +55,14 @@ class DiGSegModules(torch.nn.Module):
                 self.add_module(name, component)
 
 
+class ProposerModules(torch.nn.Module):
+    """The class proposer under a plain container (its own `device` property cannot be assigned by ModelPatcher)."""
+
+    def __init__(self, proposer):
+        super().__init__()
+        self.proposer = proposer
+
+
 def _auto_dtype(device: torch.device) -> torch.dtype:
     if model_management.should_use_fp16(device, prioritize_performance=False):
         return torch.float16
@@ -195,7 +203,14 @@ class DiGSegSegment(io.ComfyNode):
                     step=0.01,
                     tooltip="Label map: pixels whose best prompt scores below this are background. Negative = mask_threshold.",
                 ),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the initial noise."),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=False,  # segmentation should be reproducible: no "randomize" widget
+                    tooltip="Seed of the initial noise.",
+                ),
                 io.Int.Input(
                     "batch_size",
                     default=8,
@@ -300,7 +315,107 @@ class DiGSegPickMask(io.ComfyNode):
         return io.NodeOutput(mask.to(model_management.intermediate_device()))
 
 
-NODES: list[type[io.ComfyNode]] = [DiGSegModelLoader, DiGSegSegment, DiGSegPickMask]
+class DiGSegClassProposal(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DiGSegClassProposal",
+            display_name="DiGSeg Class Proposal",
+            category=CATEGORY,
+            description=(
+                "Proposes which classes of a vocabulary an image contains (CLIP scores with 'A photo of a {class}.'), "
+                "as a STRING of prompts, one per line, to chain into DiGSeg Segment. For a batch: the union over "
+                "the images, image 0's proposals first."
+            ),
+            inputs=[
+                io.Image.Input("image"),
+                io.Combo.Input(
+                    "proposer",
+                    options=logic.proposer_choices(model_search_paths()),
+                    tooltip="A folder under models/digseg saved by DiGSegClassProposer.save_pretrained.",
+                ),
+                io.Combo.Input(
+                    "vocabulary",
+                    options=logic.vocabulary_choices(),
+                    default="ade20k-150",
+                    tooltip="A bundled benchmark vocabulary, or 'custom' to use custom_classes.",
+                ),
+                io.Float.Input("global_threshold", default=0.25, min=-1.0, max=1.0, step=0.01, tooltip="Keep a class when the image-text cosine exceeds this."),
+                io.Float.Input(
+                    "patch_threshold",
+                    default=0.3,
+                    min=-1.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Also keep it when its best patch-token cosine exceeds this (finds small objects). Negative = off.",
+                ),
+                io.Int.Input("top_k", default=0, min=0, max=1000, tooltip="At most this many classes per image; 0 = no cap."),
+                io.String.Input(
+                    "custom_classes",
+                    multiline=True,
+                    default="",
+                    optional=True,
+                    tooltip="Class names (comma or newline separated), used when vocabulary is 'custom'.",
+                ),
+                io.String.Input(
+                    "hub_id_or_path",
+                    default="",
+                    optional=True,
+                    tooltip="Optional. A CLIP checkpoint folder or Hub id (e.g. openai/clip-vit-large-patch14); overrides 'proposer'.",
+                ),
+            ],
+            outputs=[io.String.Output(display_name="classes", tooltip="Proposed prompts, one per line.")],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        image: torch.Tensor,
+        proposer: str,
+        vocabulary: str,
+        global_threshold: float,
+        patch_threshold: float,
+        top_k: int,
+        custom_classes: str = "",
+        hub_id_or_path: str = "",
+    ) -> io.NodeOutput:
+        class_names, prompt_names = logic.resolve_vocabulary(vocabulary, custom_classes)
+        kind, location = logic.resolve_model_source(
+            proposer, hub_id_or_path, model_search_paths(), marker=logic.PROPOSER_CONFIG
+        )
+        load_device = model_management.text_encoder_device()
+        offload_device = model_management.text_encoder_offload_device()
+        dtype = _auto_dtype(load_device)
+        key = ("proposer",) + logic.cache_key(kind, location, dtype, None)
+
+        def load() -> logic.DiGSegModel:
+            logger.info("DiGSeg: loading the class proposer %s (%s)", location, dtype)
+            model = logic.load_proposer(kind, location, dtype).to(offload_device)
+            patcher = comfy.model_patcher.ModelPatcher(
+                ProposerModules(model), load_device=load_device, offload_device=offload_device
+            )
+            return logic.DiGSegModel(pipeline=model, dtype=dtype, source=f"{kind}:{location}", patcher=patcher)
+
+        loaded = _CACHE.get_or_load(key, load)
+        model_management.load_models_gpu([loaded.patcher], force_full_load=True)
+        model_management.throw_exception_if_processing_interrupted()
+        try:
+            classes = logic.propose_classes(
+                loaded.pipeline,
+                image,
+                class_names,
+                prompt_names,
+                global_threshold=global_threshold,
+                patch_threshold=patch_threshold,
+                top_k=top_k,
+            )
+        finally:
+            model_management.soft_empty_cache()
+        logger.info("DiGSeg: proposed %d classes: %s", len(classes), ", ".join(classes))
+        return io.NodeOutput("\n".join(classes))
+
+
+NODES: list[type[io.ComfyNode]] = [DiGSegModelLoader, DiGSegSegment, DiGSegPickMask, DiGSegClassProposal]
 
 
 class DiGSegExtension(ComfyExtension):

@@ -1,0 +1,725 @@
+"""Tests of the ComfyUI nodes without ComfyUI: the plain logic, and the node classes over a minimal stand-in API."""
+
+import asyncio
+import importlib
+import json
+import os
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from comfy_nodes import logic  # noqa: E402
+from digseg_diffusers.testing_utils import make_tiny_pipeline  # noqa: E402
+
+COMFY_MODULES = ("comfy", "comfy.model_management", "comfy.model_patcher", "comfy.utils", "folder_paths", "comfy_api")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return make_tiny_pipeline(seed=0)
+
+
+def comfy_images(batch=2, height=32, width=40, channels=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, height, width, channels, generator=generator)
+
+
+# ------------------------------------------------------------------------------------------------ import safety
+
+
+def test_package_imports_without_comfyui():
+    import comfy_nodes
+
+    assert callable(comfy_nodes.comfy_entrypoint)
+    assert not hasattr(comfy_nodes, "NODE_CLASS_MAPPINGS")  # V1 mappings would shadow the V3 entry point
+    assert not any(name in sys.modules for name in COMFY_MODULES)
+
+
+def test_nodes_module_needs_comfyui():
+    sys.modules.pop("comfy_nodes.nodes", None)
+    with pytest.raises(ImportError):
+        importlib.import_module("comfy_nodes.nodes")
+
+
+# ------------------------------------------------------------------------------------------------ prompts, tensors
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("cat, dog", ["cat", "dog"]),
+        ("cat\ndog\r\nsky", ["cat", "dog", "sky"]),
+        ("  cat ,, \n\n dog ,", ["cat", "dog"]),
+        ("red car, cat\nred car", ["red car", "cat"]),
+        ("a man in a hat", ["a man in a hat"]),
+        ("", []),
+        (" , \n ", []),
+        (None, []),
+    ],
+)
+def test_parse_prompts(text, expected):
+    assert logic.parse_prompts(text) == expected
+
+
+def test_parse_prompts_rejects_non_strings():
+    with pytest.raises(ValueError, match="prompts"):
+        logic.parse_prompts(["cat"])
+
+
+def test_comfy_images_to_pipeline_layout():
+    images = comfy_images(batch=2, height=5, width=7)
+    pixels = logic.comfy_images_to_pipeline(images)
+    assert pixels.shape == (2, 3, 5, 7) and pixels.dtype == torch.float32
+    assert torch.equal(pixels[1, 2], images[1, :, :, 2])
+
+
+def test_comfy_images_to_pipeline_channels_and_range():
+    rgba = comfy_images(batch=1, height=4, width=4, channels=4)
+    assert torch.equal(logic.comfy_images_to_pipeline(rgba), logic.comfy_images_to_pipeline(rgba[..., :3]))
+    grey = comfy_images(batch=1, height=4, width=4, channels=1)
+    out = logic.comfy_images_to_pipeline(grey)
+    assert out.shape == (1, 3, 4, 4) and torch.equal(out[0, 0], out[0, 2])
+    wild = torch.tensor([[[[1.2, -0.1, float("nan")]]]])
+    assert logic.comfy_images_to_pipeline(wild).flatten().tolist() == [1.0, 0.0, 0.0]
+    assert logic.comfy_images_to_pipeline(comfy_images(batch=1)[0]).shape[0] == 1  # [H, W, C] without batch
+
+
+@pytest.mark.parametrize("bad", [torch.rand(2, 3, 8, 8), torch.rand(8, 8), "image"])
+def test_comfy_images_to_pipeline_rejects_bad_layouts(bad):
+    with pytest.raises(ValueError, match="IMAGE"):
+        logic.comfy_images_to_pipeline(bad)
+
+
+# ------------------------------------------------------------------------------------------------ segmentation
+
+
+def test_segment_batch_alignment_and_layouts(pipe):
+    images = comfy_images(batch=2, height=32, width=40)
+    prompts = ["circle", "star", "heart"]
+    result = logic.segment(pipe, images, prompts, processing_resolution=32, mask_threshold=0.5, seed=3)
+    assert result.masks.shape == (2, 3, 32, 40) and result.probabilities.shape == (2, 3, 32, 40)
+    assert result.label_maps.shape == (2, 32, 40) and result.label_maps.dtype == torch.int64
+    assert result.prompts == prompts and result.num_images == 2 and result.num_prompts == 3
+    assert set(result.masks.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(result.masks, (result.probabilities > 0.5).float())
+    assert 0 <= int(result.label_maps.min()) and int(result.label_maps.max()) <= 3
+
+    batch = result.mask_batch()  # ComfyUI MASK [B*K, H, W], image-major
+    assert batch.shape == (6, 32, 40) and batch.dtype == torch.float32
+    for b in range(2):
+        for k in range(3):
+            assert torch.equal(batch[b * 3 + k], result.masks[b, k])
+    label_mask = result.label_map_mask()
+    assert label_mask.shape == (2, 32, 40) and label_mask.dtype == torch.float32
+    assert torch.equal(label_mask.long(), result.label_maps)
+
+
+def test_segment_matches_the_pipeline_and_is_seeded(pipe):
+    images = comfy_images(batch=1, height=32, width=32, seed=1)
+    kwargs = dict(processing_resolution=32, ensemble_size=2, num_inference_steps=2, seed=7)
+    first = logic.segment(pipe, images, ["star", "ring"], **kwargs)
+    direct = pipe(
+        images.permute(0, 3, 1, 2),
+        prompt=["star", "ring"],
+        num_inference_steps=2,
+        ensemble_size=2,
+        processing_resolution=32,
+        generator=torch.Generator().manual_seed(7),
+        output_type="pt",
+    )
+    assert torch.allclose(first.probabilities[0], direct.probabilities[0])  # the node seeds a CPU generator
+    assert torch.equal(first.label_maps[0], direct.label_maps[0])
+    other_seed = logic.segment(pipe, images, ["star", "ring"], **{**kwargs, "seed": 8})
+    assert not torch.equal(first.probabilities, other_seed.probabilities)
+
+
+def test_segment_reports_progress_and_cancels(pipe):
+    images = comfy_images(batch=1, height=32, width=32)
+    calls = []
+    logic.segment(
+        pipe, images, ["a", "b", "c"], processing_resolution=32, num_inference_steps=2, batch_size=2,
+        progress_callback=lambda done, total: calls.append((done, total)),
+    )  # fmt: skip
+    assert calls == [(i, 4) for i in range(1, 5)]  # 2 chunks x 2 steps
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(done, total):
+        if done == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        logic.segment(
+            pipe, images, ["a", "b", "c"], processing_resolution=32, num_inference_steps=2, batch_size=2,
+            progress_callback=interrupt,
+        )  # fmt: skip
+
+
+def test_segment_nothing_found_gives_zero_masks(pipe):
+    images = comfy_images(batch=2, height=32, width=32)
+    result = logic.segment(pipe, images, ["zebra", "unicorn"], processing_resolution=32, mask_threshold=1.0)
+    assert result.mask_batch().shape == (4, 32, 32)
+    assert float(result.masks.abs().sum()) == 0.0
+
+
+def test_segment_without_prompts_or_images(pipe, caplog):
+    images = comfy_images(batch=3, height=16, width=24)
+    result = logic.segment(pipe, images, [])
+    assert result.masks.shape == (3, 0, 16, 24) and result.mask_batch().shape == (0, 16, 24)
+    assert result.label_maps.shape == (3, 16, 24) and int(result.label_maps.abs().sum()) == 0
+    assert "no prompts" in caplog.text
+    none = logic.segment(pipe, torch.zeros(0, 16, 24, 3), ["cat"])
+    assert none.mask_batch().shape == (0, 16, 24) and none.label_maps.shape == (0, 16, 24)
+
+
+def test_segment_background_threshold_negative_means_mask_threshold(pipe):
+    images = comfy_images(batch=1, height=32, width=32)
+    common = dict(processing_resolution=32, mask_threshold=0.4, seed=0)
+    default = logic.segment(pipe, images, ["a", "b"], background_threshold=-1.0, **common)
+    explicit = logic.segment(pipe, images, ["a", "b"], background_threshold=0.4, **common)
+    assert torch.equal(default.label_maps, explicit.label_maps)
+
+
+def test_pipeline_output_to_result_checks_shapes():
+    output = SimpleNamespace(
+        probabilities=[torch.zeros(2, 4, 4)], masks=[torch.zeros(2, 4, 4, dtype=torch.bool)], label_maps=[torch.zeros(4, 4)]
+    )
+    result = logic.pipeline_output_to_result(output, ["a", "b"], 1, 4, 4)
+    assert result.masks.shape == (1, 2, 4, 4)
+    with pytest.raises(ValueError, match="for 2 images"):
+        logic.pipeline_output_to_result(output, ["a", "b"], 2, 4, 4)
+    with pytest.raises(ValueError, match="shape"):
+        logic.pipeline_output_to_result(output, ["a", "b", "c"], 1, 4, 4)
+
+
+def test_overlay_batch_layout():
+    images = comfy_images(batch=2, height=6, width=5)
+    labels = torch.zeros(2, 6, 5, dtype=torch.int64)
+    labels[1, :3] = 2
+    out = logic.overlay_batch(images, labels, num_classes=2)
+    assert out.shape == (2, 6, 5, 3) and out.dtype == torch.float32
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    quantised = (images * 255).round() / 255
+    assert torch.allclose(out[0], quantised[0])  # background untouched
+    assert not torch.allclose(out[1, :3], quantised[1, :3])
+    with pytest.raises(ValueError, match="do not match"):
+        logic.overlay_batch(images, labels[:1], num_classes=2)
+
+
+# ------------------------------------------------------------------------------------------------ pick mask
+
+
+def make_result():
+    masks = torch.zeros(2, 3, 4, 4)
+    masks[:, 0, 0] = 1
+    masks[:, 1, :2] = 1  # overlaps prompt 0 in row 0
+    probabilities = masks * 0.9
+    labels = torch.zeros(2, 4, 4, dtype=torch.int64)
+    labels[:, 0] = 1
+    labels[:, 1] = 2
+    return logic.SegmentationResult(masks, probabilities, labels, ["cat", "Red Car", "sky"])
+
+
+@pytest.mark.parametrize("select, index", [("cat", 0), ("red car", 1), ("Red Car", 1), ("2", 2), ("-1", 2), (1, 1)])
+def test_select_prompt_index(select, index):
+    assert logic.select_prompt_index(["cat", "Red Car", "sky"], select) == index
+
+
+def test_select_prompt_index_errors_and_unknown_names():
+    assert logic.select_prompt_index(["cat"], "dog") is None
+    with pytest.raises(ValueError, match="out of range"):
+        logic.select_prompt_index(["cat", "dog"], "2")
+    with pytest.raises(ValueError, match="empty"):
+        logic.select_prompt_index(["cat"], "  ")
+
+
+def test_pick_mask_kinds():
+    result = make_result()
+    mask = logic.pick_mask(result, "Red Car", "mask")
+    assert mask.shape == (2, 4, 4) and torch.equal(mask, result.masks[:, 1])
+    assert torch.equal(logic.pick_mask(result, 1, "probability"), result.probabilities[:, 1])
+    region = logic.pick_mask(result, "red car", "region")
+    assert torch.equal(region, (result.label_maps == 2).float())
+    assert float((region * logic.pick_mask(result, "cat", "region")).sum()) == 0.0  # regions are exclusive
+    with pytest.raises(ValueError, match="kind"):
+        logic.pick_mask(result, "cat", "outline")
+
+
+def test_pick_mask_unknown_name_gives_empty_mask_with_batch_size():
+    result = make_result()
+    mask = logic.pick_mask(result, "dog", "mask")
+    assert mask.shape == (2, 4, 4) and float(mask.sum()) == 0.0
+    empty = logic.empty_result(3, 4, 5)
+    assert logic.pick_mask(empty, "cat").shape == (3, 4, 5)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def make_model_folder(root: Path, name: str, marker: str = logic.MODEL_INDEX) -> Path:
+    folder = root.joinpath(*name.split("/"))
+    folder.mkdir(parents=True)
+    (folder / marker).write_text("{}")
+    return folder
+
+
+def test_list_model_folders_and_choices(tmp_path, monkeypatch):
+    first, second = tmp_path / "a", tmp_path / "b"
+    make_model_folder(first, "tiny")
+    make_model_folder(first, "org/model")
+    make_model_folder(second, "other")
+    (first / "not-a-model").mkdir()
+    make_model_folder(first, "x/y/too-deep")
+    make_model_folder(second, "proposer", marker=logic.PROPOSER_CONFIG)
+    paths = [str(first), str(second), str(tmp_path / "missing")]
+    assert logic.list_model_folders(paths) == ["org/model", "other", "tiny"]
+    assert logic.proposer_choices(paths) == ["proposer"]
+
+    monkeypatch.setattr(logic, "demo_model_path", lambda: None)
+    assert logic.model_choices(paths) == ["org/model", "other", "tiny"]
+    assert logic.model_choices([]) == [logic.NO_MODEL_CHOICE]
+    assert logic.proposer_choices([]) == [logic.NO_PROPOSER_CHOICE]
+    monkeypatch.setattr(logic, "demo_model_path", lambda: "/somewhere/demo")
+    assert logic.model_choices(paths)[0] == logic.DEMO_CHOICE
+
+
+def test_demo_model_path_is_guarded(monkeypatch):
+    monkeypatch.setitem(sys.modules, "digseg_diffusers.demo", types.ModuleType("digseg_diffusers.demo"))
+    assert logic.demo_model_path() is None  # a demo module without default_model_path()
+    broken = types.ModuleType("digseg_diffusers.demo")
+    broken.default_model_path = lambda: (_ for _ in ()).throw(RuntimeError("corrupt"))
+    monkeypatch.setitem(sys.modules, "digseg_diffusers.demo", broken)
+    assert logic.demo_model_path() is None
+
+
+def test_resolve_model_source(tmp_path, monkeypatch):
+    folder = make_model_folder(tmp_path, "org/model")
+    paths = [str(tmp_path)]
+    assert logic.resolve_model_source("org/model", "", paths) == ("local", str(folder))
+    assert logic.resolve_model_source("org/model", str(folder), paths) == ("local", str(folder))
+    assert logic.resolve_model_source("anything", "someone/digseg-sd2", paths) == ("hub", "someone/digseg-sd2")
+    assert logic.resolve_model_source("x", "org/model", paths) == ("local", str(folder))  # local name beats hub id
+    with pytest.raises(ValueError, match="neither an existing folder"):
+        logic.resolve_model_source("x", "not a hub id", paths)
+    with pytest.raises(ValueError, match="not found"):
+        logic.resolve_model_source("missing", "", paths)
+    with pytest.raises(ValueError, match="No model selected"):
+        logic.resolve_model_source(logic.NO_MODEL_CHOICE, "", paths)
+    monkeypatch.setattr(logic, "demo_model_path", lambda: None)
+    with pytest.raises(ValueError, match="demo"):
+        logic.resolve_model_source(logic.DEMO_CHOICE, "", paths)
+
+
+def test_resolve_adapter_path(tmp_path):
+    model = make_model_folder(tmp_path, "model")
+    (model / "my-adapter").mkdir()
+    (tmp_path / "shared-adapter").mkdir()
+    assert logic.resolve_adapter_path("", [str(tmp_path)]) is None
+    assert logic.resolve_adapter_path("my-adapter", [str(tmp_path)], str(model)) == str(model / "my-adapter")
+    assert logic.resolve_adapter_path("shared-adapter", [str(tmp_path)], str(model)) == str(tmp_path / "shared-adapter")
+    assert logic.resolve_adapter_path(str(tmp_path / "shared-adapter"), []) == str(tmp_path / "shared-adapter")
+    with pytest.raises(ValueError, match="not found"):
+        logic.resolve_adapter_path("nope", [str(tmp_path)], str(model))
+
+
+def test_torch_dtype_for():
+    assert logic.torch_dtype_for("fp16") is torch.float16
+    assert logic.torch_dtype_for("bf16") is torch.bfloat16
+    assert logic.torch_dtype_for("auto", torch.bfloat16) is torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        logic.torch_dtype_for("int8")
+
+
+class FakePipelineClass:
+    calls = []
+    error = None
+
+    def __init__(self):
+        self.adapters = []
+        self.moved_to = None
+
+    @classmethod
+    def from_pretrained(cls, location, **kwargs):
+        cls.calls.append((location, kwargs))
+        if cls.error is not None:
+            raise cls.error
+        return cls()
+
+    def to(self, *args, **kwargs):
+        self.moved_to = kwargs.get("dtype")
+        return self
+
+
+def test_load_pipeline_hub_offline_message(monkeypatch):
+    FakePipelineClass.calls = []
+    FakePipelineClass.error = OSError("We couldn't connect to 'https://huggingface.co' to load this file")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(logic, "hub_offline_mode", lambda: False)
+    with pytest.raises(RuntimeError) as error:
+        logic.load_pipeline("hub", "someone/digseg", torch.float16, pipeline_class=FakePipelineClass)
+    assert "someone/digseg" in str(error.value) and "offline" in str(error.value) and "models/digseg" in str(error.value)
+
+    monkeypatch.setattr(logic, "hub_offline_mode", lambda: True)
+    FakePipelineClass.error = FileNotFoundError("not in cache")
+    with pytest.raises(RuntimeError, match="offline"):
+        logic.load_pipeline("hub", "someone/digseg", torch.float16, pipeline_class=FakePipelineClass)
+    assert FakePipelineClass.calls[-1][1]["local_files_only"] is True  # no network attempt when offline
+
+    monkeypatch.setattr(logic, "hub_offline_mode", lambda: False)
+    FakePipelineClass.error = ValueError("model_index.json is malformed")
+    with pytest.raises(RuntimeError, match="malformed") as error:
+        logic.load_pipeline("hub", "someone/digseg", torch.float16, pipeline_class=FakePipelineClass)
+    assert "offline" not in str(error.value)
+
+
+def test_load_pipeline_local_and_adapter():
+    FakePipelineClass.calls = []
+    FakePipelineClass.error = None
+    loaded = logic.load_pipeline("local", "/models/x", torch.bfloat16, pipeline_class=FakePipelineClass)
+    location, kwargs = FakePipelineClass.calls[-1]
+    assert location == "/models/x" and kwargs["local_files_only"] is True
+    assert torch.bfloat16 in kwargs.values()
+    assert loaded.moved_to is None
+    with pytest.raises(ValueError, match="adapter"):
+        logic.load_pipeline("local", "/models/x", torch.float32, "/adapters/a", pipeline_class=FakePipelineClass)
+
+    class WithAdapter(FakePipelineClass):
+        def load_digseg_adapter(self, path):
+            self.adapters.append(path)
+
+    loaded = logic.load_pipeline("local", "/models/x", torch.float16, "/adapters/a", pipeline_class=WithAdapter)
+    assert loaded.adapters == ["/adapters/a"] and loaded.moved_to is torch.float16
+
+
+def test_model_cache_reuses_and_evicts():
+    evicted, loads = [], []
+    cache = logic.ModelCache(max_entries=2, on_evict=evicted.append)
+
+    def loader(name):
+        return lambda: loads.append(name) or name
+
+    assert cache.get_or_load(("a",), loader("a")) == "a"
+    assert cache.get_or_load(("a",), loader("a-again")) == "a"  # cached, not reloaded
+    cache.get_or_load(("b",), loader("b"))
+    cache.get_or_load(("a",), loader("a-again"))  # refreshes "a"
+    cache.get_or_load(("c",), loader("c"))  # evicts the least recently used: "b"
+    assert loads == ["a", "b", "c"] and evicted == ["b"]
+    assert ("a",) in cache and ("c",) in cache and len(cache) == 2
+    cache.clear()
+    assert sorted(evicted) == ["a", "b", "c"] and len(cache) == 0
+    with pytest.raises(ValueError, match="max_entries"):
+        logic.ModelCache(max_entries=0)
+
+
+def test_cache_key_separates_precision_and_adapter(tmp_path):
+    folder = make_model_folder(tmp_path, "m")
+    base = logic.cache_key("local", str(folder), torch.float16, None)
+    assert base == logic.cache_key("local", str(folder), torch.float16, None)
+    assert base != logic.cache_key("local", str(folder), torch.float32, None)
+    (tmp_path / "ad").mkdir()
+    assert base != logic.cache_key("local", str(folder), torch.float16, str(tmp_path / "ad"))
+    assert logic.cache_key("hub", "o/n", torch.float16, None)[1] == "o/n"
+
+
+# ------------------------------------------------------------------------------------------------ class proposal
+
+
+def test_resolve_vocabulary():
+    names, prompts = logic.resolve_vocabulary("custom", "cat, dog\ncat")
+    assert names == prompts == ["cat", "dog"]
+    with pytest.raises(ValueError, match="custom_classes"):
+        logic.resolve_vocabulary("custom", " ")
+    names, prompts = logic.resolve_vocabulary("a-847", "")
+    assert len(names) == len(prompts) == 847
+    assert "building, edifice" in names and prompts[names.index("building, edifice")] == "building"
+    assert not any("," in p for p in prompts)
+    assert "ade20k-150" in logic.vocabulary_choices() and logic.vocabulary_choices()[-1] == logic.CUSTOM_VOCABULARY
+
+
+def test_propose_classes_union_in_order():
+    class FakeProposer:
+        def score(self, pixels, names):
+            self.seen = (tuple(pixels.shape), list(names))
+            return SimpleNamespace(selected=[[2, 0], [1, 2]])
+
+    proposer = FakeProposer()
+    classes = logic.propose_classes(
+        proposer, comfy_images(batch=2, height=8, width=8), ["cat", "dog", "sky, heaven"], ["cat", "dog", "sky"],
+        global_threshold=0.2, patch_threshold=-1, top_k=0,
+    )  # fmt: skip
+    assert classes == ["sky", "cat", "dog"]
+    assert proposer.seen == ((2, 3, 8, 8), ["cat", "dog", "sky, heaven"])
+    assert proposer.global_threshold == 0.2 and proposer.patch_threshold is None and proposer.top_k is None
+    assert logic.propose_classes(proposer, torch.zeros(0, 8, 8, 3), ["cat"]) == []
+
+
+def make_tiny_proposer():
+    from transformers import CLIPConfig, CLIPModel
+
+    from digseg_diffusers.proposal import DiGSegClassProposer
+    from digseg_diffusers.tokenization import build_char_clip_tokenizer
+
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            max_position_embeddings=32, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return DiGSegClassProposer(CLIPModel(config).eval(), build_char_clip_tokenizer())
+
+
+def test_propose_classes_with_a_real_proposer():
+    proposer = make_tiny_proposer()
+    classes = logic.propose_classes(
+        proposer, comfy_images(batch=2, height=20, width=24), ["cat", "dog", "bird"], global_threshold=1.0,
+        patch_threshold=-1, top_k=0,
+    )  # fmt: skip
+    # Nothing clears a cosine of 1.0, so each image keeps its single best class (min_classes = 1).
+    assert 1 <= len(classes) <= 2 and set(classes) <= {"cat", "dog", "bird"}
+    everything = logic.propose_classes(
+        proposer, comfy_images(batch=1), ["cat", "dog", "bird"], global_threshold=-1.0, patch_threshold=-1, top_k=2
+    )
+    assert len(everything) == 2
+
+
+# ------------------------------------------------------------------------------------------------ the nodes
+
+
+class _FakeIO:
+    """Just enough of `comfy_api.v0_0_2.io` to define and call the nodes."""
+
+    class ComfyNode:
+        pass
+
+    class Schema:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+
+    class NodeOutput:
+        def __init__(self, *args, **kwargs):
+            self.args = args
+
+    @staticmethod
+    def _make_type(io_type):
+        class Socket:
+            def __init__(self, *args, **kwargs):
+                self.io_type, self.args, self.kwargs = io_type, args, kwargs
+                self.id = args[0] if args else kwargs.get("display_name")
+
+        return type(io_type, (), {"io_type": io_type, "Input": Socket, "Output": Socket})
+
+    @classmethod
+    def Custom(cls, io_type):  # noqa: N802 - mirrors ComfyUI's name
+        return cls._make_type(io_type)
+
+
+for _name, _type in [("Image", "IMAGE"), ("Mask", "MASK"), ("String", "STRING"), ("Int", "INT"), ("Float", "FLOAT"), ("Combo", "COMBO")]:
+    setattr(_FakeIO, _name, _FakeIO._make_type(_type))
+
+
+class FakeComfy:
+    """Stand-ins for comfy.model_management / comfy.utils / comfy.model_patcher / folder_paths, recording calls."""
+
+    def __init__(self, models_dir):
+        self.loaded, self.progress, self.empty_cache_calls, self.interrupt_at = [], [], 0, None
+        self.folders = {}
+        fake = self
+
+        mm = types.ModuleType("comfy.model_management")
+        mm.get_torch_device = lambda: torch.device("cpu")
+        mm.unet_offload_device = lambda: torch.device("cpu")
+        mm.text_encoder_device = lambda: torch.device("cpu")
+        mm.text_encoder_offload_device = lambda: torch.device("cpu")
+        mm.intermediate_device = lambda: torch.device("cpu")
+        mm.should_use_fp16 = lambda *a, **k: False
+        mm.should_use_bf16 = lambda *a, **k: False
+        mm.dtype_size = lambda dtype: torch.empty(0, dtype=dtype).element_size()
+        mm.load_models_gpu = lambda models, **kwargs: fake.loaded.append((models, kwargs))
+
+        def soft_empty_cache(force=False):
+            fake.empty_cache_calls += 1
+
+        mm.soft_empty_cache = soft_empty_cache
+
+        class InterruptProcessingException(Exception):
+            pass
+
+        mm.InterruptProcessingException = InterruptProcessingException
+
+        def throw_exception_if_processing_interrupted():
+            if fake.interrupt_at is not None and len(fake.progress) >= fake.interrupt_at:
+                raise InterruptProcessingException()
+
+        mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+
+        utils = types.ModuleType("comfy.utils")
+
+        class ProgressBar:
+            def __init__(self, total, node_id=None):
+                self.total = total
+
+            def update_absolute(self, value, total=None, preview=None):
+                fake.progress.append((value, total))
+
+        utils.ProgressBar = ProgressBar
+
+        patcher = types.ModuleType("comfy.model_patcher")
+
+        class ModelPatcher:
+            def __init__(self, model, load_device, offload_device, size=0):
+                self.model, self.load_device, self.offload_device = model, load_device, offload_device
+                self.detached = False
+
+            def detach(self, unpatch_all=True):
+                self.detached = True
+
+        patcher.ModelPatcher = ModelPatcher
+
+        folder_paths = types.ModuleType("folder_paths")
+        folder_paths.models_dir = str(models_dir)
+
+        def add_model_folder_path(name, path, is_default=False):
+            fake.folders.setdefault(name, [])
+            if path not in fake.folders[name]:
+                fake.folders[name].append(path)
+
+        folder_paths.add_model_folder_path = add_model_folder_path
+        folder_paths.get_folder_paths = lambda name: list(fake.folders.get(name, []))
+
+        api = types.ModuleType("comfy_api.v0_0_2")
+        api.io = _FakeIO
+
+        class ComfyExtension:
+            pass
+
+        api.ComfyExtension = ComfyExtension
+        comfy = types.ModuleType("comfy")
+        comfy.model_management, comfy.utils, comfy.model_patcher = mm, utils, patcher
+        self.modules = {
+            "comfy": comfy,
+            "comfy.model_management": mm,
+            "comfy.utils": utils,
+            "comfy.model_patcher": patcher,
+            "folder_paths": folder_paths,
+            "comfy_api": types.ModuleType("comfy_api"),
+            "comfy_api.v0_0_2": api,
+        }
+
+
+@pytest.fixture
+def comfy(tmp_path, monkeypatch):
+    fake = FakeComfy(tmp_path / "models")
+    for name, module in fake.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(sys.modules, "comfy_nodes.nodes", raising=False)
+    nodes = importlib.import_module("comfy_nodes.nodes")
+    yield fake, nodes
+    sys.modules.pop("comfy_nodes.nodes", None)
+
+
+def test_entrypoint_lists_uniquely_named_nodes(comfy):
+    fake, nodes = comfy
+    import comfy_nodes
+
+    extension = asyncio.run(comfy_nodes.comfy_entrypoint())
+    node_classes = asyncio.run(extension.get_node_list())
+    schemas = [cls.define_schema() for cls in node_classes]
+    ids = [schema.node_id for schema in schemas]
+    assert ids == ["DiGSegModelLoader", "DiGSegSegment", "DiGSegPickMask", "DiGSegClassProposal"]
+    assert all(schema.category == "DiGSeg" for schema in schemas)
+    # The digseg model folder is registered with ComfyUI's folder registry (extra_model_paths.yaml adds to it).
+    assert fake.folders["digseg"] == [os.path.join(str(fake.modules["folder_paths"].models_dir), "digseg")]
+    segment_outputs = [o.io_type for o in schemas[1].outputs]
+    assert segment_outputs == ["MASK", "MASK", "IMAGE", "DIGSEG_SEGMENTATION"]
+
+
+def test_loader_and_segment_nodes_end_to_end(comfy, tmp_path):
+    fake, nodes = comfy
+    models = Path(fake.modules["folder_paths"].models_dir) / "digseg"
+    make_tiny_pipeline(seed=0).save_pretrained(str(models / "tiny"))
+    loader_schema = nodes.DiGSegModelLoader.define_schema()
+    assert "tiny" in loader_schema.inputs[0].kwargs["options"]
+
+    loaded = nodes.DiGSegModelLoader.execute(model="tiny", precision="auto").args[0]
+    again = nodes.DiGSegModelLoader.execute(model="tiny", precision="auto").args[0]
+    assert again is loaded  # cached: no reload on the next run
+    assert loaded.dtype == torch.float32  # "auto" on a device without fp16/bf16 support
+    assert loaded.patcher.load_device == torch.device("cpu")
+
+    images = comfy_images(batch=2, height=32, width=32)
+    outputs = nodes.DiGSegSegment.execute(
+        digseg_model=loaded, image=images, prompts="star, ring\nheart", steps=1, ensemble_size=2,
+        processing_resolution=32, mask_threshold=0.5, background_threshold=-1.0, seed=0, batch_size=4,
+    ).args  # fmt: skip
+    masks, label_map, overlay, segmentation = outputs
+    assert masks.shape == (6, 32, 32) and label_map.shape == (2, 32, 32) and overlay.shape == (2, 32, 32, 3)
+    assert segmentation.prompts == ["star", "ring", "heart"]
+    assert fake.loaded and fake.loaded[-1][0] == [loaded.patcher] and fake.loaded[-1][1]["force_full_load"] is True
+    assert fake.progress[-1] == (3, 3)  # 12 rows / batch 4 = 3 U-Net calls
+    assert fake.empty_cache_calls >= 1
+
+    star = nodes.DiGSegPickMask.execute(segmentation=segmentation, select="star", kind="mask").args[0]
+    assert torch.equal(star, masks[0::3])
+
+    fake.interrupt_at = 1
+    with pytest.raises(fake.modules["comfy.model_management"].InterruptProcessingException):
+        nodes.DiGSegSegment.execute(
+            digseg_model=loaded, image=images, prompts="star, ring, heart", steps=1, ensemble_size=2,
+            processing_resolution=32, mask_threshold=0.5, background_threshold=-1.0, seed=0, batch_size=4,
+        )  # fmt: skip
+
+    other = nodes.DiGSegModelLoader.execute(model="tiny", precision="bf16").args[0]
+    assert other is not loaded and other.dtype == torch.bfloat16
+    nodes.DiGSegModelLoader.execute(model="tiny", precision="fp16")  # a third model: the oldest is released
+    assert loaded.patcher.detached and not other.patcher.detached
+
+
+def test_proposal_node(comfy):
+    fake, nodes = comfy
+    folder = Path(fake.modules["folder_paths"].models_dir) / "digseg" / "tiny-proposer"
+    make_tiny_proposer().save_pretrained(str(folder))
+    schema = nodes.DiGSegClassProposal.define_schema()
+    assert schema.inputs[1].kwargs["options"] == ["tiny-proposer"]
+    classes = nodes.DiGSegClassProposal.execute(
+        image=comfy_images(batch=1), proposer="tiny-proposer", vocabulary="custom", global_threshold=-1.0,
+        patch_threshold=-1.0, top_k=2, custom_classes="cat, dog, bird",
+    ).args[0]  # fmt: skip
+    assert isinstance(classes, str) and len(classes.split("\n")) == 2
+    assert set(classes.split("\n")) <= {"cat", "dog", "bird"}
+    assert logic.parse_prompts(classes) == classes.split("\n")  # chains into Segment unchanged
+
+
+def test_example_workflows_use_only_known_nodes_and_valid_links():
+    folder = REPO_ROOT / "comfy_nodes" / "workflows"
+    api = json.loads((folder / "digseg_segment_api.json").read_text())
+    ours = {"DiGSegModelLoader", "DiGSegSegment", "DiGSegPickMask", "DiGSegClassProposal"}
+    core = {"LoadImage", "PreviewImage", "SaveImage", "MaskToImage"}
+    for node_id, node in api.items():
+        assert node["class_type"] in ours | core
+        for value in node["inputs"].values():
+            if isinstance(value, list):
+                assert value[0] in api, f"node {node_id} links to missing node {value[0]}"
+    ui_files = sorted(folder.glob("*_ui.json"))
+    assert ui_files
+    for path in ui_files:
+        ui = json.loads(path.read_text())
+        node_ids = {node["id"] for node in ui["nodes"]}
+        for link in ui["links"]:
+            _, origin, _, target, _, _ = link
+            assert origin in node_ids and target in node_ids
+        assert {node["type"] for node in ui["nodes"]} <= ours | core
