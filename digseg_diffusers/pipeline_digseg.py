@@ -41,6 +41,9 @@ BACKGROUND_LABEL = 0
 
 OUTPUT_TYPES = ("np", "pt", "pil")
 
+CLASS_PROPOSER_SUBFOLDER = "class_proposer"
+"""Subfolder of a saved pipeline holding its class proposer (not a diffusers component: saved and loaded here)."""
+
 EXAMPLE_DOC_STRING = """
 Examples:
 ```py
@@ -101,6 +104,10 @@ class DiGSegPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->text_projection->unet->vae"
+
+    class_proposer = None
+    """Optional `DiGSegClassProposer` (a plain attribute, see `set_class_proposer`): picks each image's classes
+    when the pipeline is called with `vocabulary=`."""
 
     def __init__(
         self,
@@ -238,11 +245,38 @@ class DiGSegPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiGSegPipeline":
         """`DiffusionPipeline.from_pretrained`, plus re-aligning CPU weights (see `align_cpu_weights`)."""
+        has_proposer_argument = "class_proposer" in kwargs
+        class_proposer = kwargs.pop("class_proposer", None)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 align_cpu_weights(component)
+        # The saved class proposer (if any) comes back too, unless `class_proposer=` (even None) was given.
+        if not has_proposer_argument:
+            class_proposer = _load_class_proposer(str(pretrained_model_name_or_path), kwargs)
+        pipe.set_class_proposer(class_proposer)
         return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`DiffusionPipeline.save_pretrained`, plus the class proposer (if set) in ``class_proposer/``.
+
+        The proposer is written first so that ``push_to_hub=True`` uploads it with the rest.
+        """
+        if self.class_proposer is not None:
+            self.class_proposer.save_pretrained(os.path.join(save_directory, CLASS_PROPOSER_SUBFOLDER))
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    def set_class_proposer(self, class_proposer) -> None:
+        """Use `class_proposer` (e.g. a `DiGSegClassProposer`, anything with ``propose(images, names)``) to pick
+        each image's candidate classes in calls with `vocabulary=`; None removes it (every class is a candidate).
+
+        It is an attribute, not a diffusers component: `to()` and CPU offload do not move it.
+        """
+        if class_proposer is not None and not callable(getattr(class_proposer, "propose", None)):
+            raise ValueError(
+                f"`class_proposer` needs a `propose(images, class_names)` method; got {type(class_proposer).__name__}."
+            )
+        self.class_proposer = class_proposer
 
     # ------------------------------------------------------------------------------------------------------------
     # Building blocks shared with training
@@ -376,6 +410,45 @@ class DiGSegPipeline(DiffusionPipeline):
                     raise ValueError("`prompt` contains an empty string.")
         return per_image
 
+    def _candidate_prompts(self, pixels01: torch.Tensor, prompt, vocabulary) -> list[list[str]]:
+        """Per-image prompts: `prompt` as given, or the `vocabulary` classes (all, or those the proposer picks)."""
+        num_images = pixels01.shape[0]
+        if (prompt is None) == (vocabulary is None):
+            raise ValueError(
+                "Give either `prompt` (the phrases to segment) or `vocabulary` (class names, a bundled vocabulary "
+                "name, or a `Vocabulary`, from which candidates are picked), "
+                + ("not both." if prompt is not None else "one of them is required.")
+            )
+        if prompt is not None:
+            return self._prompts_per_image(prompt, num_images)
+        from .vocabularies import Vocabulary, load_vocabulary
+
+        if isinstance(vocabulary, Vocabulary):
+            names = list(vocabulary.class_names)
+        elif isinstance(vocabulary, str):
+            names = list(load_vocabulary(vocabulary).class_names)
+        elif isinstance(vocabulary, (list, tuple)) and vocabulary:
+            names = list(vocabulary)
+        else:
+            raise ValueError(
+                "`vocabulary` must be a non-empty list of class names, a bundled vocabulary name (e.g. "
+                f"'ade20k-150') or a `Vocabulary`; got {vocabulary!r}."
+            )
+        if not all(isinstance(n, str) and n.strip() for n in names):
+            raise ValueError("`vocabulary` entries must be non-empty strings.")
+        if self.class_proposer is None:
+            return self._prompts_per_image(names, num_images)
+        proposals = [list(p) for p in self.class_proposer.propose(pixels01, names)]
+        if len(proposals) != num_images:
+            raise ValueError(f"the class proposer returned {len(proposals)} proposal lists for {num_images} images.")
+        empty = [i for i, p in enumerate(proposals) if not p]
+        if empty:
+            raise ValueError(
+                f"the class proposer proposed no class for image(s) {empty}; lower its thresholds or set "
+                "`min_classes >= 1` so that every image gets at least one candidate."
+            )
+        return self._prompts_per_image(proposals, num_images)
+
     def check_inputs(
         self,
         num_images: int,
@@ -475,6 +548,7 @@ class DiGSegPipeline(DiffusionPipeline):
         output_latent: bool = False,
         return_dict: bool = True,
         progress_callback: Callable[[int, int], None] | None = None,
+        vocabulary: list[str] | str | Any | None = None,
     ) -> DiGSegOutput | tuple:
         """Segment `image` once per prompt.
 
@@ -502,6 +576,9 @@ class DiGSegPipeline(DiffusionPipeline):
             return_dict: return a `DiGSegOutput` (else a tuple in the dataclass's field order).
             progress_callback: called as ``progress_callback(done, total)`` after every U-Net call; raise from
                 it to cancel the run (ComfyUI does this for its interrupt button).
+            vocabulary: instead of `prompt`: a list of class names, a bundled vocabulary name (``"ade20k-150"``)
+                or a `Vocabulary`. With a `class_proposer` set, each image gets the classes it proposes (best
+                first); without one, every class is a prompt of every image. `prompts` in the output tells which.
 
         Returns:
             `DiGSegOutput`, or a tuple ``(probabilities, masks, label_maps, prompts, uncertainty, latents)``.
@@ -521,7 +598,7 @@ class DiGSegPipeline(DiffusionPipeline):
         # 1. Inputs.
         pixels01 = self._canonical_images(image)  # [N,3,H,W] in [0,1]
         num_images = pixels01.shape[0]
-        prompts_per_image = self._prompts_per_image(prompt, num_images)
+        prompts_per_image = self._candidate_prompts(pixels01, prompt, vocabulary)
         num_rows = sum(len(p) for p in prompts_per_image) * ensemble_size
         latent_size = self.check_inputs(
             num_images,
@@ -660,6 +737,32 @@ def align_cpu_weights(module: torch.nn.Module, alignment: int = 64) -> torch.nn.
             if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
                 tensor.data = tensor.data.clone()
     return module
+
+
+def _load_class_proposer(pretrained_model_name_or_path: str, kwargs: dict):
+    """The proposer saved in ``class_proposer/`` of a pipeline folder or Hub repo, or None when there is none."""
+    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+    if os.path.isdir(pretrained_model_name_or_path):
+        folder = os.path.join(pretrained_model_name_or_path, CLASS_PROPOSER_SUBFOLDER)
+        if not os.path.isdir(folder):
+            return None
+        source, extra = folder, {}
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+        from .proposal import PROPOSER_CONFIG_NAME
+
+        try:
+            hf_hub_download(
+                pretrained_model_name_or_path, PROPOSER_CONFIG_NAME, subfolder=CLASS_PROPOSER_SUBFOLDER, **hub_kwargs
+            )
+        except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError):
+            return None
+        source, extra = pretrained_model_name_or_path, {"subfolder": CLASS_PROPOSER_SUBFOLDER, **hub_kwargs}
+    from .proposal import DiGSegClassProposer
+
+    return DiGSegClassProposer.from_pretrained(source, **extra)
 
 
 def _vae_scale_factor(vae) -> int:
