@@ -245,6 +245,9 @@ class DiGSegPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiGSegPipeline":
         """`DiffusionPipeline.from_pretrained`, plus re-aligning CPU weights (see `align_cpu_weights`)."""
+        from .demo import resolve_model_name  # the short name "digseg-demo" -> the packaged demo model
+
+        pretrained_model_name_or_path = resolve_model_name(pretrained_model_name_or_path)
         has_proposer_argument = "class_proposer" in kwargs
         class_proposer = kwargs.pop("class_proposer", None)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)

@@ -1,0 +1,55 @@
+"""The embedded demo model: a small DiGSeg pipeline trained by this project on the synthetic shape world.
+
+No Stable Diffusion or CLIP weights can be downloaded on the project's machines, and a new user should see the
+method segment something in the first minute. So the package ships a few-MB DiGSeg model (its own small VAE,
+a frozen character-level CLIP text encoder, a small SD2-layout U-Net trained from scratch with
+`training/train_adapter.py`) that segments the classes of `digseg_diffusers.synthetic.SHAPE_CLASSES` in 64 px
+scenes. `training/train_demo_model.py` reproduces it; `hub_cards/demo_model_card.md` documents it.
+
+It is loadable by path (`default_model_path()`) or by its short name::
+
+    from digseg_diffusers import DiGSegPipeline
+    pipe = DiGSegPipeline.from_pretrained("digseg-demo")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEMO_MODEL_NAME = "digseg-demo"
+"""Short name that `DiGSegPipeline.from_pretrained` (and the CLI's `--model`) resolve to the packaged folder."""
+
+MODEL_INDEX = "model_index.json"
+
+
+def default_model_path() -> str:
+    """Folder of the embedded demo model inside the installed package.
+
+    Raises:
+        FileNotFoundError: when this installation carries no demo model (e.g. a source checkout without it).
+    """
+    path = Path(__file__).resolve().parent / "models" / "demo"
+    if not (path / MODEL_INDEX).is_file():
+        raise FileNotFoundError(
+            f"The embedded demo model is missing: {path} has no {MODEL_INDEX}. Reinstall digseg-diffusers, or "
+            "rebuild it with `python training/train_demo_model.py`."
+        )
+    return str(path)
+
+
+def resolve_model_name(name_or_path: str | os.PathLike) -> str | os.PathLike:
+    """`DEMO_MODEL_NAME` -> the packaged folder; anything else (a folder, a Hub id) is returned unchanged.
+
+    A local folder that happens to be called "digseg-demo" wins over the packaged model.
+    """
+    if isinstance(name_or_path, str) and name_or_path == DEMO_MODEL_NAME and not os.path.isdir(name_or_path):
+        return default_model_path()
+    return name_or_path
+
+
+def load_demo_pipeline(**kwargs):
+    """`DiGSegPipeline.from_pretrained` on the embedded demo model; `kwargs` go to `from_pretrained`."""
+    from .pipeline_digseg import DiGSegPipeline
+
+    return DiGSegPipeline.from_pretrained(default_model_path(), **kwargs)
