@@ -8,7 +8,8 @@ Conventions:
 - a mask ``m`` in [0, 1] (binary for training targets) is encoded as ``2m - 1`` replicated to 3 channels,
   through the posterior *mean* (no sampling), times ``vae.config.scaling_factor``;
 - a latent is decoded with ``D(z / scaling_factor)``, averaged over the 3 channels, clamped to [-1, 1] and
-  mapped to [0, 1].
+  mapped to [0, 1]; or, with a light `DiGSegMaskDecoder` (trained on the scaled latents), as the sigmoid of
+  its logits.
 
 Both ``AutoencoderKL`` (a posterior with a mean) and ``AutoencoderTiny`` (a deterministic encoder) are accepted.
 """
@@ -77,6 +78,14 @@ def mask_channels_to_probabilities(channels: torch.Tensor) -> torch.Tensor:
     return (channels.mean(dim=1, keepdim=True).clamp(-1.0, 1.0) + 1.0) / 2.0
 
 
-def decode_masks(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Decode mask latents into probabilities ``[B, 1, H, W]`` in [0, 1]."""
+def decode_masks(vae, latents: torch.Tensor, mask_decoder=None) -> torch.Tensor:
+    """Decode mask latents into probabilities ``[B, 1, H, W]`` in [0, 1].
+
+    With `mask_decoder` (a `DiGSegMaskDecoder` trained on this VAE's scaled mask latents) the light decoder's
+    logits replace the VAE decoder: probabilities are their sigmoid. The VAE is then not run at all.
+    """
+    if mask_decoder is not None:
+        param = next(mask_decoder.parameters())
+        logits = mask_decoder(latents.to(device=param.device, dtype=param.dtype))
+        return torch.sigmoid(logits.float())
     return mask_channels_to_probabilities(decode_mask_channels(vae, latents))
