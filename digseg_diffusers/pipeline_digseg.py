@@ -101,9 +101,12 @@ class DiGSegPipeline(DiffusionPipeline):
         default_mask_threshold: tau for binary masks (0.7, the paper's fixed value).
         default_background_threshold: tau_bg for the label map; None means "same as the mask threshold".
         base_model: name or path of the text-to-image model this pipeline was built from (for model cards).
+        mask_decoder: optional light `DiGSegMaskDecoder` trained on this VAE's mask latents; when present it
+            decodes the masks by default (~1000x fewer FLOPs than the SD VAE decoder; see `mask_decoder.py`).
     """
 
-    model_cpu_offload_seq = "text_encoder->text_projection->unet->vae"
+    model_cpu_offload_seq = "text_encoder->text_projection->unet->vae->mask_decoder"
+    _optional_components = ["mask_decoder"]
 
     class_proposer = None
     """Optional `DiGSegClassProposer` (a plain attribute, see `set_class_proposer`): picks each image's classes
@@ -122,6 +125,7 @@ class DiGSegPipeline(DiffusionPipeline):
         default_mask_threshold: float = 0.7,
         default_background_threshold: float | None = None,
         base_model: str | None = None,
+        mask_decoder=None,
     ):
         super().__init__()
         self.register_modules(
@@ -131,6 +135,7 @@ class DiGSegPipeline(DiffusionPipeline):
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             text_projection=text_projection,
+            mask_decoder=mask_decoder,
         )
         self.register_to_config(
             default_denoising_steps=default_denoising_steps,
@@ -348,13 +353,38 @@ class DiGSegPipeline(DiffusionPipeline):
             dim=0,
         )
 
-    def decode_latents(self, latents: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """Decode mask latents ``[Q, 4, h, w]`` into probabilities ``[Q, 1, H, W]``, in chunks of `batch_size`."""
+    def decode_latents(
+        self, latents: torch.Tensor, batch_size: int | None = None, mask_decoder: str | None = None
+    ) -> torch.Tensor:
+        """Decode mask latents ``[Q, 4, h, w]`` into probabilities ``[Q, 1, H, W]``, in chunks of `batch_size`.
+
+        `mask_decoder`: "light" (the `mask_decoder` component), "vae" (the VAE decoder), or None (light when present).
+        """
         batch_size = batch_size or max(latents.shape[0], 1)
+        light = self._light_mask_decoder(mask_decoder)
         return torch.cat(
-            [mask_codec.decode_masks(self.vae, latents[i : i + batch_size]) for i in range(0, latents.shape[0], batch_size)],
+            [
+                mask_codec.decode_masks(self.vae, latents[i : i + batch_size], mask_decoder=light)
+                for i in range(0, latents.shape[0], batch_size)
+            ],
             dim=0,
         )
+
+    def _light_mask_decoder(self, choice: str | None):
+        """The light decoder module to use for `choice` ("light" / "vae" / None), or None for the VAE decoder."""
+        light = getattr(self, "mask_decoder", None)
+        if choice not in (None, "light", "vae"):
+            raise ValueError(f"`mask_decoder` must be 'light', 'vae' or None; got {choice!r}.")
+        if choice == "vae" or (choice is None and light is None):
+            return None
+        if light is None:
+            raise ValueError("`mask_decoder='light'` needs a pipeline with a `mask_decoder` component; it has none.")
+        if light.upsampling_factor != self.vae_scale_factor:
+            raise ValueError(
+                f"`mask_decoder` upsamples {light.upsampling_factor}x but the VAE's scale factor is "
+                f"{self.vae_scale_factor}: it was trained for another VAE."
+            )
+        return light
 
     # ------------------------------------------------------------------------------------------------------------
     # Input handling
@@ -552,6 +582,7 @@ class DiGSegPipeline(DiffusionPipeline):
         return_dict: bool = True,
         progress_callback: Callable[[int, int], None] | None = None,
         vocabulary: list[str] | str | Any | None = None,
+        mask_decoder: str | None = None,
     ) -> DiGSegOutput | tuple:
         """Segment `image` once per prompt.
 
@@ -582,6 +613,8 @@ class DiGSegPipeline(DiffusionPipeline):
             vocabulary: instead of `prompt`: a list of class names, a bundled vocabulary name (``"ade20k-150"``)
                 or a `Vocabulary`. With a `class_proposer` set, each image gets the classes it proposes (best
                 first); without one, every class is a prompt of every image. `prompts` in the output tells which.
+            mask_decoder: "light" (the pipeline's light `mask_decoder` component), "vae" (the full VAE decoder), or
+                None: light when the pipeline has one.
 
         Returns:
             `DiGSegOutput`, or a tuple ``(probabilities, masks, label_maps, prompts, uncertainty, latents)``.
@@ -597,6 +630,8 @@ class DiGSegPipeline(DiffusionPipeline):
             background_threshold = self.config.default_background_threshold
             if background_threshold is None:
                 background_threshold = mask_threshold
+
+        self._light_mask_decoder(mask_decoder)  # validate before any heavy work
 
         # 1. Inputs.
         pixels01 = self._canonical_images(image)  # [N,3,H,W] in [0,1]
@@ -675,10 +710,10 @@ class DiGSegPipeline(DiffusionPipeline):
 
         # 6. Average the ensemble in latent space, then decode once per (image, prompt).
         member_latents = row_latents.reshape(-1, ensemble_size, *row_latents.shape[1:])  # [Q,E,4,h,w]
-        probabilities = self.decode_latents(member_latents.mean(dim=1), batch_size)  # [Q,1,PH',PW']
+        probabilities = self.decode_latents(member_latents.mean(dim=1), batch_size, mask_decoder)  # [Q,1,PH',PW']
         uncertainty = None
         if output_uncertainty:
-            members = self.decode_latents(row_latents, batch_size)
+            members = self.decode_latents(row_latents, batch_size, mask_decoder)
             uncertainty = members.reshape(-1, ensemble_size, *members.shape[1:]).std(dim=1)
 
         # 7. Back to the input geometry.
