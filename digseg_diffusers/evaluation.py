@@ -8,17 +8,29 @@ One place for the closed-vocabulary protocol, used by the training script's peri
 Background: datasets whose label maps have a valid "no class" value (the synthetic world, VOC-style data)
 are scored with one extra class, "background", at index K, so that a class predicted on background counts as a
 false positive. Datasets without a background value (ADE20K-150 maps 0 to ignore) are unaffected.
+
+Open-vocabulary protocol (`evaluate_example` with a class proposer): only the proposed classes are segmented, so
+pixels of a class that was not proposed are necessarily predicted as another class or background: misses. An image
+with no proposed class is predicted as background everywhere.
+
+`EvaluationAccumulator` holds one setting's counts as plain tensors (confusion matrix, IoU-vs-threshold curve,
+proposal statistics, time), so that shards of a dataset can be evaluated by different processes, checkpointed
+(`save_partial` / `load_partial`) and summed (``accelerator.reduce(tensor, "sum")``) before `compute`.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .data.readers import BACKGROUND_INDEX
-from .metrics import ConfusionMatrix
+from .metrics import ConfusionMatrix, IoUThresholdCurve
 from .pipeline_digseg import BACKGROUND_LABEL
 
 BACKGROUND_NAME = "background"
@@ -75,3 +87,294 @@ def evaluate_examples(
             target = np.where(target == BACKGROUND_INDEX, ignore_index, target)
         confusion.update(prediction, target)
     return confusion
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings, per-setting accumulation and the open-vocabulary protocol (used by training/evaluate.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+DEFAULT_CURVE_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
+"""Thresholds of the IoU-vs-threshold curve (paper Fig. 3): 0.05, 0.10, ..., 0.95."""
+
+SUMMARY_METRICS = ("mIoU", "pixel_accuracy", "mean_accuracy", "mean_dice")
+"""The scalar metrics of a setting that go into a model card's model-index."""
+
+
+@dataclass(frozen=True)
+class EvaluationSetting:
+    """One test-time setting: ``ensemble_size`` noise seeds x ``num_inference_steps`` DDIM steps ("ExS")."""
+
+    ensemble_size: int
+    num_inference_steps: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.ensemble_size}x{self.num_inference_steps}"
+
+    @classmethod
+    def parse(cls, text: str) -> EvaluationSetting:
+        """``"4x2"`` -> ensemble 4, 2 steps (the paper's Table 6 notation)."""
+        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+        if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+            raise ValueError(
+                f"a setting must look like ENSEMBLExSTEPS with positive integers, e.g. '1x1' or '4x2'; got {text!r}"
+            )
+        return cls(int(match.group(1)), int(match.group(2)))
+
+
+def scoring_target(label: np.ndarray, num_classes: int, ignore_index: int, include_background: bool) -> np.ndarray:
+    """A dataset label map in the indices the confusion matrix scores: background -> K (or ignored without a
+    background class)."""
+    target = np.asarray(label).astype(np.int64)
+    if include_background:
+        return dataset_labels_for_scoring(target, num_classes)
+    return np.where(target == BACKGROUND_INDEX, ignore_index, target)
+
+
+class EvaluationAccumulator:
+    """Counts of one evaluation setting over any number of images.
+
+    Args:
+        class_names: the dataset's classes (class index k = ``class_names[k]``).
+        ignore_index: the dataset's ignore value.
+        include_background: score background as an extra class K (datasets whose maps have a background value).
+        thresholds: thresholds of the IoU-vs-threshold curve.
+
+    All state is in `state_dict` (int64 / float64 tensors), summable across processes and shards.
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        ignore_index: int,
+        include_background: bool = True,
+        thresholds: Sequence[float] = DEFAULT_CURVE_THRESHOLDS,
+    ):
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.ignore_index = ignore_index
+        self.include_background = include_background
+        self.confusion = new_confusion_matrix(self.class_names, ignore_index, include_background)
+        self.curve = IoUThresholdCurve(thresholds, num_classes=self.num_classes)
+        # images, ground-truth classes present, classes proposed, present classes proposed, images without proposal
+        self.proposal_counts = torch.zeros(5, dtype=torch.int64)
+        self.seconds = torch.zeros(1, dtype=torch.float64)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.proposal_counts[0])
+
+    def add(
+        self,
+        label: np.ndarray,
+        class_indices: Sequence[int],
+        probabilities: np.ndarray | torch.Tensor | None,
+        label_map: np.ndarray | torch.Tensor | None,
+        seconds: float = 0.0,
+    ) -> None:
+        """Add one image.
+
+        Args:
+            label: the dataset's label map (class indices, `BACKGROUND_INDEX`, ignore).
+            class_indices: the class of each segmented prompt (all classes, or the proposed ones).
+            probabilities: the pipeline's ``[P, H, W]`` maps for those prompts (None when nothing was segmented).
+            label_map: the pipeline's label map (0 = background, p + 1 = prompt p); None = background everywhere.
+            seconds: time spent on this image (summed into ``seconds_per_image``).
+        """
+        class_indices = [int(k) for k in class_indices]
+        target = scoring_target(label, self.num_classes, self.ignore_index, self.include_background)
+        if label_map is None:
+            prompt_labels = np.zeros(target.shape, dtype=np.int64)
+        else:
+            prompt_labels = np.asarray(label_map.cpu() if torch.is_tensor(label_map) else label_map).astype(np.int64)
+        if prompt_labels.shape != target.shape:
+            raise ValueError(f"label_map has shape {prompt_labels.shape} but the label has shape {target.shape}")
+        # prompt p -> its class index; background -> K (scored) or -1 ("no class": a miss, no false positive)
+        lookup = np.asarray([self.num_classes if self.include_background else -1] + class_indices, dtype=np.int64)
+        self.confusion.update(lookup[prompt_labels], target)
+
+        raw = np.asarray(label).astype(np.int64)
+        present = [int(k) for k in np.unique(raw) if 0 <= k < self.num_classes]
+        ignore_mask = torch.from_numpy(raw == self.ignore_index)
+        raw_tensor = torch.from_numpy(raw)
+        probs = None
+        if probabilities is not None:
+            probs = probabilities if torch.is_tensor(probabilities) else torch.from_numpy(np.asarray(probabilities))
+            probs = probs.float().cpu()
+        # every segmented class, plus present classes that were not segmented (probability 0: a miss at any t)
+        curve_classes = list(dict.fromkeys(class_indices + present))
+        for start in range(0, len(curve_classes), 16):
+            chunk = curve_classes[start : start + 16]
+            maps = torch.stack(
+                [
+                    probs[class_indices.index(k)] if k in class_indices else torch.zeros(raw.shape)
+                    for k in chunk
+                ]
+            )
+            targets = torch.stack([raw_tensor == k for k in chunk])
+            self.curve.update(maps, targets, class_ids=chunk, ignore_mask=ignore_mask.expand_as(targets))
+
+        proposed_present = len(set(present) & set(class_indices))
+        self.proposal_counts += torch.tensor(
+            [1, len(present), len(class_indices), proposed_present, int(not class_indices)], dtype=torch.int64
+        )
+        self.seconds += float(seconds)
+
+    # -------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "confusion": self.confusion.counts.cpu().clone(),
+            "curve": self.curve.counts.cpu().clone(),
+            "proposal_counts": self.proposal_counts.clone(),
+            "seconds": self.seconds.clone(),
+        }
+
+    def _checked(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        expected = self.state_dict()
+        for key, current in expected.items():
+            if key not in state or tuple(state[key].shape) != tuple(current.shape):
+                found = tuple(state[key].shape) if key in state else "missing"
+                raise ValueError(f"saved evaluation state {key!r} has shape {found}; expected {tuple(current.shape)}")
+        return {key: state[key].to(expected[key].dtype) for key in expected}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = self._checked(state)
+        self.confusion.counts = state["confusion"].clone()
+        self.curve.counts = state["curve"].clone()
+        self.proposal_counts = state["proposal_counts"].clone()
+        self.seconds = state["seconds"].clone()
+
+    def merge_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Add another shard's counts."""
+        state = self._checked(state)
+        self.confusion.counts += state["confusion"]
+        self.curve.counts += state["curve"]
+        self.proposal_counts += state["proposal_counts"]
+        self.seconds += state["seconds"]
+
+    # -------------------------------------------------------------------------- results
+    def compute(self) -> dict:
+        """The setting's results: summary metrics, per-class metrics, the IoU-vs-threshold curve, proposal
+        statistics, ``binary`` scores for single-class datasets, and ``seconds_per_image``."""
+        metrics = self.confusion.compute()
+        names = metrics["class_names"]
+        result = {key: metrics[key] for key in SUMMARY_METRICS + ("num_pixels", "num_valid_classes")}
+        result["background_class"] = self.include_background
+        result["per_class"] = {
+            name: {
+                "iou": metrics["per_class_iou"][k],
+                "accuracy": metrics["per_class_accuracy"][k],
+                "precision": metrics["per_class_precision"][k],
+                "dice": metrics["per_class_dice"][k],
+                "pixels": metrics["per_class_pixels"][k],
+            }
+            for k, name in enumerate(names)
+        }
+        if self.num_classes == 1:  # binary task (roads, lesions): the one class against the rest
+            result["binary"] = self.confusion.binary_scores(positive_class=0)
+        curve = self.curve.compute()
+        curve["class_names"] = list(self.class_names)
+        result["iou_vs_threshold"] = curve
+        images, present, proposed, hits, empty = (int(v) for v in self.proposal_counts)
+        result["num_images"] = images
+        result["proposal"] = {
+            "mean_classes_per_image": proposed / images if images else float("nan"),
+            "recall": hits / present if present else float("nan"),
+            "precision": hits / proposed if proposed else float("nan"),
+            "images_without_proposal": empty,
+        }
+        result["seconds_per_image"] = float(self.seconds) / images if images else float("nan")
+        return result
+
+
+def card_metrics(setting_results: dict) -> dict[str, float]:
+    """A flat ``{metric_name: value}`` dict of one setting's results for `hub.card_metadata` (undefined values
+    left out)."""
+    values = {key: setting_results.get(key) for key in SUMMARY_METRICS}
+    for key, value in (setting_results.get("binary") or {}).items():
+        values[f"binary_{key}"] = value
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and np.isfinite(v)}
+
+
+@torch.no_grad()
+def evaluate_example(
+    pipe,
+    example,
+    index: int,
+    accumulators: dict[EvaluationSetting, EvaluationAccumulator],
+    class_names: Sequence[str],
+    proposer=None,
+    seed: int = 0,
+    **pipeline_kwargs,
+) -> list[int]:
+    """Segment one example under every setting and add it to that setting's accumulator.
+
+    Closed vocabulary (``proposer=None``): every class is a prompt. Open vocabulary: the proposer picks the classes
+    (the same proposals for every setting). The generator is seeded with ``seed + index`` (the example's index in
+    the dataset), so results do not depend on how examples are sharded across processes. Returns the class indices
+    that were segmented.
+    """
+    class_names = list(class_names)
+    proposal_seconds = 0.0
+    if proposer is None:
+        class_indices = list(range(len(class_names)))
+    else:
+        start = time.perf_counter()
+        proposed = proposer.propose(example.image, class_names)[0]
+        proposal_seconds = time.perf_counter() - start
+        class_indices = [class_names.index(name) for name in proposed]
+    for setting, accumulator in accumulators.items():
+        if not class_indices:
+            accumulator.add(example.label, [], None, None, seconds=proposal_seconds)
+            continue
+        start = time.perf_counter()
+        out = pipe(
+            example.image,
+            prompt=[class_names[k] for k in class_indices],
+            num_inference_steps=setting.num_inference_steps,
+            ensemble_size=setting.ensemble_size,
+            generator=torch.Generator().manual_seed(seed + index),
+            output_type="pt",
+            **pipeline_kwargs,
+        )
+        seconds = time.perf_counter() - start + proposal_seconds
+        accumulator.add(example.label, class_indices, out.probabilities[0], out.label_maps[0], seconds=seconds)
+    return class_indices
+
+
+def save_partial(
+    path: str | os.PathLike,
+    next_position: int,
+    accumulators: dict[EvaluationSetting, EvaluationAccumulator],
+    fingerprint: dict,
+) -> None:
+    """Checkpoint one shard: its counts after its first ``next_position`` examples (atomic write)."""
+    state = {
+        "next_position": int(next_position),
+        "fingerprint": dict(fingerprint),
+        "settings": {setting.name: accumulator.state_dict() for setting, accumulator in accumulators.items()},
+    }
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_partial(
+    path: str | os.PathLike, accumulators: dict[EvaluationSetting, EvaluationAccumulator], fingerprint: dict
+) -> int:
+    """Restore a shard checkpoint into `accumulators`; returns the position to continue from (0 if no file).
+
+    Raises a ValueError naming the differences when the checkpoint was written by another evaluation."""
+    if not os.path.isfile(path):
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = state.get("fingerprint", {})
+    differences = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+    if differences:
+        details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {fingerprint.get(k)!r}" for k in differences)
+        raise ValueError(
+            f"{path} belongs to another evaluation ({details}); use a new output directory or --overwrite."
+        )
+    for setting, accumulator in accumulators.items():
+        accumulator.load_state_dict(state["settings"][setting.name])
+    return int(state["next_position"])
