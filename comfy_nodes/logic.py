@@ -17,9 +17,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -271,6 +273,9 @@ def pick_mask(result: SegmentationResult, select: str | int, kind: str = "mask")
 # ----------------------------------------------------------------------------------------------------------------
 
 
+_DEMO_WARNINGS: set[str] = set()
+
+
 def demo_model_path() -> str | None:
     """The embedded demo model's folder, or None when this digseg_diffusers has none (older versions)."""
     try:
@@ -283,7 +288,10 @@ def demo_model_path() -> str | None:
     try:
         path = os.fspath(default_model_path())
     except Exception as error:  # a broken demo must not break the model list
-        logger.warning("DiGSeg: the embedded demo model is unavailable: %s", error)
+        message = str(error)
+        if message not in _DEMO_WARNINGS:  # the model list is rebuilt on every UI refresh: warn once
+            _DEMO_WARNINGS.add(message)
+            logger.warning("DiGSeg: the embedded demo model is unavailable: %s", message)
         return None
     return path if os.path.isfile(os.path.join(path, MODEL_INDEX)) else None
 
@@ -412,6 +420,25 @@ def _is_offline_error(error: BaseException) -> bool:
     return False
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub endpoint opens within `timeout` (assumed True behind a proxy)."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        endpoint = getattr(constants, "ENDPOINT", None) or "https://huggingface.co"
+    except ImportError:  # pragma: no cover
+        endpoint = "https://huggingface.co"
+    parsed = urlparse(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def hub_offline_mode() -> bool:
     """True when huggingface_hub was told not to use the network (HF_HUB_OFFLINE)."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
@@ -439,7 +466,9 @@ def _from_pretrained(model_class: Any, kind: str, location: str, **kwargs) -> An
         return model_class.from_pretrained(location, local_files_only=True, **kwargs)
     if kind != "hub":
         raise ValueError(f"kind must be 'local' or 'hub'; got {kind!r}.")
-    offline = hub_offline_mode()
+    # Without network, huggingface_hub retries for a long time (70 s seen for a CLIP checkpoint): probe first and go
+    # straight to the local cache when the Hub cannot be reached.
+    offline = hub_offline_mode() or not hub_reachable()
     try:
         return model_class.from_pretrained(location, local_files_only=offline, **kwargs)
     except Exception as error:

@@ -364,6 +364,7 @@ def test_load_pipeline_hub_offline_message(monkeypatch):
     FakePipelineClass.error = OSError("We couldn't connect to 'https://huggingface.co' to load this file")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(logic, "hub_offline_mode", lambda: False)
+    monkeypatch.setattr(logic, "hub_reachable", lambda: True)
     with pytest.raises(RuntimeError) as error:
         logic.load_pipeline("hub", "someone/digseg", torch.float16, pipeline_class=FakePipelineClass)
     assert "someone/digseg" in str(error.value) and "offline" in str(error.value) and "models/digseg" in str(error.value)
@@ -375,10 +376,30 @@ def test_load_pipeline_hub_offline_message(monkeypatch):
     assert FakePipelineClass.calls[-1][1]["local_files_only"] is True  # no network attempt when offline
 
     monkeypatch.setattr(logic, "hub_offline_mode", lambda: False)
+    monkeypatch.setattr(logic, "hub_reachable", lambda: False)  # unreachable: only the local cache is tried
+    FakePipelineClass.error = FileNotFoundError("not in cache")
+    with pytest.raises(RuntimeError, match="offline"):
+        logic.load_pipeline("hub", "someone/digseg", torch.float16, pipeline_class=FakePipelineClass)
+    assert FakePipelineClass.calls[-1][1]["local_files_only"] is True
+    FakePipelineClass.error = None
+    assert isinstance(logic.load_pipeline("hub", "someone/cached", torch.float16, pipeline_class=FakePipelineClass), FakePipelineClass)
+
+    monkeypatch.setattr(logic, "hub_reachable", lambda: True)
     FakePipelineClass.error = ValueError("model_index.json is malformed")
     with pytest.raises(RuntimeError, match="malformed") as error:
         logic.load_pipeline("hub", "someone/digseg", torch.float16, pipeline_class=FakePipelineClass)
     assert "offline" not in str(error.value)
+
+
+def test_hub_reachable_respects_the_endpoint(monkeypatch):
+    from huggingface_hub import constants
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9", raising=False)  # discard port: refused
+    assert logic.hub_reachable(timeout=1.0) is False
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert logic.hub_reachable(timeout=1.0) is True
 
 
 def test_load_pipeline_local_and_adapter():
@@ -648,6 +669,7 @@ def test_entrypoint_lists_uniquely_named_nodes(comfy):
     assert segment_outputs == ["MASK", "MASK", "IMAGE", "DIGSEG_SEGMENTATION"]
 
 
+@pytest.mark.slow
 def test_loader_and_segment_nodes_end_to_end(comfy, tmp_path):
     fake, nodes = comfy
     models = Path(fake.modules["folder_paths"].models_dir) / "digseg"
