@@ -70,7 +70,9 @@ def comfy_images_to_pipeline(images: torch.Tensor) -> torch.Tensor:
     if images.ndim == 3:  # a single image without batch dimension
         images = images.unsqueeze(0)
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"image must be a ComfyUI IMAGE tensor [B, H, W, C] with C in (1, 3, 4); got {tuple(images.shape)}.")
+        raise ValueError(
+            f"image must be a ComfyUI IMAGE tensor [B, H, W, C] with C in (1, 3, 4); got {tuple(images.shape)}."
+        )
     pixels = images.detach().to(device="cpu", dtype=torch.float32)
     if pixels.shape[-1] == 1:
         pixels = pixels.expand(*pixels.shape[:-1], 3)
@@ -126,7 +128,9 @@ def empty_result(num_images: int, height: int, width: int, prompts: list[str] | 
     )
 
 
-def pipeline_output_to_result(output: Any, prompts: list[str], num_images: int, height: int, width: int) -> SegmentationResult:
+def pipeline_output_to_result(
+    output: Any, prompts: list[str], num_images: int, height: int, width: int
+) -> SegmentationResult:
     """`DiGSegOutput` (output_type "pt" or "np") -> `SegmentationResult`, checking every shape on the way."""
     k = len(prompts)
 
@@ -136,7 +140,9 @@ def pipeline_output_to_result(output: Any, prompts: list[str], num_images: int, 
         tensors = [torch.as_tensor(np.asarray(item) if not isinstance(item, torch.Tensor) else item) for item in items]
         for tensor in tensors:
             if tuple(tensor.shape) != per_image_shape:
-                raise ValueError(f"The pipeline returned {name} of shape {tuple(tensor.shape)}, expected {per_image_shape}.")
+                raise ValueError(
+                    f"The pipeline returned {name} of shape {tuple(tensor.shape)}, expected {per_image_shape}."
+                )
         return torch.stack(tensors).cpu()
 
     probabilities = stack(output.probabilities, "probability maps", (k, height, width)).to(torch.float32)
@@ -195,14 +201,20 @@ def segment(
     return pipeline_output_to_result(output, prompts, num_images, height, width)
 
 
-def overlay_batch(images: torch.Tensor, label_maps: torch.Tensor, num_classes: int, alpha: float = OVERLAY_ALPHA) -> torch.Tensor:
-    """Colour the label maps onto the images: IMAGE ``[B, H, W, C]`` + ``[B, H, W]`` labels -> IMAGE ``[B, H, W, 3]``."""
+def overlay_batch(
+    images: torch.Tensor, label_maps: torch.Tensor, num_classes: int, alpha: float = OVERLAY_ALPHA
+) -> torch.Tensor:
+    """Colour label maps ``[B, H, W]`` onto an IMAGE batch ``[B, H, W, C]`` -> IMAGE ``[B, H, W, 3]``."""
     pixels = comfy_images_to_pipeline(images).permute(0, 2, 3, 1)  # [B,H,W,3] in [0,1]
     if label_maps.shape[0] != pixels.shape[0] or tuple(label_maps.shape[1:]) != tuple(pixels.shape[1:3]):
-        raise ValueError(f"label maps {tuple(label_maps.shape)} do not match images {tuple(pixels.shape[:3])} (B, H, W).")
+        raise ValueError(
+            f"label maps {tuple(label_maps.shape)} do not match images {tuple(pixels.shape[:3])} (B, H, W)."
+        )
     images_uint8 = (pixels * 255.0).round().to(torch.uint8).numpy()
     labels = label_maps.to(torch.int64).cpu().numpy()
-    painted = [overlay(image, label, alpha=alpha, num_classes=num_classes) for image, label in zip(images_uint8, labels)]
+    painted = [
+        overlay(image, label, alpha=alpha, num_classes=num_classes) for image, label in zip(images_uint8, labels)
+    ]
     if not painted:
         return torch.zeros(0, *pixels.shape[1:3], 3)
     return torch.from_numpy(np.stack(painted)).to(torch.float32) / 255.0
@@ -395,7 +407,7 @@ def resolve_adapter_path(adapter: str, search_paths: list[str], model_folder: st
 
 
 def torch_dtype_for(precision: str, auto_dtype: torch.dtype = torch.float32) -> torch.dtype:
-    """"fp32" / "fp16" / "bf16" -> torch dtype; "auto" -> `auto_dtype` (the device's choice)."""
+    """ "fp32" / "fp16" / "bf16" -> torch dtype; "auto" -> `auto_dtype` (the device's choice)."""
     table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if precision == "auto":
         return auto_dtype
@@ -478,7 +490,9 @@ def _from_pretrained(model_class: Any, kind: str, location: str, **kwargs) -> An
                 f"offline ({type(error).__name__}). Download it elsewhere and put the folder into the models/digseg "
                 "folder (or point hub_id_or_path at it)."
             ) from error
-        raise RuntimeError(f"DiGSeg: could not load the model {location!r} from the Hugging Face Hub: {error}") from error
+        raise RuntimeError(
+            f"DiGSeg: could not load the model {location!r} from the Hugging Face Hub: {error}"
+        ) from error
 
 
 def load_pipeline(
@@ -522,7 +536,14 @@ def cache_key(kind: str, location: str, torch_dtype: torch.dtype, adapter_path: 
     """What identifies a loaded model: source, precision, adapter (and the files' modification times)."""
     location_key = os.path.realpath(location) if kind == "local" else location
     adapter_key = os.path.realpath(adapter_path) if adapter_path else ""
-    return (kind, location_key, str(torch_dtype), adapter_key, _stamp(location if kind == "local" else None), _stamp(adapter_path))
+    return (
+        kind,
+        location_key,
+        str(torch_dtype),
+        adapter_key,
+        _stamp(location if kind == "local" else None),
+        _stamp(adapter_path),
+    )
 
 
 class ModelCache:
@@ -609,7 +630,9 @@ def resolve_vocabulary(vocabulary: str, custom_classes: str) -> tuple[list[str],
     if vocabulary == CUSTOM_VOCABULARY:
         names = parse_prompts(custom_classes)
         if not names:
-            raise ValueError("vocabulary is 'custom' but custom_classes is empty: type class names (comma or newline separated).")
+            raise ValueError(
+                "vocabulary is 'custom' but custom_classes is empty: type class names (comma or newline separated)."
+            )
         return names, list(names)
     from digseg_diffusers.vocabularies import load_vocabulary
 

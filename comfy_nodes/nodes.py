@@ -9,12 +9,11 @@ from __future__ import annotations
 import logging
 import os
 
-import torch
-
 import comfy.model_management as model_management
 import comfy.model_patcher
 import comfy.utils
 import folder_paths
+import torch
 
 try:  # the versioned API; `latest` only if a future ComfyUI drops v0_0_2
     from comfy_api.v0_0_2 import ComfyExtension, io
@@ -129,7 +128,10 @@ class DiGSegModelLoader(io.ComfyNode):
                     "hub_id_or_path",
                     default="",
                     optional=True,
-                    tooltip="Optional. A Hugging Face Hub id (owner/name, needs network) or a folder path; overrides 'model'.",
+                    tooltip=(
+                        "Optional. A Hugging Face Hub id (owner/name, needs network) or a folder path; "
+                        "overrides 'model'."
+                    ),
                 ),
                 io.String.Input(
                     "adapter",
@@ -185,23 +187,42 @@ class DiGSegSegment(io.ComfyNode):
                     default="person, sky",
                     tooltip="Class names or phrases, separated by commas or new lines; duplicates are dropped.",
                 ),
-                io.Int.Input("steps", default=1, min=1, max=100, tooltip="DDIM steps per prompt (1 works with trailing spacing)."),
+                io.Int.Input(
+                    "steps",
+                    default=1,
+                    min=1,
+                    max=100,
+                    tooltip="DDIM steps per prompt (1 works with trailing spacing).",
+                ),
                 io.Int.Input("ensemble_size", default=1, min=1, max=64, tooltip="Noise seeds averaged per prompt."),
                 io.Int.Input(
                     "processing_resolution",
                     default=-1,
                     min=-1,
                     max=4096,
-                    tooltip="Longest image side during processing (a multiple of 8). -1 = the model's default, 0 = the image's own size.",
+                    tooltip=(
+                        "Longest image side during processing (a multiple of 8). "
+                        "-1 = the model's default, 0 = the image's own size."
+                    ),
                 ),
-                io.Float.Input("mask_threshold", default=0.7, min=0.0, max=1.0, step=0.01, tooltip="Probability above which a pixel is in the mask."),
+                io.Float.Input(
+                    "mask_threshold",
+                    default=0.7,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Probability above which a pixel is in the mask.",
+                ),
                 io.Float.Input(
                     "background_threshold",
                     default=-1.0,
                     min=-1.0,
                     max=1.0,
                     step=0.01,
-                    tooltip="Label map: pixels whose best prompt scores below this are background. Negative = mask_threshold.",
+                    tooltip=(
+                        "Label map: pixels whose best prompt scores below this are background. "
+                        "Negative = mask_threshold."
+                    ),
                 ),
                 io.Int.Input(
                     "seed",
@@ -216,15 +237,21 @@ class DiGSegSegment(io.ComfyNode):
                     default=8,
                     min=1,
                     max=256,
-                    tooltip="(image, prompt, seed) rows per U-Net/VAE call. Lower it if memory runs out; results do not change.",
+                    tooltip=(
+                        "(image, prompt, seed) rows per U-Net/VAE call. "
+                        "Lower it if memory runs out; results do not change."
+                    ),
                 ),
             ],
             outputs=[
                 io.Mask.Output(display_name="masks", tooltip="[B*K, H, W], index b*K + k = image b, prompt k."),
-                io.Mask.Output(display_name="label_map", tooltip="[B, H, W] integer labels: 0 background, k+1 prompt k."),
+                io.Mask.Output(
+                    display_name="label_map", tooltip="[B, H, W] integer labels: 0 background, k+1 prompt k."
+                ),
                 io.Image.Output(display_name="overlay", tooltip="The label map coloured over the images."),
                 DiGSegSegmentationType.Output(
-                    display_name="segmentation", tooltip="Everything above plus the prompt names, for DiGSeg Pick Mask."
+                    display_name="segmentation",
+                    tooltip="Everything above plus the prompt names, for DiGSeg Pick Mask.",
                 ),
             ],
         )
@@ -247,7 +274,9 @@ class DiGSegSegment(io.ComfyNode):
         num_images = int(image.shape[0]) if image.ndim == 4 else 1
         rows = num_images * len(prompt_list) * ensemble_size
         if rows > 0 and digseg_model.patcher is not None:
-            memory = _estimate_memory(digseg_model, image if image.ndim == 4 else image[None], min(batch_size, rows), processing_resolution)
+            memory = _estimate_memory(
+                digseg_model, image if image.ndim == 4 else image[None], min(batch_size, rows), processing_resolution
+            )
             model_management.load_models_gpu([digseg_model.patcher], memory_required=memory, force_full_load=True)
 
         progress = None
@@ -303,7 +332,10 @@ class DiGSegPickMask(io.ComfyNode):
                     "kind",
                     options=list(logic.PICK_KINDS),
                     default="mask",
-                    tooltip="mask: thresholded (may overlap other prompts); probability: soft map; region: the label-map region (exclusive).",
+                    tooltip=(
+                        "mask: thresholded (may overlap other prompts); probability: soft map; "
+                        "region: the label-map region (exclusive)."
+                    ),
                 ),
             ],
             outputs=[io.Mask.Output(display_name="mask")],
@@ -340,16 +372,28 @@ class DiGSegClassProposal(io.ComfyNode):
                     default="ade20k-150",
                     tooltip="A bundled benchmark vocabulary, or 'custom' to use custom_classes.",
                 ),
-                io.Float.Input("global_threshold", default=0.25, min=-1.0, max=1.0, step=0.01, tooltip="Keep a class when the image-text cosine exceeds this."),
+                io.Float.Input(
+                    "global_threshold",
+                    default=0.25,
+                    min=-1.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Keep a class when the image-text cosine exceeds this.",
+                ),
                 io.Float.Input(
                     "patch_threshold",
                     default=0.3,
                     min=-1.0,
                     max=1.0,
                     step=0.01,
-                    tooltip="Also keep it when its best patch-token cosine exceeds this (finds small objects). Negative = off.",
+                    tooltip=(
+                        "Also keep it when its best patch-token cosine exceeds this (finds small objects). "
+                        "Negative = off."
+                    ),
                 ),
-                io.Int.Input("top_k", default=0, min=0, max=1000, tooltip="At most this many classes per image; 0 = no cap."),
+                io.Int.Input(
+                    "top_k", default=0, min=0, max=1000, tooltip="At most this many classes per image; 0 = no cap."
+                ),
                 io.String.Input(
                     "custom_classes",
                     multiline=True,
@@ -361,7 +405,10 @@ class DiGSegClassProposal(io.ComfyNode):
                     "hub_id_or_path",
                     default="",
                     optional=True,
-                    tooltip="Optional. A CLIP checkpoint folder or Hub id (e.g. openai/clip-vit-large-patch14); overrides 'proposer'.",
+                    tooltip=(
+                        "Optional. A CLIP checkpoint folder or Hub id (e.g. openai/clip-vit-large-patch14); "
+                        "overrides 'proposer'."
+                    ),
                 ),
             ],
             outputs=[io.String.Output(display_name="classes", tooltip="Proposed prompts, one per line.")],

@@ -66,7 +66,9 @@ def _as_label_array(label_map) -> np.ndarray:
     labels = np.asarray(label_map)
     if labels.ndim != 2:
         raise ValueError(f"`label_map` must be a 2-D [H, W] array; got shape {labels.shape}.")
-    if labels.dtype == bool or not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+    if labels.dtype == bool or not (
+        np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)
+    ):
         raise ValueError(f"`label_map` must hold integer labels; got dtype {labels.dtype}.")
     if np.issubdtype(labels.dtype, np.floating):
         if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):

@@ -191,7 +191,9 @@ def test_segment_background_threshold_negative_means_mask_threshold(pipe):
 
 def test_pipeline_output_to_result_checks_shapes():
     output = SimpleNamespace(
-        probabilities=[torch.zeros(2, 4, 4)], masks=[torch.zeros(2, 4, 4, dtype=torch.bool)], label_maps=[torch.zeros(4, 4)]
+        probabilities=[torch.zeros(2, 4, 4)],
+        masks=[torch.zeros(2, 4, 4, dtype=torch.bool)],
+        label_maps=[torch.zeros(4, 4)],
     )
     result = logic.pipeline_output_to_result(output, ["a", "b"], 1, 4, 4)
     assert result.masks.shape == (1, 2, 4, 4)
@@ -325,7 +327,9 @@ def test_resolve_adapter_path(tmp_path):
     (tmp_path / "shared-adapter").mkdir()
     assert logic.resolve_adapter_path("", [str(tmp_path)]) is None
     assert logic.resolve_adapter_path("my-adapter", [str(tmp_path)], str(model)) == str(model / "my-adapter")
-    assert logic.resolve_adapter_path("shared-adapter", [str(tmp_path)], str(model)) == str(tmp_path / "shared-adapter")
+    assert logic.resolve_adapter_path("shared-adapter", [str(tmp_path)], str(model)) == str(
+        tmp_path / "shared-adapter"
+    )
     assert logic.resolve_adapter_path(str(tmp_path / "shared-adapter"), []) == str(tmp_path / "shared-adapter")
     with pytest.raises(ValueError, match="not found"):
         logic.resolve_adapter_path("nope", [str(tmp_path)], str(model))
@@ -367,7 +371,9 @@ def test_load_pipeline_hub_offline_message(monkeypatch):
     monkeypatch.setattr(logic, "hub_reachable", lambda: True)
     with pytest.raises(RuntimeError) as error:
         logic.load_pipeline("hub", "someone/digseg", torch.float16, pipeline_class=FakePipelineClass)
-    assert "someone/digseg" in str(error.value) and "offline" in str(error.value) and "models/digseg" in str(error.value)
+    assert (
+        "someone/digseg" in str(error.value) and "offline" in str(error.value) and "models/digseg" in str(error.value)
+    )
 
     monkeypatch.setattr(logic, "hub_offline_mode", lambda: True)
     FakePipelineClass.error = FileNotFoundError("not in cache")
@@ -382,7 +388,10 @@ def test_load_pipeline_hub_offline_message(monkeypatch):
         logic.load_pipeline("hub", "someone/digseg", torch.float16, pipeline_class=FakePipelineClass)
     assert FakePipelineClass.calls[-1][1]["local_files_only"] is True
     FakePipelineClass.error = None
-    assert isinstance(logic.load_pipeline("hub", "someone/cached", torch.float16, pipeline_class=FakePipelineClass), FakePipelineClass)
+    assert isinstance(
+        logic.load_pipeline("hub", "someone/cached", torch.float16, pipeline_class=FakePipelineClass),
+        FakePipelineClass,
+    )
 
     monkeypatch.setattr(logic, "hub_reachable", lambda: True)
     FakePipelineClass.error = ValueError("model_index.json is malformed")
@@ -549,7 +558,14 @@ class _FakeIO:
         return cls._make_type(io_type)
 
 
-for _name, _type in [("Image", "IMAGE"), ("Mask", "MASK"), ("String", "STRING"), ("Int", "INT"), ("Float", "FLOAT"), ("Combo", "COMBO")]:
+for _name, _type in [
+    ("Image", "IMAGE"),
+    ("Mask", "MASK"),
+    ("String", "STRING"),
+    ("Int", "INT"),
+    ("Float", "FLOAT"),
+    ("Combo", "COMBO"),
+]:
     setattr(_FakeIO, _name, _FakeIO._make_type(_type))
 
 
