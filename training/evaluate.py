@@ -131,11 +131,13 @@ def load_pipeline(args, device: torch.device):
 
     # The saved proposer is loaded only when asked for, so a closed-vocabulary run never loads CLIP.
     extra = {} if args.proposer == "pipeline" else {"class_proposer": None}
+    if args.dtype != "float32":
+        extra["torch_dtype"] = DTYPES[args.dtype]
     pipe = DiGSegPipeline.from_pretrained(args.pipeline, **extra)
     if args.adapter:
         pipe.load_digseg_adapter(args.adapter)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=DTYPES[args.dtype])
+    return pipe.to(device)
 
 
 def load_proposer(args, pipe, device: torch.device):
@@ -286,10 +288,29 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
 
     results = build_results(args, reader, totals, num_examples, world, include_background, proposer)
+    results["inference"] = effective_inference_settings(args, pipe)
     write_outputs(results, args.output_dir)
     logger.info(f"wrote {os.path.join(args.output_dir, RESULTS_NAME)} and {REPORT_NAME}")
     accelerator.end_training()
     return results
+
+
+def effective_inference_settings(args, pipe) -> dict:
+    """The values the pipeline actually used (arguments, else the pipeline's config defaults)."""
+    config = pipe.config
+    mask_threshold = args.mask_threshold if args.mask_threshold is not None else config.default_mask_threshold
+    background_threshold = args.background_threshold
+    if background_threshold is None:
+        background_threshold = config.default_background_threshold
+    return {
+        "processing_resolution": config.default_processing_resolution
+        if args.processing_resolution is None
+        else args.processing_resolution,
+        "mask_threshold": mask_threshold,
+        "background_threshold": mask_threshold if background_threshold is None else background_threshold,
+        "dtype": args.dtype,
+        "seed": args.seed,
+    }
 
 
 def build_results(
@@ -324,13 +345,7 @@ def build_results(
                 "ignore_index": reader.ignore_index,
                 "background_class": include_background,
             },
-            "inference": {
-                "processing_resolution": args.processing_resolution,
-                "mask_threshold": args.mask_threshold,
-                "background_threshold": args.background_threshold,
-                "dtype": args.dtype,
-                "seed": args.seed,
-            },
+            "inference": {},  # filled by `effective_inference_settings`
             "num_processes": world,
             "primary_setting": primary,
             "card_metrics": card_metrics(settings[primary]),
@@ -379,9 +394,9 @@ def markdown_report(results: dict) -> str:
         f"- dataset: `{dataset['name']}` ({dataset['format']} reader), split `{dataset['split']}`, "
         f"{dataset['num_images']} images, {len(dataset['class_names'])} classes{background}",
         f"- protocol: {protocol}",
-        f"- processing resolution {inference['processing_resolution'] or 'pipeline default'}, mask threshold "
-        f"{inference['mask_threshold'] or 'pipeline default'}, dtype {inference['dtype']}, seed {inference['seed']}, "
-        f"{results['num_processes']} process(es)",
+        f"- processing resolution {inference['processing_resolution'] or 'native'}, mask threshold "
+        f"{inference['mask_threshold']}, background threshold {inference['background_threshold']}, dtype "
+        f"{inference['dtype']}, seed {inference['seed']}, {results['num_processes']} process(es)",
         "",
         "## Summary (%)",
         "",
