@@ -1,0 +1,83 @@
+"""Ensemble size x denoising steps, like the paper's Table 6 (E x S: 1x1, 1x2, 4x2, 8x2, 20x50 "w/o trailing").
+
+One image, one prompt per call (the paper's FPS is per class query). "20x50 w/o trailing" uses DDIM with
+`timestep_spacing="leading"`, the others the pipeline's trailing spacing. All settings are timed interleaved;
+the table gives images/s and the speed relative to 1x1, next to the paper's relative speed (its GPU FPS
+divided by its 1x1 FPS), and the U-Net + decode FLOPs per image.
+
+    python benchmarks/bench_ensemble_steps.py --config tiny --resolution 64
+    python benchmarks/bench_ensemble_steps.py --config sd2 --resolution 128 --repeats 2 --skip_long
+"""
+
+from __future__ import annotations
+
+from diffusers import DDIMScheduler
+from common import (
+    PeakMemory,
+    base_parser,
+    component_flops,
+    generators,
+    interleaved,
+    make_pipeline,
+    markdown_table,
+    scene_image,
+    setup,
+    write_results,
+)
+
+PAPER_FPS = {"1x1": 11.27, "1x2": 10.61, "4x2": 5.82, "8x2": 3.15, "20x50 leading": 0.12}
+SETTINGS = [(1, 1, "trailing"), (1, 2, "trailing"), (4, 2, "trailing"), (8, 2, "trailing"), (20, 50, "leading")]
+
+
+def main(argv=None):
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--skip_long", action="store_true", help="leave out 20x50 (1000 U-Net rows per image)")
+    parser.add_argument("--batch_size", type=int, default=20)
+    parser.add_argument("--prompt", default="circle")
+    args = parser.parse_args(argv)
+    setup(args)
+    pipe = make_pipeline(args.config)
+    image = scene_image(args.resolution)
+    trailing = pipe.scheduler
+    leading = DDIMScheduler.from_config(trailing.config, timestep_spacing="leading")
+    flops = component_flops(pipe, args.resolution)
+
+    settings = [s for s in SETTINGS if not (args.skip_long and s[1] == 50)]
+    variants = {}
+    for ensemble, steps, spacing in settings:
+        name = f"{ensemble}x{steps}" + (" leading" if spacing == "leading" else "")
+
+        def run(ensemble=ensemble, steps=steps, scheduler=trailing if spacing == "trailing" else leading):
+            pipe.scheduler = scheduler
+            try:
+                return pipe(image, args.prompt, num_inference_steps=steps, ensemble_size=ensemble,
+                            processing_resolution=0, batch_size=args.batch_size, generator=generators(ensemble))
+            finally:
+                pipe.scheduler = trailing
+
+        variants[name] = run
+    timing = interleaved(variants, repeats=args.repeats)
+    base = timing["1x1"]["median"]
+    rows, results = [], []
+    for (ensemble, steps, _), name in zip(settings, variants):
+        with PeakMemory() as peak:
+            variants[name]()
+        seconds = timing[name]["median"]
+        image_flops = flops["encode"] + ensemble * steps * flops["unet"] + flops["decode_vae"]
+        paper_relative = PAPER_FPS[name] / PAPER_FPS["1x1"]
+        rows.append([name, seconds, 1.0 / seconds, base / seconds, paper_relative, image_flops / 1e9,
+                     peak.peak_rss_mb])
+        results.append({"setting": name, "seconds": seconds, "images_per_s": 1.0 / seconds,
+                        "relative_to_1x1": base / seconds, "paper_relative": paper_relative,
+                        "gflop_per_image": image_flops / 1e9, "peak_rss_mb": peak.peak_rss_mb,
+                        "times": timing[name]["times"]})
+    table = markdown_table(["E x S", "s / image", "images/s", "relative to 1x1", "paper relative (GPU)",
+                            "GFLOP / image", "peak RSS MB"], rows)
+    print(f"{args.config} config, {args.resolution} px, K=1")
+    print(table)
+    path = write_results("ensemble_steps", args, {"flops": flops, "results": results, "table": table})
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()

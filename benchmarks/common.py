@@ -1,0 +1,288 @@
+"""Shared helpers of the benchmarks: configurations, side-by-side timing, peak memory, FLOPs, the machine.
+
+Timings on shared machines drift by several x from one minute to the next, so no benchmark here compares times
+taken in different runs: every comparison runs its variants interleaved (A B A B ...) in one process and reports
+the ratio of medians. Absolute seconds are printed for orientation only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as `python benchmarks/x.py` from a checkout
+    sys.path.insert(0, ROOT)
+
+from digseg_diffusers import mask_codec  # noqa: E402
+from digseg_diffusers.mask_decoder import DiGSegMaskDecoder, count_flops  # noqa: E402
+from digseg_diffusers.testing_utils import (  # noqa: E402
+    SD2_DOWN_BLOCKS,
+    SD2_UP_BLOCKS,
+    make_ddim_scheduler,
+    make_tiny_pipeline,
+    make_tiny_text_encoder,
+)
+
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+PROMPTS = [
+    "circle", "square", "triangle", "star", "ring", "cross", "heart", "sky",
+    "tree", "road", "car", "person", "building", "grass", "water", "dog",
+]
+
+
+# ------------------------------------------------------------------------------------------------ configurations
+
+
+def sd2_unet(device: str | torch.device = "cpu") -> UNet2DConditionModel:
+    """SD2's U-Net architecture (865.9M parameters) with random weights and DiGSeg's 8 input channels."""
+    with torch.device(device):
+        return UNet2DConditionModel(
+            sample_size=96,
+            in_channels=8,
+            out_channels=4,
+            down_block_types=SD2_DOWN_BLOCKS,
+            up_block_types=SD2_UP_BLOCKS,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024,
+            use_linear_projection=True,
+            norm_num_groups=32,
+        ).eval()
+
+
+def sd_vae(device: str | torch.device = "cpu") -> AutoencoderKL:
+    """The SD 1/2 VAE architecture (83.7M parameters) with random weights."""
+    with torch.device(device):
+        return AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=768,
+            scaling_factor=0.18215,
+        ).eval()
+
+
+def make_pipeline(config: str, light_decoder: bool = False):
+    """"tiny" (the test components) or "sd2" (SD2 U-Net + SD VAE, random; a tiny text encoder projected to 1024).
+
+    The text encoder is tiny in both: it runs once per distinct prompt and is not what this work measures.
+    """
+    from digseg_diffusers.pipeline_digseg import DiGSegPipeline
+    from digseg_diffusers.text_projection import DiGSegTextProjection
+    from digseg_diffusers.tokenization import build_char_clip_tokenizer
+
+    if config == "tiny":
+        pipe = make_tiny_pipeline(seed=0)
+    elif config == "sd2":
+        torch.manual_seed(0)
+        pipe = DiGSegPipeline(
+            unet=sd2_unet(),
+            vae=sd_vae(),
+            scheduler=make_ddim_scheduler(),
+            text_encoder=make_tiny_text_encoder(hidden_size=24),
+            tokenizer=build_char_clip_tokenizer(),
+            text_projection=DiGSegTextProjection(24, 1024).eval(),
+        )
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        raise ValueError(f"unknown config {config!r}; use 'tiny' or 'sd2'")
+    if light_decoder:
+        torch.manual_seed(0)  # untrained: the cost is what is measured here, not the masks
+        pipe.register_modules(mask_decoder=DiGSegMaskDecoder().eval())
+    return pipe
+
+
+def scene_image(resolution: int, seed: int = 0) -> np.ndarray:
+    """A synthetic scene (uint8 HWC) at `resolution`, so every run sees the same pixels."""
+    from digseg_diffusers.synthetic import generate_scene
+
+    return generate_scene(seed, size=resolution).image
+
+
+def generators(num_rows: int, seed: int = 0) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(num_rows)]
+
+
+# ------------------------------------------------------------------------------------------------------- timing
+
+
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int = 3, warmup: bool = True) -> dict:
+    """Run the variants round-robin (A B C A B C ...) `repeats` times; per variant: all times and the median.
+
+    Interleaving spreads the machine's load drift over all variants alike, so the ratio of medians is meaningful
+    where absolute times are not.
+    """
+    if warmup:
+        for fn in variants.values():
+            fn()
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"times": t, "median": statistics.median(t)} for name, t in times.items()}
+
+
+# ------------------------------------------------------------------------------------------------------- memory
+
+
+class PeakMemory:
+    """Peak memory while the block runs: RSS above the starting RSS (sampled every 2 ms with psutil, else
+    `ru_maxrss`, which only ever grows), and CUDA max allocated when CUDA is in use."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.peak_rss_mb = float("nan")
+        self.cuda_peak_mb = None
+
+    def __enter__(self):
+        gc.collect()
+        try:
+            import psutil
+
+            self._process = psutil.Process()
+        except ImportError:  # pragma: no cover
+            self._process = None
+        self._stop = threading.Event()
+        self._start_rss = self._rss()
+        self._peak = self._start_rss
+        if self._process is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            self._cuda_start = torch.cuda.memory_allocated()
+        return self
+
+    def _rss(self) -> int:
+        if self._process is not None:
+            return self._process.memory_info().rss
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._process is not None:
+            self._thread.join()
+        self._peak = max(self._peak, self._rss())
+        self.peak_rss_mb = (self._peak - self._start_rss) / 2**20
+        if torch.cuda.is_available():
+            self.cuda_peak_mb = (torch.cuda.max_memory_allocated() - self._cuda_start) / 2**20
+        return False
+
+
+# -------------------------------------------------------------------------------------------------------- FLOPs
+
+
+def component_flops(pipe, resolution: int, rows: int = 1) -> dict[str, int]:
+    """FLOPs of one image encode, one U-Net forward and one mask decode (VAE, and light when present) at
+    `resolution`, counted on meta-device copies (shapes only: the SD2 sizes cost nothing to count)."""
+    scale = pipe.vae_scale_factor
+    side = resolution // scale
+    unet, vae = copy.deepcopy(pipe.unet).to("meta"), copy.deepcopy(pipe.vae).to("meta")
+    with torch.device("meta"):
+        pixels = torch.zeros(rows, 3, resolution, resolution)
+        latents = torch.zeros(rows, vae.config.latent_channels, side, side)
+        text = torch.zeros(rows, pipe.text_max_length, pipe.unet.config.cross_attention_dim)
+        unet_input = torch.zeros(rows, unet.config.in_channels, side, side)
+    flops = {
+        "encode": count_flops(mask_codec.encode_pixels, vae, pixels),
+        "unet": count_flops(lambda: unet(unet_input, 999, encoder_hidden_states=text)),
+        "decode_vae": count_flops(mask_codec.decode_masks, vae, latents),
+    }
+    if getattr(pipe, "mask_decoder", None) is not None:
+        light = copy.deepcopy(pipe.mask_decoder).to("meta")
+        flops["decode_light"] = count_flops(mask_codec.decode_masks, vae, latents, mask_decoder=light)
+    return flops
+
+
+# ------------------------------------------------------------------------------------------------------ machine
+
+
+def machine_description() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+# ------------------------------------------------------------------------------------------------------- output
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", choices=("tiny", "sd2"), default="tiny")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--output", default=None, help="JSON file for the results (default: benchmarks/results/)")
+    return parser
+
+
+def setup(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.4g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, args, payload: dict) -> str:
+    path = args.output or os.path.join(RESULTS_DIR, f"{name}_{args.config}_{args.resolution}px.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    payload = {"benchmark": name, "args": vars(args), "machine": machine_description(), **payload}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=float)
+    return path
