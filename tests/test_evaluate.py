@@ -299,5 +299,8 @@ def test_two_processes_give_the_same_confusion_matrix(workspace, tmp_path):
     assert sorted(p.name for p in (tmp_path / "two" / "partial").iterdir()) == [
         "shard-000-of-002.pt", "shard-001-of-002.pt"
     ]  # fmt: skip
-    for key in ("mIoU", "pixel_accuracy", "num_pixels", "per_class", "iou_vs_threshold"):
+    for key in ("mIoU", "pixel_accuracy", "num_pixels", "per_class"):  # from the confusion matrix: exact
         assert double["settings"]["1x1"][key] == single["settings"]["1x1"][key]
+    # The curve thresholds float probabilities: another thread count may flip a pixel lying within 1 ulp of t.
+    curves = [run["settings"]["1x1"]["iou_vs_threshold"]["mean_iou"] for run in (single, double)]
+    assert curves[1] == pytest.approx(curves[0], abs=1e-3, nan_ok=True)
