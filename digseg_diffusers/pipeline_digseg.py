@@ -658,9 +658,11 @@ class DiGSegPipeline(DiffusionPipeline):
         dtype = self.unet.dtype
 
         # 2. Image latents, once per image.
+        # Resize in float32 (antialiased resizing has no half-precision CPU kernel), then cast for the VAE.
         pixels, padding, original_size = self.image_processor.preprocess(
-            pixels01, processing_resolution, resample_method_input, device=device, dtype=self.vae.dtype
+            pixels01, processing_resolution, resample_method_input, device=device, dtype=torch.float32
         )
+        pixels = pixels.to(self.vae.dtype)
         image_latents = self.encode_images(pixels, batch_size).to(dtype)  # [N,4,h,w]
         if tuple(image_latents.shape[-2:]) != latent_size:  # a VAE whose stride is not what its config says
             raise ValueError(f"VAE produced latents of size {tuple(image_latents.shape[-2:])}, expected {latent_size}.")

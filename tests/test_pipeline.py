@@ -234,3 +234,14 @@ def test_bad_arguments_raise_value_error_naming_the_argument(tiny_pipe, override
     kwargs.update(overrides)
     with pytest.raises(ValueError, match=f"`{argument}"):
         tiny_pipe(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_on_cpu_with_resizing(dtype):
+    """Antialiased resizing has no half CPU kernel: the pipeline resizes in float32, then casts."""
+    pipe = make_tiny_pipeline()
+    reference = pipe(np.zeros((40, 50, 3), np.uint8), ["a"], processing_resolution=32, generator=seeded(0)[0])
+    pipe.to(dtype=dtype)
+    out = pipe(np.zeros((40, 50, 3), np.uint8), ["a"], processing_resolution=32, generator=seeded(0)[0])
+    assert out.probabilities[0].shape == (1, 40, 50) and out.probabilities[0].dtype == np.float32
+    assert np.abs(out.probabilities[0] - reference.probabilities[0]).max() < 0.1

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
@@ -142,6 +142,11 @@ def latent_loss_weights(valid: torch.Tensor, latent_size: tuple[int, int]) -> to
     return F.adaptive_avg_pool2d(valid, latent_size)
 
 
+def batch_seed(seed: int, process_index: int, batch_number: int) -> int:
+    """A distinct 63-bit seed per (run seed, process, batch) for that batch's timesteps and noise."""
+    return (seed * 1_000_003 + process_index * 7_919 + batch_number * 104_729) % (2**63 - 1)
+
+
 def checkpoint_dirs(output_dir: str) -> list[Path]:
     folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(folders, key=lambda p: int(p.name.split("-")[-1]))
@@ -156,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        # Each epoch's shuffle is a function of (seed, epoch), so a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
@@ -287,18 +294,21 @@ def main(argv: list[str] | None = None) -> dict:
         f"***** Training: {len(train_dataset)} examples, {args.max_train_steps} steps, batch {total_batch_size} "
         f"({args.train_batch_size} per device x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation) *****"
     )
+    batches_seen = global_step * args.gradient_accumulation_steps
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     loss_history: list[tuple[int, float]] = []
     validation_history: list[dict] = []
     skipped_files = 0
     for epoch in range(first_epoch, num_train_epochs):
-        train_dataset.set_epoch(epoch)
+        train_dataset.set_epoch(epoch)  # augmentation of epoch `epoch`
         unet.train()
         text_projection.train()
         steps_done_in_epoch = global_step - epoch * num_update_steps_per_epoch
         batches = train_dataloader
         if steps_done_in_epoch > 0:  # resuming mid-epoch: skip the batches already trained on
             batches = accelerator.skip_first_batches(train_dataloader, steps_done_in_epoch * args.gradient_accumulation_steps)
+        if hasattr(batches, "set_epoch"):  # shuffle of epoch `epoch`, also right after a resume
+            batches.set_epoch(epoch)
         for batch in batches:
             with accelerator.accumulate(unet, text_projection):
                 with torch.no_grad():
@@ -306,9 +316,22 @@ def main(argv: list[str] | None = None) -> dict:
                     image_latents = mask_codec.encode_pixels(vae, pixels).float()
                     mask_latents = mask_codec.encode_masks(vae, batch["mask"].to(accelerator.device, weight_dtype)).float()
                 batch_size = mask_latents.shape[0]
-                timesteps = torch.randint(0, num_train_timesteps, (batch_size,), device=mask_latents.device).long()
+                # Timesteps and noise of a batch depend only on (seed, process, batch number): a resumed run
+                # draws exactly what the interrupted one would have, whatever else consumed the global RNG.
+                generator = torch.Generator(device=mask_latents.device).manual_seed(
+                    batch_seed(args.seed, accelerator.process_index, batches_seen)
+                )
+                batches_seen += 1
+                timesteps = torch.randint(
+                    0, num_train_timesteps, (batch_size,), device=mask_latents.device, generator=generator
+                )
                 noise = sample_training_noise(
-                    mask_latents, timesteps, num_train_timesteps, variant=args.noise_variant, strength=args.noise_strength
+                    mask_latents,
+                    timesteps,
+                    num_train_timesteps,
+                    variant=args.noise_variant,
+                    strength=args.noise_strength,
+                    generator=generator,
                 )
                 noisy_latents = noise_scheduler.add_noise(mask_latents, noise, timesteps)
                 if noise_scheduler.config.prediction_type == "epsilon":
