@@ -201,6 +201,9 @@ class EvaluationAccumulator:
         if probabilities is not None:
             probs = probabilities if torch.is_tensor(probabilities) else torch.from_numpy(np.asarray(probabilities))
             probs = probs.float().cpu()
+        if class_indices and (probs is None or probs.shape[0] != len(class_indices)):
+            found = None if probs is None else tuple(probs.shape)
+            raise ValueError(f"probabilities must hold one map per segmented class ({len(class_indices)}); got {found}")
         # every segmented class, plus present classes that were not segmented (probability 0: a miss at any t)
         curve_classes = list(dict.fromkeys(class_indices + present))
         for start in range(0, len(curve_classes), 16):

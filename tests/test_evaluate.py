@@ -87,6 +87,12 @@ def test_accumulator_open_vocabulary_counts_unproposed_classes_as_misses():
     assert result["seconds_per_image"] == 2.0 and result["num_images"] == 1
 
 
+def test_accumulator_checks_the_probability_maps():
+    acc = EvaluationAccumulator(["a", "b"], ignore_index=255, thresholds=[0.5])
+    with pytest.raises(ValueError, match="one map per segmented class"):
+        acc.add(np.zeros((2, 2), dtype=np.int64), [0, 1], np.zeros((1, 2, 2)), np.zeros((2, 2), dtype=np.int64))
+
+
 def test_accumulator_empty_proposal_is_background_everywhere():
     label = np.array([[0, BACKGROUND_INDEX]])
     acc = EvaluationAccumulator(["a"], ignore_index=255, include_background=True, thresholds=[0.5])
@@ -160,7 +166,7 @@ class FixedProposer:
 
 def test_closed_protocol_matches_evaluate_examples(tiny_pipe, workspace):
     reader = build_reader("folder", workspace / "data", "val")
-    examples = [reader.load_validation_example(i) for i in range(len(reader))]
+    examples = [reader.load_validation_example(i) for i in range(2)]
     reference = evaluate_examples(tiny_pipe, examples, reader.class_names, processing_resolution=32)
     setting = EvaluationSetting(1, 1)
     accumulators = {setting: EvaluationAccumulator(reader.class_names, reader.ignore_index, True)}
