@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""Reproduce the embedded demo model end to end (data -> VAE -> untrained pipeline -> U-Net training -> package).
+
+    python training/train_demo_model.py --work_dir runs/demo --install
+
+Steps (each is skipped when its output already exists, so an interrupted run continues):
+1. write the synthetic shape world in the generic folder format (`digseg_diffusers.synthetic.write_dataset`):
+   train split for training, val split for the periodic validation; test seeds stay untouched for the benchmark;
+2. train the small `AutoencoderKL` on scene images and masks (`training/train_vae.py`);
+3. assemble the *untrained* DiGSeg pipeline: that VAE, a frozen randomly initialised character-level CLIP text
+   encoder with its tokenizer, a small SD2-layout U-Net with 8 input channels, a fresh text projection and DDIM
+   with trailing spacing and v-prediction (1-step inference);
+4. train every U-Net weight and the text projection from scratch with `training/train_adapter.py
+   --adapter_mode full --train_entire_unet` (one process, or `--num_processes 2` through accelerate);
+5. with `--install`, copy the trained pipeline into `digseg_diffusers/models/demo/` (what the package ships).
+
+Everything is seeded; on a 2-core CPU the default recipe takes well under an hour (see hub_cards/demo_model_card.md
+for the measured times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGED_MODEL_DIR = REPO_ROOT / "digseg_diffusers" / "models" / "demo"
+
+logger = logging.getLogger("train_demo_model")
+
+# SD2's layout (4 levels, plain bottom level) except that the full-resolution level has no attention: on a CPU
+# its 256-token self-attention cost more than the rest of the U-Net, and the two middle levels (DiGSeg's adapter
+# levels) and the mid block still see the text.
+DEMO_DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+DEMO_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def build_untrained_pipeline(
+    vae_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    unet_channels: tuple[int, ...] = (32, 64, 96, 96),
+    attention_head_dim: int = 16,
+    text_width: int = 64,
+    cross_attention_dim: int = 64,
+    text_layers: int = 2,
+    processing_resolution: int = 64,
+    seed: int = 0,
+):
+    """Assemble and save the demo pipeline before training (every weight random except the trained VAE).
+
+    The text encoder is a randomly initialised CLIP text transformer over the character-level tokenizer: it stays
+    frozen (as DiGSeg's CLIP does) and still maps every class name to a distinct, deterministic token sequence;
+    the trainable `text_projection` learns to read it.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from digseg_diffusers import DiGSegPipeline
+    from digseg_diffusers.testing_utils import make_ddim_scheduler
+    from digseg_diffusers.text_projection import DiGSegTextProjection
+    from digseg_diffusers.tokenization import build_char_clip_tokenizer
+
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    latent_channels = vae.config.latent_channels
+    latent_size = processing_resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=2 * latent_channels,
+        out_channels=latent_channels,
+        down_block_types=DEMO_DOWN_BLOCKS,
+        up_block_types=DEMO_UP_BLOCKS,
+        block_out_channels=tuple(unet_channels),
+        layers_per_block=1,
+        attention_head_dim=attention_head_dim,
+        cross_attention_dim=cross_attention_dim,
+        use_linear_projection=True,
+        norm_num_groups=16,
+    )
+    tokenizer = build_char_clip_tokenizer()
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(text_config).eval()
+    text_projection = DiGSegTextProjection(text_width, cross_attention_dim)
+    pipe = DiGSegPipeline(
+        unet=unet,
+        vae=vae,
+        scheduler=make_ddim_scheduler("v_prediction"),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_projection=text_projection,
+        default_denoising_steps=1,
+        default_processing_resolution=processing_resolution,
+        default_mask_threshold=0.5,
+        base_model="digseg-demo (trained from scratch on digseg_diffusers.synthetic)",
+    )
+    pipe.save_pretrained(output_dir)
+    return pipe
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Reproduce the embedded DiGSeg demo model.")
+    parser.add_argument("--work_dir", default="runs/demo", help="Data, VAE, checkpoints and logs go here.")
+    parser.add_argument("--install", action="store_true", help="Copy the trained pipeline into digseg_diffusers/models/demo.")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--num_train_images", type=int, default=2000)
+    parser.add_argument("--num_val_images", type=int, default=16)
+    parser.add_argument("--vae_steps", type=int, default=1500)
+    parser.add_argument("--unet_steps", type=int, default=3000)
+    parser.add_argument("--batch_size", type=int, default=16, help="Per process.")
+    parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--noise_variant", default="multires_annealed")
+    parser.add_argument("--num_processes", type=int, default=1, help=">1 launches train_adapter.py through accelerate on CPU.")
+    parser.add_argument("--validation_steps", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
+    from digseg_diffusers.synthetic import write_dataset
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    data_dir = work / "data"
+    start = time.time()
+    if not (data_dir / "train" / "synthetic.json").is_file():
+        write_dataset(data_dir, "train", num_images=args.num_train_images, size=args.resolution, overwrite=True)
+    if not (data_dir / "val" / "synthetic.json").is_file():
+        write_dataset(data_dir, "val", num_images=args.num_val_images, size=args.resolution, overwrite=True)
+    timings["data_s"] = time.time() - start
+
+    vae_dir = work / "vae"
+    start = time.time()
+    if not (vae_dir / "config.json").is_file():
+        subprocess.run(
+            [sys.executable, str(REPO_ROOT / "training" / "train_vae.py"), "--output_dir", str(vae_dir),
+             "--resolution", str(args.resolution), "--max_train_steps", str(args.vae_steps),
+             "--block_out_channels", "16", "32", "32", "--train_batch_size", "16", "--crop_size", "32",
+             "--learning_rate", "2e-3", "--num_scenes", "1000", "--seed", str(args.seed)],
+            check=True,
+        )
+    timings["vae_s"] = time.time() - start
+
+    init_dir = work / "untrained_pipeline"
+    if not (init_dir / "model_index.json").is_file():
+        build_untrained_pipeline(vae_dir, init_dir, processing_resolution=args.resolution, seed=args.seed)
+
+    train_dir = work / "unet"
+    start = time.time()
+    if not (train_dir / "pipeline" / "model_index.json").is_file():
+        launcher = [sys.executable]
+        if args.num_processes > 1:
+            launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.num_processes)]
+        env = dict(os.environ, ACCELERATE_USE_CPU="1") if args.num_processes > 1 else None
+        subprocess.run(
+            launcher + [
+                str(REPO_ROOT / "training" / "train_adapter.py"),
+                "--pretrained_model_name_or_path", str(init_dir),
+                "--adapter_mode", "full", "--train_entire_unet",
+                "--train_data_dir", str(data_dir), "--validation_split", "val",
+                "--num_validation_images", str(args.num_val_images),
+                "--resolution", str(args.resolution),
+                "--train_batch_size", str(args.batch_size),
+                "--max_train_steps", str(args.unet_steps),
+                "--learning_rate", str(args.learning_rate),
+                "--lr_scheduler", "cosine", "--lr_warmup_steps", "100",
+                "--noise_variant", args.noise_variant,
+                "--checkpointing_steps", "500", "--checkpoints_total_limit", "1",
+                "--resume_from_checkpoint", "latest",
+                "--validation_steps", str(args.validation_steps),
+                "--report_to", "none", "--dataset_name", "digseg-synthetic-shapes",
+                "--output_dir", str(train_dir), "--seed", str(args.seed),
+            ],
+            check=True,
+            env=env,
+        )
+    timings["unet_s"] = time.time() - start
+
+    trained = train_dir / "pipeline"
+    if args.install:
+        if PACKAGED_MODEL_DIR.exists():
+            shutil.rmtree(PACKAGED_MODEL_DIR)
+        shutil.copytree(trained, PACKAGED_MODEL_DIR)
+        logger.info(f"Installed the demo model into {PACKAGED_MODEL_DIR}")
+    summary = {"timings": timings, "pipeline": str(trained), "installed": bool(args.install)}
+    (work / "demo_build_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logger.info(f"Done: {summary}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
