@@ -198,12 +198,20 @@ class PeakMemory:
 # -------------------------------------------------------------------------------------------------------- FLOPs
 
 
+def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The same architecture on the meta device (rebuilt from its config: no copy of an 866M-weight model)."""
+    if hasattr(model, "config") and hasattr(type(model), "from_config"):
+        with torch.device("meta"):
+            return type(model).from_config(model.config).eval()
+    return copy.deepcopy(model).to("meta")
+
+
 def component_flops(pipe, resolution: int, rows: int = 1) -> dict[str, int]:
     """FLOPs of one image encode, one U-Net forward and one mask decode (VAE, and light when present) at
     `resolution`, counted on meta-device copies (shapes only: the SD2 sizes cost nothing to count)."""
     scale = pipe.vae_scale_factor
     side = resolution // scale
-    unet, vae = copy.deepcopy(pipe.unet).to("meta"), copy.deepcopy(pipe.vae).to("meta")
+    unet, vae = meta_copy(pipe.unet), meta_copy(pipe.vae)
     with torch.device("meta"):
         pixels = torch.zeros(rows, 3, resolution, resolution)
         latents = torch.zeros(rows, vae.config.latent_channels, side, side)
@@ -215,7 +223,7 @@ def component_flops(pipe, resolution: int, rows: int = 1) -> dict[str, int]:
         "decode_vae": count_flops(mask_codec.decode_masks, vae, latents),
     }
     if getattr(pipe, "mask_decoder", None) is not None:
-        light = copy.deepcopy(pipe.mask_decoder).to("meta")
+        light = meta_copy(pipe.mask_decoder)
         flops["decode_light"] = count_flops(mask_codec.decode_masks, vae, latents, mask_decoder=light)
     return flops
 

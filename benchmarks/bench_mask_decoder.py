@@ -1,0 +1,105 @@
+"""The light mask decoder vs the full VAE decoder: FLOPs, time (side by side), IoU on the synthetic set.
+
+FLOPs are counted on meta-device copies for the tiny test VAE, the SD VAE architecture and (optionally) a
+trained VAE, at several resolutions. Time: K latents decoded by each decoder, interleaved. IoU: masks of the
+synthetic validation split encoded by the trained VAE, decoded by both decoders from the same latents
+(`digseg_diffusers.mask_decoder.evaluate_mask_decoders`), against the ground truth.
+
+    python benchmarks/bench_mask_decoder.py --resolution 128 --k 4 \
+        --vae_path OUT/quick_vae --mask_decoder_path OUT/md/mask_decoder
+"""
+
+from __future__ import annotations
+
+import torch
+from common import PeakMemory, base_parser, interleaved, markdown_table, meta_copy, sd_vae, setup, write_results
+
+from digseg_diffusers import mask_codec
+from digseg_diffusers.mask_decoder import DiGSegMaskDecoder, count_flops, evaluate_mask_decoders
+from digseg_diffusers.testing_utils import make_tiny_vae
+
+
+def decode_flops(vae, decoder, resolution: int) -> tuple[int, int]:
+    meta_vae, meta_decoder = meta_copy(vae), meta_copy(decoder)
+    side = resolution // decoder.upsampling_factor
+    latents = torch.zeros(1, 4, side, side, device="meta")
+    return (count_flops(mask_codec.decode_masks, meta_vae, latents),
+            count_flops(mask_codec.decode_masks, meta_vae, latents, mask_decoder=meta_decoder))
+
+
+def main(argv=None):
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.set_defaults(config="sd2", resolution=128)
+    parser.add_argument("--k", type=int, default=4, help="masks decoded per timed call")
+    parser.add_argument("--vae_path", default=None, help="a trained VAE folder (for the IoU and its FLOPs)")
+    parser.add_argument("--mask_decoder_path", default=None, help="the light decoder trained for --vae_path")
+    parser.add_argument("--num_eval_scenes", type=int, default=200)
+    parser.add_argument("--eval_resolution", type=int, default=64)
+    args = parser.parse_args(argv)
+    setup(args)
+
+    torch.manual_seed(0)
+    default_decoder = DiGSegMaskDecoder().eval()
+    vaes = {"tiny test VAE (8,16,16,16)": (make_tiny_vae().eval(), DiGSegMaskDecoder(block_out_channels=(16, 8, 8, 8))),
+            "SD VAE (128,256,512,512)": (sd_vae("meta"), default_decoder)}
+    trained = None
+    if args.vae_path:
+        from digseg_diffusers.vae_study import load_vae
+
+        trained_vae = load_vae(args.vae_path)
+        trained_decoder = (DiGSegMaskDecoder.from_pretrained(args.mask_decoder_path).eval()
+                           if args.mask_decoder_path else default_decoder)
+        widths = tuple(trained_vae.config.block_out_channels)
+        vaes[f"trained VAE {widths}"] = (trained_vae, trained_decoder)
+        trained = (trained_vae, trained_decoder)
+
+    flop_rows, flops = [], {}
+    for name, (vae, decoder) in vaes.items():
+        for res in (64, 256, 512):
+            full, light = decode_flops(vae, decoder, res)
+            flops[f"{name} @ {res}"] = {"vae": full, "light": light}
+            flop_rows.append([name, tuple(decoder.config.block_out_channels), res, full / 1e9, light / 1e9,
+                              f"{full / light:.0f}x"])
+    flop_table = markdown_table(["VAE", "light widths", "px", "VAE decode GFLOP", "light GFLOP", "fewer FLOPs"],
+                                flop_rows)
+    print(flop_table)
+
+    # Time: the SD VAE architecture (random weights; the cost does not depend on them) vs the default decoder.
+    vae = sd_vae()
+    side = args.resolution // 8
+    latents = torch.randn(args.k, 4, side, side, generator=torch.Generator().manual_seed(0))
+    variants = {"vae_decoder": lambda: mask_codec.decode_masks(vae, latents),
+                "light_decoder": lambda: mask_codec.decode_masks(vae, latents, mask_decoder=default_decoder)}
+    timing = interleaved(variants, repeats=args.repeats)
+    memory = {}
+    for name, fn in variants.items():
+        with PeakMemory() as peak:
+            fn()
+        memory[name] = peak.peak_rss_mb
+    speedup = timing["vae_decoder"]["median"] / timing["light_decoder"]["median"]
+    time_table = markdown_table(
+        ["decoder", f"s per {args.k} masks @ {args.resolution} px", "speed-up", "peak RSS MB"],
+        [["SD VAE decoder", timing["vae_decoder"]["median"], 1.0, memory["vae_decoder"]],
+         ["light decoder (64,32,16,8)", timing["light_decoder"]["median"], speedup, memory["light_decoder"]]])
+    print(time_table)
+
+    iou, iou_table = None, None
+    if trained is not None:
+        from digseg_diffusers.synthetic import generate_scene, split_seeds
+
+        masks = []
+        for seed in split_seeds("val", args.num_eval_scenes):
+            scene = generate_scene(seed, size=args.eval_resolution)
+            masks += [torch.from_numpy(scene.mask(c)) for c in scene.class_indices]
+        iou = evaluate_mask_decoders(trained[0], trained[1], torch.stack(masks).float())
+        iou_table = markdown_table(["masks (val split)", "IoU full VAE decoder", "IoU light decoder", "difference (points)"],
+                                   [[iou["num_masks"], iou["iou_vae"], iou["iou_light"], iou["iou_difference_points"]]])
+        print(iou_table)
+    path = write_results("mask_decoder", args, {"flops": flops, "flop_table": flop_table, "timing": timing,
+                                                 "peak_rss_mb": memory, "speedup": speedup, "time_table": time_table,
+                                                 "iou": iou, "iou_table": iou_table})
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
