@@ -77,6 +77,32 @@ def make_tiny_text_encoder(hidden_size: int = 32, max_length: int = 32, seed: in
     return CLIPTextModel(config).eval()
 
 
+def make_tiny_clip_model(seed: int = 0):
+    """A tiny random `CLIPModel` (text side sized for the char-level tokenizer; 32 px images, 8 px patches)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            max_position_embeddings=32, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return CLIPModel(config).eval()
+
+
+def make_tiny_class_proposer(seed: int = 0, **kwargs):
+    """A `DiGSegClassProposer` around `make_tiny_clip_model` and the char-level tokenizer."""
+    from .proposal import DiGSegClassProposer
+
+    return DiGSegClassProposer(make_tiny_clip_model(seed), build_char_clip_tokenizer(), **kwargs)
+
+
 def make_ddim_scheduler(prediction_type: str = "v_prediction") -> DDIMScheduler:
     """DDIM with trailing spacing and SD2's scaled-linear betas, as DiGSeg uses at inference."""
     return DDIMScheduler(

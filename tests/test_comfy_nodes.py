@@ -493,24 +493,9 @@ def test_propose_classes_union_in_order():
 
 
 def make_tiny_proposer():
-    from transformers import CLIPConfig, CLIPModel
+    from digseg_diffusers.testing_utils import make_tiny_class_proposer
 
-    from digseg_diffusers.proposal import DiGSegClassProposer
-    from digseg_diffusers.tokenization import build_char_clip_tokenizer
-
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-            max_position_embeddings=32, bos_token_id=512, eos_token_id=513, pad_token_id=513,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return DiGSegClassProposer(CLIPModel(config).eval(), build_char_clip_tokenizer())
+    return make_tiny_class_proposer()
 
 
 def test_propose_classes_with_a_real_proposer():

@@ -264,7 +264,7 @@ def test_script_resume_skips_finished_images(workspace, tmp_path, monkeypatch):
 
 
 def test_script_open_vocabulary_with_saved_proposer(workspace, tmp_path):
-    from test_pipeline_vocabulary import make_tiny_clip
+    from digseg_diffusers.testing_utils import make_tiny_clip_model as make_tiny_clip
 
     from digseg_diffusers.proposal import DiGSegClassProposer
     from digseg_diffusers.tokenization import build_char_clip_tokenizer

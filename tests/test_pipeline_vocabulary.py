@@ -6,31 +6,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel
 
 from digseg_diffusers.pipeline_digseg import CLASS_PROPOSER_SUBFOLDER, DiGSegPipeline
 from digseg_diffusers.proposal import DiGSegClassProposer
 from digseg_diffusers.testing_utils import make_tiny_pipeline
+from digseg_diffusers.testing_utils import make_tiny_clip_model as make_tiny_clip
 from digseg_diffusers.tokenization import build_char_clip_tokenizer
 from digseg_diffusers.vocabularies import Vocabulary
 
 CLASSES = ["circle", "square", "star", "heart"]
 
 
-def make_tiny_clip(seed: int = 0) -> CLIPModel:
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-            max_position_embeddings=32, bos_token_id=512, eos_token_id=513, pad_token_id=513,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    return CLIPModel(config).eval()
 
 
 class ControlledProposer(DiGSegClassProposer):
