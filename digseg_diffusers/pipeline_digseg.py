@@ -274,6 +274,15 @@ class DiGSegPipeline(DiffusionPipeline):
             self.class_proposer.save_pretrained(os.path.join(save_directory, CLASS_PROPOSER_SUBFOLDER))
         super().save_pretrained(save_directory, *args, **kwargs)
 
+    def to(self, *args, **kwargs) -> "DiGSegPipeline":
+        """`DiffusionPipeline.to`, and the class proposer (not a registered component) follows the same device."""
+        pipe = super().to(*args, **kwargs)
+        if isinstance(self.class_proposer, torch.nn.Module):
+            device = next((a for a in args if isinstance(a, (str, torch.device))), kwargs.get("device"))
+            if device is not None:
+                self.class_proposer.to(device)
+        return pipe
+
     def set_class_proposer(self, class_proposer) -> None:
         """Use `class_proposer` (e.g. a `DiGSegClassProposer`, anything with ``propose(images, names)``) to pick
         each image's candidate classes in calls with `vocabulary=`; None removes it (every class is a candidate).

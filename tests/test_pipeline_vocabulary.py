@@ -137,3 +137,16 @@ def test_pipeline_without_proposer_saves_and_loads_none(tmp_path):
     make_tiny_pipeline().save_pretrained(tmp_path / "pipe")
     assert not os.path.exists(tmp_path / "pipe" / CLASS_PROPOSER_SUBFOLDER)
     assert DiGSegPipeline.from_pretrained(tmp_path / "pipe").class_proposer is None
+
+
+def test_pipe_to_moves_the_class_proposer_too():
+    from digseg_diffusers.testing_utils import make_tiny_class_proposer
+
+    pipe = make_tiny_pipeline()
+    proposer = make_tiny_class_proposer()
+    pipe.set_class_proposer(proposer)
+    moved = []
+    proposer.to = lambda *args, **kwargs: moved.append((args, kwargs)) or proposer
+    assert pipe.to("cpu") is pipe and moved == [(("cpu",), {})]
+    pipe.to(dtype=torch.float32)  # a dtype-only move leaves the proposer's precision alone
+    assert len(moved) == 1
