@@ -290,7 +290,10 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 def write_results(name: str, args, payload: dict) -> str:
     path = args.output or os.path.join(RESULTS_DIR, f"{name}_{args.config}_{args.resolution}px.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    payload = {"benchmark": name, "args": vars(args), "machine": machine_description(), **payload}
+    arguments = dict(vars(args))
+    if arguments.get("output"):  # no machine paths in the stored results
+        arguments["output"] = os.path.relpath(arguments["output"], ROOT)
+    payload = {"benchmark": name, "args": arguments, "machine": machine_description(), **payload}
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=float)
     return path
