@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the small `AutoencoderKL` of the embedded demo model on synthetic shape scenes *and* their masks.
 
-    python training/train_vae.py --output_dir runs/demo/vae --max_train_steps 1500
+    python training/train_vae.py --output_dir runs/demo/vae
 
 DiGSeg keeps its VAE frozen and relies on it to round-trip binary masks almost losslessly (method.md section 2;
 the paper's SD VAE reaches MAE 0.004). No SD VAE can be downloaded here, so the demo model gets its own: every
@@ -121,15 +121,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train the demo model's small AutoencoderKL on synthetic scenes and masks.")
     parser.add_argument("--output_dir", required=True, help="Folder for the VAE (save_pretrained) and vae_summary.json.")
     parser.add_argument("--resolution", type=int, default=64, help="Scene side in pixels.")
-    parser.add_argument("--block_out_channels", type=int, nargs="+", default=[32, 64, 64], help="One entry per level; the VAE downsamples by 2**(levels-1).")
+    parser.add_argument("--block_out_channels", type=int, nargs="+", default=[16, 32, 32], help="One entry per level; the VAE downsamples by 2**(levels-1).")
     parser.add_argument("--latent_channels", type=int, default=4)
     parser.add_argument("--crop_size", type=int, default=32, help="Train on random crops of this side (0 = whole scenes).")
     parser.add_argument("--num_scenes", type=int, default=2000, help="Train-split scenes to draw images and masks from.")
     parser.add_argument("--train_batch_size", type=int, default=16, help="Images per step (plus as many masks).")
-    parser.add_argument("--max_train_steps", type=int, default=1500)
+    parser.add_argument("--max_train_steps", type=int, default=3000)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--kl_weight", type=float, default=1e-6)
-    parser.add_argument("--mask_loss_weight", type=float, default=2.0, help="Masks matter most: they are DiGSeg's output.")
+    parser.add_argument("--mask_loss_weight", type=float, default=1.0, help="Weight of the mask reconstruction loss relative to the image loss.")
     parser.add_argument("--num_eval_scenes", type=int, default=64, help="Scenes (from the val split) for the final measurements.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
