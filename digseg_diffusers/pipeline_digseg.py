@@ -102,7 +102,7 @@ class DiGSegPipeline(DiffusionPipeline):
         default_background_threshold: tau_bg for the label map; None means "same as the mask threshold".
         base_model: name or path of the text-to-image model this pipeline was built from (for model cards).
         mask_decoder: optional light `DiGSegMaskDecoder` trained on this VAE's mask latents; when present it
-            decodes the masks by default (~1000x fewer FLOPs than the SD VAE decoder; see `mask_decoder.py`).
+            decodes the masks by default (~600x fewer FLOPs than the SD VAE decoder; see `mask_decoder.py`).
     """
 
     model_cpu_offload_seq = "text_encoder->text_projection->unet->vae->mask_decoder"
