@@ -47,7 +47,8 @@ class DiGSegMaskDecoder(ModelMixin, ConfigMixin):
 
     ``n = len(block_out_channels) - 1`` nearest-neighbour x2 upsamplings (n = 3 for SD's 8x VAE); level i works
     at width ``block_out_channels[i]`` with `layers_per_block` residual conv blocks. Widths shrink as the
-    resolution grows, which keeps the cost per level roughly constant and the total ~600x below SD's decoder (4.3 vs 2515 GFLOP per 512 px mask).
+    resolution grows, which keeps the cost per level roughly constant and the total ~600x below SD's decoder
+    (4.3 vs 2515 GFLOP per 512 px mask).
 
     Args:
         latent_channels: channels of the VAE latent (4 for SD).
