@@ -47,7 +47,8 @@ def main(argv=None):
             return pipe(image, prompts, generator=generators(k), mask_decoder="vae", **common)
 
         def loop():
-            return [pipe(image, p, generator=generators(1, seed=i), mask_decoder="vae", **common) for i, p in enumerate(prompts)]
+            return [pipe(image, p, generator=generators(1, seed=i), mask_decoder="vae", **common)
+                    for i, p in enumerate(prompts)]
 
         def light():
             return pipe(image, prompts, generator=generators(k), mask_decoder="light", **common)
@@ -88,7 +89,8 @@ def main(argv=None):
         headers += ["batched+light s", "light speed-up", "light FLOP-predicted", "light peak MB"]
     table = markdown_table(headers, rows)
     print(f"\n{args.config} config, {args.resolution} px, 1 step, E=1; FLOPs/forward: encode {e:.3g}, "
-          f"U-Net {u:.3g}, VAE decode {d:.3g}" + (f", light decode {flops['decode_light']:.3g}" if "decode_light" in flops else ""))
+          f"U-Net {u:.3g}, VAE decode {d:.3g}"
+          + (f", light decode {flops['decode_light']:.3g}" if "decode_light" in flops else ""))
     print(table)
     path = write_results("batched_prompts", args, {"flops": flops, "results": results, "table": table})
     print(f"results: {path}")

@@ -92,7 +92,8 @@ def main(argv=None):
             scene = generate_scene(seed, size=args.eval_resolution)
             masks += [torch.from_numpy(scene.mask(c)) for c in scene.class_indices]
         iou = evaluate_mask_decoders(trained[0], trained[1], torch.stack(masks).float())
-        iou_table = markdown_table(["masks (val split)", "IoU full VAE decoder", "IoU light decoder", "difference (points)"],
+        iou_table = markdown_table(["masks (val split)", "IoU full VAE decoder", "IoU light decoder",
+                                    "difference (points)"],
                                    [[iou["num_masks"], iou["iou_vae"], iou["iou_light"], iou["iou_difference_points"]]])
         print(iou_table)
     path = write_results("mask_decoder", args, {"flops": flops, "flop_table": flop_table, "timing": timing,

@@ -13,7 +13,17 @@ import json
 import subprocess
 import sys
 
-from common import PROMPTS, PeakMemory, base_parser, generators, make_pipeline, markdown_table, scene_image, setup, write_results
+from common import (
+    PROMPTS,
+    PeakMemory,
+    base_parser,
+    generators,
+    make_pipeline,
+    markdown_table,
+    scene_image,
+    setup,
+    write_results,
+)
 
 
 def single(args) -> dict:

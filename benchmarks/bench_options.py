@@ -14,7 +14,17 @@ import time
 
 import numpy as np
 import torch
-from common import PROMPTS, base_parser, generators, interleaved, make_pipeline, markdown_table, scene_image, setup, write_results
+from common import (
+    PROMPTS,
+    base_parser,
+    generators,
+    interleaved,
+    make_pipeline,
+    markdown_table,
+    scene_image,
+    setup,
+    write_results,
+)
 
 from digseg_diffusers.adapter import DiGSegAdapterConfig, apply_adapter
 

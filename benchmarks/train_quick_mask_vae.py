@@ -89,7 +89,8 @@ def main(argv=None) -> None:
             break
     vae.eval()
     with torch.no_grad():  # unit-variance latents, as SD's scaling_factor gives
-        std = float(torch.cat([vae.encode(mask_pixels[:256]).latent_dist.mode(), vae.encode(images[:256]).latent_dist.mode()]).std())
+        sample = torch.cat([mask_pixels[:256], images[:256]])
+        std = float(vae.encode(sample).latent_dist.mode().std())
     vae.register_to_config(scaling_factor=1.0 / std)
     os.makedirs(args.output_dir, exist_ok=True)
     vae.save_pretrained(args.output_dir)

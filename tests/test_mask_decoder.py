@@ -175,3 +175,28 @@ def test_save_load_keeps_the_decoder_and_old_folders_still_load(rgb_image, tmp_p
     index_path.write_text(json.dumps(index))
     old = DiGSegPipeline.from_pretrained(tmp_path / "old")
     assert old.mask_decoder is None
+
+
+@one_thread()
+def test_training_script_writes_decoder_summary_and_pipeline(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "training" / "train_mask_decoder.py"
+    spec = importlib.util.spec_from_file_location("digseg_train_mask_decoder", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    make_tiny_pipeline(seed=0).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "out"
+    summary = module.main([
+        "--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--output_dir", str(out), "--resolution", "32",
+        "--num_train_scenes", "3", "--num_eval_scenes", "2", "--max_train_steps", "2", "--train_batch_size", "4",
+        "--save_pipeline",
+    ])
+    decoder = DiGSegMaskDecoder.from_pretrained(out / "mask_decoder")
+    assert decoder.upsampling_factor == 8 and decoder.config.input_scale != 1.0  # set from the latent std
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["eval"]["num_masks"] == summary["eval"]["num_masks"] > 0
+    assert set(saved["decode_flops_per_mask"]) == {"32", "512"}
+    pipe = DiGSegPipeline.from_pretrained(out / "pipeline")
+    assert isinstance(pipe.mask_decoder, DiGSegMaskDecoder)

@@ -83,7 +83,8 @@ def resolve_vae(name_or_path: str):
 
 @torch.no_grad()
 def encode_in_chunks(vae, masks: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    return torch.cat([mask_codec.encode_masks(vae, masks[i : i + batch_size]) for i in range(0, len(masks), batch_size)])
+    chunks = [masks[i : i + batch_size] for i in range(0, len(masks), batch_size)]
+    return torch.cat([mask_codec.encode_masks(vae, chunk) for chunk in chunks])
 
 
 def main(argv=None) -> dict:
