@@ -27,6 +27,29 @@ def decode_flops(vae, decoder, resolution: int) -> tuple[int, int]:
             count_flops(mask_codec.decode_masks, meta_vae, latents, mask_decoder=meta_decoder))
 
 
+def pipeline_iou(pipeline_path: str, num_scenes: int, resolution: int) -> dict:
+    """Segment val scenes (prompts = their visible classes) with each decoder; pooled IoU of the binary masks."""
+    from digseg_diffusers import DiGSegPipeline
+    from digseg_diffusers.synthetic import generate_scene, split_seeds
+
+    pipe = DiGSegPipeline.from_pretrained(pipeline_path)
+    pipe.set_progress_bar_config(disable=True)
+    counts = {"vae": [0, 0], "light": [0, 0]}
+    num_masks = 0
+    for seed in split_seeds("val", num_scenes):
+        scene = generate_scene(seed, size=resolution)
+        targets = torch.from_numpy(scene.label)[None] == torch.tensor(scene.class_indices)[:, None, None] + 1
+        num_masks += len(scene.class_indices)
+        for decoder in counts:
+            out = pipe(scene.image, scene.class_names, processing_resolution=0, output_type="pt",
+                       generator=torch.Generator().manual_seed(seed), mask_decoder=decoder)
+            masks = out.masks[0]
+            counts[decoder][0] += int((masks & targets).sum())
+            counts[decoder][1] += int((masks | targets).sum())
+    return {"num_scenes": num_scenes, "num_masks": num_masks,
+            **{f"iou_{name}": inter / union for name, (inter, union) in counts.items()}}
+
+
 def main(argv=None):
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.set_defaults(config="sd2", resolution=128)
@@ -35,6 +58,10 @@ def main(argv=None):
     parser.add_argument("--mask_decoder_path", default=None, help="the light decoder trained for --vae_path")
     parser.add_argument("--num_eval_scenes", type=int, default=200)
     parser.add_argument("--eval_resolution", type=int, default=64)
+    parser.add_argument("--pipeline_path", default=None,
+                        help="a trained DiGSeg pipeline with a `mask_decoder` (e.g. train_mask_decoder.py "
+                             "--save_pipeline output): end-to-end IoU with each decoder on val scenes")
+    parser.add_argument("--num_pipeline_scenes", type=int, default=50)
     args = parser.parse_args(argv)
     setup(args)
 
@@ -96,7 +123,16 @@ def main(argv=None):
                                     "difference (points)"],
                                    [[iou["num_masks"], iou["iou_vae"], iou["iou_light"], iou["iou_difference_points"]]])
         print(iou_table)
-    path = write_results("mask_decoder", args, {"flops": flops, "flop_table": flop_table, "timing": timing,
+    end_to_end, end_to_end_table = None, None
+    if args.pipeline_path:
+        end_to_end = pipeline_iou(args.pipeline_path, args.num_pipeline_scenes, args.eval_resolution)
+        end_to_end_table = markdown_table(
+            ["scenes (val)", "class masks", "IoU with VAE decoder", "IoU with light decoder", "difference (points)"],
+            [[end_to_end["num_scenes"], end_to_end["num_masks"], end_to_end["iou_vae"], end_to_end["iou_light"],
+              100 * (end_to_end["iou_light"] - end_to_end["iou_vae"])]])
+        print(end_to_end_table)
+    path = write_results("mask_decoder", args, {"end_to_end": end_to_end, "end_to_end_table": end_to_end_table,
+                                                 "flops": flops, "flop_table": flop_table, "timing": timing,
                                                  "peak_rss_mb": memory, "speedup": speedup, "time_table": time_table,
                                                  "iou": iou, "iou_table": iou_table})
     print(f"results: {path}")
