@@ -1,0 +1,102 @@
+"""The embedded demo model: shipped in the package, loadable by path and short name, and accurate on held-out scenes."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from digseg_diffusers import DiGSegPipeline, demo
+from digseg_diffusers.data.readers import BACKGROUND_INDEX
+from digseg_diffusers.evaluation import evaluate_examples
+from digseg_diffusers.metrics import ConfusionMatrix
+from digseg_diffusers.synthetic import SHAPE_CLASSES, generate_scene, split_seeds
+
+# The shipped model is trained for minutes on a CPU and is far from converged (benchmarks/demo_fidelity.md): it
+# finds the shapes (class-agnostic foreground IoU 0.35-0.48 on these scenes) but often names them wrongly
+# (mIoU 0.125 on these 12 scenes, against 0.106 for labelling everything background). The floors pin that down,
+# so a retrained demo model can only ship if it is at least as good.
+MIOU_FLOOR = 0.115
+FOREGROUND_IOU_FLOOR = 0.25
+
+
+@pytest.fixture(scope="module")
+def demo_pipe():
+    pipe = demo.load_demo_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_the_packaged_folder_is_a_complete_small_safetensors_pipeline():
+    path = Path(demo.default_model_path())
+    index = json.loads((path / "model_index.json").read_text())
+    for component in ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_projection"):
+        assert component in index and (path / component).is_dir()
+    weights = list(path.rglob("*.safetensors"))
+    assert {w.parent.name for w in weights} >= {"unet", "vae", "text_encoder", "text_projection"}
+    assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))
+    total_mb = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+    assert total_mb < 40
+
+
+def test_short_name_resolves_to_the_packaged_model(tmp_path, monkeypatch):
+    assert demo.resolve_model_name(demo.DEMO_MODEL_NAME) == demo.default_model_path()
+    assert demo.resolve_model_name("org/some-model") == "org/some-model"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / demo.DEMO_MODEL_NAME).mkdir()  # a local folder of that name wins
+    assert demo.resolve_model_name(demo.DEMO_MODEL_NAME) == demo.DEMO_MODEL_NAME
+
+
+def test_missing_model_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setattr(demo, "__file__", str(tmp_path / "demo.py"))
+    with pytest.raises(FileNotFoundError, match="demo model is missing"):
+        demo.default_model_path()
+
+
+def test_from_pretrained_by_short_name(demo_pipe):
+    pipe = DiGSegPipeline.from_pretrained(demo.DEMO_MODEL_NAME)
+    assert pipe.unet.config.in_channels == 2 * pipe.vae.config.latent_channels
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    for name, param in pipe.unet.named_parameters():
+        torch.testing.assert_close(param, dict(demo_pipe.unet.named_parameters())[name])
+        break
+
+
+def test_the_comfyui_loader_finds_the_demo_model():
+    logic = pytest.importorskip("comfy_nodes.logic")
+    assert logic.demo_model_path() == demo.default_model_path()
+
+
+class _Example:
+    def __init__(self, scene):
+        self.image = scene.image
+        self.label = np.where(scene.label == 0, BACKGROUND_INDEX, scene.label.astype(np.int64) - 1)
+
+
+def _held_out_scenes(num_scenes: int = 12, first: int = 500):
+    return [generate_scene(seed, size=64) for seed in split_seeds("test", num_scenes, seed_offset=split_seeds("test", 0).start + first)]
+
+
+def test_held_out_miou_floor(demo_pipe):
+    """Test-split scenes (never trained on), every class queried, 1 step, 1 ensemble member."""
+    scenes = _held_out_scenes()
+    examples = [_Example(scene) for scene in scenes]
+    metrics = evaluate_examples(demo_pipe, examples, SHAPE_CLASSES, num_inference_steps=1, ensemble_size=1, batch_size=32).compute()
+    everything_background = ConfusionMatrix(len(SHAPE_CLASSES) + 1)
+    for example in examples:
+        target = np.where(example.label == BACKGROUND_INDEX, len(SHAPE_CLASSES), example.label)
+        everything_background.update(np.full_like(target, len(SHAPE_CLASSES)), target)
+    assert metrics["mIoU"] >= MIOU_FLOOR, metrics
+    assert metrics["mIoU"] > everything_background.compute()["mIoU"]
+
+
+def test_held_out_foreground_floor(demo_pipe):
+    """Class-agnostic: the union of all prompts' labels against the union of all shapes."""
+    ious = []
+    for position, scene in enumerate(_held_out_scenes()):
+        out = demo_pipe(scene.image, list(SHAPE_CLASSES), generator=torch.Generator().manual_seed(position), batch_size=32)
+        predicted, target = out.label_maps[0] > 0, scene.label > 0
+        ious.append((predicted & target).sum() / (predicted | target).sum())
+    assert np.mean(ious) >= FOREGROUND_IOU_FLOOR, ious
