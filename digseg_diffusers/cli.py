@@ -153,17 +153,23 @@ def load_pipeline(model: str, adapter: str | None, device_name: str, quiet_loadi
     from .pipeline_digseg import DiGSegPipeline
 
     device = _resolve_device(device_name)
-    if quiet_loading:
-        import diffusers
-        import transformers
+    import diffusers
+    import transformers
 
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
+    bars = (diffusers.utils.logging, transformers.utils.logging)
+    were_enabled = [module.is_progress_bar_enabled() for module in bars]
+    if quiet_loading:  # "Loading pipeline components" bars are noise for a command-line user
+        for module in bars:
+            module.disable_progress_bar()
     try:
         pipe = DiGSegPipeline.from_pretrained(model)
     except Exception as error:  # OSError, ValueError, HTTP errors, missing files: all mean "cannot load"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CLIError(f"cannot load the model {model!r}: {reason}") from None
+    finally:
+        for module, enabled in zip(bars, were_enabled):
+            if enabled:
+                module.enable_progress_bar()
     if adapter:
         try:
             pipe.load_digseg_adapter(adapter)
