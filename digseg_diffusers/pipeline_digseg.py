@@ -31,6 +31,7 @@ from transformers import PreTrainedModel
 
 from . import mask_codec
 from .image_processing import RESAMPLE_METHODS, DiGSegImageProcessor
+from .mask_decoder import DiGSegMaskDecoder  # imported so that from_pretrained can resolve a saved mask_decoder
 from .text_projection import DiGSegTextProjection
 from .unet_surgery import widen_conv_in
 
@@ -125,7 +126,7 @@ class DiGSegPipeline(DiffusionPipeline):
         default_mask_threshold: float = 0.7,
         default_background_threshold: float | None = None,
         base_model: str | None = None,
-        mask_decoder=None,
+        mask_decoder: DiGSegMaskDecoder | None = None,
     ):
         super().__init__()
         self.register_modules(
