@@ -200,3 +200,20 @@ def test_training_script_writes_decoder_summary_and_pipeline(tmp_path):
     assert set(saved["decode_flops_per_mask"]) == {"32", "512"}
     pipe = DiGSegPipeline.from_pretrained(out / "pipeline")
     assert isinstance(pipe.mask_decoder, DiGSegMaskDecoder)
+
+
+@pytest.mark.slow
+def test_a_saved_decoder_loads_in_a_fresh_process(tmp_path):
+    # diffusers resolves a component's library only if it is already imported: the pipeline module must import it.
+    import subprocess
+    import sys
+
+    pipe_with_decoder().save_pretrained(tmp_path)
+    code = (
+        "import sys; from digseg_diffusers import DiGSegPipeline; "
+        f"pipe = DiGSegPipeline.from_pretrained({str(tmp_path)!r}); "
+        "print(type(pipe.mask_decoder).__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "DiGSegMaskDecoder"
