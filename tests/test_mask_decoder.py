@@ -191,12 +191,14 @@ def test_training_script_writes_decoder_summary_and_pipeline(tmp_path):
     summary = module.main([
         "--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--output_dir", str(out), "--resolution", "32",
         "--num_train_scenes", "3", "--num_eval_scenes", "2", "--max_train_steps", "2", "--train_batch_size", "4",
-        "--save_pipeline",
+        "--num_distill_scenes", "1", "--save_pipeline",
     ])
     decoder = DiGSegMaskDecoder.from_pretrained(out / "mask_decoder")
     assert decoder.upsampling_factor == 8 and decoder.config.input_scale != 1.0  # set from the latent std
     saved = json.loads((out / "summary.json").read_text())
     assert saved["eval"]["num_masks"] == summary["eval"]["num_masks"] > 0
+    masks_per_scene = [len(generate_scene(seed, size=32).class_indices) for seed in (0, 1, 2, 5_000_000)]
+    assert summary["num_train_masks"] == sum(masks_per_scene)  # 3 mask scenes + 1 scene of denoiser latents
     assert set(saved["decode_flops_per_mask"]) == {"32", "512"}
     pipe = DiGSegPipeline.from_pretrained(out / "pipeline")
     assert isinstance(pipe.mask_decoder, DiGSegMaskDecoder)

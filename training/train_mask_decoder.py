@@ -52,6 +52,10 @@ def parse_args(argv=None):
     parser.add_argument("--latent_noise_std", type=float, default=0.05,
                         help="Gaussian noise on the (unit-variance) latents during training, for robustness to "
                              "the denoiser's slightly off-manifold outputs")
+    parser.add_argument("--num_distill_scenes", type=int, default=0,
+                        help="with a pipeline: also train on the U-Net's own output latents for this many train "
+                             "scenes, with the VAE decoder's probabilities as soft targets (the denoiser's latents "
+                             "lie off the encoder's manifold; plain mask latents do not teach the decoder those)")
     parser.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the IoU")
     parser.add_argument("--save_pipeline", action="store_true",
                         help="also save the pipeline with the decoder registered to OUTPUT/pipeline")
@@ -82,6 +86,21 @@ def resolve_vae(name_or_path: str):
 
 
 @torch.no_grad()
+def denoiser_latents(pipe, num_scenes: int, resolution: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline's final latents for every visible class of `num_scenes` train scenes (seeds after the ones the
+    mask set uses), and the VAE decoder's probabilities for them ``[M, H, W]`` as soft targets."""
+    latents, targets = [], []
+    pipe.set_progress_bar_config(disable=True)
+    for scene_seed in split_seeds("train", num_scenes, seed_offset=5_000_000):
+        scene = generate_scene(scene_seed, size=resolution)
+        out = pipe(scene.image, scene.class_names, processing_resolution=0, output_latent=True, output_type="pt",
+                   generator=torch.Generator().manual_seed(seed + scene_seed), mask_decoder="vae")
+        latents.append(out.latents.float().cpu())
+        targets.append(out.probabilities[0].float().cpu())
+    return torch.cat(latents), torch.cat(targets)
+
+
+@torch.no_grad()
 def encode_in_chunks(vae, masks: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     chunks = [masks[i : i + batch_size] for i in range(0, len(masks), batch_size)]
     return torch.cat([mask_codec.encode_masks(vae, chunk) for chunk in chunks])
@@ -99,6 +118,13 @@ def main(argv=None) -> dict:
     eval_masks = synthetic_masks("val", args.num_eval_scenes, args.resolution)
     train_latents = encode_in_chunks(vae, train_masks).float()
     latent_std = float(train_latents.std())
+    if args.num_distill_scenes:
+        if pipe is None:
+            raise ValueError("`--num_distill_scenes` needs a pipeline folder as `--pretrained_model_name_or_path`.")
+        distill_latents, distill_targets = denoiser_latents(pipe, args.num_distill_scenes, args.resolution, args.seed)
+        train_latents = torch.cat([train_latents, distill_latents])
+        train_masks = torch.cat([train_masks, distill_targets])
+        logger.info("+ %d denoiser latents with VAE-decoded soft targets", len(distill_latents))
     logger.info("%d train masks, %d eval masks, latent std %.3f (%.0f s)", len(train_masks), len(eval_masks),
                 latent_std, time.time() - start)
 
