@@ -18,6 +18,7 @@ _LAZY = {
     "build_char_clip_tokenizer": "tokenization",
     "DiGSegAdapterConfig": "adapter",
     "DiGSegClassProposer": "proposal",
+    "DiGSegMaskDecoder": "mask_decoder",
     "ConfusionMatrix": "metrics",
     "load_vocabulary": "vocabularies",
     "list_vocabularies": "vocabularies",
@@ -27,6 +28,7 @@ __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapter import DiGSegAdapterConfig
+    from .mask_decoder import DiGSegMaskDecoder
     from .metrics import ConfusionMatrix
     from .pipeline_digseg import BACKGROUND_LABEL, DiGSegOutput, DiGSegPipeline
     from .proposal import DiGSegClassProposer
