@@ -15,6 +15,7 @@ Tensor conventions (ComfyUI's):
 from __future__ import annotations
 
 import logging
+import importlib
 import os
 import re
 import socket
@@ -291,7 +292,7 @@ _DEMO_WARNINGS: set[str] = set()
 def demo_model_path() -> str | None:
     """The embedded demo model's folder, or None when this digseg_diffusers has none (older versions)."""
     try:
-        from digseg_diffusers import demo
+        demo = importlib.import_module("digseg_diffusers.demo")
     except ImportError:
         return None
     default_model_path = getattr(demo, "default_model_path", None)
