@@ -14,8 +14,8 @@ Tensor conventions (ComfyUI's):
 
 from __future__ import annotations
 
-import logging
 import importlib
+import logging
 import os
 import re
 import socket
