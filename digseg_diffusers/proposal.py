@@ -335,6 +335,7 @@ class DiGSegClassProposer(torch.nn.Module):
 
         settings = {}
         path = str(pretrained_model_name_or_path)
+        local_files_only = bool(kwargs.get("local_files_only", False))
         local = os.path.join(path, subfolder or "", PROPOSER_CONFIG_NAME)
         if os.path.isdir(path):
             if os.path.isfile(local):
@@ -345,7 +346,9 @@ class DiGSegClassProposer(torch.nn.Module):
             from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
             try:
-                config_file = hf_hub_download(path, PROPOSER_CONFIG_NAME, subfolder=subfolder)
+                config_file = hf_hub_download(
+                    path, PROPOSER_CONFIG_NAME, subfolder=subfolder, local_files_only=local_files_only
+                )
                 with open(config_file, encoding="utf-8") as f:
                     settings = json.load(f)
             except LocalEntryNotFoundError:
@@ -359,5 +362,5 @@ class DiGSegClassProposer(torch.nn.Module):
         settings.update({k: kwargs.pop(k) for k in list(kwargs) if k in own_keys})
         sub = {"subfolder": subfolder} if subfolder else {}
         clip_model = CLIPModel.from_pretrained(path, **sub, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, **sub)
+        tokenizer = AutoTokenizer.from_pretrained(path, **sub, local_files_only=local_files_only)
         return cls(clip_model, tokenizer, **settings)

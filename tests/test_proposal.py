@@ -207,3 +207,22 @@ def test_clear_errors(tiny_clip):
         proposer.propose(torch.rand(3, 8, 8), "no-such-vocabulary")
     with pytest.raises(ValueError, match="empty"):
         proposer.propose(torch.rand(3, 8, 8), [])
+
+
+def test_from_pretrained_hub_id_honours_local_files_only(tmp_path, monkeypatch):
+    """`local_files_only=True` reaches every Hub lookup: an uncached id fails at once instead of retrying online."""
+    import huggingface_hub
+
+    seen = []
+    real_download = huggingface_hub.hf_hub_download
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("local_files_only"))
+        return real_download(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(OSError):
+        DiGSegClassProposer.from_pretrained("digseg-test/not-cached-anywhere", local_files_only=True)
+    assert seen and all(seen)
