@@ -7,6 +7,7 @@ divided by its 1x1 FPS), and the U-Net + decode FLOPs per image.
 
     python benchmarks/bench_ensemble_steps.py --config tiny --resolution 64
     python benchmarks/bench_ensemble_steps.py --config sd2 --resolution 128 --repeats 2 --skip_long
+    python benchmarks/bench_ensemble_steps.py --config sd2 --resolution 512 --device cuda --dtype bf16 --repeats 10
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main(argv=None):
     parser.add_argument("--prompt", default="circle")
     args = parser.parse_args(argv)
     setup(args)
-    pipe = make_pipeline(args.config)
+    pipe = make_pipeline(args.config, device=args.device, dtype=args.torch_dtype)
     image = scene_image(args.resolution)
     trailing = pipe.scheduler
     leading = DDIMScheduler.from_config(trailing.config, timestep_spacing="leading")
@@ -66,14 +67,14 @@ def main(argv=None):
         image_flops = flops["encode"] + ensemble * steps * flops["unet"] + flops["decode_vae"]
         paper_relative = PAPER_FPS[name] / PAPER_FPS["1x1"]
         rows.append([name, seconds, 1.0 / seconds, base / seconds, paper_relative, image_flops / 1e9,
-                     peak.peak_rss_mb])
+                     peak.peak_rss_mb, peak.cuda_peak_mb or "-"])
         results.append({"setting": name, "seconds": seconds, "images_per_s": 1.0 / seconds,
                         "relative_to_1x1": base / seconds, "paper_relative": paper_relative,
                         "gflop_per_image": image_flops / 1e9, "peak_rss_mb": peak.peak_rss_mb,
-                        "times": timing[name]["times"]})
+                        "cuda_peak_mb": peak.cuda_peak_mb, "times": timing[name]["times"]})
     table = markdown_table(["E x S", "s / image", "images/s", "relative to 1x1", "paper relative (GPU)",
-                            "GFLOP / image", "peak RSS MB"], rows)
-    print(f"{args.config} config, {args.resolution} px, K=1")
+                            "GFLOP / image", "peak RSS MB", "CUDA peak MB"], rows)
+    print(f"{args.config} config, {args.resolution} px, K=1, {args.device} {args.dtype}")
     print(table)
     path = write_results("ensemble_steps", args, {"flops": flops, "results": results, "table": table})
     print(f"results: {path}")

@@ -7,6 +7,7 @@ the overhead. Also prints the FLOPs of encode / U-Net / decode counted with `tor
 
     python benchmarks/bench_pipeline_overhead.py --config tiny --resolution 64 --k 4
     python benchmarks/bench_pipeline_overhead.py --config sd2 --resolution 128 --k 2 --repeats 2
+    python benchmarks/bench_pipeline_overhead.py --config sd2 --resolution 512 --k 1 --device cuda --dtype bf16
 """
 
 from __future__ import annotations
@@ -37,17 +38,18 @@ def main(argv=None):
     parser.add_argument("--flops_resolution", type=int, default=512)
     args = parser.parse_args(argv)
     setup(args)
-    pipe = make_pipeline(args.config)
+    pipe = make_pipeline(args.config, device=args.device, dtype=args.torch_dtype)
     image = scene_image(args.resolution)
     prompts = PROMPTS[: args.k]
     k, size = args.k, args.resolution
 
     # Inputs of the raw calls, prepared once (what the pipeline computes before each model call).
-    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    device, dtype = args.device, args.torch_dtype
+    pixels = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0).to(device, dtype)
     tokens = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.text_max_length, truncation=True,
-                            return_tensors="pt").input_ids
+                            return_tensors="pt").input_ids.to(device)
     side = size // pipe.vae_scale_factor
-    noise = torch.randn(k, 4, side, side, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(k, 4, side, side, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     pipe.scheduler.set_timesteps(1)
     t = pipe.scheduler.timesteps[0]
 
@@ -71,7 +73,7 @@ def main(argv=None):
     overhead = timing["pipeline"]["median"] / timing["raw_components"]["median"] - 1.0
     # Each round runs the two back to back: the median of the per-round ratios resists load drift best.
     paired = statistics.median(p / r for p, r in zip(timing["pipeline"]["times"], timing["raw_components"]["times"]))
-    print(f"{args.config} {size} px K={k}: pipeline {timing['pipeline']['median']:.3f}s, raw components "
+    print(f"{args.config} {size} px K={k} {args.device} {args.dtype}: pipeline {timing['pipeline']['median']:.3f}s, raw components "
           f"{timing['raw_components']['median']:.3f}s, overhead {100 * overhead:+.1f}% (ratio of medians), "
           f"{100 * (paired - 1):+.1f}% (median of per-round ratios) (target <= 15%)")
 

@@ -80,8 +80,10 @@ def sd_vae(device: str | torch.device = "cpu") -> AutoencoderKL:
         ).eval()
 
 
-def make_pipeline(config: str, light_decoder: bool = False):
-    """"tiny" (the test components) or "sd2" (SD2 U-Net + SD VAE, random; a tiny text encoder projected to 1024).
+def make_pipeline(config: str, light_decoder: bool = False, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32):
+    """"tiny" (the test components) or "sd2" (SD2 U-Net + SD VAE, random; a tiny text encoder projected to 1024),
+    moved to `device` and `dtype`.
 
     The text encoder is tiny in both: it runs once per distinct prompt and is not what this work measures.
     """
@@ -107,7 +109,7 @@ def make_pipeline(config: str, light_decoder: bool = False):
     if light_decoder:
         torch.manual_seed(0)  # untrained: the cost is what is measured here, not the masks
         pipe.register_modules(mask_decoder=DiGSegMaskDecoder().eval())
-    return pipe
+    return pipe.to(device, dtype)
 
 
 def scene_image(resolution: int, seed: int = 0) -> np.ndarray:
@@ -124,6 +126,11 @@ def generators(num_rows: int, seed: int = 0) -> list[torch.Generator]:
 # ------------------------------------------------------------------------------------------------------- timing
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int = 3, warmup: bool = True) -> dict:
     """Run the variants round-robin (A B C A B C ...) `repeats` times; per variant: all times and the median.
 
@@ -137,8 +144,10 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int = 3, war
     for _ in range(repeats):
         for name, fn in variants.items():
             gc.collect()
+            synchronize()
             start = time.perf_counter()
             fn()
+            synchronize()  # GPU work is asynchronous: stop the clock when it is done, not when it is queued
             times[name].append(time.perf_counter() - start)
     return {name: {"times": t, "median": statistics.median(t)} for name, t in times.items()}
 
@@ -266,11 +275,23 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     parser.add_argument("--output", default=None, help="JSON file for the results (default: benchmarks/results/)")
     return parser
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# How far two mathematically equal computations (rows batched differently) may differ in each precision. The
+# half-precision bounds are loose because a *random* SD VAE decoder amplifies rounding (a trained one does not;
+# the light decoder's differences stay ~5e-3): they catch wrong rows, not rounding.
+OUTPUT_TOLERANCE = {torch.float32: 1e-5, torch.float16: 0.15, torch.bfloat16: 0.15}
+
+
 def setup(args) -> None:
+    args.torch_dtype = DTYPES[args.dtype]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -288,9 +309,10 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 
 def write_results(name: str, args, payload: dict) -> str:
-    path = args.output or os.path.join(RESULTS_DIR, f"{name}_{args.config}_{args.resolution}px.json")
+    suffix = "" if args.device == "cpu" and args.dtype == "fp32" else f"_{args.device}_{args.dtype}"
+    path = args.output or os.path.join(RESULTS_DIR, f"{name}_{args.config}_{args.resolution}px{suffix}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    arguments = dict(vars(args))
+    arguments = {key: value for key, value in vars(args).items() if key != "torch_dtype"}
     if arguments.get("output"):  # no machine paths in the stored results
         arguments["output"] = os.path.relpath(arguments["output"], ROOT)
     payload = {"benchmark": name, "args": arguments, "machine": machine_description(), **payload}

@@ -245,3 +245,29 @@ def test_half_precision_runs_on_cpu_with_resizing(dtype):
     out = pipe(np.zeros((40, 50, 3), np.uint8), ["a"], processing_resolution=32, generator=seeded(0)[0])
     assert out.probabilities[0].shape == (1, 40, 50) and out.probabilities[0].dtype == np.float32
     assert np.abs(out.probabilities[0] - reference.probabilities[0]).max() < 0.1
+
+
+def test_execution_device_follows_offload_hooks():
+    """The fast path (no hooks: `self.device`) and the hooked path (the parent's answer) both hold, and under a
+    hook the image encoder gets its inputs where the hook runs the VAE, not where its weights sit (CPU offload)."""
+    pipe = make_tiny_pipeline()
+    assert pipe._execution_device == torch.device("cpu")
+
+    class FakeOffloadHook:  # what accelerate's offload hooks expose to diffusers
+        execution_device = "meta"
+
+    hooked = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    for module in hooked:
+        module._hf_hook = FakeOffloadHook()
+    try:
+        assert pipe._execution_device == torch.device("meta")
+        seen = []
+        original = pipe.vae.encode
+        pipe.vae.encode = lambda pixels, *a, **k: seen.append(pixels.device) or original(torch.zeros(pixels.shape), *a, **k)
+        latents = pipe.encode_images(torch.zeros(2, 3, 16, 16), batch_size=1)
+        assert seen == [torch.device("meta")] * 2 and latents.shape == (2, 4, 2, 2)
+    finally:
+        for module in hooked:
+            del module._hf_hook
+        pipe.vae.__dict__.pop("encode", None)
+    assert pipe._execution_device == torch.device("cpu")
