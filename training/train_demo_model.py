@@ -11,7 +11,9 @@ Steps (each is skipped when its output already exists, so an interrupted run con
    encoder with its tokenizer, a small SD2-layout U-Net with 8 input channels, a fresh text projection and DDIM
    with trailing spacing and v-prediction (1-step inference);
 4. train every U-Net weight and the text projection from scratch with `training/train_adapter.py
-   --adapter_mode full --train_entire_unet` (one process, or `--num_processes 2` through accelerate);
+   --adapter_mode full --train_entire_unet` (one process, or `--num_processes 2` through accelerate), in
+   `--num_stages` cosine cycles (warm restarts): stage k starts from stage k-1's weights at the learning rate
+   halved k-1 times, with a fresh optimizer;
 5. pick the default mask threshold by mIoU on validation-split scenes (`calibrate_mask_threshold`);
 6. with `--install`, copy the trained pipeline into `digseg_diffusers/models/demo/` (what the package ships).
 
@@ -172,6 +174,41 @@ def calibrate_mask_threshold(pipeline_dir: str | os.PathLike, num_scenes: int = 
     return {"validation_mIoU_by_threshold": scores, "default_mask_threshold": best}
 
 
+def run_training(
+    args: argparse.Namespace, pipeline_dir: Path, data_dir: Path, output_dir: Path, learning_rate: float, seed: int
+) -> None:
+    """One `train_adapter.py --adapter_mode full --train_entire_unet` cycle (skipped when its pipeline exists)."""
+    if (output_dir / "pipeline" / "model_index.json").is_file():
+        return
+    launcher = [sys.executable]
+    env = None
+    if args.num_processes > 1:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.num_processes)]
+        env = dict(os.environ, ACCELERATE_USE_CPU="1")
+    subprocess.run(
+        launcher + [
+            str(REPO_ROOT / "training" / "train_adapter.py"),
+            "--pretrained_model_name_or_path", str(pipeline_dir),
+            "--adapter_mode", "full", "--train_entire_unet",
+            "--train_data_dir", str(data_dir), "--validation_split", "val",
+            "--num_validation_images", str(args.num_val_images),
+            "--resolution", str(args.resolution),
+            "--train_batch_size", str(args.batch_size),
+            "--max_train_steps", str(args.unet_steps),
+            "--learning_rate", str(learning_rate),
+            "--lr_scheduler", "cosine", "--lr_warmup_steps", "100",
+            "--noise_variant", args.noise_variant,
+            "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1",
+            "--resume_from_checkpoint", "latest",
+            "--validation_steps", str(args.validation_steps),
+            "--report_to", "none", "--dataset_name", "digseg-synthetic-shapes",
+            "--output_dir", str(output_dir), "--seed", str(seed),
+        ],
+        check=True,
+        env=env,
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Reproduce the embedded DiGSeg demo model.")
     parser.add_argument("--work_dir", default="runs/demo", help="Data, VAE, checkpoints and logs go here.")
@@ -180,12 +217,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_train_images", type=int, default=2000)
     parser.add_argument("--num_val_images", type=int, default=16)
     parser.add_argument("--vae_steps", type=int, default=3000)
-    parser.add_argument("--unet_steps", type=int, default=4000)
+    parser.add_argument("--unet_steps", type=int, default=4000, help="Steps per stage.")
+    parser.add_argument("--num_stages", type=int, default=3, help="Cosine cycles; each halves the learning rate.")
     parser.add_argument("--batch_size", type=int, default=16, help="Per process.")
     parser.add_argument("--learning_rate", type=float, default=8e-4)
     parser.add_argument("--noise_variant", default="multires_annealed")
     parser.add_argument("--num_processes", type=int, default=1, help=">1 launches train_adapter.py through accelerate on CPU.")
-    parser.add_argument("--validation_steps", type=int, default=1000)
+    parser.add_argument("--validation_steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -224,39 +262,23 @@ def main(argv: list[str] | None = None) -> dict:
     if not (init_dir / "model_index.json").is_file():
         build_untrained_pipeline(vae_dir, init_dir, processing_resolution=args.resolution, seed=args.seed)
 
-    train_dir = work / "unet"
-    start = time.time()
-    if not (train_dir / "pipeline" / "model_index.json").is_file():
-        launcher = [sys.executable]
-        if args.num_processes > 1:
-            launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.num_processes)]
-        env = dict(os.environ, ACCELERATE_USE_CPU="1") if args.num_processes > 1 else None
-        subprocess.run(
-            launcher + [
-                str(REPO_ROOT / "training" / "train_adapter.py"),
-                "--pretrained_model_name_or_path", str(init_dir),
-                "--adapter_mode", "full", "--train_entire_unet",
-                "--train_data_dir", str(data_dir), "--validation_split", "val",
-                "--num_validation_images", str(args.num_val_images),
-                "--resolution", str(args.resolution),
-                "--train_batch_size", str(args.batch_size),
-                "--max_train_steps", str(args.unet_steps),
-                "--learning_rate", str(args.learning_rate),
-                "--lr_scheduler", "cosine", "--lr_warmup_steps", "100",
-                "--noise_variant", args.noise_variant,
-                "--checkpointing_steps", "500", "--checkpoints_total_limit", "1",
-                "--resume_from_checkpoint", "latest",
-                "--validation_steps", str(args.validation_steps),
-                "--report_to", "none", "--dataset_name", "digseg-synthetic-shapes",
-                "--output_dir", str(train_dir), "--seed", str(args.seed),
-            ],
-            check=True,
-            env=env,
+    train_dir = init_dir
+    for stage in range(1, args.num_stages + 1):
+        start = time.time()
+        stage_dir = work / ("unet" if stage == 1 else f"unet_stage{stage}")
+        run_training(
+            args,
+            pipeline_dir=init_dir if stage == 1 else train_dir / "pipeline",
+            data_dir=data_dir,
+            output_dir=stage_dir,
+            learning_rate=args.learning_rate / 2 ** (stage - 1),
+            seed=args.seed + stage - 1,
         )
-    timings["unet_s"] = time.time() - start
+        timings["unet_s" if stage == 1 else f"unet_stage{stage}_s"] = time.time() - start
+        train_dir = stage_dir
 
     trained = train_dir / "pipeline"
-    calibration_file = work / "threshold_calibration.json"
+    calibration_file = train_dir / "threshold_calibration.json"
     if not calibration_file.is_file():
         calibration_file.write_text(json.dumps(calibrate_mask_threshold(trained), indent=2) + "\n")
     calibration = json.loads(calibration_file.read_text())
