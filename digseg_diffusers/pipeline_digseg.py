@@ -15,6 +15,7 @@ Noise is drawn for all rows before chunking, so results do not depend on `batch_
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -282,12 +283,17 @@ class DiGSegPipeline(DiffusionPipeline):
         The parent looks for offloading hooks in every module of every component (~3 ms per call with an SD2
         U-Net on a CPU host, paid before any GPU work starts). accelerate's offloading (model, sequential, device
         maps) and diffusers' group offloading all hook each offloaded component's top-level module, so when no
-        component carries a hook the answer is simply `self.device`; otherwise the parent decides.
+        component carries a hook the answer is `self.device`, read from each component's first tensor; otherwise
+        the parent decides.
         """
-        components = [m for m in self.components.values() if isinstance(m, torch.nn.Module)]
-        if any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in components):
+        module_names, _ = self._get_signature_keys(self)
+        modules = [getattr(self, name, None) for name in module_names]
+        modules = [m for m in modules if isinstance(m, torch.nn.Module)]
+        if any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in modules):
             return super()._execution_device
-        return self.device
+        # `self.device` without its per-component submodule walk: the first non-CPU device, else the first one.
+        devices = [next(itertools.chain(m.parameters(), m.buffers()), torch.empty(0)).device for m in modules]
+        return next((d for d in devices if d.type not in ("cpu", "meta")), devices[0] if devices else torch.device("cpu"))
 
     def to(self, *args, **kwargs) -> "DiGSegPipeline":
         """`DiffusionPipeline.to`, and the class proposer (not a registered component) follows the same device."""
