@@ -174,6 +174,15 @@ def calibrate_mask_threshold(pipeline_dir: str | os.PathLike, num_scenes: int = 
     return {"validation_mIoU_by_threshold": scores, "default_mask_threshold": best}
 
 
+def drop_source_paths(pipeline_dir: str | os.PathLike) -> None:
+    """Remove ``_name_or_path`` (the folder it was trained in, a path on the training machine) from every config
+    of a saved pipeline: the packaged model must not carry one machine's paths, and loading does not need it."""
+    for config_file in Path(pipeline_dir).rglob("*.json"):
+        config = json.loads(config_file.read_text())
+        if isinstance(config, dict) and config.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def run_training(
     args: argparse.Namespace, pipeline_dir: Path, data_dir: Path, output_dir: Path, learning_rate: float, seed: int
 ) -> None:
@@ -262,23 +271,22 @@ def main(argv: list[str] | None = None) -> dict:
     if not (init_dir / "model_index.json").is_file():
         build_untrained_pipeline(vae_dir, init_dir, processing_resolution=args.resolution, seed=args.seed)
 
-    train_dir = init_dir
+    trained = init_dir  # each stage starts from the pipeline the previous one wrote
     for stage in range(1, args.num_stages + 1):
         start = time.time()
         stage_dir = work / ("unet" if stage == 1 else f"unet_stage{stage}")
         run_training(
             args,
-            pipeline_dir=init_dir if stage == 1 else train_dir / "pipeline",
+            pipeline_dir=trained,
             data_dir=data_dir,
             output_dir=stage_dir,
             learning_rate=args.learning_rate / 2 ** (stage - 1),
             seed=args.seed + stage - 1,
         )
         timings["unet_s" if stage == 1 else f"unet_stage{stage}_s"] = time.time() - start
-        train_dir = stage_dir
+        trained = stage_dir / "pipeline"
 
-    trained = train_dir / "pipeline"
-    calibration_file = train_dir / "threshold_calibration.json"
+    calibration_file = trained.parent / "threshold_calibration.json"
     if not calibration_file.is_file():
         calibration_file.write_text(json.dumps(calibrate_mask_threshold(trained), indent=2) + "\n")
     calibration = json.loads(calibration_file.read_text())
@@ -286,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         if PACKAGED_MODEL_DIR.exists():
             shutil.rmtree(PACKAGED_MODEL_DIR)
         shutil.copytree(trained, PACKAGED_MODEL_DIR)
+        drop_source_paths(PACKAGED_MODEL_DIR)
         logger.info(f"Installed the demo model into {PACKAGED_MODEL_DIR}")
     summary = {"timings": timings, "pipeline": str(trained), "installed": bool(args.install), "calibration": calibration}
     (work / "demo_build_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
