@@ -26,7 +26,6 @@ from common import (
     markdown_table,
     scene_image,
     setup,
-    synchronize,
     write_results,
 )
 
@@ -91,7 +90,6 @@ def main(argv=None):
         for (decoder, n), fn in calls.items():
             with PeakMemory() as peak:
                 fn()
-                synchronize()
             seconds = timing[f"{decoder} x{n}"]["median"]
             acc = accuracy[decoder]
             rows.append([name, decoder, n, seconds * 1000, n / seconds, acc["max_abs_diff"],
@@ -113,7 +111,6 @@ def main(argv=None):
         resident = make_pipeline(args.config, light_decoder=True, device=args.device, dtype=precision)
         with PeakMemory() as resident_peak:
             expected = segment(resident, check_images, "vae")
-            synchronize()
         del resident
         gc.collect()
         torch.cuda.empty_cache()
@@ -121,7 +118,6 @@ def main(argv=None):
         offloaded.enable_model_cpu_offload()
         with PeakMemory() as offload_peak:
             got = segment(offloaded, check_images, "vae")
-            synchronize()
         timing = interleaved({"offload": lambda: segment(offloaded, images[:1], "vae")}, repeats=args.repeats)
         offload = {"accuracy_vs_resident": compare(got, expected), "cuda_peak_mb_resident": resident_peak.cuda_peak_mb,
                    "cuda_peak_mb_offload": offload_peak.cuda_peak_mb, "seconds_1_image": timing["offload"]["median"]}

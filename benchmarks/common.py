@@ -194,6 +194,7 @@ class PeakMemory:
             time.sleep(self.interval)
 
     def __exit__(self, *exc):
+        synchronize()  # queued GPU work belongs to the block
         self._stop.set()
         if self._process is not None:
             self._thread.join()
