@@ -159,7 +159,7 @@ def write_report(path: Path, args, rows, tau07_row, curve, baselines, model_info
         "",
         "## mIoU by ensemble size x denoising steps (like the paper's Table 6)",
         "",
-        "| ensemble x steps | mIoU | pixel accuracy | CPU s / scene (7 prompts) |",
+        f"| ensemble x steps | mIoU | pixel accuracy | CPU s / scene ({len(SHAPE_CLASSES)} prompts) |",
         "| --- | --- | --- | --- |",
     ]
     for row in rows:

@@ -6,8 +6,10 @@ character-level text encoder, then scores the trained pipeline on held-out test-
 
 To learn something measurable in ~300 CPU steps the task is the easiest one of the synthetic world: one shape
 per scene, every query names the shape present (`--negative_prob 0`). The model has to find the shape from the
-image latent alone (1 denoising step from pure noise). Measured when written: per-query IoU 0.19 at threshold
-0.3, against 0.06 for the whole-image mask and 0 for the empty mask.
+image latent alone (1 denoising step from pure noise); as in the demo recipe, most training timesteps are drawn
+from the high-noise end. Measured (synthetic generator version 2, the current demo VAE): per-query IoU 0.33 at
+threshold 0.3, against 0.11 for the whole-image mask and 0 for the empty mask; with uniform timesteps the same
+300 steps gave 0.007.
 """
 
 import os
@@ -68,6 +70,8 @@ def test_training_from_scratch_beats_empty_and_whole_image_baselines(tmp_path):
         "--pretrained_model_name_or_path", str(init_dir), "--adapter_mode", "full", "--train_entire_unet",
         "--train_data_dir", str(data_dir), "--resolution", "64", "--train_batch_size", "8",
         "--max_train_steps", "300", "--learning_rate", "4e-3", "--lr_warmup_steps", "20", "--negative_prob", "0",
+        # as in the demo recipe: most samples at the high-noise end, the only timestep 1-step inference uses
+        "--timestep_bias_strategy", "later", "--timestep_bias_portion", "0.1", "--timestep_bias_multiplier", "30",
         "--checkpointing_steps", "100000", "--report_to", "none", "--output_dir", str(output_dir),
     ]
     result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from digseg_diffusers.noise import NOISE_VARIANTS, pyramid_level_weights, sample_training_noise
+from digseg_diffusers.noise import NOISE_VARIANTS, pyramid_level_weights, sample_training_noise, sample_training_timesteps
 
 T = 1000
 
@@ -131,3 +131,36 @@ def test_bad_arguments():
         sample_training_noise(torch.zeros(4, 16, 16), 10, T)
     with pytest.raises(ValueError, match="num_train_timesteps"):
         sample_training_noise(latents, 10, 0)
+
+
+def test_unbiased_timesteps_are_plain_randint():
+    # The method's t ~ U{0..T-1}: "none" must draw exactly what torch.randint draws, so runs and resumes made
+    # before the bias option existed stay reproducible.
+    drawn = sample_training_timesteps(64, 1000, generator=torch.Generator().manual_seed(3))
+    expected = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, expected)
+
+
+@pytest.mark.parametrize("strategy", ["later", "earlier"])
+def test_timestep_bias_moves_samples_to_the_chosen_end(strategy):
+    drawn = sample_training_timesteps(
+        20000, 1000, bias_strategy=strategy, bias_multiplier=30.0, bias_portion=0.1,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert drawn.min() >= 0 and drawn.max() <= 999
+    in_portion = (drawn >= 900) if strategy == "later" else (drawn < 100)
+    expected_share = 0.1 * 30 / (0.1 * 30 + 0.9)  # 0.77
+    assert abs(in_portion.float().mean().item() - expected_share) < 0.02
+    # every timestep stays reachable
+    assert ((drawn < 900) if strategy == "later" else (drawn >= 100)).any()
+
+
+def test_timestep_bias_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="bias_strategy"):
+        sample_training_timesteps(4, bias_strategy="middle")
+    with pytest.raises(ValueError, match="bias_multiplier"):
+        sample_training_timesteps(4, bias_strategy="later", bias_multiplier=0.0)
+    with pytest.raises(ValueError, match="bias_portion"):
+        sample_training_timesteps(4, bias_strategy="later", bias_portion=1.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        sample_training_timesteps(0)

@@ -45,7 +45,7 @@ from digseg_diffusers.adapter import (
 from digseg_diffusers.data import SegmentationTrainingDataset, build_reader, collate_segmentation_batch
 from digseg_diffusers.data.readers import READERS, read_class_names_file
 from digseg_diffusers.evaluation import evaluate_examples
-from digseg_diffusers.noise import NOISE_VARIANTS, sample_training_noise
+from digseg_diffusers.noise import NOISE_VARIANTS, TIMESTEP_BIAS_STRATEGIES, sample_training_noise, sample_training_timesteps
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -100,6 +100,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--max_grad_norm", type=float, default=1.0)
     train.add_argument("--noise_variant", choices=NOISE_VARIANTS, default="multires_annealed")
     train.add_argument("--noise_strength", type=float, default=0.9)
+    train.add_argument(
+        "--timestep_bias_strategy",
+        choices=TIMESTEP_BIAS_STRATEGIES,
+        default="none",
+        help='"none" draws t ~ U{0..T-1} (the method); "later"/"earlier" weight one end of the schedule more '
+        "(the demo model uses \"later\": 1-step inference only ever asks at t = T-1).",
+    )
+    train.add_argument("--timestep_bias_multiplier", type=float, default=1.0, help="Weight of the biased timesteps.")
+    train.add_argument("--timestep_bias_portion", type=float, default=0.25, help="Fraction of the timesteps that are biased.")
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     train.add_argument("--gradient_checkpointing", action="store_true")
     train.add_argument("--checkpointing_steps", type=int, default=500)
@@ -122,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if bool(args.pretrained_model_name_or_path) == bool(args.base_model):
         parser.error("give exactly one of --pretrained_model_name_or_path (DiGSeg) or --base_model (Stable Diffusion)")
+    if args.timestep_bias_strategy != "none" and not (
+        args.timestep_bias_multiplier > 0 and 0 < args.timestep_bias_portion <= 1
+    ):
+        parser.error("--timestep_bias_multiplier must be positive and --timestep_bias_portion in (0, 1]")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps", "validation_steps", "resolution"):
@@ -322,8 +335,14 @@ def main(argv: list[str] | None = None) -> dict:
                     batch_seed(args.seed, accelerator.process_index, batches_seen)
                 )
                 batches_seen += 1
-                timesteps = torch.randint(
-                    0, num_train_timesteps, (batch_size,), device=mask_latents.device, generator=generator
+                timesteps = sample_training_timesteps(
+                    batch_size,
+                    num_train_timesteps,
+                    bias_strategy=args.timestep_bias_strategy,
+                    bias_multiplier=args.timestep_bias_multiplier,
+                    bias_portion=args.timestep_bias_portion,
+                    generator=generator,
+                    device=mask_latents.device,
                 )
                 noise = sample_training_noise(
                     mask_latents,
