@@ -198,6 +198,21 @@ def sample_training_noise(
 TIMESTEP_BIAS_STRATEGIES: tuple[str, ...] = ("none", "later", "earlier")
 
 
+def check_timestep_bias(bias_strategy: str, bias_multiplier: float, bias_portion: float) -> None:
+    """Raise ``ValueError`` for a bias setting `sample_training_timesteps` cannot use (multiplier and portion are
+    only read, hence only checked, when the strategy is not ``"none"``). The training script calls it at start-up."""
+    if bias_strategy not in TIMESTEP_BIAS_STRATEGIES:
+        raise ValueError(
+            f"Unknown timestep `bias_strategy` {bias_strategy!r}; choose one of {', '.join(TIMESTEP_BIAS_STRATEGIES)}."
+        )
+    if bias_strategy == "none":
+        return
+    if not bias_multiplier > 0:
+        raise ValueError(f"`bias_multiplier` must be positive, got {bias_multiplier!r}.")
+    if not 0.0 < bias_portion <= 1.0:
+        raise ValueError(f"`bias_portion` must be in (0, 1], got {bias_portion!r}.")
+
+
 def sample_training_timesteps(
     batch_size: int,
     num_train_timesteps: int = 1000,
@@ -217,10 +232,7 @@ def sample_training_timesteps(
 
     ``"none"`` is exactly ``torch.randint(0, T, (batch_size,), generator=generator)``.
     """
-    if bias_strategy not in TIMESTEP_BIAS_STRATEGIES:
-        raise ValueError(
-            f"Unknown timestep `bias_strategy` {bias_strategy!r}; choose one of {', '.join(TIMESTEP_BIAS_STRATEGIES)}."
-        )
+    check_timestep_bias(bias_strategy, bias_multiplier, bias_portion)
     if not isinstance(num_train_timesteps, int) or num_train_timesteps <= 0:
         raise ValueError(f"`num_train_timesteps` must be a positive int, got {num_train_timesteps!r}.")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -228,10 +240,6 @@ def sample_training_timesteps(
     generator_device = generator.device if generator is not None else torch.device(device)
     if bias_strategy == "none":
         return torch.randint(0, num_train_timesteps, (batch_size,), device=generator_device, generator=generator).to(device)
-    if not bias_multiplier > 0:
-        raise ValueError(f"`bias_multiplier` must be positive, got {bias_multiplier!r}.")
-    if not 0.0 < bias_portion <= 1.0:
-        raise ValueError(f"`bias_portion` must be in (0, 1], got {bias_portion!r}.")
     weights = torch.ones(num_train_timesteps, dtype=torch.float64)
     count = max(1, int(round(num_train_timesteps * bias_portion)))
     if bias_strategy == "later":

@@ -153,3 +153,14 @@ def test_bad_arguments_fail_with_a_message(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2 and "--pretrained_model_name_or_path" in result.stderr
+
+
+def test_bad_timestep_bias_fails_at_start_up_with_a_message(tmp_path):
+    # Checked while parsing (the same check the sampler uses), before any model is loaded.
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--pretrained_model_name_or_path", str(tmp_path / "missing"),
+         "--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path),
+         "--timestep_bias_strategy", "later", "--timestep_bias_portion", "1.5"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "bias_portion" in result.stderr

@@ -45,7 +45,13 @@ from digseg_diffusers.adapter import (
 from digseg_diffusers.data import SegmentationTrainingDataset, build_reader, collate_segmentation_batch
 from digseg_diffusers.data.readers import READERS, read_class_names_file
 from digseg_diffusers.evaluation import evaluate_examples
-from digseg_diffusers.noise import NOISE_VARIANTS, TIMESTEP_BIAS_STRATEGIES, sample_training_noise, sample_training_timesteps
+from digseg_diffusers.noise import (
+    NOISE_VARIANTS,
+    TIMESTEP_BIAS_STRATEGIES,
+    check_timestep_bias,
+    sample_training_noise,
+    sample_training_timesteps,
+)
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -131,10 +137,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if bool(args.pretrained_model_name_or_path) == bool(args.base_model):
         parser.error("give exactly one of --pretrained_model_name_or_path (DiGSeg) or --base_model (Stable Diffusion)")
-    if args.timestep_bias_strategy != "none" and not (
-        args.timestep_bias_multiplier > 0 and 0 < args.timestep_bias_portion <= 1
-    ):
-        parser.error("--timestep_bias_multiplier must be positive and --timestep_bias_portion in (0, 1]")
+    try:
+        check_timestep_bias(args.timestep_bias_strategy, args.timestep_bias_multiplier, args.timestep_bias_portion)
+    except ValueError as error:
+        parser.error(f"--timestep_bias_*: {error}")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps", "validation_steps", "resolution"):
