@@ -237,10 +237,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--negative_prob", type=float, default=0.25, help="Share of absent-class queries (empty target).")
     parser.add_argument(
-        "--timestep_bias_multiplier", type=float, default=30.0,
+        "--timestep_bias_multiplier", type=float, default=1000.0,
         help="Weight of the last --timestep_bias_portion of the timesteps (1-step inference asks only at T-1).",
     )
-    parser.add_argument("--timestep_bias_portion", type=float, default=0.1)
+    parser.add_argument(
+        "--timestep_bias_portion", type=float, default=0.01,
+        help="0.01 x 1000 puts 91%% of the samples at t >= 990 (0.1 x 30: 77%% at t >= 900, mIoU 0.415 vs 0.460).",
+    )
     parser.add_argument("--noise_variant", default="multires_annealed")
     parser.add_argument("--num_processes", type=int, default=1, help=">1 launches train_adapter.py through accelerate on CPU.")
     parser.add_argument("--validation_steps", type=int, default=2000)
