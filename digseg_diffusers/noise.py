@@ -53,6 +53,11 @@ def _generator_device(generator: torch.Generator | None, fallback: torch.device)
     return generator.device if generator is not None else fallback
 
 
+def _check_num_train_timesteps(num_train_timesteps: int) -> None:
+    if not isinstance(num_train_timesteps, int) or num_train_timesteps <= 0:
+        raise ValueError(f"`num_train_timesteps` must be a positive int, got {num_train_timesteps!r}.")
+
+
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Float32 Gaussian drawn on the generator's device (so a CPU generator gives the same numbers everywhere)."""
     draw_device = _generator_device(generator, device)
@@ -149,8 +154,7 @@ def sample_training_noise(
     _check_variant(variant)
     if latents_like.ndim != 4:
         raise ValueError(f"`latents_like` must be [B, C, H, W], got shape {tuple(latents_like.shape)}.")
-    if not isinstance(num_train_timesteps, int) or num_train_timesteps <= 0:
-        raise ValueError(f"`num_train_timesteps` must be a positive int, got {num_train_timesteps!r}.")
+    _check_num_train_timesteps(num_train_timesteps)
     if not 0.0 <= float(strength) <= 1.0:
         raise ValueError(f"`strength` must be in [0, 1], got {strength!r}.")
     if not isinstance(max_levels, int) or max_levels < 1:
@@ -233,11 +237,10 @@ def sample_training_timesteps(
     ``"none"`` is exactly ``torch.randint(0, T, (batch_size,), generator=generator)``.
     """
     check_timestep_bias(bias_strategy, bias_multiplier, bias_portion)
-    if not isinstance(num_train_timesteps, int) or num_train_timesteps <= 0:
-        raise ValueError(f"`num_train_timesteps` must be a positive int, got {num_train_timesteps!r}.")
+    _check_num_train_timesteps(num_train_timesteps)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-    generator_device = generator.device if generator is not None else torch.device(device)
+    generator_device = _generator_device(generator, torch.device(device))
     if bias_strategy == "none":
         return torch.randint(0, num_train_timesteps, (batch_size,), device=generator_device, generator=generator).to(device)
     weights = torch.ones(num_train_timesteps, dtype=torch.float64)
