@@ -6,10 +6,11 @@
 Steps (each is skipped when its output already exists, so an interrupted run continues):
 1. write the synthetic shape world in the generic folder format (`digseg_diffusers.synthetic.write_dataset`):
    train split for training, val split for the periodic validation; test seeds stay untouched for the benchmark;
-2. train the small `AutoencoderKL` on scene images and masks (`training/train_vae.py`);
+2. train the small `AutoencoderKL` (4x downsampling, 8 latent channels) on scene images and masks
+   (`training/train_vae.py`);
 3. assemble the *untrained* DiGSeg pipeline: that VAE, a frozen randomly initialised character-level CLIP text
-   encoder with its tokenizer, a small SD2-layout U-Net with 8 input channels, a fresh text projection and DDIM
-   with trailing spacing and v-prediction (1-step inference);
+   encoder with its tokenizer, a small SD2-layout U-Net taking ``[z_x, z_t]`` (2 x the latent channels), a fresh
+   text projection and DDIM with trailing spacing and v-prediction (1-step inference);
 4. train every U-Net weight and the text projection from scratch with `training/train_adapter.py
    --adapter_mode full --train_entire_unet` (one process, or `--num_processes 2` through accelerate), with
    timesteps biased to the high-noise end (1-step inference only asks at t = T-1; uniform timesteps learned
@@ -231,6 +232,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_train_images", type=int, default=10000, help="More scenes than steps can overfit.")
     parser.add_argument("--num_val_images", type=int, default=16)
     parser.add_argument("--vae_steps", type=int, default=3000)
+    parser.add_argument(
+        "--vae_latent_channels", type=int, default=8,
+        help="Latent channels of the 4x VAE (the U-Net takes twice as many). 8 rather than SD's 4: the image latent "
+        "keeps more of the shapes' outlines, and the U-Net learns much faster (1500-step A/B: 0.279 vs 0.176 mIoU).",
+    )
     parser.add_argument("--unet_steps", type=int, default=5000, help="Steps per stage.")
     parser.add_argument("--num_stages", type=int, default=1, help="Cosine cycles; each halves the learning rate.")
     parser.add_argument("--batch_size", type=int, default=32, help="Per process.")
@@ -242,7 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--timestep_bias_portion", type=float, default=0.01,
-        help="0.01 x 1000 puts 91%% of the samples at t >= 990 (0.1 x 30: 77%% at t >= 900, mIoU 0.415 vs 0.460).",
+        help="0.01 x 1000 puts 91%% of the samples at t >= 990 (0.1 x 30: 77%% at t >= 900; mIoU 0.415 vs 0.460 with a 4-channel VAE).",
     )
     parser.add_argument("--noise_variant", default="multires_annealed")
     parser.add_argument("--num_processes", type=int, default=1, help=">1 launches train_adapter.py through accelerate on CPU.")
@@ -274,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
         subprocess.run(
             [sys.executable, str(REPO_ROOT / "training" / "train_vae.py"), "--output_dir", str(vae_dir),
              "--resolution", str(args.resolution), "--max_train_steps", str(args.vae_steps),
-             "--block_out_channels", "16", "32", "32", "--train_batch_size", "16", "--crop_size", "32",
+             "--block_out_channels", "16", "32", "32", "--latent_channels", str(args.vae_latent_channels),
+             "--train_batch_size", "16", "--crop_size", "32",
              "--learning_rate", "1e-3", "--mask_loss_weight", "1.0", "--num_scenes", "1000",
              "--num_threads", "1", "--seed", str(args.seed)],
             check=True,

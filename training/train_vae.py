@@ -134,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     args = parser.parse_args(argv)
-    for name in ("resolution", "num_scenes", "train_batch_size", "max_train_steps", "num_eval_scenes"):
+    for name in ("resolution", "latent_channels", "num_scenes", "train_batch_size", "max_train_steps", "num_eval_scenes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive")
     return args
