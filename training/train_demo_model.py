@@ -248,7 +248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--timestep_bias_portion", type=float, default=0.01,
-        help="0.01 x 1000 puts 91%% of the samples at t >= 990 (0.1 x 30: 77%% at t >= 900; mIoU 0.415 vs 0.460 with a 4-channel VAE).",
+        help="0.01 x 1000 puts 91%% of the samples at t >= 990 (0.1 x 30: 77%% at t >= 900; mIoU 0.415 vs 0.460 with "
+        "a 4-channel VAE).",
     )
     parser.add_argument("--noise_variant", default="multires_annealed")
     parser.add_argument("--num_processes", type=int, default=1, help=">1 launches train_adapter.py through accelerate on CPU.")
