@@ -43,11 +43,22 @@ PACKAGED_MODEL_DIR = REPO_ROOT / "digseg_diffusers" / "models" / "demo"
 
 logger = logging.getLogger("train_demo_model")
 
-# SD2's layout (4 levels, plain bottom level) except that the full-resolution level has no attention: on a CPU
-# its 256-token self-attention cost more than the rest of the U-Net, and the two middle levels (DiGSeg's adapter
-# levels) and the mid block still see the text.
-DEMO_DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
-DEMO_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+# SD2's layout: 4 levels, plain bottom level, text cross-attention in the others and in the mid block. What the
+# full-resolution level gets is `--full_resolution_attention`: SD2's self- + cross-attention ("full"), cross-attention
+# only ("cross": diffusers' `only_cross_attention`, which skips the 256-token self-attention that costs most of
+# that level's CPU time), or nothing ("none").
+FULL_RESOLUTION_ATTENTION = ("none", "cross", "full")
+
+
+def demo_block_types(full_resolution_attention: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[bool, ...]]:
+    """Down block types, up block types and `only_cross_attention` of the demo U-Net."""
+    if full_resolution_attention not in FULL_RESOLUTION_ATTENTION:
+        raise ValueError(f"full_resolution_attention must be one of {FULL_RESOLUTION_ATTENTION}, got {full_resolution_attention!r}")
+    top_down, top_up = ("DownBlock2D", "UpBlock2D") if full_resolution_attention == "none" else ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D")
+    down = (top_down, "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    up = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", top_up)
+    only_cross_attention = (full_resolution_attention == "cross", False, False, False)
+    return down, up, only_cross_attention
 
 
 def demo_scheduler():
@@ -81,6 +92,7 @@ def build_untrained_pipeline(
     cross_attention_dim: int = 64,
     text_layers: int = 2,
     processing_resolution: int = 64,
+    full_resolution_attention: str = "none",
     seed: int = 0,
 ):
     """Assemble and save the demo pipeline before training (every weight random except the trained VAE).
@@ -99,13 +111,15 @@ def build_untrained_pipeline(
     vae = AutoencoderKL.from_pretrained(vae_dir)
     latent_channels = vae.config.latent_channels
     latent_size = processing_resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    down_block_types, up_block_types, only_cross_attention = demo_block_types(full_resolution_attention)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=latent_size,
         in_channels=2 * latent_channels,
         out_channels=latent_channels,
-        down_block_types=DEMO_DOWN_BLOCKS,
-        up_block_types=DEMO_UP_BLOCKS,
+        down_block_types=down_block_types,
+        up_block_types=up_block_types,
+        only_cross_attention=only_cross_attention,
         block_out_channels=tuple(unet_channels),
         layers_per_block=1,
         attention_head_dim=attention_head_dim,
@@ -237,6 +251,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Latent channels of the 4x VAE (the U-Net takes twice as many). 8 rather than SD's 4: the image latent "
         "keeps more of the shapes' outlines, and the U-Net learns much faster (1500-step A/B: 0.279 vs 0.176 mIoU).",
     )
+    parser.add_argument(
+        "--full_resolution_attention", choices=FULL_RESOLUTION_ATTENTION, default="none",
+        help="Attention in the U-Net's full-resolution level: 'full' (SD2: self + cross), 'cross' (cross only), 'none'.",
+    )
     parser.add_argument("--unet_steps", type=int, default=5000, help="Steps per stage.")
     parser.add_argument("--num_stages", type=int, default=1, help="Cosine cycles; each halves the learning rate.")
     parser.add_argument("--batch_size", type=int, default=32, help="Per process.")
@@ -291,7 +309,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     init_dir = work / "untrained_pipeline"
     if not (init_dir / "model_index.json").is_file():
-        build_untrained_pipeline(vae_dir, init_dir, processing_resolution=args.resolution, seed=args.seed)
+        build_untrained_pipeline(
+            vae_dir, init_dir, processing_resolution=args.resolution,
+            full_resolution_attention=args.full_resolution_attention, seed=args.seed,
+        )
 
     trained = init_dir  # each stage starts from the pipeline the previous one wrote
     for stage in range(1, args.num_stages + 1):

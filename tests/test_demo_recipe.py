@@ -1,0 +1,61 @@
+"""The demo recipe's untrained pipeline: the `--full_resolution_attention` choices build the U-Net they name."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from digseg_diffusers.synthetic import generate_scene
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    sys.path.insert(0, str(REPO_ROOT / "training"))
+    try:
+        import train_demo_model
+    finally:
+        sys.path.pop(0)
+    return train_demo_model
+
+
+def _top_level_attention(unet):
+    """The transformer blocks of the full-resolution down level (empty when it has no attention)."""
+    attentions = getattr(unet.down_blocks[0], "attentions", [])
+    return [block for transformer in attentions for block in transformer.transformer_blocks]
+
+
+@pytest.mark.parametrize("choice", ["none", "cross", "full"])
+def test_full_resolution_attention_choices_build_the_named_unet(recipe, choice, tmp_path):
+    from digseg_diffusers import DiGSegPipeline
+    from digseg_diffusers.demo import default_model_path
+
+    recipe.build_untrained_pipeline(
+        os.path.join(default_model_path(), "vae"), tmp_path, unet_channels=(16, 16, 16, 16), text_width=16,
+        cross_attention_dim=16, text_layers=1, full_resolution_attention=choice, seed=0,
+    )
+    pipe = DiGSegPipeline.from_pretrained(tmp_path)
+    blocks = _top_level_attention(pipe.unet)
+    if choice == "none":
+        assert blocks == []
+        assert not hasattr(pipe.unet.up_blocks[-1], "attentions")
+    else:
+        assert blocks and all(block.attn2 is not None for block in blocks)
+        # "cross": the first attention reads the text too (diffusers' only_cross_attention), no self-attention
+        assert all(block.only_cross_attention == (choice == "cross") for block in blocks)
+        assert hasattr(pipe.unet.up_blocks[-1], "attentions")
+    # the two middle levels keep their self- and cross-attention whatever the top level gets
+    for level in (1, 2):
+        assert all(not block.only_cross_attention for t in pipe.unet.down_blocks[level].attentions for block in t.transformer_blocks)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(generate_scene(0, size=64).image, ["circle"], generator=torch.Generator().manual_seed(0))
+    assert np.asarray(out.masks[0]).shape[-2:] == (64, 64)
+
+
+def test_unknown_full_resolution_attention_is_rejected(recipe):
+    with pytest.raises(ValueError, match="full_resolution_attention"):
+        recipe.demo_block_types("self")
