@@ -9,8 +9,9 @@ Steps (each is skipped when its output already exists, so an interrupted run con
 2. train the small `AutoencoderKL` (4x downsampling, 8 latent channels) on scene images and masks
    (`training/train_vae.py`);
 3. assemble the *untrained* DiGSeg pipeline: that VAE, a frozen randomly initialised character-level CLIP text
-   encoder with its tokenizer, a small SD2-layout U-Net taking ``[z_x, z_t]`` (2 x the latent channels), a fresh
-   text projection and DDIM with trailing spacing and v-prediction (1-step inference);
+   encoder with its tokenizer, a small SD2-layout U-Net taking ``[z_x, z_t]`` (2 x the latent channels; by default its
+   full-resolution level has cross- but no self-attention, see ``demo_block_types``), a fresh text projection
+   and DDIM with trailing spacing and v-prediction (1-step inference);
 4. train every U-Net weight and the text projection from scratch with `training/train_adapter.py
    --adapter_mode full --train_entire_unet` (one process, or `--num_processes 2` through accelerate), with
    timesteps biased to the high-noise end (1-step inference only asks at t = T-1; uniform timesteps learned
@@ -252,7 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "keeps more of the shapes' outlines, and the U-Net learns much faster (1500-step A/B: 0.279 vs 0.176 mIoU).",
     )
     parser.add_argument(
-        "--full_resolution_attention", choices=FULL_RESOLUTION_ATTENTION, default="none",
+        "--full_resolution_attention", choices=FULL_RESOLUTION_ATTENTION, default="cross",
         help="Attention in the U-Net's full-resolution level: 'full' (SD2: self + cross), 'cross' (cross only), 'none'.",
     )
     parser.add_argument("--unet_steps", type=int, default=5000, help="Steps per stage.")
