@@ -13,11 +13,11 @@ from digseg_diffusers.evaluation import evaluate_examples
 from digseg_diffusers.metrics import ConfusionMatrix
 from digseg_diffusers.synthetic import SHAPE_CLASSES, generate_scene, split_seeds
 
-# The shipped model is trained for ~33 minutes on a CPU and is not converged (benchmarks/demo_fidelity.md). Measured
-# on these 12 scenes when it was installed: mIoU 0.511 (0.116 for labelling everything background; the
-# generator-version-1 model had 0.162) and class-agnostic foreground IoU 0.710 on average. 12 scenes make a floor,
-# not a ranking: the previous model (no attention at the U-Net's full resolution) had 0.533 / 0.739 here but 0.518
-# against 0.533 on the benchmark's 100 scenes, and the one before (4-channel VAE) 0.555 / 0.632 here but 0.460 there.
+# The shipped model is trained for ~34 minutes on a CPU and is not converged (benchmarks/demo_fidelity.md). Measured
+# on these 12 scenes when it was installed: mIoU 0.541 (0.116 for labelling everything background; the
+# generator-version-1 model had 0.162) and class-agnostic foreground IoU 0.791 on average. 12 scenes make a floor,
+# not a ranking: an earlier model (cross-attention at full resolution, 25 % absent queries) had 0.511 / 0.710 here
+# but 0.533 on the benchmark's 100 scenes, the one before it 0.533 / 0.739 here but 0.518 there.
 # The floors pin the level down with a margin, so a retrained demo model can only ship if it is about as good.
 MIOU_FLOOR = 0.50
 FOREGROUND_IOU_FLOOR = 0.65
