@@ -1,6 +1,7 @@
 """The demo recipe's untrained pipeline: the `--full_resolution_attention` choices build the U-Net they name."""
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -59,3 +60,33 @@ def test_full_resolution_attention_choices_build_the_named_unet(recipe, choice, 
 def test_unknown_full_resolution_attention_is_rejected(recipe):
     with pytest.raises(ValueError, match="full_resolution_attention"):
         recipe.demo_block_types("self")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--resolution", "48"], "--resolution must be a positive multiple of 32"),
+        (["--unet_steps", "0"], "--unet_steps must be at least 1"),
+        (["--batch_size", "-2"], "--batch_size must be at least 1"),
+        (["--learning_rate", "0"], "--learning_rate must be positive"),
+        (["--negative_prob", "1"], r"--negative_prob must be in \[0, 1\)"),
+        (["--timestep_bias_portion", "0"], r"--timestep_bias_portion must be in \(0, 1\]"),
+        (["--noise_variant", "pink"], "invalid choice: 'pink'"),
+    ],
+)
+def test_bad_recipe_arguments_stop_before_any_stage_runs(recipe, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.parse_args(argv)
+    assert exit_info.value.code == 2  # argparse's usage error, not a traceback from a stage minutes later
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_default_recipe_arguments_are_accepted(recipe):
+    args = recipe.parse_args([])
+    assert (args.resolution, args.full_resolution_attention, args.negative_prob) == (64, "cross", 0.1)
+
+
+def test_a_failed_stage_names_itself_and_says_how_to_continue(recipe):
+    with pytest.raises(recipe.StageFailed, match=r"the VAE training stage failed \(exit code 3.*run the same command again"):
+        recipe.run_stage("VAE training", [sys.executable, "-c", "import sys; sys.exit(3)"])
+    recipe.run_stage("VAE training", [sys.executable, "-c", "pass"])  # success returns quietly

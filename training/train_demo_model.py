@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from digseg_diffusers.noise import NOISE_VARIANTS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGED_MODEL_DIR = REPO_ROOT / "digseg_diffusers" / "models" / "demo"
 
@@ -50,6 +52,8 @@ logger = logging.getLogger("train_demo_model")
 # that level's CPU time), or nothing ("none").
 FULL_RESOLUTION_ATTENTION = ("none", "cross", "full")
 DEFAULT_FULL_RESOLUTION_ATTENTION = "cross"  # the shipped model's layout
+# 4x VAE (2 downsamplings) then a 4-level U-Net (3 more): the image side must divide by 2 ** 5.
+RESOLUTION_MULTIPLE = 32
 
 
 def demo_block_types(full_resolution_attention: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[bool, ...]]:
@@ -201,6 +205,24 @@ def drop_source_paths(pipeline_dir: str | os.PathLike) -> None:
             config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+class StageFailed(RuntimeError):
+    """A stage script exited with an error; its own output (above) says why."""
+
+
+def run_stage(name: str, command: list[str], env: dict[str, str] | None = None) -> None:
+    """Run one stage script; a failure becomes one clear message instead of a CalledProcessError traceback.
+
+    Every stage writes its results (and the U-Net stage its checkpoints) under ``--work_dir``, so the same
+    command, run again, continues where the failed stage stopped.
+    """
+    returncode = subprocess.run(command, env=env).returncode
+    if returncode != 0:
+        raise StageFailed(
+            f"the {name} stage failed (exit code {returncode}; its messages are above). Finished stages and "
+            "checkpoints are kept: run the same command again to continue from where it stopped."
+        )
+
+
 def run_training(
     args: argparse.Namespace, pipeline_dir: Path, data_dir: Path, output_dir: Path, learning_rate: float, seed: int
 ) -> None:
@@ -212,7 +234,8 @@ def run_training(
     if args.num_processes > 1:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.num_processes)]
         env = dict(os.environ, ACCELERATE_USE_CPU="1")
-    subprocess.run(
+    run_stage(
+        "U-Net training",
         launcher + [
             str(REPO_ROOT / "training" / "train_adapter.py"),
             "--pretrained_model_name_or_path", str(pipeline_dir),
@@ -235,7 +258,6 @@ def run_training(
             "--report_to", "none", "--dataset_name", "digseg-synthetic-shapes",
             "--output_dir", str(output_dir), "--seed", str(seed),
         ],
-        check=True,
         env=env,
     )
 
@@ -274,11 +296,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="0.01 x 1000 puts 91%% of the samples at t >= 990 (0.1 x 30: 77%% at t >= 900; mIoU 0.415 vs 0.460 with "
         "a 4-channel VAE).",
     )
-    parser.add_argument("--noise_variant", default="multires_annealed")
+    parser.add_argument("--noise_variant", choices=NOISE_VARIANTS, default="multires_annealed")
     parser.add_argument("--num_processes", type=int, default=1, help=">1 launches train_adapter.py through accelerate on CPU.")
     parser.add_argument("--validation_steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject values that would only fail minutes later inside a stage script (or train on nonsense)."""
+    if args.resolution < RESOLUTION_MULTIPLE or args.resolution % RESOLUTION_MULTIPLE:
+        parser.error(
+            f"--resolution must be a positive multiple of {RESOLUTION_MULTIPLE} (the 4x VAE and the U-Net's three "
+            f"downsamplings), got {args.resolution}"
+        )
+    for name in ("num_train_images", "num_val_images", "vae_steps", "vae_latent_channels", "unet_steps", "num_stages",
+                 "batch_size", "num_processes", "validation_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("learning_rate", "timestep_bias_multiplier"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if not 0.0 <= args.negative_prob < 1.0:
+        parser.error(f"--negative_prob must be in [0, 1), got {args.negative_prob}")
+    if not 0.0 < args.timestep_bias_portion <= 1.0:
+        parser.error(f"--timestep_bias_portion must be in (0, 1], got {args.timestep_bias_portion}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -301,14 +345,14 @@ def main(argv: list[str] | None = None) -> dict:
     vae_dir = work / "vae"
     start = time.time()
     if not (vae_dir / "config.json").is_file():
-        subprocess.run(
+        run_stage(
+            "VAE training",
             [sys.executable, str(REPO_ROOT / "training" / "train_vae.py"), "--output_dir", str(vae_dir),
              "--resolution", str(args.resolution), "--max_train_steps", str(args.vae_steps),
              "--block_out_channels", "16", "32", "32", "--latent_channels", str(args.vae_latent_channels),
              "--train_batch_size", "16", "--crop_size", "32",
              "--learning_rate", "1e-3", "--mask_loss_weight", "1.0", "--num_scenes", "1000",
              "--num_threads", "1", "--seed", str(args.seed)],
-            check=True,
         )
     timings["vae_s"] = time.time() - start
 
@@ -351,4 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except StageFailed as error:
+        sys.exit(f"train_demo_model.py: error: {error}")
