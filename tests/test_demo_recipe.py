@@ -1,4 +1,5 @@
-"""The demo recipe's untrained pipeline: the `--full_resolution_attention` choices build the U-Net they name."""
+"""The demo recipe (`training/train_demo_model.py`): the `--full_resolution_attention` choices build the U-Net they
+name, bad arguments stop before any stage runs, and a failed stage says how to continue."""
 
 import os
 import re
