@@ -71,7 +71,8 @@ def test_unknown_full_resolution_attention_is_rejected(recipe):
         (["--batch_size", "-2"], "--batch_size must be at least 1"),
         (["--learning_rate", "0"], "--learning_rate must be positive"),
         (["--negative_prob", "1"], r"--negative_prob must be in \[0, 1\)"),
-        (["--timestep_bias_portion", "0"], r"--timestep_bias_portion must be in \(0, 1\]"),
+        (["--timestep_bias_portion", "0"], r"--timestep_bias_\*: `bias_portion` must be in \(0, 1\]"),
+        (["--timestep_bias_multiplier", "-1"], r"--timestep_bias_\*: `bias_multiplier` must be positive"),
         (["--noise_variant", "pink"], "invalid choice: 'pink'"),
     ],
 )

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from digseg_diffusers.noise import NOISE_VARIANTS
+from digseg_diffusers.noise import NOISE_VARIANTS, check_timestep_bias
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGED_MODEL_DIR = REPO_ROOT / "digseg_diffusers" / "models" / "demo"
@@ -52,6 +52,8 @@ logger = logging.getLogger("train_demo_model")
 # that level's CPU time), or nothing ("none").
 FULL_RESOLUTION_ATTENTION = ("none", "cross", "full")
 DEFAULT_FULL_RESOLUTION_ATTENTION = "cross"  # the shipped model's layout
+# 1-step inference only asks at t = T-1, so training timesteps are biased to the high-noise end.
+TIMESTEP_BIAS_STRATEGY = "later"
 # 4x VAE (2 downsamplings) then a 4-level U-Net (3 more): the image side must divide by 2 ** 5.
 RESOLUTION_MULTIPLE = 32
 
@@ -249,7 +251,7 @@ def run_training(
             "--lr_scheduler", "cosine", "--lr_warmup_steps", "100",
             "--noise_variant", args.noise_variant,
             "--negative_prob", str(args.negative_prob),
-            "--timestep_bias_strategy", "later",
+            "--timestep_bias_strategy", TIMESTEP_BIAS_STRATEGY,
             "--timestep_bias_multiplier", str(args.timestep_bias_multiplier),
             "--timestep_bias_portion", str(args.timestep_bias_portion),
             "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1",
@@ -317,13 +319,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                  "batch_size", "num_processes", "validation_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("learning_rate", "timestep_bias_multiplier"):
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if not args.learning_rate > 0:
+        parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
     if not 0.0 <= args.negative_prob < 1.0:
         parser.error(f"--negative_prob must be in [0, 1), got {args.negative_prob}")
-    if not 0.0 < args.timestep_bias_portion <= 1.0:
-        parser.error(f"--timestep_bias_portion must be in (0, 1], got {args.timestep_bias_portion}")
+    try:  # the same check train_adapter.py runs on these values, here before the VAE stage rather than after it
+        check_timestep_bias(TIMESTEP_BIAS_STRATEGY, args.timestep_bias_multiplier, args.timestep_bias_portion)
+    except ValueError as error:
+        parser.error(f"--timestep_bias_*: {error}")
 
 
 def main(argv: list[str] | None = None) -> dict:
