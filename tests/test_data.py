@@ -16,6 +16,7 @@ from digseg_diffusers.data import (
     SegmentationTrainingDataset,
     build_reader,
     collate_segmentation_batch,
+    crop_is_fixed,
     random_scale_flip_crop,
 )
 from digseg_diffusers.synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene, write_dataset
@@ -330,3 +331,26 @@ def test_data_format_doc_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(example, "data_format.md", "exec"), {})
     assert "['cat', 'dog']" in capsys.readouterr().out
     assert len(FolderReader(tmp_path / "my_dataset")) == 1
+
+
+@pytest.mark.parametrize(
+    "height, width, scale_range, flip_prob, resize_short_side, fixed",
+    [
+        (32, 32, (1.0, 1.0), 0.0, True, True),  # already at the resolution
+        (64, 64, (1.0, 1.0), 0.0, True, True),  # scaled down to it, always the same way
+        (32, 48, (1.0, 1.0), 0.0, True, False),  # a random window along the long side
+        (64, 64, (1.0, 1.0), 0.0, False, False),  # native size: a random 32 px window
+        (32, 32, (0.8, 1.2), 0.0, True, False),  # scale jitter
+        (32, 32, (1.0, 1.0), 0.5, True, False),  # flips
+    ],
+)
+def test_crop_is_fixed_only_when_the_augmentation_draws_nothing(height, width, scale_range, flip_prob, resize_short_side, fixed):
+    assert crop_is_fixed(height, width, 32, scale_range, flip_prob, resize_short_side=resize_short_side) is fixed
+    label = np.arange(height * width).reshape(height, width) % 5
+    image = np.repeat((label * 50).astype(np.uint8)[..., None], 3, axis=2)
+    crops = [
+        random_scale_flip_crop(image, label, np.random.default_rng(seed), resolution=32, ignore_index=255,
+                               scale_range=scale_range, flip_prob=flip_prob, resize_short_side=resize_short_side)[1]
+        for seed in range(8)
+    ]  # fmt: skip
+    assert all(np.array_equal(crop, crops[0]) for crop in crops) is fixed

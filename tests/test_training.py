@@ -164,3 +164,75 @@ def test_bad_timestep_bias_fails_at_start_up_with_a_message(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2 and "bias_portion" in result.stderr
+
+
+def _train_adapter_module():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import train_adapter
+    finally:
+        sys.path.pop(0)
+    return train_adapter
+
+
+def test_latent_cache_reuses_fixed_crops_and_reencodes_random_ones(tmp_path):
+    from digseg_diffusers import mask_codec
+    from digseg_diffusers.data import FolderReader, SegmentationTrainingDataset, collate_segmentation_batch
+
+    write_dataset(tmp_path, "train", num_images=6, size=64)
+    vae = make_tiny_pipeline().vae.eval()
+    calls = []
+    original_encode = vae.encode
+    vae.encode = lambda pixels, *a, **k: calls.append(len(pixels)) or original_encode(pixels, *a, **k)
+    cache = _train_adapter_module().LatentCache()
+
+    fixed = SegmentationTrainingDataset(FolderReader(tmp_path), resolution=64, negative_prob=0.5, scale_range=(1.0, 1.0), flip_prob=0.0)
+    batch = collate_segmentation_batch([fixed[i] for i in range(6)])
+    assert batch["fixed_crop"].all() and batch["is_negative"].any() and not batch["is_negative"].all()
+    with torch.no_grad():
+        images, masks = cache.encode(vae, batch, "cpu", torch.float32)
+        calls.clear()
+        fresh_images = mask_codec.encode_pixels(vae, batch["pixel_values"])
+        fresh_masks = mask_codec.encode_masks(vae, batch["mask"])
+        torch.testing.assert_close(images, fresh_images, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(masks, fresh_masks, atol=1e-5, rtol=1e-4)
+        calls.clear()
+        fixed.set_epoch(1)  # another epoch draws other classes, but the same pixels: images come from the cache
+        again = collate_segmentation_batch([fixed[i] for i in range(6)])
+        torch.testing.assert_close(again["pixel_values"], batch["pixel_values"])
+        images_again, masks_again = cache.encode(vae, again, "cpu", torch.float32)
+    assert torch.equal(images_again, images)
+    new_masks = sum(
+        1 for index, cls, neg in zip(again["index"].tolist(), again["class_index"].tolist(), again["is_negative"].tolist())
+        if not neg and (index, cls) not in {(i, c) for i, c, n in zip(batch["index"].tolist(), batch["class_index"].tolist(), batch["is_negative"].tolist()) if not n}
+    )  # fmt: skip
+    assert calls == ([new_masks] if new_masks else [])  # only masks of (image, class) pairs not seen before
+    assert len(cache.image_latents) == 6
+
+    jittered = SegmentationTrainingDataset(FolderReader(tmp_path), resolution=64, negative_prob=0.0)
+    random_batch = collate_segmentation_batch([jittered[i] for i in range(3)])
+    assert not random_batch["fixed_crop"].any()
+    calls.clear()
+    with torch.no_grad():
+        cache.encode(vae, random_batch, "cpu", torch.float32)
+        cache.encode(vae, random_batch, "cpu", torch.float32)
+    assert calls == [3, 3, 3, 3] and len(cache.image_latents) == 6  # encoded every time, never stored
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--scale_range", "1.2", "0.8"], "--scale_range must be LOW HIGH"),
+        (["--scale_range", "0", "1"], "--scale_range must be LOW HIGH"),
+        (["--flip_prob", "1.5"], r"--flip_prob must be in \[0, 1\]"),
+    ],
+)
+def test_bad_augmentation_arguments_fail_with_a_message(tmp_path, extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _train_adapter_module().parse_args(
+            ["--pretrained_model_name_or_path", str(tmp_path), "--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path)] + extra
+        )
+    assert exit_info.value.code == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)

@@ -28,7 +28,7 @@ from .readers import (
     read_image,
     read_label_ids,
 )
-from .transforms import random_scale_flip_crop, resize_image, resize_label_nearest
+from .transforms import crop_is_fixed, random_scale_flip_crop, resize_image, resize_label_nearest
 
 __all__ = [
     "ADE20K_150",
@@ -50,6 +50,7 @@ __all__ = [
     "ValidationExample",
     "build_reader",
     "collate_segmentation_batch",
+    "crop_is_fixed",
     "ignore_index_for",
     "random_scale_flip_crop",
     "read_class_names_file",

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .readers import SegmentationReader, ValidationExample
-from .transforms import random_scale_flip_crop
+from .transforms import crop_is_fixed, random_scale_flip_crop
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,9 @@ class SegmentationTrainingDataset(torch.utils.data.Dataset):
     - ``valid``: float ``[1, S, S]``, 0 on ignored and padded pixels (exclude them from the loss);
     - ``class_name`` (str), ``class_index`` (int), ``is_negative`` (bool), ``path`` (the image file, str);
     - ``index`` (int): the example actually used (differs from the requested one when a file was skipped);
-    - ``num_skipped`` (int): unreadable examples passed over to produce this sample (sum it to log skips).
+    - ``num_skipped`` (int): unreadable examples passed over to produce this sample (sum it to log skips);
+    - ``fixed_crop`` (bool): the augmentation drew nothing for this image (no scale jitter, no flip, already
+      square at ``resolution``), so its pixels are the same in every epoch and their latents may be cached.
 
     A corrupt or unreadable example is skipped with a warning, remembered (``num_skipped``, ``skipped_paths``)
     and replaced by the next readable one; only a dataset with no readable example raises.
@@ -140,6 +142,9 @@ class SegmentationTrainingDataset(torch.utils.data.Dataset):
         ignore_index = self.reader.ignore_index
         num_classes = self.reader.num_classes
         full_label = label
+        fixed_crop = crop_is_fixed(
+            *label.shape, self.resolution, self.scale_range, self.flip_prob, resize_short_side=self.resize_short_side
+        )
         image, label = random_scale_flip_crop(
             image,
             label,
@@ -177,6 +182,7 @@ class SegmentationTrainingDataset(torch.utils.data.Dataset):
             "path": self.reader[used_index].image_path,
             "index": used_index,
             "num_skipped": skipped,
+            "fixed_crop": fixed_crop,
         }
 
     def load_validation_example(self, index: int) -> ValidationExample:
@@ -204,4 +210,5 @@ def collate_segmentation_batch(samples: Sequence[dict]) -> dict:
         "path": [s["path"] for s in samples],
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
         "num_skipped": torch.tensor([s["num_skipped"] for s in samples], dtype=torch.long),
+        "fixed_crop": torch.tensor([s["fixed_crop"] for s in samples], dtype=torch.bool),
     }

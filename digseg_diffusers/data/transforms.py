@@ -28,6 +28,25 @@ def resize_label_nearest(label: np.ndarray, height: int, width: int) -> np.ndarr
     return label[rows[:, None], cols[None, :]]
 
 
+def crop_is_fixed(
+    height: int,
+    width: int,
+    resolution: int,
+    scale_range: tuple[float, float],
+    flip_prob: float,
+    resize_short_side: bool = True,
+) -> bool:
+    """Whether :func:`random_scale_flip_crop` gives the same crop of a ``height`` x ``width`` image every time.
+
+    True when nothing is drawn: no scale jitter, no flip, and the scaled image is exactly ``resolution`` square
+    (no crop window or paste offset to choose). Such samples may have their VAE latents cached across epochs.
+    """
+    if scale_range[0] != scale_range[1] or flip_prob > 0:
+        return False
+    scale = scale_range[0] * (resolution / min(height, width) if resize_short_side else 1.0)
+    return max(1, round(height * scale)) == resolution and max(1, round(width * scale)) == resolution
+
+
 def random_scale_flip_crop(
     image: np.ndarray,
     label: np.ndarray,
