@@ -1,5 +1,6 @@
-"""The demo recipe (`training/train_demo_model.py`): the `--full_resolution_attention` choices build the U-Net they
-name, bad arguments stop before any stage runs, and a failed stage says how to continue."""
+"""The demo recipe (`training/train_demo_model.py`): the `--full_resolution_attention` and
+`--attention_head_channels` choices build the U-Net they name, the unaugmented recipe trains on cached latents,
+bad arguments stop before any stage runs, and a failed stage says how to continue."""
 
 import os
 import re
@@ -58,6 +59,23 @@ def test_full_resolution_attention_choices_build_the_named_unet(recipe, choice, 
     assert np.asarray(out.masks[0]).shape[-2:] == (64, 64)
 
 
+@pytest.mark.parametrize("head_channels, heads", [(None, 16), (32, (1, 2, 3, 3)), (16, (2, 4, 6, 6))])
+def test_attention_head_channels_set_each_levels_heads(recipe, head_channels, heads, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from digseg_diffusers.demo import default_model_path
+
+    recipe.build_untrained_pipeline(
+        os.path.join(default_model_path(), "vae"), tmp_path, text_width=16, cross_attention_dim=16, text_layers=1,
+        attention_head_channels=head_channels, seed=0,
+    )
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert unet.config.attention_head_dim == (list(heads) if isinstance(heads, tuple) else heads)
+    # the middle levels' self-attention: heads of `head_channels` channels each (diffusers counts heads)
+    attention = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
+    assert attention.heads == (16 if head_channels is None else 64 // head_channels)
+
+
 def test_unknown_full_resolution_attention_is_rejected(recipe):
     with pytest.raises(ValueError, match="full_resolution_attention"):
         recipe.demo_block_types("self")
@@ -74,6 +92,8 @@ def test_unknown_full_resolution_attention_is_rejected(recipe):
         (["--timestep_bias_portion", "0"], r"--timestep_bias_\*: `bias_portion` must be in \(0, 1\]"),
         (["--timestep_bias_multiplier", "-1"], r"--timestep_bias_\*: `bias_multiplier` must be positive"),
         (["--noise_variant", "pink"], "invalid choice: 'pink'"),
+        (["--attention_head_channels", "24"], r"--attention_head_channels: .* must divide every level's width"),
+        (["--attention_head_channels", "-4"], r"--attention_head_channels: .* must divide every level's width"),
     ],
 )
 def test_bad_recipe_arguments_stop_before_any_stage_runs(recipe, argv, message, capsys):
@@ -85,7 +105,23 @@ def test_bad_recipe_arguments_stop_before_any_stage_runs(recipe, argv, message, 
 
 def test_default_recipe_arguments_are_accepted(recipe):
     args = recipe.parse_args([])
-    assert (args.resolution, args.full_resolution_attention, args.negative_prob) == (64, "cross", 0.1)
+    assert (args.resolution, args.full_resolution_attention, args.negative_prob) == (64, "full", 0.1)
+    assert (args.attention_head_channels, args.augmentation) == (16, "none")
+
+
+@pytest.mark.parametrize("augmentation, cached", [("none", True), ("scale_flip", False)])
+def test_unaugmented_recipe_trains_on_cached_latents(recipe, augmentation, cached, monkeypatch, tmp_path):
+    commands = []
+    monkeypatch.setattr(recipe, "run_stage", lambda name, command, env=None: commands.append(command))
+    args = recipe.parse_args(["--augmentation", augmentation])
+    recipe.run_training(args, pipeline_dir=tmp_path, data_dir=tmp_path, output_dir=tmp_path / "unet", learning_rate=1e-3, seed=0)
+    (command,) = commands
+    assert ("--cache_latents" in command) is cached
+    if cached:  # caching needs crops that never change: no scale jitter, no flips
+        assert command[command.index("--scale_range") + 1 : command.index("--scale_range") + 3] == ["1", "1"]
+        assert command[command.index("--flip_prob") + 1] == "0"
+    else:
+        assert "--scale_range" not in command and "--flip_prob" not in command  # train_adapter.py's defaults
 
 
 def test_a_failed_stage_names_itself_and_says_how_to_continue(recipe):

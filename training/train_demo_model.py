@@ -9,12 +9,13 @@ Steps (each is skipped when its output already exists, so an interrupted run con
 2. train the small `AutoencoderKL` (4x downsampling, 8 latent channels) on scene images and masks
    (`training/train_vae.py`);
 3. assemble the *untrained* DiGSeg pipeline: that VAE, a frozen randomly initialised character-level CLIP text
-   encoder with its tokenizer, a small SD2-layout U-Net taking ``[z_x, z_t]`` (2 x the latent channels; by default its
-   full-resolution level has cross- but no self-attention, see ``demo_block_types``), a fresh text projection
+   encoder with its tokenizer, a small SD2-layout U-Net taking ``[z_x, z_t]`` (2 x the latent channels; self- and cross-attention
+   with heads of 16 channels, see ``demo_block_types`` and ``attention_heads_per_level``), a fresh text projection
    and DDIM with trailing spacing and v-prediction (1-step inference);
 4. train every U-Net weight and the text projection from scratch with `training/train_adapter.py
-   --adapter_mode full --train_entire_unet` (one process, or `--num_processes 2` through accelerate), with
-   timesteps biased to the high-noise end (1-step inference only asks at t = T-1; uniform timesteps learned
+   --adapter_mode full --train_entire_unet` (one process, or `--num_processes 2` through accelerate), on the
+   scenes as generated (no scale jitter or flips: the generator already draws size, position and rotation, so
+   each scene's VAE latents are encoded once and cached, `--cache_latents`), with timesteps biased to the high-noise end (1-step inference only asks at t = T-1; uniform timesteps learned
    that map several times slower on this budget); optionally in `--num_stages` cosine cycles (warm restarts:
    stage k starts from stage k-1's weights at the learning rate halved k-1 times, with a fresh optimizer);
 5. pick the default mask threshold by mIoU on validation-split scenes (`calibrate_mask_threshold`);
@@ -47,15 +48,18 @@ PACKAGED_MODEL_DIR = REPO_ROOT / "digseg_diffusers" / "models" / "demo"
 logger = logging.getLogger("train_demo_model")
 
 # SD2's layout: 4 levels, plain bottom level, text cross-attention in the others and in the mid block. What the
-# full-resolution level gets is `--full_resolution_attention`: SD2's self- + cross-attention ("full"), cross-attention
-# only ("cross": diffusers' `only_cross_attention`, which skips the 256-token self-attention that costs most of
-# that level's CPU time), or nothing ("none").
+# full-resolution level gets is `--full_resolution_attention`: SD2's self- + cross-attention ("full", the default),
+# cross-attention only ("cross": diffusers' `only_cross_attention`, the previous model's choice, made when 16 heads of
+# 2 channels made that level's 256-token self-attention cost more than the rest of the U-Net), or nothing ("none").
 FULL_RESOLUTION_ATTENTION = ("none", "cross", "full")
-DEFAULT_FULL_RESOLUTION_ATTENTION = "cross"  # the shipped model's layout
+DEFAULT_FULL_RESOLUTION_ATTENTION = "full"  # the shipped model's layout (SD2's)
 # 1-step inference only asks at t = T-1, so training timesteps are biased to the high-noise end.
 TIMESTEP_BIAS_STRATEGY = "later"
 # 4x VAE (2 downsamplings) then a 4-level U-Net (3 more): the image side must divide by 2 ** 5.
 RESOLUTION_MULTIPLE = 32
+DEMO_UNET_CHANNELS = (32, 64, 96, 96)
+AUGMENTATIONS = ("scale_flip", "none")
+DEFAULT_ATTENTION_HEAD_CHANNELS = 16
 
 
 def demo_block_types(full_resolution_attention: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[bool, ...]]:
@@ -67,6 +71,20 @@ def demo_block_types(full_resolution_attention: str) -> tuple[tuple[str, ...], t
     up = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", top_up)
     only_cross_attention = (full_resolution_attention == "cross", False, False, False)
     return down, up, only_cross_attention
+
+
+def attention_heads_per_level(unet_channels: tuple[int, ...], head_channels: int | None) -> int | tuple[int, ...]:
+    """Attention heads of each U-Net level for `head_channels` channels per head (None: 16 heads everywhere).
+
+    diffusers' `attention_head_dim` is, for `UNet2DConditionModel`, the number of heads (SD2: 5, 10, 20, 20 heads
+    of 64 channels). 16 heads on 32-96 channels are 2-6 channels wide: on a CPU such heads cost more than the rest
+    of the U-Net, and a 2-dimensional query-key product can rank keys in few ways.
+    """
+    if head_channels is None:
+        return 16
+    if head_channels < 1 or any(channels % head_channels for channels in unet_channels):
+        raise ValueError(f"attention head channels {head_channels} must divide every level's width {tuple(unet_channels)}")
+    return tuple(channels // head_channels for channels in unet_channels)
 
 
 def demo_scheduler():
@@ -91,11 +109,39 @@ def demo_scheduler():
     )
 
 
+def build_demo_unet(
+    latent_channels: int,
+    latent_size: int,
+    unet_channels: tuple[int, ...] = DEMO_UNET_CHANNELS,
+    attention_head_channels: int | None = DEFAULT_ATTENTION_HEAD_CHANNELS,
+    cross_attention_dim: int = 64,
+    full_resolution_attention: str = DEFAULT_FULL_RESOLUTION_ATTENTION,
+):
+    """The demo's randomly initialised U-Net: input ``[z_x, z_t]``, output a mask latent (seed torch first)."""
+    from diffusers import UNet2DConditionModel
+
+    down_block_types, up_block_types, only_cross_attention = demo_block_types(full_resolution_attention)
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=2 * latent_channels,
+        out_channels=latent_channels,
+        down_block_types=down_block_types,
+        up_block_types=up_block_types,
+        only_cross_attention=only_cross_attention,
+        block_out_channels=tuple(unet_channels),
+        layers_per_block=1,
+        attention_head_dim=attention_heads_per_level(unet_channels, attention_head_channels),
+        cross_attention_dim=cross_attention_dim,
+        use_linear_projection=True,
+        norm_num_groups=16,
+    )
+
+
 def build_untrained_pipeline(
     vae_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
-    unet_channels: tuple[int, ...] = (32, 64, 96, 96),
-    attention_head_dim: int = 16,
+    unet_channels: tuple[int, ...] = DEMO_UNET_CHANNELS,
+    attention_head_channels: int | None = DEFAULT_ATTENTION_HEAD_CHANNELS,
     text_width: int = 64,
     cross_attention_dim: int = 64,
     text_layers: int = 2,
@@ -109,7 +155,7 @@ def build_untrained_pipeline(
     frozen (as DiGSeg's CLIP does) and still maps every class name to a distinct, deterministic token sequence;
     the trainable `text_projection` learns to read it.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from digseg_diffusers import DiGSegPipeline
@@ -119,21 +165,9 @@ def build_untrained_pipeline(
     vae = AutoencoderKL.from_pretrained(vae_dir)
     latent_channels = vae.config.latent_channels
     latent_size = processing_resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    down_block_types, up_block_types, only_cross_attention = demo_block_types(full_resolution_attention)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=latent_size,
-        in_channels=2 * latent_channels,
-        out_channels=latent_channels,
-        down_block_types=down_block_types,
-        up_block_types=up_block_types,
-        only_cross_attention=only_cross_attention,
-        block_out_channels=tuple(unet_channels),
-        layers_per_block=1,
-        attention_head_dim=attention_head_dim,
-        cross_attention_dim=cross_attention_dim,
-        use_linear_projection=True,
-        norm_num_groups=16,
+    unet = build_demo_unet(
+        latent_channels, latent_size, unet_channels, attention_head_channels, cross_attention_dim, full_resolution_attention
     )
     tokenizer = build_char_clip_tokenizer()
     text_config = CLIPTextConfig(
@@ -254,6 +288,7 @@ def run_training(
             "--timestep_bias_strategy", TIMESTEP_BIAS_STRATEGY,
             "--timestep_bias_multiplier", str(args.timestep_bias_multiplier),
             "--timestep_bias_portion", str(args.timestep_bias_portion),
+            *(["--scale_range", "1", "1", "--flip_prob", "0", "--cache_latents"] if args.augmentation == "none" else []),
             "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1",
             "--resume_from_checkpoint", "latest",
             "--validation_steps", str(args.validation_steps),
@@ -269,7 +304,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work_dir", default="runs/demo", help="Data, VAE, checkpoints and logs go here.")
     parser.add_argument("--install", action="store_true", help="Copy the trained pipeline into digseg_diffusers/models/demo.")
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--num_train_images", type=int, default=10000, help="More scenes than steps can overfit.")
+    parser.add_argument("--num_train_images", type=int, default=20000, help="More scenes than steps can overfit.")
     parser.add_argument("--num_val_images", type=int, default=16)
     parser.add_argument("--vae_steps", type=int, default=3000)
     parser.add_argument(
@@ -281,7 +316,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--full_resolution_attention", choices=FULL_RESOLUTION_ATTENTION, default=DEFAULT_FULL_RESOLUTION_ATTENTION,
         help="Attention in the U-Net's full-resolution level: 'full' (SD2: self + cross), 'cross' (cross only), 'none'.",
     )
-    parser.add_argument("--unet_steps", type=int, default=5000, help="Steps per stage.")
+    parser.add_argument(
+        "--attention_head_channels", type=int, default=DEFAULT_ATTENTION_HEAD_CHANNELS,
+        help="Channels per attention head in the U-Net (0: 16 heads per level whatever its width, the previous models).",
+    )
+    parser.add_argument("--unet_steps", type=int, default=8000, help="Steps per stage.")
     parser.add_argument("--num_stages", type=int, default=1, help="Cosine cycles; each halves the learning rate.")
     parser.add_argument("--batch_size", type=int, default=32, help="Per process.")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
@@ -300,6 +339,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "a 4-channel VAE).",
     )
     parser.add_argument("--noise_variant", choices=NOISE_VARIANTS, default="multires_annealed")
+    parser.add_argument(
+        "--augmentation", choices=AUGMENTATIONS, default="none",
+        help="'scale_flip': method.md's scale jitter and flips; 'none': every scene as generated, its VAE latents "
+        "encoded once and cached (train_adapter.py --cache_latents).",
+    )
     parser.add_argument("--num_processes", type=int, default=1, help=">1 launches train_adapter.py through accelerate on CPU.")
     parser.add_argument("--validation_steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
@@ -323,6 +367,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
     if not 0.0 <= args.negative_prob < 1.0:
         parser.error(f"--negative_prob must be in [0, 1), got {args.negative_prob}")
+    if args.attention_head_channels != 0:
+        try:
+            attention_heads_per_level(DEMO_UNET_CHANNELS, args.attention_head_channels)
+        except ValueError as error:
+            parser.error(f"--attention_head_channels: {error}")
     try:  # the same check train_adapter.py runs on these values, here before the VAE stage rather than after it
         check_timestep_bias(TIMESTEP_BIAS_STRATEGY, args.timestep_bias_multiplier, args.timestep_bias_portion)
     except ValueError as error:
@@ -365,6 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
         build_untrained_pipeline(
             vae_dir, init_dir, processing_resolution=args.resolution,
             full_resolution_attention=args.full_resolution_attention, seed=args.seed,
+            attention_head_channels=args.attention_head_channels or None,
         )
 
     trained = init_dir  # each stage starts from the pipeline the previous one wrote
