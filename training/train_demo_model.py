@@ -9,14 +9,15 @@ Steps (each is skipped when its output already exists, so an interrupted run con
 2. train the small `AutoencoderKL` (4x downsampling, 8 latent channels) on scene images and masks
    (`training/train_vae.py`);
 3. assemble the *untrained* DiGSeg pipeline: that VAE, a frozen randomly initialised character-level CLIP text
-   encoder with its tokenizer, a small SD2-layout U-Net taking ``[z_x, z_t]`` (2 x the latent channels; self- and cross-attention
-   with heads of 16 channels, see ``demo_block_types`` and ``attention_heads_per_level``), a fresh text projection
-   and DDIM with trailing spacing and v-prediction (1-step inference);
+   encoder with its tokenizer, a small SD2-layout U-Net taking ``[z_x, z_t]`` (2 x the latent channels; self- and
+   cross-attention with heads of 16 channels, see ``demo_block_types`` and ``attention_heads_per_level``), a fresh
+   text projection and DDIM with trailing spacing and v-prediction (1-step inference);
 4. train every U-Net weight and the text projection from scratch with `training/train_adapter.py
    --adapter_mode full --train_entire_unet` (one process, or `--num_processes 2` through accelerate), on the
    scenes as generated (no scale jitter or flips: the generator already draws size, position and rotation, so
-   each scene's VAE latents are encoded once and cached, `--cache_latents`), with timesteps biased to the high-noise end (1-step inference only asks at t = T-1; uniform timesteps learned
-   that map several times slower on this budget); optionally in `--num_stages` cosine cycles (warm restarts:
+   each scene's VAE latents are encoded once and cached, `--cache_latents`), with timesteps biased to the
+   high-noise end (1-step inference only asks at t = T-1; uniform timesteps learned that map several times slower
+   on this budget); optionally in `--num_stages` cosine cycles (warm restarts:
    stage k starts from stage k-1's weights at the learning rate halved k-1 times, with a fresh optimizer);
 5. pick the default mask threshold by mIoU on validation-split scenes (`calibrate_mask_threshold`);
 6. with `--install`, copy the trained pipeline into `digseg_diffusers/models/demo/` (what the package ships).
