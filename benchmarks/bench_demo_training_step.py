@@ -39,9 +39,10 @@ def main() -> None:
     args.config = "demo"  # always the demo model's sizes (the name of the results file)
     setup(args)
     torch.set_grad_enabled(True)
-    vae = DiGSegPipeline.from_pretrained(default_model_path()).vae.eval()
+    pipe = DiGSegPipeline.from_pretrained(default_model_path())
+    vae = pipe.vae.eval()
     latent_channels = vae.config.latent_channels
-    latent_size = args.resolution // 4
+    latent_size = args.resolution // pipe.vae_scale_factor
     batch = args.batch_size
     model_input = torch.randn(batch, 2 * latent_channels, latent_size, latent_size)
     timesteps = torch.full((batch,), 999)

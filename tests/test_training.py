@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -202,10 +203,11 @@ def test_latent_cache_reuses_fixed_crops_and_reencodes_random_ones(tmp_path):
         torch.testing.assert_close(again["pixel_values"], batch["pixel_values"])
         images_again, masks_again = cache.encode(vae, again, "cpu", torch.float32)
     assert torch.equal(images_again, images)
-    new_masks = sum(
-        1 for index, cls, neg in zip(again["index"].tolist(), again["class_index"].tolist(), again["is_negative"].tolist())
-        if not neg and (index, cls) not in {(i, c) for i, c, n in zip(batch["index"].tolist(), batch["class_index"].tolist(), batch["is_negative"].tolist()) if not n}
-    )  # fmt: skip
+
+    def present_queries(b):
+        return {(i, c) for i, c, negative in zip(b["index"].tolist(), b["class_index"].tolist(), b["is_negative"].tolist()) if not negative}
+
+    new_masks = len(present_queries(again) - present_queries(batch))
     assert calls == ([new_masks] if new_masks else [])  # only masks of (image, class) pairs not seen before
     assert len(cache.image_latents) == 6
 
@@ -233,6 +235,4 @@ def test_bad_augmentation_arguments_fail_with_a_message(tmp_path, extra, message
             ["--pretrained_model_name_or_path", str(tmp_path), "--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path)] + extra
         )
     assert exit_info.value.code == 2
-    import re
-
     assert re.search(message, capsys.readouterr().err)

@@ -349,6 +349,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--validation_steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    args.attention_head_channels = args.attention_head_channels or None  # 0 -> None: 16 heads per level
     check_args(parser, args)
     return args
 
@@ -368,11 +369,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
     if not 0.0 <= args.negative_prob < 1.0:
         parser.error(f"--negative_prob must be in [0, 1), got {args.negative_prob}")
-    if args.attention_head_channels != 0:
-        try:
-            attention_heads_per_level(DEMO_UNET_CHANNELS, args.attention_head_channels)
-        except ValueError as error:
-            parser.error(f"--attention_head_channels: {error}")
+    try:
+        attention_heads_per_level(DEMO_UNET_CHANNELS, args.attention_head_channels)
+    except ValueError as error:
+        parser.error(f"--attention_head_channels: {error}")
     try:  # the same check train_adapter.py runs on these values, here before the VAE stage rather than after it
         check_timestep_bias(TIMESTEP_BIAS_STRATEGY, args.timestep_bias_multiplier, args.timestep_bias_portion)
     except ValueError as error:
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
         build_untrained_pipeline(
             vae_dir, init_dir, processing_resolution=args.resolution,
             full_resolution_attention=args.full_resolution_attention, seed=args.seed,
-            attention_head_channels=args.attention_head_channels or None,
+            attention_head_channels=args.attention_head_channels,
         )
 
     trained = init_dir  # each stage starts from the pipeline the previous one wrote

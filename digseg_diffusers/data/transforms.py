@@ -43,8 +43,14 @@ def crop_is_fixed(
     """
     if scale_range[0] != scale_range[1] or flip_prob > 0:
         return False
-    scale = scale_range[0] * (resolution / min(height, width) if resize_short_side else 1.0)
-    return max(1, round(height * scale)) == resolution and max(1, round(width * scale)) == resolution
+    return _scaled_size(height, width, scale_range[0], resolution, resize_short_side) == (resolution, resolution)
+
+
+def _scaled_size(height: int, width: int, scale: float, resolution: int, resize_short_side: bool) -> tuple[int, int]:
+    """Size of the image after scaling by ``scale`` (relative to a short side of ``resolution`` if asked)."""
+    if resize_short_side:
+        scale *= resolution / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def random_scale_flip_crop(
@@ -77,10 +83,7 @@ def random_scale_flip_crop(
         ``uint8`` ``[S, S, 3]`` image and ``[S, S]`` label (same dtype as ``label``).
     """
     height, width = label.shape
-    scale = rng.uniform(*scale_range)
-    if resize_short_side:
-        scale *= resolution / min(height, width)
-    new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+    new_height, new_width = _scaled_size(height, width, rng.uniform(*scale_range), resolution, resize_short_side)
     image = resize_image(image, new_height, new_width)
     label = resize_label_nearest(label, new_height, new_width)
     if rng.random() < flip_prob:
