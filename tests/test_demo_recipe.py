@@ -76,6 +76,21 @@ def test_attention_head_channels_set_each_levels_heads(recipe, head_channels, he
     assert attention.heads == (16 if head_channels is None else 64 // head_channels)
 
 
+def test_unet_channels_set_each_levels_width(recipe, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from digseg_diffusers.demo import default_model_path
+
+    args = recipe.parse_args(["--unet_channels", "16", "32", "48", "48"])
+    recipe.build_untrained_pipeline(
+        os.path.join(default_model_path(), "vae"), tmp_path, text_width=16, cross_attention_dim=16, text_layers=1,
+        attention_head_channels=args.attention_head_channels, unet_channels=tuple(args.unet_channels), seed=0,
+    )
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert list(unet.config.block_out_channels) == [16, 32, 48, 48]
+    assert unet.config.attention_head_dim == [1, 2, 3, 3]  # 16-channel heads on every level
+
+
 def test_unknown_full_resolution_attention_is_rejected(recipe):
     with pytest.raises(ValueError, match="full_resolution_attention"):
         recipe.demo_block_types("self")
@@ -94,6 +109,9 @@ def test_unknown_full_resolution_attention_is_rejected(recipe):
         (["--noise_variant", "pink"], "invalid choice: 'pink'"),
         (["--attention_head_channels", "24"], r"--attention_head_channels: .* must divide every level's width"),
         (["--attention_head_channels", "-4"], r"--attention_head_channels: .* must divide every level's width"),
+        (["--unet_channels", "32", "64", "96", "100"], r"--unet_channels must be positive multiples of 16"),
+        (["--unet_channels", "32", "64", "96"], "expected 4 arguments"),
+        (["--unet_channels", "32", "64", "96", "112", "--attention_head_channels", "32"], "must divide every level's width"),
     ],
 )
 def test_bad_recipe_arguments_stop_before_any_stage_runs(recipe, argv, message, capsys):

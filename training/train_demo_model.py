@@ -59,6 +59,7 @@ TIMESTEP_BIAS_STRATEGY = "later"
 # 4x VAE (2 downsamplings) then a 4-level U-Net (3 more): the image side must divide by 2 ** 5.
 RESOLUTION_MULTIPLE = 32
 DEMO_UNET_CHANNELS = (32, 64, 96, 96)
+UNET_NORM_GROUPS = 16  # GroupNorm groups in every U-Net level: each level's width must be a multiple
 AUGMENTATIONS = ("scale_flip", "none")
 DEFAULT_ATTENTION_HEAD_CHANNELS = 16
 
@@ -134,7 +135,7 @@ def build_demo_unet(
         attention_head_dim=attention_heads_per_level(unet_channels, attention_head_channels),
         cross_attention_dim=cross_attention_dim,
         use_linear_projection=True,
-        norm_num_groups=16,
+        norm_num_groups=UNET_NORM_GROUPS,
     )
 
 
@@ -321,6 +322,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--attention_head_channels", type=int, default=DEFAULT_ATTENTION_HEAD_CHANNELS,
         help="Channels per attention head in the U-Net (0: 16 heads per level whatever its width, the previous models).",
     )
+    parser.add_argument(
+        "--unet_channels", type=int, nargs=4, default=list(DEMO_UNET_CHANNELS),
+        help="Width of the U-Net's four levels (full resolution first).",
+    )
     parser.add_argument("--unet_steps", type=int, default=8000, help="Steps per stage.")
     parser.add_argument("--num_stages", type=int, default=1, help="Cosine cycles; each halves the learning rate.")
     parser.add_argument("--batch_size", type=int, default=32, help="Per process.")
@@ -369,8 +374,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
     if not 0.0 <= args.negative_prob < 1.0:
         parser.error(f"--negative_prob must be in [0, 1), got {args.negative_prob}")
+    if any(width < 1 or width % UNET_NORM_GROUPS for width in args.unet_channels):
+        parser.error(f"--unet_channels must be positive multiples of {UNET_NORM_GROUPS} (the U-Net's GroupNorm groups), got {args.unet_channels}")
     try:
-        attention_heads_per_level(DEMO_UNET_CHANNELS, args.attention_head_channels)
+        attention_heads_per_level(args.unet_channels, args.attention_head_channels)
     except ValueError as error:
         parser.error(f"--attention_head_channels: {error}")
     try:  # the same check train_adapter.py runs on these values, here before the VAE stage rather than after it
@@ -415,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
         build_untrained_pipeline(
             vae_dir, init_dir, processing_resolution=args.resolution,
             full_resolution_attention=args.full_resolution_attention, seed=args.seed,
-            attention_head_channels=args.attention_head_channels,
+            attention_head_channels=args.attention_head_channels, unet_channels=tuple(args.unet_channels),
         )
 
     trained = init_dir  # each stage starts from the pipeline the previous one wrote
