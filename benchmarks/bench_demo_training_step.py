@@ -6,6 +6,11 @@ text tokens), the VAE cost = encoding the batch's images and masks. Variants are
 the previous demo model's U-Net (cross-attention only at full resolution, 16 heads per level) are what to read.
 
     python benchmarks/bench_demo_training_step.py --threads 2
+    python benchmarks/bench_demo_training_step.py --threads 2 --execution_variants [--compile]
+
+`--execution_variants` times the default U-Net's step in other ways to run the same maths (bfloat16 autocast,
+channels-last memory format, optionally `torch.compile`) and prints the step's FLOPs and the rate reached: how
+close the fp32 step already is to what this CPU can do.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import sys
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from common import ROOT, base_parser, interleaved, markdown_table, setup, write_results
 
 from digseg_diffusers import DiGSegPipeline, mask_codec
@@ -35,6 +41,8 @@ VARIANTS = [
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--execution_variants", action="store_true", help="Time bf16 autocast / channels-last (not layouts).")
+    parser.add_argument("--compile", action="store_true", help="With --execution_variants: also torch.compile (minutes).")
     args = parser.parse_args()
     args.config = "demo"  # always the demo model's sizes (the name of the results file)
     setup(args)
@@ -49,14 +57,21 @@ def main() -> None:
     text_states = torch.randn(batch, 32, 64)
     target = torch.randn(batch, latent_channels, latent_size, latent_size)
 
-    def training_step(unet, optimizer):
+    def training_step(unet, optimizer, forward=None, sample=model_input, autocast=False):
+        forward = unet if forward is None else forward
+
         def step():
-            prediction = unet(model_input, timesteps, encoder_hidden_states=text_states, return_dict=False)[0]
-            torch.nn.functional.mse_loss(prediction, target).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                prediction = forward(sample, timesteps, encoder_hidden_states=text_states, return_dict=False)[0]
+            torch.nn.functional.mse_loss(prediction.float(), target).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         return step
+
+    if args.execution_variants:
+        time_execution_variants(args, training_step, latent_channels, latent_size, model_input)
+        return
 
     steps, parameters = {}, {}
     for name, layout, head_channels in VARIANTS:
@@ -83,6 +98,41 @@ def main() -> None:
     print(f"batch {batch}, {args.resolution} px ({latent_size} x {latent_size} latents), {torch.get_num_threads()} threads")
     print(markdown_table(["variant", "parameters", "ms per step (median)", "speed vs previous model"], rows))
     path = write_results("demo_training_step", args, {"rows": rows})
+    print(f"results: {path}")
+
+
+def time_execution_variants(args, training_step, latent_channels: int, latent_size: int, model_input) -> None:
+    """The default U-Net's step in fp32, bf16 autocast, channels-last (and compiled): same maths, other kernels."""
+
+    def fresh_unet():
+        torch.manual_seed(0)
+        return build_demo_unet(latent_channels, latent_size)
+
+    variants = {}
+    for name, autocast, channels_last in (
+        ("fp32", False, False), ("bf16 autocast", True, False), ("fp32 channels-last", False, True),
+    ):
+        unet = fresh_unet()
+        sample = model_input
+        if channels_last:
+            unet = unet.to(memory_format=torch.channels_last)
+            sample = model_input.contiguous(memory_format=torch.channels_last)
+        variants[name] = training_step(unet, torch.optim.AdamW(unet.parameters(), lr=1e-4), sample=sample, autocast=autocast)
+    if args.compile:
+        unet = fresh_unet()
+        variants["fp32 torch.compile"] = training_step(unet, torch.optim.AdamW(unet.parameters(), lr=1e-4), forward=torch.compile(unet))
+        variants["fp32 torch.compile"]()  # compile outside the timed runs
+    counter = FlopCounterMode(display=False)
+    with counter:
+        variants["fp32"]()
+    flops = counter.get_total_flops()
+    timings = interleaved(variants, repeats=args.repeats)
+    reference = timings["fp32"]["median"]
+    rows = [[name, 1000 * t["median"], flops / t["median"] / 1e9, reference / t["median"]] for name, t in timings.items()]
+    print(f"batch {args.batch_size}, {latent_size} x {latent_size} latents, {torch.get_num_threads()} threads, "
+          f"{flops / 1e9:.1f} GFLOP per step (forward + backward, counted by torch)")
+    print(markdown_table(["execution", "ms per step (median)", "GFLOP/s", "speed vs fp32"], rows))
+    path = write_results("demo_training_step_execution", args, {"gflop_per_step": flops / 1e9, "rows": rows})
     print(f"results: {path}")
 
 
