@@ -42,7 +42,12 @@ from digseg_diffusers.adapter import (
     load_adapter,
     save_adapter,
 )
-from digseg_diffusers.data import SegmentationTrainingDataset, build_reader, collate_segmentation_batch
+from digseg_diffusers.data import (
+    SegmentationTrainingDataset,
+    augmentation_is_random,
+    build_reader,
+    collate_segmentation_batch,
+)
 from digseg_diffusers.data.readers import READERS, read_class_names_file
 from digseg_diffusers.evaluation import evaluate_examples
 from digseg_diffusers.noise import (
@@ -320,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
     )
     latent_cache = LatentCache() if args.cache_latents else None
-    if args.cache_latents and (args.scale_range[0] != args.scale_range[1] or args.flip_prob > 0):
+    if args.cache_latents and augmentation_is_random(args.scale_range, args.flip_prob):
         logger.warning("--cache_latents: every crop is random (scale jitter or flips), so nothing will be cached; "
                        "add --scale_range 1 1 --flip_prob 0 to cache.")
     train_dataloader = torch.utils.data.DataLoader(

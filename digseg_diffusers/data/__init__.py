@@ -28,7 +28,7 @@ from .readers import (
     read_image,
     read_label_ids,
 )
-from .transforms import crop_is_fixed, random_scale_flip_crop, resize_image, resize_label_nearest
+from .transforms import augmentation_is_random, crop_is_fixed, random_scale_flip_crop, resize_image, resize_label_nearest
 
 __all__ = [
     "ADE20K_150",
@@ -48,6 +48,7 @@ __all__ = [
     "SegmentationReader",
     "SegmentationTrainingDataset",
     "ValidationExample",
+    "augmentation_is_random",
     "build_reader",
     "collate_segmentation_batch",
     "crop_is_fixed",

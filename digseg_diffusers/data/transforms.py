@@ -41,9 +41,14 @@ def crop_is_fixed(
     True when nothing is drawn: no scale jitter, no flip, and the scaled image is exactly ``resolution`` square
     (no crop window or paste offset to choose). Such samples may have their VAE latents cached across epochs.
     """
-    if scale_range[0] != scale_range[1] or flip_prob > 0:
+    if augmentation_is_random(scale_range, flip_prob):
         return False
     return _scaled_size(height, width, scale_range[0], resolution, resize_short_side) == (resolution, resolution)
+
+
+def augmentation_is_random(scale_range: tuple[float, float], flip_prob: float) -> bool:
+    """Whether :func:`random_scale_flip_crop` draws a scale or a flip (else only the crop window can vary)."""
+    return scale_range[0] != scale_range[1] or flip_prob > 0
 
 
 def _scaled_size(height: int, width: int, scale: float, resolution: int, resize_short_side: bool) -> tuple[int, int]:
