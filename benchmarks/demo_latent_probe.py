@@ -37,11 +37,11 @@ NUM_LABELS = len(SHAPE_CLASSES) + 1  # the generator's label map: 0 = background
 INPUTS = ("latent", "pixels")
 
 
-def scenes(split: str, num_scenes: int, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images in [-1, 1] ``[N, 3, 64, 64]`` and label maps ``[N, 64, 64]`` of generated scenes."""
+def scenes(split: str, num_scenes: int, size: int, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images in [-1, 1] ``[N, 3, size, size]`` and label maps ``[N, size, size]`` of generated scenes."""
     images, labels = [], []
     for seed in split_seeds(split, num_scenes, seed_offset=SPLIT_SEED_OFFSETS[split] + first):
-        scene = generate_scene(seed, size=64)
+        scene = generate_scene(seed, size=size)
         images.append(scene.image)
         labels.append(scene.label)
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -49,19 +49,23 @@ def scenes(split: str, num_scenes: int, first: int = 0) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def probe_input(kind: str, vae, pixels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def probe_input(kind: str, vae, scale_factor: int, pixels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """The VAE's image latent, or the pixels unshuffled onto the latent's grid (``scale_factor`` = the VAE's)."""
     if kind == "pixels":
-        return F.pixel_unshuffle(pixels, 4)
+        return F.pixel_unshuffle(pixels, scale_factor)
     return torch.cat([mask_codec.encode_pixels(vae, pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)])
 
 
-def train_and_score(kind, train_x, train_y, val_x, val_y, steps: int, batch_size: int, seed: int) -> dict:
-    """The demo trunk with a 7-label head at 16 x 16 (x 16 sub-pixels, `pixel_shuffle`d back to 64 x 64)."""
+def train_and_score(
+    kind, latent_channels: int, train_x, train_y, val_x, val_y, scale_factor: int, steps: int, batch_size: int, seed: int
+) -> dict:
+    """The demo trunk with a 7-label head on the latent grid (``scale_factor ** 2`` sub-pixels per cell,
+    `pixel_shuffle`d back to the scene's pixels)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    config = dict(build_demo_unet(8, 16).config)
-    config.update(in_channels=train_x.shape[1], out_channels=NUM_LABELS * 16)
+    trunk = build_demo_unet(latent_channels, train_x.shape[-1])  # the recipe's U-Net layout and widths
+    config = dict(trunk.config, in_channels=train_x.shape[1], out_channels=NUM_LABELS * scale_factor**2)
     net = UNet2DConditionModel.from_config(config)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)  # the recipe's optimiser
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.03)
@@ -70,7 +74,7 @@ def train_and_score(kind, train_x, train_y, val_x, val_y, steps: int, batch_size
 
     def logits(x):
         out = net(x, timestep[: len(x)], encoder_hidden_states=no_text[: len(x)], return_dict=False)[0]
-        return F.pixel_shuffle(out, 4)
+        return F.pixel_shuffle(out, scale_factor)
 
     generator = torch.Generator().manual_seed(seed)
     start = time.time()
@@ -109,13 +113,16 @@ def main() -> None:
     args.config = "demo"
     setup(args)
     torch.set_grad_enabled(True)
-    vae = DiGSegPipeline.from_pretrained(default_model_path()).vae.eval()
-    train_pixels, train_y = scenes("train", args.num_train_scenes)
-    val_pixels, val_y = scenes("val", args.num_val_scenes, first=2000)  # after the recipe's validation seeds
+    pipe = DiGSegPipeline.from_pretrained(default_model_path())
+    vae, scale_factor = pipe.vae.eval(), pipe.vae_scale_factor
+    train_pixels, train_y = scenes("train", args.num_train_scenes, args.resolution)
+    val_pixels, val_y = scenes("val", args.num_val_scenes, args.resolution, first=2000)  # after the recipe's validation seeds
     results = {}
     for kind in args.inputs:
-        train_x, val_x = probe_input(kind, vae, train_pixels), probe_input(kind, vae, val_pixels)
-        results[kind] = train_and_score(kind, train_x, train_y, val_x, val_y, args.steps, args.batch_size, args.seed)
+        train_x, val_x = (probe_input(kind, vae, scale_factor, pixels) for pixels in (train_pixels, val_pixels))
+        results[kind] = train_and_score(
+            kind, vae.config.latent_channels, train_x, train_y, val_x, val_y, scale_factor, args.steps, args.batch_size, args.seed
+        )
     names = list(next(iter(results.values()))["per_class"])
     rows = [
         [kind, r["mIoU"], *(r["per_class"][n] for n in names), round(r["train_seconds"])] for kind, r in results.items()
