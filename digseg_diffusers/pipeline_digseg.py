@@ -251,16 +251,18 @@ class DiGSegPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiGSegPipeline":
-        """`DiffusionPipeline.from_pretrained`, plus re-aligning CPU weights (see `align_cpu_weights`)."""
+        """`DiffusionPipeline.from_pretrained`, plus the short name "digseg-demo" and the saved class proposer.
+
+        Weights stay as diffusers loads them (memory-mapped where it can): a reloaded pipeline reproduces the saved
+        one up to float32 rounding (~1e-6 on CPUs). Call `align_cpu_weights` on the components for bit-exact CPU
+        reproduction at the cost of one copy of every unaligned weight.
+        """
         from .demo import resolve_model_name  # the short name "digseg-demo" -> the packaged demo model
 
         pretrained_model_name_or_path = resolve_model_name(pretrained_model_name_or_path)
         has_proposer_argument = "class_proposer" in kwargs
         class_proposer = kwargs.pop("class_proposer", None)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        for component in pipe.components.values():
-            if isinstance(component, torch.nn.Module):
-                align_cpu_weights(component)
         # The saved class proposer (if any) comes back too, unless `class_proposer=` (even None) was given.
         if not has_proposer_argument:
             class_proposer = _load_class_proposer(str(pretrained_model_name_or_path), kwargs)
@@ -803,11 +805,12 @@ class DiGSegPipeline(DiffusionPipeline):
 
 
 def align_cpu_weights(module: torch.nn.Module, alignment: int = 64) -> torch.nn.Module:
-    """Copy CPU parameters and buffers that sit at unaligned addresses into freshly allocated memory.
+    """Copy CPU parameters and buffers that sit at unaligned addresses into freshly allocated memory (opt-in).
 
     Weights memory-mapped from a safetensors file can start at any byte offset; CPU kernels then take another
-    (equally valid) summation order, and a reloaded model differs from the saved one by ~1e-6. Realigning once
-    at load time makes a loaded pipeline reproduce the saved one bit for bit.
+    (equally valid) summation order, and a reloaded model differs from the saved one by ~1e-6. Realigning makes
+    a loaded model reproduce the saved one bit for bit on the same CPU, but copies those weights (no more
+    memory-mapping), so `from_pretrained` does not do it: call it yourself where bit-exactness matters.
     """
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):

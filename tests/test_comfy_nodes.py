@@ -17,7 +17,11 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from comfy_nodes import logic  # noqa: E402
-from digseg_diffusers.testing_utils import make_tiny_pipeline  # noqa: E402
+from digseg_diffusers.testing_utils import (  # noqa: E402
+    assert_close_across_paths,
+    assert_label_maps_match_across_paths,
+    make_tiny_pipeline,
+)
 
 COMFY_MODULES = ("comfy", "comfy.model_management", "comfy.model_patcher", "comfy.utils", "folder_paths", "comfy_api")
 
@@ -135,10 +139,14 @@ def test_segment_matches_the_pipeline_and_is_seeded(pipe):
         generator=torch.Generator().manual_seed(7),
         output_type="pt",
     )
-    assert torch.allclose(first.probabilities[0], direct.probabilities[0])  # the node seeds a CPU generator
-    assert torch.equal(first.label_maps[0], direct.label_maps[0])
+    # The node feeds a [B,H,W,C] tensor permuted to channels-first (another memory layout: another kernel order),
+    # seeded by a CPU generator: the same result up to float32 rounding.
+    assert_close_across_paths(first.probabilities[0], direct.probabilities[0], what="probabilities")
+    assert_label_maps_match_across_paths(
+        first.label_maps[0], direct.label_maps[0], direct.probabilities[0], pipe.config.default_mask_threshold
+    )
     other_seed = logic.segment(pipe, images, ["star", "ring"], **{**kwargs, "seed": 8})
-    assert not torch.equal(first.probabilities, other_seed.probabilities)
+    assert float((first.probabilities - other_seed.probabilities).abs().max()) > 1e-3  # the seed matters
 
 
 def test_segment_reports_progress_and_cancels(pipe):

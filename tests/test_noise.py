@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from digseg_diffusers.noise import NOISE_VARIANTS, pyramid_level_weights, sample_training_noise, sample_training_timesteps
+from digseg_diffusers.testing_utils import assert_close_across_paths
 
 T = 1000
 
@@ -100,7 +101,8 @@ def test_per_sample_generators_match_single_sample_draws():
         alone = sample_training_noise(
             latents[index : index + 1], timesteps[index], T, generator=torch.Generator().manual_seed(index)
         )
-        assert torch.equal(batched[index : index + 1], alone)
+        # Same draws; the batched resize and renormalisation may sum in another order (float32 rounding only).
+        assert_close_across_paths(batched[index : index + 1], alone, what=f"noise of sample {index}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
