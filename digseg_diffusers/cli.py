@@ -180,17 +180,14 @@ def load_pipeline(model: str, adapter: str | None, device_name: str, quiet_loadi
 
 
 def read_image(path: str) -> np.ndarray:
-    """RGB uint8 array of an image file, or `CLIError` naming the file."""
-    from PIL import Image, UnidentifiedImageError
+    """``[H, W, 3]`` float32 RGB in [0, 1] of an image file (16-bit precision kept), or `CLIError` naming the file."""
+    from .image_processing import open_image, to_float_rgb
 
-    if not os.path.isfile(path):
-        raise CLIError(f"image not found: {path}")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise CLIError(f"cannot read image {path}: {error}") from None
+        with open_image(path) as image:
+            return to_float_rgb(image)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
 
 
 def _safe_name(text: str) -> str:

@@ -1,16 +1,23 @@
 """Input canonicalisation for DiGSeg: any common image form -> float ``[N, 3, H, W]`` in [0, 1].
 
 Resizing, padding to the VAE's multiple and un-padding are Marigold's (diffusers' `MarigoldImageProcessor`);
-this subclass only widens what it accepts: RGBA / LA (alpha dropped), palette, 16-bit and 32-bit integer
-PIL images, and 4-channel arrays, so that users never have to convert an image before segmenting it.
+this subclass only widens what it accepts: RGBA / LA (alpha dropped), palette, CMYK, 16-bit and 32-bit integer
+PIL images, and 4-channel arrays, so that users never have to convert an image before segmenting it; and images
+whose short side would shrink below one pixel are kept at one pixel (then padded) instead of refused.
+
+This is the one place that turns images into pixels: the pipeline, the CLI (`open_image`), the dataset readers
+and the visualisation (`to_uint8_rgb`) all go through it, so a 16-bit file gives the same masks as its 8-bit
+version everywhere (PIL's own ``.convert("RGB")`` clips 16-bit values to 0 / 255).
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from diffusers.pipelines.marigold.marigold_image_processing import MarigoldImageProcessor
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 RESAMPLE_METHODS = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
 
@@ -35,7 +42,20 @@ def _pil_to_array(image: Image.Image) -> np.ndarray:
 
 
 class DiGSegImageProcessor(MarigoldImageProcessor):
-    """Marigold's image processor, accepting more image kinds (see module docstring)."""
+    """Marigold's image processor, accepting more image kinds and extreme aspect ratios (see module docstring)."""
+
+    @staticmethod
+    def resize_to_max_edge(image: torch.Tensor, max_edge_sz: int, mode: str) -> torch.Tensor:
+        """Marigold's resize of the longest side to `max_edge_sz`, with the short side kept at >= 1 pixel.
+
+        A 4097 x 3 strip would shrink to 512 x 0 and Marigold refuses it; here it becomes 512 x 1 and padding to the
+        VAE's multiple does the rest, like any other odd size.
+        """
+        height, width = image.shape[-2:]
+        new_size = processing_size((height, width), max_edge_sz)
+        if new_size == (height, width):
+            return image
+        return MarigoldImageProcessor.resize_antialias(image, new_size, mode, is_aa=True)
 
     @staticmethod
     def load_image_canonical(
@@ -54,3 +74,50 @@ class DiGSegImageProcessor(MarigoldImageProcessor):
             if image.ndim in (3, 4) and image.shape[-3] in (2, 4):  # CHW / NCHW with alpha: drop it
                 image = image[..., : image.shape[-3] - 1, :, :]
         return MarigoldImageProcessor.load_image_canonical(image, device=device, dtype=dtype)
+
+
+def processing_size(image_size: tuple[int, int], processing_resolution: int) -> tuple[int, int]:
+    """``(H, W)`` after resizing the longest side to `processing_resolution` (0 = native), each side >= 1."""
+    height, width = image_size
+    if processing_resolution <= 0:
+        return height, width
+    longest = max(height, width)
+    return max(1, height * processing_resolution // longest), max(1, width * processing_resolution // longest)
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image file; a `ValueError` names the file when it is missing, empty, truncated,
+    too large for PIL's decompression-bomb guard, or not an image. EXIF rotation is not applied (label maps and
+    masks stay on the file's pixel grid)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"image not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"cannot read image {path}: the file is empty (0 bytes)")
+    try:
+        image = Image.open(path)
+        image.load()  # decode now: truncated or corrupt files raise here, not later inside the pipeline
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"cannot read image {path}: {error}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
+        reason = str(error).strip() or type(error).__name__
+        raise ValueError(f"cannot read image {path}: {reason}") from None
+    return image
+
+
+def to_float_rgb(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
+    """One image (any form the pipeline accepts) -> ``[H, W, 3]`` float32 in [0, 1], full precision kept."""
+    pixels = DiGSegImageProcessor.load_image_canonical(image)
+    if pixels.shape[0] != 1:
+        raise ValueError(f"expected one image, got a batch of {pixels.shape[0]}")
+    return pixels[0].permute(1, 2, 0).numpy()
+
+
+def to_uint8_rgb(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
+    """One image -> ``[H, W, 3]`` uint8: 16-bit and float images are rescaled (never clipped to 0 / 255)."""
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        return image
+    pixels = to_float_rgb(image)
+    if not np.isfinite(pixels).all() or pixels.min(initial=0.0) < 0.0 or pixels.max(initial=0.0) > 1.0:
+        raise ValueError("float pixel values must be finite and lie in [0, 1]")
+    return np.round(pixels * 255.0).astype(np.uint8)

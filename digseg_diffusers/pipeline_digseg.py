@@ -31,7 +31,7 @@ from PIL import Image
 from transformers import PreTrainedModel
 
 from . import mask_codec
-from .image_processing import RESAMPLE_METHODS, DiGSegImageProcessor
+from .image_processing import RESAMPLE_METHODS, DiGSegImageProcessor, processing_size
 from .mask_decoder import DiGSegMaskDecoder  # imported so that from_pretrained can resolve a saved mask_decoder
 from .text_projection import DiGSegTextProjection
 from .unet_surgery import widen_conv_in
@@ -262,7 +262,10 @@ class DiGSegPipeline(DiffusionPipeline):
         pretrained_model_name_or_path = resolve_model_name(pretrained_model_name_or_path)
         has_proposer_argument = "class_proposer" in kwargs
         class_proposer = kwargs.pop("class_proposer", None)
+        # Never unpickle weights unless asked to: a folder with only `.bin` files is refused with the file named.
+        kwargs.setdefault("use_safetensors", True)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        _check_loaded_components(pipe, str(pretrained_model_name_or_path))
         # The saved class proposer (if any) comes back too, unless `class_proposer=` (even None) was given.
         if not has_proposer_argument:
             class_proposer = _load_class_proposer(str(pretrained_model_name_or_path), kwargs)
@@ -445,7 +448,7 @@ class DiGSegPipeline(DiffusionPipeline):
                 tensor = self.image_processor.load_image_canonical(img)
             except ValueError as error:
                 raise ValueError(f"`image[{i}]`: {error}") from None
-            if tensor.shape[-1] == 0 or tensor.shape[-2] == 0:
+            if tensor.numel() == 0:
                 raise ValueError(f"`image[{i}]` is empty: shape {tuple(tensor.shape)}.")
             if torch.isnan(tensor).any() or tensor.min() < 0.0 or tensor.max() > 1.0:
                 raise ValueError(f"`image[{i}]`: float pixel values must lie in [0, 1].")
@@ -567,12 +570,7 @@ class DiGSegPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}; got {output_type!r}.")
 
-        height, width = image_size
-        if processing_resolution > 0:
-            longest = max(height, width)
-            height, width = height * processing_resolution // longest, width * processing_resolution // longest
-            if height == 0 or width == 0:
-                raise ValueError(f"`image` has an extreme aspect ratio ({image_size[1]} x {image_size[0]}).")
+        height, width = processing_size(image_size, processing_resolution)
         latent_size = (-(-height // self.vae_scale_factor), -(-width // self.vae_scale_factor))
 
         if latents is not None:
@@ -585,6 +583,8 @@ class DiGSegPipeline(DiffusionPipeline):
                     f"`latents` has shape {shape}; expected {expected} (images x prompts x ensemble_size rows, "
                     "image-major)."
                 )
+            if not bool(torch.isfinite(latents).all()):
+                raise ValueError("`latents` contains NaN or infinite values.")
         if isinstance(generator, list):
             if len(generator) != num_rows:
                 raise ValueError(
@@ -817,6 +817,24 @@ def align_cpu_weights(module: torch.nn.Module, alignment: int = 64) -> torch.nn.
             if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
                 tensor.data = tensor.data.clone()
     return module
+
+
+def _check_loaded_components(pipe: "DiGSegPipeline", source: str) -> None:
+    """Refuse a loaded pipeline that lacks a required component instead of failing later inside a call.
+
+    diffusers leaves a component whose folder is missing as None, and transformers builds an *empty* tokenizer
+    (special tokens only) from a folder without vocabulary files; both would only surface as wrong masks.
+    """
+    required = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_projection")
+    missing = [name for name in required if getattr(pipe, name, None) is None]
+    if missing:
+        raise OSError(f"{source}: the DiGSeg pipeline is missing its {', '.join(missing)} component(s).")
+    tokenizer = pipe.tokenizer
+    if hasattr(tokenizer, "all_special_tokens") and len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise OSError(
+            f"{source}: the tokenizer has no vocabulary (only its {len(tokenizer)} special tokens): its files are "
+            "missing from the `tokenizer/` folder."
+        )
 
 
 def _load_class_proposer(pretrained_model_name_or_path: str, kwargs: dict):

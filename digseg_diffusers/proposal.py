@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils import logging
 
+from .image_processing import DiGSegImageProcessor
 from .vocabularies import Vocabulary, load_vocabulary
 
 logger = logging.get_logger(__name__)
@@ -68,46 +69,16 @@ class ProposalScores:
 
 
 def _image_to_chw(image: ImageInput, index: int) -> list[torch.Tensor]:
-    """One image (or a batch) as float ``[3, H, W]`` tensors in [0, 1]."""
-    if isinstance(image, PIL.Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.dtype == np.uint8:
-            array = image.astype(np.float32) / 255.0
-        elif image.dtype == np.uint16:
-            array = image.astype(np.float32) / 65535.0
-        elif np.issubdtype(image.dtype, np.floating):
-            array = image.astype(np.float32)
-        else:
-            raise ValueError(f"images[{index}]: unsupported numpy dtype {image.dtype} (use uint8, uint16 or float)")
-        if array.ndim == 2:
-            array = array[..., None]
-        if array.ndim == 4:
-            return [t for i in range(array.shape[0]) for t in _image_to_chw(array[i], index)]
-        if array.ndim != 3:
-            raise ValueError(f"images[{index}]: numpy images must be HW, HWC or NHWC; got shape {array.shape}")
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
-    elif isinstance(image, torch.Tensor):
-        tensor = image
-        if tensor.ndim == 4:
-            return [t for i in range(tensor.shape[0]) for t in _image_to_chw(tensor[i], index)]
-        if tensor.ndim == 2:
-            tensor = tensor[None]
-        if tensor.ndim != 3:
-            raise ValueError(f"images[{index}]: torch images must be CHW or NCHW; got shape {tuple(tensor.shape)}")
-        tensor = tensor.float()
-    else:
+    """One image (or a batch) as float ``[3, H, W]`` tensors in [0, 1], through the pipeline's canonicaliser."""
+    if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
         raise ValueError(
             f"images[{index}]: expected a PIL image, numpy array or torch tensor; got {type(image).__name__}"
         )
-    channels = tensor.shape[0]
-    if channels == 1:
-        tensor = tensor.expand(3, -1, -1)
-    elif channels == 4:
-        tensor = tensor[:3]
-    elif channels != 3:
-        raise ValueError(f"images[{index}]: expected 1, 3 or 4 channels; got {channels}")
-    return [tensor]
+    try:
+        pixels = DiGSegImageProcessor.load_image_canonical(image)  # [N, 3, H, W]
+    except ValueError as error:
+        raise ValueError(f"images[{index}]: {error}") from None
+    return list(pixels.unbind(0))
 
 
 class DiGSegClassProposer(torch.nn.Module):

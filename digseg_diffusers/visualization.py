@@ -11,6 +11,8 @@ import colorsys
 import numpy as np
 from PIL import Image
 
+from .image_processing import to_uint8_rgb
+
 __all__ = ["BASE_COLORS", "label_colors", "colorize_label_map", "overlay"]
 
 BASE_COLORS: tuple[tuple[int, int, int], ...] = (
@@ -111,8 +113,8 @@ def overlay(image_uint8, label_map, alpha: float = 0.5, num_classes: int | None 
     """Blend the label colours onto an image; background pixels (label 0) keep the image unchanged.
 
     Args:
-        image_uint8: ``[H, W, 3]`` (or ``[H, W]`` grey, or ``[H, W, 4]`` RGBA: alpha dropped) uint8 image, or a
-            PIL image.
+        image_uint8: ``[H, W, 3]`` (or ``[H, W]`` grey, or ``[H, W, 4]`` RGBA: alpha dropped) uint8 image, a PIL
+            image of any mode, or a uint16 / float-in-[0, 1] array (rescaled to 8 bits, never clipped).
         label_map: ``[H, W]`` integer labels of the same height and width.
         alpha: weight of the label colour, in [0, 1].
         num_classes: as in `colorize_label_map`.
@@ -120,11 +122,12 @@ def overlay(image_uint8, label_map, alpha: float = 0.5, num_classes: int | None 
     Returns:
         ``[H, W, 3]`` uint8.
     """
-    if isinstance(image_uint8, Image.Image):
-        image_uint8 = np.asarray(image_uint8.convert("RGB"))
-    image = np.asarray(image_uint8)
-    if image.dtype != np.uint8:
-        raise ValueError(f"`image_uint8` must be uint8; got {image.dtype} (scale float images by 255 first).")
+    image = image_uint8 if isinstance(image_uint8, Image.Image) else np.asarray(image_uint8)
+    if isinstance(image, Image.Image) or image.dtype != np.uint8:
+        try:
+            image = to_uint8_rgb(image)
+        except ValueError as error:
+            raise ValueError(f"`image_uint8`: {error}") from None
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] not in (1, 3, 4):

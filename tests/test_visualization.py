@@ -89,12 +89,18 @@ def test_overlay_accepts_grey_rgba_and_pil():
     assert out_grey.shape == (1, 2, 3)
     assert np.array_equal(overlay(rgba, labels), out_grey)
     assert np.array_equal(overlay(Image.fromarray(grey), labels), out_grey)
+    # 16-bit and float images are rescaled to 8 bits, never clipped to 0 / 255.
+    grey16 = grey.astype(np.uint16) * 257
+    assert np.array_equal(overlay(grey16, labels), out_grey)
+    assert np.array_equal(overlay(Image.fromarray(grey16), labels), out_grey)
+    assert np.array_equal(overlay(grey.astype(np.float32) / 255.0, labels), out_grey)
 
 
 @pytest.mark.parametrize(
     "image, labels, alpha, message",
     [
-        (np.zeros((2, 2, 3), dtype=np.float32), np.zeros((2, 2), dtype=np.int64), 0.5, "uint8"),
+        (np.full((2, 2, 3), np.nan, dtype=np.float32), np.zeros((2, 2), dtype=np.int64), 0.5, r"\[0, 1\]"),
+        (np.full((2, 2, 3), 1.5, dtype=np.float32), np.zeros((2, 2), dtype=np.int64), 0.5, r"\[0, 1\]"),
         (np.zeros((2, 2, 3), dtype=np.uint8), np.zeros((3, 2), dtype=np.int64), 0.5, "must match"),
         (np.zeros((2, 2, 2), dtype=np.uint8), np.zeros((2, 2), dtype=np.int64), 0.5, "image_uint8"),
         (np.zeros((2, 2, 3), dtype=np.uint8), np.zeros((2, 2), dtype=np.int64), 1.5, "alpha"),

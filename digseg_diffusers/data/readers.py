@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..image_processing import open_image, to_uint8_rgb
 from .class_names import DEFAULT_CLASS_NAMES
 
 logger = logging.getLogger(__name__)
@@ -65,11 +66,11 @@ class ValidationExample:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """RGB ``uint8`` ``[H, W, 3]``; grayscale, palette and alpha images are converted. EXIF rotation is NOT
-    applied, because label maps carry none and would no longer line up."""
-    with Image.open(path) as image:
-        image.load()  # decode now: truncated or corrupt files raise here
-        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    """RGB ``uint8`` ``[H, W, 3]`` through the package's one canonicaliser: grayscale, palette, alpha, CMYK and
+    16-bit images are converted (16-bit rescaled, not clipped). EXIF rotation is NOT applied, because label maps
+    carry none and would no longer line up. Unreadable files raise a `ValueError` naming the file."""
+    with open_image(path) as image:
+        return to_uint8_rgb(image).copy()
 
 
 def read_label_ids(path: str | os.PathLike) -> np.ndarray:
