@@ -276,3 +276,35 @@ def test_execution_device_follows_offload_hooks():
             del module._hf_hook
         pipe.vae.__dict__.pop("encode", None)
     assert pipe._execution_device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+def test_label_maps_are_computed_chunk_by_chunk_like_one_argmax(tiny_pipe, rgb_image, batch_size):
+    prompts = ["circle", "star", "ring", "cross", "square"]
+    out = run(tiny_pipe, rgb_image, prompts, batch_size=batch_size, background_threshold=0.45, generator=seeded(2)[0])
+    probs = out.probabilities[0]
+    expected = np.where(probs.max(0) >= 0.45, probs.argmax(0) + 1, BACKGROUND_LABEL)
+    np.testing.assert_array_equal(out.label_maps[0], expected)  # ties keep the first prompt in both
+    assert len(np.unique(out.label_maps[0])) >= 3  # several prompts win somewhere: chunks really compete
+
+
+def test_label_map_only_and_compact_probabilities(tiny_pipe, rgb_image):
+    prompts = ["circle", "star", "ring"]
+    full = run(tiny_pipe, rgb_image, prompts, batch_size=2, generator=seeded(1)[0])
+    labels_only = run(
+        tiny_pipe, rgb_image, prompts, batch_size=2, generator=seeded(1)[0], output_probabilities=False,
+        output_masks=False,
+    )
+    assert labels_only.probabilities is None and labels_only.masks is None
+    np.testing.assert_array_equal(labels_only.label_maps[0], full.label_maps[0])  # same computation
+    compact = run(tiny_pipe, rgb_image, prompts, batch_size=2, generator=seeded(1)[0], probability_dtype="uint8")
+    assert compact.probabilities[0].dtype == np.uint8
+    np.testing.assert_array_equal(compact.probabilities[0], np.round(full.probabilities[0] * 255).astype(np.uint8))
+    np.testing.assert_array_equal(compact.masks[0], full.masks[0])  # masks come from the float32 maps
+    half = run(tiny_pipe, rgb_image, prompts, generator=seeded(1)[0], probability_dtype="float16", output_type="pt")
+    assert half.probabilities[0].dtype == torch.float16
+    np.testing.assert_allclose(half.probabilities[0].float().numpy(), full.probabilities[0], atol=1e-3)
+    pil = run(tiny_pipe, rgb_image, prompts, generator=seeded(1)[0], probability_dtype="uint8", output_type="pil")
+    np.testing.assert_array_equal(np.asarray(pil.probabilities[0][1]), compact.probabilities[0][1])
+    with pytest.raises(ValueError, match="probability_dtype"):
+        run(tiny_pipe, rgb_image, prompts, probability_dtype="int8")

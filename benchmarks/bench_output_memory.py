@@ -1,0 +1,113 @@
+"""Peak memory of one call against the number of prompts K and the image size, by what the caller asks for.
+
+The U-Net and VAE work at the processing resolution; what grows with K x H x W is the output at the input
+resolution. Modes: "all" (float32 probabilities + masks + label map, the default and what every call paid
+before outputs were selectable), "labels" (label map only: computed prompt chunk by prompt chunk, so memory
+grows with `batch_size`, not K), "uint8" (label map + uint8 probabilities). With ``--before DIR`` the "all" mode
+is also measured with the package found in DIR (a checkout of an earlier commit), for a before/after table.
+
+Each setting runs in a fresh process (an allocator keeps freed memory); the peak RSS above the RSS before the call
+is recorded. The tiny random pipeline at processing resolution 64 keeps the model's own memory negligible.
+
+    python benchmarks/bench_output_memory.py --sizes 0.25 3 12 --ks 1 16 150 --before /path/to/old/checkout
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZES_MP = {0.25: (512, 512), 3: (1500, 2000), 12: (3000, 4000)}
+MODES = {
+    "all": {},
+    "labels": {"output_probabilities": False, "output_masks": False},
+    "uint8": {"output_masks": False, "probability_dtype": "uint8"},
+}
+
+
+def measure(size_mp: float, k: int, mode: str) -> dict:
+    """One call in this process (the child side)."""
+    import numpy as np
+    import torch
+    from common import PeakMemory
+
+    from digseg_diffusers.testing_utils import make_tiny_pipeline
+    from digseg_diffusers.vocabularies import load_vocabulary
+
+    torch.set_grad_enabled(False)
+    pipe = make_tiny_pipeline(seed=0)
+    prompts = list(load_vocabulary("ade20k-150").class_names)[:k]
+    height, width = SIZES_MP[size_mp]
+    image = np.random.RandomState(0).randint(0, 256, (height, width, 3), dtype=np.uint8)
+    pipe(image[:64, :64], prompts[:1], processing_resolution=64)  # warm-up: lazy initialisation is not output
+    with PeakMemory() as peak:
+        out = pipe(image, prompts, processing_resolution=64, batch_size=8, generator=torch.Generator().manual_seed(0),
+                   **MODES[mode])
+        assert out.label_maps[0].shape == (height, width)
+    return {"size_mp": size_mp, "k": k, "mode": mode, "peak_rss_mb": peak.peak_rss_mb}
+
+
+def run_child(size_mp: float, k: int, mode: str, code_root: str | None) -> dict:
+    env = dict(os.environ)
+    if code_root:  # that checkout's package first; this checkout on the path too, so `common` does not re-insert it
+        env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(code_root), ROOT])
+    command = [sys.executable, __file__, "--single", str(size_mp), str(k), mode]
+    completed = subprocess.run(command, capture_output=True, text=True, env=env)
+    if completed.returncode != 0:
+        return {"size_mp": size_mp, "k": k, "mode": mode, "error": completed.stderr.strip().splitlines()[-1]}
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=sorted(SIZES_MP), choices=sorted(SIZES_MP))
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 16, 150])
+    parser.add_argument("--before", default=None, help="a checkout whose digseg_diffusers is measured as 'before'")
+    parser.add_argument("--single", nargs=3, default=None, help="internal: SIZE K MODE measured in this process")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+
+    if args.single:
+        size, k, mode = args.single
+        print(json.dumps(measure(float(size), int(k), mode)))
+        return
+
+    from common import machine_description, markdown_table
+
+    results = []
+    columns = (["before"] if args.before else []) + list(MODES)
+    for size in args.sizes:
+        for k in args.ks:
+            row = {"size_mp": size, "k": k}
+            if args.before:
+                row["before"] = run_child(size, k, "all", args.before)
+            for mode in MODES:
+                row[mode] = run_child(size, k, mode, None)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+
+    def cell(entry):
+        return entry.get("peak_rss_mb", entry.get("error", "?"))
+
+    headers = ["image MP", "K"] + [f"{c} MB" for c in columns] + ["labels / all"]
+    rows = []
+    for row in results:
+        all_mb, labels_mb = row["all"].get("peak_rss_mb"), row["labels"].get("peak_rss_mb")
+        ratio = f"{labels_mb / all_mb:.3f}" if all_mb and labels_mb is not None else "-"
+        rows.append([row["size_mp"], row["k"]] + [cell(row[c]) for c in columns] + [ratio])
+    table = markdown_table(headers, rows)
+    print(table)
+    path = args.output or os.path.join(ROOT, "benchmarks", "results", "output_memory_tiny.json")
+    with open(path, "w") as f:
+        json.dump({"benchmark": "output_memory", "machine": machine_description(), "results": results,
+                   "table": table}, f, indent=2, default=float)
+    print(f"results: {os.path.relpath(path, ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
