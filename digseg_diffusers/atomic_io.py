@@ -184,7 +184,7 @@ class DirectoryLock:
         self._fd = None
 
     def __enter__(self) -> DirectoryLock:
-        return self.acquire()
+        return self if self._fd is not None else self.acquire()
 
     def __exit__(self, *exc_info) -> None:
         self.release()
