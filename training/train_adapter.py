@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{resume_path} is at step {resume_step} (--max_train_steps {args.max_train_steps}) and the run's "
                 f"outputs are written: nothing to do."
             )
+            if args.push_to_hub and accelerator.is_main_process:  # the one step that may have failed (network)
+                push_adapter(args)
             accelerator.end_training()
             return summary
         logger.info(f"{resume_path} is the run's last step ({resume_step}): writing its final outputs without training.")
@@ -573,10 +575,8 @@ def main(argv: list[str] | None = None) -> dict:
             "adapter": adapter_config.to_dict(),
         }
         atomic_write_json(os.path.join(args.output_dir, SUMMARY_NAME), summary)
-        if args.push_to_hub:
-            from digseg_diffusers.hub import push_folder_to_hub
-
-            push_folder_to_hub(adapter_dir, args.hub_model_id, token=args.hub_token)
+        if args.push_to_hub:  # after everything is saved locally: a network error loses nothing
+            push_adapter(args)
     accelerator.end_training()
     return summary
 
@@ -615,6 +615,13 @@ def run_validation(args, accelerator, pipeline, reader, unet, text_projection) -
         unet_eval.train()
         projection_eval.train()
     return {"mIoU": metrics["mIoU"], "pixel_accuracy": metrics["pixel_accuracy"]}
+
+
+def push_adapter(args: argparse.Namespace) -> None:
+    """Upload the saved adapter folder (needs network)."""
+    from digseg_diffusers.hub import push_folder_to_hub
+
+    push_folder_to_hub(os.path.join(args.output_dir, ADAPTER_SUBFOLDER), args.hub_model_id, token=args.hub_token)
 
 
 def write_card(args, adapter_dir: str | os.PathLike, adapter_config, class_names, validation_history) -> None:
