@@ -6,24 +6,36 @@
 A thin layer over `DiGSegPipeline`: it parses arguments, loads the model, runs the pipeline once per image
 (images of different sizes never share a call) and writes what comes out: one mask PNG per prompt, the label
 map (palette PNG: pixel value = label, 0 = background, k + 1 = prompt k), a coloured overlay and a JSON summary.
-Every user error (unreadable image, missing model, bad argument) ends with one line on stderr and exit code 2.
+Every user error (unreadable image, missing model, bad argument, unusable --out) ends with one line on stderr and
+exit code 2.
+
+Outputs are never lost or mixed: --out is checked (and locked against a second digseg process) before the model
+is loaded; each input gets its own folder, named deterministically without collisions (`output_folder_names`);
+every file is written atomically, and each folder's summary.json says whose results it holds and whether they are
+complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .atomic_io import TEMPORARY_SUFFIX, DirectoryLock, FolderLockedError, atomic_file, atomic_write_json
+
 EXIT_USAGE = 2
+SUMMARY_NAME = "summary.json"
+LOCK_NAME = ".digseg.lock"
 
 logger = logging.getLogger(__name__)
 
@@ -195,14 +207,71 @@ def _safe_name(text: str) -> str:
     return name[:60] or "prompt"
 
 
-def _unique_stems(paths: Sequence[str]) -> list[str]:
-    stems, seen = [], {}
-    for path in paths:
-        stem = _safe_name(Path(path).stem)
-        count = seen.get(stem, 0)
-        seen[stem] = count + 1
-        stems.append(stem if count == 0 else f"{stem}_{count + 1}")
-    return stems
+def _name_candidate(path: str, position: int, level: int) -> str:
+    """Ever more specific folder names for one input: its stem; file name; parent folder and file name; file
+    name and a hash of its absolute path; then that and its position on the command line."""
+    file = Path(path)
+    if level == 0:
+        return _safe_name(file.stem)
+    if level == 1:
+        return _safe_name(file.name)
+    if level == 2:
+        return _safe_name(f"{file.resolve().parent.name}_{file.name}")
+    digest = hashlib.sha1(str(file.resolve()).encode("utf-8")).hexdigest()[:8]
+    name = f"{_safe_name(file.name)}-{digest}"
+    return name if level == 3 else f"{name}-{position + 1}" + (f"-{level - 4}" if level > 4 else "")
+
+
+def _read_summary(folder: Path) -> dict | None:
+    try:
+        document = json.loads((folder / SUMMARY_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _is_temporary(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(TEMPORARY_SUFFIX)
+
+
+def _folder_is_free_for(folder: Path, source: str) -> bool:
+    """May the results of `source` go into `folder`? Yes if it is absent, empty, or already holds them."""
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        return False
+    if not [p for p in folder.iterdir() if p.name != LOCK_NAME and not _is_temporary(p)]:
+        return True
+    summary = _read_summary(folder)
+    return summary is not None and summary.get("source") == source
+
+
+def output_folder_names(paths: Sequence[str], out_root: str | os.PathLike | None = None) -> list[str]:
+    """One distinct subfolder name per input, the same for the same inputs and the same --out.
+
+    An input's name is its file stem while that is unambiguous; inputs whose names collide (``a.png`` and
+    ``a.jpg``; ``x/a.png`` and ``y/a.png``; ``A.png`` and ``a.png``, for case-insensitive disks) all move on to
+    a more specific name: the file name with its extension (``a.png``), then with its folder's name
+    (``x_a.png``), then with a hash of its absolute path, then with its position.
+    A folder already in `out_root` is reused only if it is empty or holds this same input's results (its
+    summary.json names the input); otherwise the input takes its next name, so earlier results are never
+    overwritten by another image's.
+    """
+    root = Path(out_root) if out_root is not None else None
+    sources = [str(Path(path).resolve()) for path in paths]
+    levels = [0] * len(paths)
+    reserved = {SUMMARY_NAME, LOCK_NAME}
+    while True:
+        names = [_name_candidate(path, i, level) for i, (path, level) in enumerate(zip(paths, levels))]
+        keys = [name.casefold() for name in names]
+        counts = {key: keys.count(key) for key in keys}
+        clashing = [
+            counts[key] > 1 or name in reserved or (root is not None and not _folder_is_free_for(root / name, source))
+            for name, key, source in zip(names, keys, sources)
+        ]
+        if not any(clashing):
+            return names
+        levels = [level + 1 if clash else level for level, clash in zip(levels, clashing)]
 
 
 def _pipeline_kwargs(args: argparse.Namespace) -> dict:
@@ -235,20 +304,61 @@ def run_pipeline(pipe, image: np.ndarray, prompts: list[str], args: argparse.Nam
         raise CLIError(str(error).strip().splitlines()[0]) from None
 
 
-def write_outputs(out_dir: Path, image: np.ndarray, prompts: list[str], output, index: int = 0) -> dict:
+def _mask_file_name(k: int, prompt: str) -> str:
+    return f"mask_{k:02d}_{_safe_name(prompt)}.png"
+
+
+class ResultFolder:
+    """One image's output folder, written so that a kill or a rerun never leaves it mixing two runs.
+
+    `begin` claims the folder with a provisional summary.json (``"status": "incomplete"``, the input it is for,
+    the files about to be written and the previous run's files); every file is then written atomically; files of
+    the previous run that this one does not rewrite (masks of other prompts) are removed; the final
+    summary.json (``"status": "complete"``) comes last.
+    """
+
+    def __init__(self, folder: Path, source: str, image: str):
+        self.folder, self.source, self.image = Path(folder), source, image
+        self._stale: set[str] = set()
+
+    def begin(self, planned_files: Sequence[str]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for leftover in self.folder.glob(f".*{TEMPORARY_SUFFIX}"):  # from a killed writer (we hold the lock)
+            if leftover.is_file():
+                leftover.unlink()
+        previous = _read_summary(self.folder) or {}
+        earlier = [entry.get("mask_file") for entry in previous.get("prompts", []) if isinstance(entry, dict)]
+        earlier += previous.get("stale_files", []) + previous.get("files_being_written", [])
+        self._stale = {name for name in earlier if isinstance(name, str) and Path(name).name == name} - set(planned_files)
+        atomic_write_json(
+            self.folder / SUMMARY_NAME,
+            {"status": "incomplete", "source": self.source, "image": self.image,
+             "files_being_written": list(planned_files), "stale_files": sorted(self._stale)},
+        )  # fmt: skip
+
+    def save_image(self, name: str, image) -> None:
+        with atomic_file(self.folder / name) as tmp:
+            image.save(tmp, format="PNG")
+
+    def finish(self, summary: dict) -> None:
+        for name in sorted(self._stale):
+            (self.folder / name).unlink(missing_ok=True)
+        atomic_write_json(self.folder / SUMMARY_NAME, {"status": "complete", "source": self.source, **summary})
+
+
+def write_outputs(folder: ResultFolder, image: np.ndarray, prompts: list[str], output, index: int = 0) -> dict:
     """Write the masks, label map and overlay of one image; return the per-prompt summary entries."""
     from PIL import Image
 
     from .visualization import label_colors, overlay
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     masks = np.asarray(output.masks[index])
     probabilities = np.asarray(output.probabilities[index])
     label_map = np.asarray(output.label_maps[index])
     entries = []
     for k, prompt in enumerate(prompts):
-        file_name = f"mask_{k:02d}_{_safe_name(prompt)}.png"
-        Image.fromarray(masks[k].astype(np.uint8) * 255, mode="L").save(out_dir / file_name)
+        file_name = _mask_file_name(k, prompt)
+        folder.save_image(file_name, Image.fromarray(masks[k].astype(np.uint8) * 255, mode="L"))
         entries.append(
             {
                 "prompt": prompt,
@@ -261,13 +371,37 @@ def write_outputs(out_dir: Path, image: np.ndarray, prompts: list[str], output, 
         )
     palette_image = Image.fromarray(label_map.astype(np.uint8), mode="P")
     palette_image.putpalette(label_colors(len(prompts)).reshape(-1).tolist())
-    palette_image.save(out_dir / "label_map.png")
-    Image.fromarray(overlay(image, label_map, num_classes=len(prompts))).save(out_dir / "overlay.png")
+    folder.save_image("label_map.png", palette_image)
+    folder.save_image("overlay.png", Image.fromarray(overlay(image, label_map, num_classes=len(prompts))))
     return {"prompts": entries, "background_area_fraction": float((label_map == 0).mean())}
 
 
-def _write_json(path: Path, document: dict) -> None:
-    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+def _output_files(prompts: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
+    return [_mask_file_name(k, prompt) for k, prompt in enumerate(prompts)] + ["label_map.png", "overlay.png", *extra]
+
+
+def lock_output_root(out: str) -> DirectoryLock:
+    """Create and lock --out before any model work, or raise `CLIError` saying why it cannot be used."""
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise CLIError(f"--out {out} exists and is not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return DirectoryLock(root, LOCK_NAME).acquire()  # creating the lock file also proves the folder writable
+    except FolderLockedError as error:
+        raise CLIError(f"--out {out}: {error}; wait for it to finish or choose another --out") from None
+    except OSError as error:
+        raise CLIError(f"--out {out} is not a writable folder: {error.strerror or error}") from None
+
+
+def _check_writable(folder: Path, out: str) -> None:
+    """An existing result folder must take new files (checked before the model runs)."""
+    if not folder.is_dir():
+        return
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise CLIError(f"--out {out}: cannot write into {folder}: {error.strerror or error}") from None
 
 
 def _progress_bar(args: argparse.Namespace, description: str):
@@ -304,22 +438,29 @@ def command_segment(args: argparse.Namespace) -> dict:
     prompts = [p.strip() for p in args.prompt]
     if any(not p for p in prompts):
         raise CLIError("--prompt must not be empty")
+    with lock_output_root(args.out):  # a second digseg writing into the same --out is refused, never interleaved
+        return _segment_into(args, prompts, Path(args.out))
+
+
+def _segment_into(args: argparse.Namespace, prompts: list[str], out_root: Path) -> dict:
     images = [read_image(path) for path in args.images]  # fail on a bad file before loading the model
-    out_root = Path(args.out)
+    out_dirs = [out_root] if len(images) == 1 else [out_root / name for name in output_folder_names(args.images, out_root)]
+    for folder in out_dirs:
+        _check_writable(folder, args.out)
     start = time.perf_counter()
     pipe = load_pipeline(args.model, args.adapter, args.device)
     load_seconds = time.perf_counter() - start
-    stems = _unique_stems(args.images)
     results = []
     with _progress_bar(args, "digseg segment") as progress:
-        for path, stem, image in zip(args.images, stems, images):
+        for path, out_dir, image in zip(args.images, out_dirs, images):
             image_start = time.perf_counter()
             output = run_pipeline(pipe, image, prompts, args, progress)
             seconds = time.perf_counter() - image_start
-            out_dir = out_root if len(images) == 1 else out_root / stem
-            summary = write_outputs(out_dir, image, prompts, output)
+            folder = ResultFolder(out_dir, source=str(Path(path).resolve()), image=str(path))
+            folder.begin(_output_files(prompts))
+            summary = write_outputs(folder, image, prompts, output)
             summary.update({"image": str(path), "height": int(image.shape[0]), "width": int(image.shape[1]), "segment_seconds": seconds})
-            _write_json(out_dir / "summary.json", summary)
+            folder.finish(summary)
             results.append({**summary, "output_dir": str(out_dir)})
     document = {
         "command": "segment",
@@ -328,16 +469,12 @@ def command_segment(args: argparse.Namespace) -> dict:
         "images": results,
     }
     if len(images) > 1:
-        _write_json(out_root / "summary.json", document)
+        atomic_write_json(out_root / SUMMARY_NAME, document)
     return document
 
 
 def command_demo(args: argparse.Namespace) -> dict:
-    from PIL import Image
-
-    from .metrics import ConfusionMatrix
     from .synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene
-    from .visualization import label_colors
 
     seed = SPLIT_SEED_OFFSETS["test"] + args.scene
     scene = generate_scene(seed, size=64)
@@ -346,15 +483,35 @@ def command_demo(args: argparse.Namespace) -> dict:
     if absent and not args.no_absent_class:
         prompts.append(absent[int(np.random.default_rng(seed).integers(len(absent)))])
 
-    out_dir = Path(args.out)
-    start = time.perf_counter()
-    pipe = load_pipeline(args.model, args.adapter, args.device)
-    load_seconds = time.perf_counter() - start
-    with _progress_bar(args, "digseg demo") as progress:
-        segment_start = time.perf_counter()
-        output = run_pipeline(pipe, scene.image, prompts, args, progress)
-        segment_seconds = time.perf_counter() - segment_start
-    summary = write_outputs(out_dir, scene.image, prompts, output)
+    with lock_output_root(args.out):
+        start = time.perf_counter()
+        pipe = load_pipeline(args.model, args.adapter, args.device)
+        load_seconds = time.perf_counter() - start
+        with _progress_bar(args, "digseg demo") as progress:
+            segment_start = time.perf_counter()
+            output = run_pipeline(pipe, scene.image, prompts, args, progress)
+            segment_seconds = time.perf_counter() - segment_start
+        folder = ResultFolder(Path(args.out), source=f"digseg demo scene {seed}", image=f"synthetic test scene {args.scene}")
+        folder.begin(_output_files(prompts, ["ground_truth.png", "image.png", "panel.png"]))
+        summary = write_outputs(folder, scene.image, prompts, output)
+        summary.update(_write_demo_extras(folder, scene, prompts, output, seed))
+        summary.update(
+            {
+                "settings": _inference_settings(pipe, args),
+                "timings": {"load_model_seconds": load_seconds, "segment_seconds": segment_seconds},
+            }
+        )
+        folder.finish(summary)
+    return summary
+
+
+def _write_demo_extras(folder: ResultFolder, scene, prompts: list[str], output, seed: int) -> dict:
+    """The demo's ground truth, input and comparison panel, and its scores."""
+    from PIL import Image
+
+    from .metrics import ConfusionMatrix
+    from .synthetic import SHAPE_CLASSES
+    from .visualization import label_colors
 
     # Ground truth in the prompts' label space (0 = background, k + 1 = prompt k), and the scene's IoU.
     truth = np.zeros_like(scene.label, dtype=np.int64)
@@ -362,32 +519,25 @@ def command_demo(args: argparse.Namespace) -> dict:
         truth[scene.label == SHAPE_CLASSES.index(name) + 1] = k + 1
     ground_truth = Image.fromarray(truth.astype(np.uint8), mode="P")
     ground_truth.putpalette(label_colors(len(prompts)).reshape(-1).tolist())
-    ground_truth.save(out_dir / "ground_truth.png")
-    Image.fromarray(scene.image).save(out_dir / "image.png")
+    folder.save_image("ground_truth.png", ground_truth)
+    folder.save_image("image.png", Image.fromarray(scene.image))
     confusion = ConfusionMatrix(len(prompts) + 1, class_names=["background"] + prompts)
     confusion.update(np.asarray(output.label_maps[0]).astype(np.int64), truth)
     metrics = confusion.compute()
     per_class = dict(zip(["background"] + prompts, metrics["per_class_iou"]))
-    _write_panel(out_dir / "panel.png", scene.image, truth, np.asarray(output.label_maps[0]), len(prompts))
-
-    summary.update(
-        {
-            "command": "demo",
-            "scene_seed": seed,
-            "classes_present": list(scene.class_names),
-            "classes_absent_queried": [p for p in prompts if p not in scene.class_names],
-            "iou": {name: (None if value != value else float(value)) for name, value in per_class.items()},
-            "mIoU": float(metrics["mIoU"]),
-            "pixel_accuracy": float(metrics["pixel_accuracy"]),
-            "settings": _inference_settings(pipe, args),
-            "timings": {"load_model_seconds": load_seconds, "segment_seconds": segment_seconds},
-        }
-    )
-    _write_json(out_dir / "summary.json", summary)
-    return summary
+    folder.save_image("panel.png", _panel(scene.image, truth, np.asarray(output.label_maps[0]), len(prompts)))
+    return {
+        "command": "demo",
+        "scene_seed": seed,
+        "classes_present": list(scene.class_names),
+        "classes_absent_queried": [p for p in prompts if p not in scene.class_names],
+        "iou": {name: (None if value != value else float(value)) for name, value in per_class.items()},
+        "mIoU": float(metrics["mIoU"]),
+        "pixel_accuracy": float(metrics["pixel_accuracy"]),
+    }
 
 
-def _write_panel(path: Path, image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, num_classes: int, scale: int = 4) -> None:
+def _panel(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, num_classes: int, scale: int = 4):
     """Image | ground truth | prediction side by side, enlarged (nearest) so 64 px scenes are easy to see."""
     from PIL import Image
 
@@ -401,7 +551,7 @@ def _write_panel(path: Path, image: np.ndarray, truth: np.ndarray, prediction: n
         big = np.asarray(Image.fromarray(tile).resize((width * scale, height * scale), Image.NEAREST))
         left = i * (width * scale + gap)
         panel[:, left : left + width * scale] = big
-    Image.fromarray(panel).save(path)
+    return Image.fromarray(panel)
 
 
 def _print_summary(document: dict) -> None:

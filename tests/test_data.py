@@ -297,6 +297,8 @@ def test_corrupt_files_are_skipped_and_counted(synthetic_root, tmp_path, caplog)
     assert samples[1]["index"] == 2 and samples[1]["num_skipped"] == 1
     assert samples[3]["index"] == 0 and samples[3]["num_skipped"] == 1
     assert sum(s["num_skipped"] for s in samples) == 2
+    assert [Path(p).name for p in samples[1]["skipped_paths"]] == [broken.name]
+    assert [Path(p).name for p in samples[3]["skipped_paths"]] == [truncated.name]  # its label is the bad file
     assert "Skipping unreadable example" in caplog.text
 
     for path in (root / "train" / "images").iterdir():

@@ -74,10 +74,13 @@ def test_two_process_training_lowers_the_loss_and_checkpoints(trained):
 
 @pytest.mark.slow
 def test_resume_continues_from_the_saved_step(trained):
-    root, _, resumed, _ = trained
-    # Only the 4 new steps ran; the finished ones were not redone.
-    assert [step for step, _ in resumed["losses"]] == [STEPS + 1, STEPS + 2, STEPS + 3, STEPS + 4]
+    root, first, resumed, _ = trained
+    # The summary covers the whole run: the first run's losses (from the checkpoint) and the 4 new steps; the
+    # finished steps were not redone.
+    assert [step for step, _ in resumed["losses"]] == list(range(1, STEPS + 5))
+    assert resumed["losses"][:STEPS] == first["losses"]
     assert resumed["global_step"] == STEPS + 4
+    assert resumed["validation"][: len(first["validation"])] == first["validation"]
     # The optimizer state came back: AdamW's step counter continues from the checkpoint instead of restarting.
     state = torch.load(root / "out" / f"checkpoint-{STEPS + 4}" / "optimizer.bin", weights_only=True)
     steps = {int(s["step"]) for s in state["state"].values()}
@@ -88,8 +91,9 @@ def test_resume_continues_from_the_saved_step(trained):
 def test_resume_mid_epoch_replays_the_interrupted_run_exactly(trained):
     """Same batches, timesteps, noise, weights and optimizer state: the losses match bit for bit."""
     _, uninterrupted, _, replay = trained
-    expected = [entry for entry in uninterrupted["losses"] if entry[0] > 45]
-    assert len(expected) == STEPS - 45 and replay["losses"] == expected
+    # Steps 1-45 come from the checkpoint's record, 46-60 were trained again.
+    assert [step for step, _ in replay["losses"]] == list(range(1, STEPS + 1))
+    assert replay["losses"] == uninterrupted["losses"]
 
 
 @pytest.mark.slow

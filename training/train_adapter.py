@@ -11,6 +11,11 @@ the adapter (LoRA, or "full" weights, on the selected cross-attention projection
 plus `conv_in` and the text projection train. Runs on one CPU, several processes, one or many GPUs and several
 machines through accelerate's own launcher; checkpoints with `save_state` hold only the trainable weights and
 the optimizer/scheduler/RNG state, and `--resume_from_checkpoint latest` continues where a run stopped.
+
+Nothing is lost when the process is killed at any moment: a checkpoint, the adapter, the pipeline and
+train_summary.json each appear only once complete (`digseg_diffusers.checkpointing`, `atomic_io`); `latest` is
+the newest complete checkpoint; old checkpoints are removed only after the new one is in place; resuming a
+finished run does nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -35,6 +39,15 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from digseg_diffusers import DiGSegPipeline, mask_codec
+from digseg_diffusers.atomic_io import atomic_write_json, staged_directory
+from digseg_diffusers.checkpointing import (
+    CheckpointError,
+    TrainingRecord,
+    read_training_state,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+    saved_step,
+)
 from digseg_diffusers.adapter import (
     ADAPTER_MODES,
     DiGSegAdapterConfig,
@@ -135,7 +148,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--gradient_checkpointing", action="store_true")
     train.add_argument("--checkpointing_steps", type=int, default=500)
     train.add_argument("--checkpoints_total_limit", type=int, default=None)
-    train.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    train.add_argument(
+        "--resume_from_checkpoint", default=None,
+        help='A checkpoint folder (must exist and be complete), or "latest": the newest complete checkpoint in '
+        "--output_dir (a new run when there is none; a finished run is left as it is).",
+    )
 
     report = parser.add_argument_group("logging, validation and publishing")
     report.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
@@ -229,9 +246,30 @@ class LatentCache:
         return torch.stack([fresh[row] if row in fresh else store[key] for row, key in enumerate(keys)])
 
 
-def checkpoint_dirs(output_dir: str) -> list[Path]:
-    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(folders, key=lambda p: int(p.name.split("-")[-1]))
+SUMMARY_NAME = "train_summary.json"
+PIPELINE_SUBFOLDER = "pipeline"
+
+
+def checkpoint_required_files(args: argparse.Namespace) -> list[str]:
+    """What a checkpoint of this script holds (to accept one saved without a manifest by an older version)."""
+    files = ["optimizer.bin", "scheduler.bin", "random_states_0.pkl", f"{ADAPTER_SUBFOLDER}/digseg_adapter.safetensors"]
+    return files + ([ENTIRE_UNET_WEIGHTS] if args.train_entire_unet else [])
+
+
+def finished_summary(args: argparse.Namespace, step: int) -> dict | None:
+    """The summary of a run whose final outputs for `step` are all written (None if any is missing).
+
+    train_summary.json is written last, after the adapter and pipeline folders are in place.
+    """
+    summary_path = Path(args.output_dir) / SUMMARY_NAME
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    outputs = [ADAPTER_SUBFOLDER] + ([PIPELINE_SUBFOLDER] if args.save_pipeline or args.train_entire_unet else [])
+    if summary.get("global_step") != step or not all((Path(args.output_dir) / name).is_dir() for name in outputs):
+        return None
+    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -251,6 +289,31 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+
+    # Which checkpoint to resume from: decided before any model is loaded, so a wrong path fails at once.
+    resume_path = None
+    if args.resume_from_checkpoint:
+        try:
+            resume_path = resolve_resume_checkpoint(
+                args.resume_from_checkpoint, args.output_dir, checkpoint_required_files(args), warn=logger.warning
+            )
+        except CheckpointError as error:
+            raise SystemExit(f"train_adapter.py: error: {error}") from None
+        if resume_path is None:
+            logger.info(f"No complete checkpoint in {args.output_dir}; starting a new run.")
+    resume_step = saved_step(resume_path) if resume_path is not None else 0
+    if resume_path is not None and resume_step >= args.max_train_steps:
+        summary = finished_summary(args, resume_step)
+        if summary is not None:
+            logger.info(
+                f"{resume_path} is at step {resume_step} (--max_train_steps {args.max_train_steps}) and the run's "
+                f"outputs are written: nothing to do."
+            )
+            if args.push_to_hub and accelerator.is_main_process:  # the one step that may have failed (network)
+                push_adapter(args)
+            accelerator.end_training()
+            return summary
+        logger.info(f"{resume_path} is the run's last step ({resume_step}): writing its final outputs without training.")
 
     # Models: frozen VAE and text encoder; the adapter's parts of the U-Net and the text projection train.
     pipeline = load_pipeline(args)
@@ -365,19 +428,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report_to != "none":
         accelerator.init_trackers("digseg-adapter", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
-    # Resume.
+    # Resume: weights, optimizer, scheduler and RNG states, and the record of the steps already done.
     global_step, first_epoch = 0, 0
-    if args.resume_from_checkpoint:
-        path = checkpoint_dirs(args.output_dir)[-1] if args.resume_from_checkpoint == "latest" and checkpoint_dirs(args.output_dir) else None
-        if args.resume_from_checkpoint != "latest":
-            path = Path(args.resume_from_checkpoint)
-        if path is None or not path.is_dir():
-            logger.info(f"No checkpoint found for --resume_from_checkpoint={args.resume_from_checkpoint}; starting a new run.")
-        else:
-            logger.info(f"Resuming from {path}")
-            accelerator.load_state(str(path))
-            global_step = int(path.name.split("-")[-1])
-            first_epoch = global_step // num_update_steps_per_epoch
+    record = TrainingRecord()
+    if resume_path is not None:
+        logger.info(f"Resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        global_step = resume_step
+        first_epoch = global_step // num_update_steps_per_epoch
+        record.load_state_dict(read_training_state(resume_path))
+        saved_processes = len(list(resume_path.glob("random_states_*.pkl")))
+        if saved_processes and saved_processes != accelerator.num_processes:
+            logger.warning(f"{resume_path} was saved by {saved_processes} processes, resumed with "
+                           f"{accelerator.num_processes}: the run continues, but not as an exact replay.")
 
     # Train.
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -387,10 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     batches_seen = global_step * args.gradient_accumulation_steps
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
-    loss_history: list[tuple[int, float]] = []
-    validation_history: list[dict] = []
-    skipped_files = 0
-    for epoch in range(first_epoch, num_train_epochs):
+    for epoch in range(first_epoch, num_train_epochs if global_step < args.max_train_steps else first_epoch):
         train_dataset.set_epoch(epoch)  # augmentation of epoch `epoch`
         unet.train()
         text_projection.train()
@@ -456,30 +516,27 @@ def main(argv: list[str] | None = None) -> dict:
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
-            skipped_files += int(batch["num_skipped"].sum())
+            record.add_skipped(batch["skipped_paths"])
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
             progress_bar.update(1)
             step_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
-            loss_history.append((global_step, step_loss))
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "skipped_files": skipped_files}
+            record.losses.append([global_step, step_loss])
+            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "skipped_files": len(record.skipped_paths)}
             progress_bar.set_postfix(loss=f"{step_loss:.4f}")
             accelerator.log(logs, step=global_step)
-
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-                    existing = checkpoint_dirs(args.output_dir)
-                    for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-                        shutil.rmtree(old, ignore_errors=True)
-                accelerator.wait_for_everyone()
-                accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
 
             if validation_reader is not None and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):
                 metrics = run_validation(args, accelerator, pipeline, validation_reader, unet, text_projection)
                 if metrics is not None:
-                    validation_history.append({"step": global_step, **metrics})
+                    record.validation.append({"step": global_step, **metrics})
                     accelerator.log({"val/mIoU": metrics["mIoU"], "val/pixel_accuracy": metrics["pixel_accuracy"]}, step=global_step)
+
+            # After validation, so the checkpoint holds the state the run continues from (and the step's metrics).
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                record.synchronize(accelerator)
+                save_checkpoint(accelerator, args.output_dir, global_step, record.state_dict(), args.checkpoints_total_limit)
 
             if global_step >= args.max_train_steps:
                 break
@@ -490,29 +547,36 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info(f"Latent cache: {latent_cache.reused} latents reused, {latent_cache.encoded} encoded "
                     f"({len(latent_cache.image_latents)} images and {len(latent_cache.mask_latents)} masks kept)")
 
-    # Save the adapter (and optionally the whole pipeline), the run summary and the model card.
+    # Save the adapter with its model card (and optionally the whole pipeline), then the run summary. Each folder
+    # is built under a temporary name and renamed into place; the summary, written last, marks the run finished.
+    record.synchronize(accelerator)
     accelerator.wait_for_everyone()
     summary = {}
     if accelerator.is_main_process:
         unet_trained = accelerator.unwrap_model(unet)
         projection_trained = accelerator.unwrap_model(text_projection)
         adapter_dir = os.path.join(args.output_dir, ADAPTER_SUBFOLDER)
-        save_adapter(adapter_dir, unet_trained, projection_trained, adapter_config)
+        with staged_directory(adapter_dir) as staging:
+            save_adapter(staging, unet_trained, projection_trained, adapter_config)
+            write_card(args, staging, adapter_config, train_dataset.class_names, record.validation)
         if args.save_pipeline:
-            save_trained_pipeline(pipeline, unet_trained, projection_trained, adapter_config, os.path.join(args.output_dir, "pipeline"))
+            with staged_directory(os.path.join(args.output_dir, PIPELINE_SUBFOLDER)) as staging:
+                save_trained_pipeline(pipeline, unet_trained, projection_trained, adapter_config, staging)
+        losses = record.losses
         summary = {
             "global_step": global_step,
-            "first_loss": loss_history[0][1] if loss_history else None,
-            "last_loss": loss_history[-1][1] if loss_history else None,
-            "losses": loss_history,
-            "validation": validation_history,
-            "skipped_files": skipped_files,
+            "first_loss": losses[0][1] if losses else None,
+            "last_loss": losses[-1][1] if losses else None,
+            "losses": losses,
+            "validation": record.validation,
+            "skipped_files": len(record.skipped_paths),
+            "skipped_paths": sorted(record.skipped_paths),
             "num_processes": accelerator.num_processes,
             "adapter": adapter_config.to_dict(),
         }
-        with open(os.path.join(args.output_dir, "train_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        write_card_and_maybe_push(args, adapter_dir, adapter_config, train_dataset.class_names, validation_history)
+        atomic_write_json(os.path.join(args.output_dir, SUMMARY_NAME), summary)
+        if args.push_to_hub:  # after everything is saved locally: a network error loses nothing
+            push_adapter(args)
     accelerator.end_training()
     return summary
 
@@ -553,9 +617,16 @@ def run_validation(args, accelerator, pipeline, reader, unet, text_projection) -
     return {"mIoU": metrics["mIoU"], "pixel_accuracy": metrics["pixel_accuracy"]}
 
 
-def write_card_and_maybe_push(args, adapter_dir: str, adapter_config, class_names, validation_history) -> None:
-    """Write the model card next to the adapter; upload the folder when asked (needs network)."""
-    from digseg_diffusers.hub import push_folder_to_hub, write_adapter_card
+def push_adapter(args: argparse.Namespace) -> None:
+    """Upload the saved adapter folder (needs network)."""
+    from digseg_diffusers.hub import push_folder_to_hub
+
+    push_folder_to_hub(os.path.join(args.output_dir, ADAPTER_SUBFOLDER), args.hub_model_id, token=args.hub_token)
+
+
+def write_card(args, adapter_dir: str | os.PathLike, adapter_config, class_names, validation_history) -> None:
+    """Write the model card next to the adapter."""
+    from digseg_diffusers.hub import write_adapter_card
 
     template = Path(__file__).resolve().parent.parent / "hub_cards" / "adapter_card_template.md"
     metrics = validation_history[-1] if validation_history else None
@@ -569,8 +640,6 @@ def write_card_and_maybe_push(args, adapter_dir: str, adapter_config, class_name
         metrics=metrics,
         training_args={k: v for k, v in vars(args).items() if k != "hub_token"},
     )
-    if args.push_to_hub:
-        push_folder_to_hub(adapter_dir, args.hub_model_id, token=args.hub_token)
 
 
 if __name__ == "__main__":

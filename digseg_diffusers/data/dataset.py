@@ -34,7 +34,9 @@ class SegmentationTrainingDataset(torch.utils.data.Dataset):
     - ``valid``: float ``[1, S, S]``, 0 on ignored and padded pixels (exclude them from the loss);
     - ``class_name`` (str), ``class_index`` (int), ``is_negative`` (bool), ``path`` (the image file, str);
     - ``index`` (int): the example actually used (differs from the requested one when a file was skipped);
-    - ``num_skipped`` (int): unreadable examples passed over to produce this sample (sum it to log skips);
+    - ``num_skipped`` (int): unreadable examples passed over to produce this sample (a count of events: the
+      same bad file is passed over again whenever it is drawn);
+    - ``skipped_paths`` (list of str): the image files of those examples (a set of them counts files);
     - ``fixed_crop`` (bool): the augmentation drew nothing for this image (no scale jitter, no flip, already
       square at ``resolution``), so its pixels are the same in every epoch and their latents may be cached.
 
@@ -114,17 +116,17 @@ class SegmentationTrainingDataset(torch.utils.data.Dataset):
         if not -size <= index < size:
             raise IndexError(f"index {index} is out of range for a dataset of {size} examples.")
         index %= size
-        skipped = 0
+        skipped: list[int] = []
         for offset in range(size):
             candidate = (index + offset) % size
             if candidate in self._bad:
-                skipped += 1
+                skipped.append(candidate)
                 continue
             try:
                 image, label = self.reader.load_pair(candidate)
             except Exception as error:  # any unreadable file must not end a long run
                 self._mark_bad(candidate, error)
-                skipped += 1
+                skipped.append(candidate)
                 continue
             return self._make_sample(index, candidate, image, label, skipped)
         first_errors = "; ".join(list(self._bad.values())[:3])
@@ -137,7 +139,7 @@ class SegmentationTrainingDataset(torch.utils.data.Dataset):
         self._bad[index] = message
         logger.warning(f"Skipping unreadable example {index} ({len(self._bad)} skipped so far): {message}")
 
-    def _make_sample(self, index: int, used_index: int, image: np.ndarray, label: np.ndarray, skipped: int) -> dict:
+    def _make_sample(self, index: int, used_index: int, image: np.ndarray, label: np.ndarray, skipped: list[int]) -> dict:
         rng = self.sample_generator(index)
         ignore_index = self.reader.ignore_index
         num_classes = self.reader.num_classes
@@ -181,7 +183,8 @@ class SegmentationTrainingDataset(torch.utils.data.Dataset):
             "is_negative": bool(is_negative),
             "path": self.reader[used_index].image_path,
             "index": used_index,
-            "num_skipped": skipped,
+            "num_skipped": len(skipped),
+            "skipped_paths": [self.reader[i].image_path for i in skipped],
             "fixed_crop": fixed_crop,
         }
 
@@ -210,5 +213,6 @@ def collate_segmentation_batch(samples: Sequence[dict]) -> dict:
         "path": [s["path"] for s in samples],
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
         "num_skipped": torch.tensor([s["num_skipped"] for s in samples], dtype=torch.long),
+        "skipped_paths": [s["skipped_paths"] for s in samples],
         "fixed_crop": torch.tensor([s["fixed_crop"] for s in samples], dtype=torch.bool),
     }

@@ -1,0 +1,216 @@
+"""Crash-safe file output: atomic files and folders, and a lock against a second writer.
+
+A process can be killed at any instruction (SIGKILL, power loss, an out-of-memory kill). Everything this project
+writes for later use (checkpoints, trained adapters, summaries, the command line's masks) goes through these
+helpers, so that a reader only ever sees a file or folder that is either the old complete one or the new complete
+one, never a half-written one:
+
+- a file is written under a temporary name in the same folder, flushed to disk and renamed over the target
+  (`os.replace` is atomic on POSIX and Windows);
+- a folder is built under a temporary name and renamed into place when complete (`publish_directory`);
+- a folder is removed by first renaming it out of the way (`remove_directory`), so a kill during the removal
+  never leaves a half-deleted folder under its real name;
+- `DirectoryLock` keeps a second process from writing into a folder that one is already writing into.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's entries') data to disk; best effort where the OS cannot do it for folders."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file and folder under `folder` (so a rename that publishes it never exposes lost data)."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
+def temporary_sibling(path: str | os.PathLike, tag: str = "") -> Path:
+    """A hidden, unique name next to `path` (same folder, so same file system: renames stay atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{tag or uuid.uuid4().hex[:12]}{TEMPORARY_SUFFIX}")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces `path` in one step, on error it is removed.
+
+    `path` keeps its old content (or stays absent) until the new content is complete and on disk. Writers that
+    pick a format from the file name (PIL) must be told the format explicitly: the temporary name ends in ".tmp".
+    """
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, document) -> None:
+    atomic_write_text(path, json.dumps(document, indent=2) + "\n")
+
+
+def remove_directory(path: str | os.PathLike) -> None:
+    """Delete a folder so that it disappears at once: renamed to a hidden name first, then deleted."""
+    path = Path(path)
+    if not path.exists():
+        return
+    doomed = temporary_sibling(path, "deleting")
+    if doomed.exists():
+        shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(path, doomed)
+    fsync_path(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def publish_directory(staging: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Make the complete folder `staging` appear as `final` (replacing an existing `final`).
+
+    The content is flushed to disk first. A folder cannot be renamed over a non-empty one, so an existing
+    `final` is first renamed aside and deleted after the swap; a kill between the two renames leaves no `final`
+    (readers fall back to what else exists) but never a mixed one.
+    """
+    staging, final = Path(staging), Path(final)
+    fsync_tree(staging)
+    if final.exists():
+        replaced = temporary_sibling(final, "replaced")
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        os.rename(final, replaced)
+        os.rename(staging, final)
+        fsync_path(final.parent)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        os.rename(staging, final)
+        fsync_path(final.parent)
+
+
+@contextlib.contextmanager
+def staged_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty hidden folder next to `final`; when the block succeeds it is published as `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = temporary_sibling(final, "incomplete")
+    if staging.exists():  # left by a killed earlier attempt
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish_directory(staging, final)
+
+
+class FolderLockedError(RuntimeError):
+    """Another live process holds the lock of this folder."""
+
+
+class DirectoryLock:
+    """An exclusive, non-blocking lock on a folder, held through a lock file inside it.
+
+    The operating system releases the lock when its holder dies (`flock` on POSIX, `msvcrt.locking` on Windows),
+    so a killed writer never leaves a stale lock behind; the file's text (process id, host, start time) only
+    serves to name the holder in the error.
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str = ".digseg.lock"):
+        self.path = Path(folder) / name
+        self._fd: int | None = None
+
+    def acquire(self) -> DirectoryLock:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _try_lock(fd):
+                holder = _read_text(fd)
+                os.close(fd)
+                raise FolderLockedError(
+                    f"{self.path.parent} is being written by another process ({holder or 'holder unknown'})"
+                )
+            try:  # the previous holder may have deleted the file between our open and our lock: lock the new one
+                same_file = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same_file = False
+            if same_file:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):  # Windows cannot delete an open file; the lock file then stays
+            os.remove(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> DirectoryLock:
+        return self if self._fd is not None else self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _read_text(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 200).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
