@@ -72,7 +72,7 @@ def evaluate_settings(pipe, examples, settings, batch_size: int = 32, mask_thres
             {
                 "ensemble": ensemble,
                 "steps": steps,
-                "mask_threshold": mask_threshold if mask_threshold is not None else pipe.config.default_mask_threshold,
+                "mask_threshold": pipe.resolve_call_defaults(mask_threshold=mask_threshold)["mask_threshold"],
                 "mIoU": metrics["mIoU"],
                 "pixel_accuracy": metrics["pixel_accuracy"],
                 "per_class_iou": dict(zip(list(SHAPE_CLASSES) + ["background"], metrics["per_class_iou"])),

@@ -157,10 +157,10 @@ def segment(
     images: torch.Tensor,
     prompts: list[str],
     *,
-    num_inference_steps: int = 1,
+    num_inference_steps: int | None = None,
     ensemble_size: int = 1,
     processing_resolution: int | None = None,
-    mask_threshold: float = 0.7,
+    mask_threshold: float | None = None,
     background_threshold: float | None = None,
     seed: int = 0,
     batch_size: int = 8,
@@ -170,8 +170,10 @@ def segment(
 
     B images and K prompts always give ``[B, K, H, W]`` masks at the input size, even when nothing is found
     (all-zero masks) or when there are no prompts at all (K = 0: nothing is run, the label map is all background).
-    `processing_resolution` None (or negative) means the model's default, 0 the image's own size.
-    `background_threshold` None (or negative) means "same as `mask_threshold`".
+    None (or a negative number; 0 for `num_inference_steps`) means the model's default, resolved by the pipeline
+    exactly as for any other call (`DiGSegPipeline.resolve_call_defaults`): steps, `processing_resolution` (0: the
+    image's own size), `mask_threshold` (a model's calibrated threshold need not be 0.7) and `background_threshold`
+    (the model's, else the mask threshold).
     """
     pixels = comfy_images_to_pipeline(images)
     num_images, _, height, width = pixels.shape
@@ -180,20 +182,23 @@ def segment(
         if not prompts:
             logger.warning("DiGSeg Segment: no prompts given; returning empty masks and an all-background label map.")
         return empty_result(num_images, height, width, prompts)
-    if background_threshold is not None and background_threshold < 0:
-        background_threshold = None
-    if processing_resolution is not None and processing_resolution < 0:
-        processing_resolution = None
+    def model_default_if_negative(value, zero_means_default: bool = False):
+        return None if value is None or value < 0 or (zero_means_default and value == 0) else value
+
+    num_inference_steps = model_default_if_negative(num_inference_steps, zero_means_default=True)
+    processing_resolution = model_default_if_negative(processing_resolution)
+    mask_threshold = model_default_if_negative(mask_threshold)
+    background_threshold = model_default_if_negative(background_threshold)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))  # same noise on every device
     output = pipe(
         pixels,
         prompt=prompts,
-        num_inference_steps=int(num_inference_steps),
+        num_inference_steps=None if num_inference_steps is None else int(num_inference_steps),
         ensemble_size=int(ensemble_size),
         processing_resolution=None if processing_resolution is None else int(processing_resolution),
         match_input_resolution=True,
         batch_size=int(batch_size),
-        mask_threshold=float(mask_threshold),
+        mask_threshold=None if mask_threshold is None else float(mask_threshold),
         background_threshold=background_threshold,
         generator=generator,
         output_type="pt",

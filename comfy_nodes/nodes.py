@@ -189,10 +189,10 @@ class DiGSegSegment(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "steps",
-                    default=1,
-                    min=1,
+                    default=0,
+                    min=0,
                     max=100,
-                    tooltip="DDIM steps per prompt (1 works with trailing spacing).",
+                    tooltip="DDIM steps per prompt (1 works with trailing spacing). 0 = the model's default.",
                 ),
                 io.Int.Input("ensemble_size", default=1, min=1, max=64, tooltip="Noise seeds averaged per prompt."),
                 io.Int.Input(
@@ -207,11 +207,11 @@ class DiGSegSegment(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "mask_threshold",
-                    default=0.7,
-                    min=0.0,
+                    default=-1.0,
+                    min=-1.0,
                     max=1.0,
                     step=0.01,
-                    tooltip="Probability above which a pixel is in the mask.",
+                    tooltip="Probability above which a pixel is in the mask. -1 = the model's calibrated default.",
                 ),
                 io.Float.Input(
                     "background_threshold",
@@ -221,7 +221,7 @@ class DiGSegSegment(io.ComfyNode):
                     step=0.01,
                     tooltip=(
                         "Label map: pixels whose best prompt scores below this are background. "
-                        "Negative = mask_threshold."
+                        "-1 = the model's default (else the mask threshold)."
                     ),
                 ),
                 io.Int.Input(

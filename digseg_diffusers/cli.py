@@ -411,19 +411,15 @@ def _progress_bar(args: argparse.Namespace, description: str):
 
 
 def _inference_settings(pipe, args: argparse.Namespace) -> dict:
-    config = pipe.config
-    threshold = args.threshold if args.threshold is not None else config.default_mask_threshold
-    background = args.background_threshold
-    if background is None:
-        background = config.default_background_threshold if config.default_background_threshold is not None else threshold
+    resolved = pipe.resolve_call_defaults(args.steps or None, args.resolution, args.threshold, args.background_threshold)
     return {
         "model": args.model,
         "adapter": args.adapter,
-        "steps": args.steps or config.default_denoising_steps,
+        "steps": resolved["num_inference_steps"],
         "ensemble": args.ensemble,
-        "processing_resolution": args.resolution if args.resolution is not None else config.default_processing_resolution,
-        "threshold": threshold,
-        "background_threshold": background,
+        "processing_resolution": resolved["processing_resolution"],
+        "threshold": resolved["mask_threshold"],
+        "background_threshold": resolved["background_threshold"],
         "seed": args.seed,
         "device": str(pipe.device),
     }

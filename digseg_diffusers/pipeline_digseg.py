@@ -602,6 +602,35 @@ class DiGSegPipeline(DiffusionPipeline):
     # Inference
     # ------------------------------------------------------------------------------------------------------------
 
+    def resolve_call_defaults(
+        self,
+        num_inference_steps: int | None = None,
+        processing_resolution: int | None = None,
+        mask_threshold: float | None = None,
+        background_threshold: float | None = None,
+    ) -> dict:
+        """The settings a call with these arguments uses: each None replaced by this model's default.
+
+        The one place that knows the defaults (the config's, and `background_threshold` falling back to the mask
+        threshold), so that the CLI, the ComfyUI nodes and the evaluation report and use what `__call__` does,
+        e.g. a model whose calibrated threshold is not 0.7.
+        """
+        config = self.config
+        if mask_threshold is None:
+            mask_threshold = config.default_mask_threshold
+        if background_threshold is None:
+            background_threshold = config.default_background_threshold
+            if background_threshold is None:
+                background_threshold = mask_threshold
+        return {
+            "num_inference_steps": config.default_denoising_steps if num_inference_steps is None else num_inference_steps,
+            "processing_resolution": (
+                config.default_processing_resolution if processing_resolution is None else processing_resolution
+            ),
+            "mask_threshold": mask_threshold,
+            "background_threshold": background_threshold,
+        }
+
     @torch.no_grad()
     def __call__(
         self,
@@ -670,16 +699,13 @@ class DiGSegPipeline(DiffusionPipeline):
             `DiGSegOutput`, or a tuple ``(probabilities, masks, label_maps, prompts, uncertainty, latents)``.
         """
         # 0. Defaults from the config.
-        if num_inference_steps is None:
-            num_inference_steps = self.config.default_denoising_steps
-        if processing_resolution is None:
-            processing_resolution = self.config.default_processing_resolution
-        if mask_threshold is None:
-            mask_threshold = self.config.default_mask_threshold
-        if background_threshold is None:
-            background_threshold = self.config.default_background_threshold
-            if background_threshold is None:
-                background_threshold = mask_threshold
+        defaults = self.resolve_call_defaults(
+            num_inference_steps, processing_resolution, mask_threshold, background_threshold
+        )
+        num_inference_steps = defaults["num_inference_steps"]
+        processing_resolution = defaults["processing_resolution"]
+        mask_threshold = defaults["mask_threshold"]
+        background_threshold = defaults["background_threshold"]
 
         self._light_mask_decoder(mask_decoder)  # validate before any heavy work
         if probability_dtype not in PROBABILITY_DTYPES:

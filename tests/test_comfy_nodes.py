@@ -197,6 +197,28 @@ def test_segment_background_threshold_negative_means_mask_threshold(pipe):
     assert torch.equal(default.label_maps, explicit.label_maps)
 
 
+def test_segment_uses_the_model_defaults_like_every_other_front_end():
+    # A model calibrated to another threshold (the demo model's is 0.5) and 2 default steps: the node's
+    # "model default" (-1 / 0) must segment exactly as a plain pipeline call without those arguments does.
+    pipe = make_tiny_pipeline(seed=0, default_mask_threshold=0.45, default_denoising_steps=2)
+    images = comfy_images(batch=1, height=32, width=32)
+    steps = []
+    result = logic.segment(
+        pipe, images, ["a", "b"], processing_resolution=32, num_inference_steps=0, mask_threshold=-1.0, seed=0,
+        progress_callback=lambda done, total: steps.append(total),
+    )
+    assert steps[-1] == 2  # the model's 2 steps (one chunk)
+    assert torch.equal(result.masks, (result.probabilities > 0.45).float())
+    plain = pipe(images.permute(0, 3, 1, 2), ["a", "b"], processing_resolution=32, output_type="pt",
+                 generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert_close_across_paths(result.probabilities[0], plain.probabilities[0], what="probabilities")
+    assert pipe.resolve_call_defaults() == {
+        "num_inference_steps": 2, "processing_resolution": pipe.config.default_processing_resolution,
+        "mask_threshold": 0.45, "background_threshold": 0.45,
+    }  # fmt: skip
+    assert pipe.resolve_call_defaults(3, 0, 0.6, None)["background_threshold"] == 0.6
+
+
 def test_pipeline_output_to_result_checks_shapes():
     output = SimpleNamespace(
         probabilities=[torch.zeros(2, 4, 4)],

@@ -300,18 +300,16 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 def effective_inference_settings(args, pipe) -> dict:
-    """The values the pipeline actually used (arguments, else the pipeline's config defaults)."""
-    config = pipe.config
-    mask_threshold = args.mask_threshold if args.mask_threshold is not None else config.default_mask_threshold
-    background_threshold = args.background_threshold
-    if background_threshold is None:
-        background_threshold = config.default_background_threshold
+    """The values the pipeline actually used (arguments, else the pipeline's defaults)."""
+    resolved = pipe.resolve_call_defaults(
+        processing_resolution=args.processing_resolution,
+        mask_threshold=args.mask_threshold,
+        background_threshold=args.background_threshold,
+    )
     return {
-        "processing_resolution": config.default_processing_resolution
-        if args.processing_resolution is None
-        else args.processing_resolution,
-        "mask_threshold": mask_threshold,
-        "background_threshold": mask_threshold if background_threshold is None else background_threshold,
+        "processing_resolution": resolved["processing_resolution"],
+        "mask_threshold": resolved["mask_threshold"],
+        "background_threshold": resolved["background_threshold"],
         "dtype": args.dtype,
         "seed": args.seed,
     }
