@@ -267,14 +267,86 @@ class DiGSegPipeline(DiffusionPipeline):
         pipe.set_class_proposer(class_proposer)
         return pipe
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """`DiffusionPipeline.save_pretrained`, plus the class proposer (if set) in ``class_proposer/``.
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
+        """`model_index.json` with the stock-diffusers loader entry `_class_name` mapped back to this class.
 
-        The proposer is written first so that ``push_to_hub=True`` uploads it with the rest.
+        diffusers' Hub download reads the index through this method; mapping the entry keeps it from importing the
+        repo's ``pipeline_digseg.py`` stub (see `hub_layout`): this class already is the pipeline.
         """
+        from .hub_layout import package_model_index
+
+        return package_model_index(super()._dict_from_json_file(json_file), components=False)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """`ConfigMixin.load_config`, with the custom components' stub entries mapped to the package's classes.
+
+        So `DiGSegPipeline.from_pretrained` loads `text_projection` and `mask_decoder` with the installed classes
+        and runs no code from the folder or repo (`trust_remote_code` is not needed).
+        """
+        from .hub_layout import package_model_index
+
+        loaded = super().load_config(*args, **kwargs)
+        if isinstance(loaded, tuple):
+            return (package_model_index(loaded[0]),) + loaded[1:]
+        return package_model_index(loaded)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> None:
+        """`DiffusionPipeline.save_pretrained` in the Hub custom-pipeline layout, plus the class proposer.
+
+        The folder loads with stock diffusers (``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``;
+        see `hub_layout`) and with `DiGSegPipeline.from_pretrained`. The class proposer (if set) goes to
+        ``class_proposer/``. With ``push_to_hub=True`` (``repo_id``, ``token``, ``private``, ``commit_message``,
+        ``create_pr`` in `kwargs`) the folder gets a DiGSeg model card and is uploaded.
+        """
+        from .hub_layout import write_loader_files
+
+        push_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs}
         if self.class_proposer is not None:
             self.class_proposer.save_pretrained(os.path.join(save_directory, CLASS_PROPOSER_SUBFOLDER))
-        super().save_pretrained(save_directory, *args, **kwargs)
+        super().save_pretrained(
+            save_directory, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size, **kwargs
+        )
+        write_loader_files(save_directory)
+        if push_to_hub:
+            repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(str(save_directory)))
+            self._upload_with_card(str(save_directory), repo_id, **push_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+    ) -> str:
+        """Upload the pipeline (Hub custom-pipeline layout, DiGSeg model card) to the Hub repo `repo_id`."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            return self._upload_with_card(
+                folder, repo_id, token=token, private=private, commit_message=commit_message, create_pr=create_pr
+            )
+
+    def _upload_with_card(self, folder: str, repo_id: str, **push_kwargs) -> str:
+        """Write the DiGSeg pipeline card (unless the folder has a README.md already) and upload the folder."""
+        from .hub import CARD_NAME, push_folder_to_hub, write_pipeline_card
+
+        if not os.path.isfile(os.path.join(folder, CARD_NAME)):
+            write_pipeline_card(folder, self, repo_id=repo_id)
+        return push_folder_to_hub(folder, repo_id, what="DiGSeg pipeline", **push_kwargs)
 
     @property
     def _execution_device(self) -> torch.device:
