@@ -15,6 +15,7 @@ Noise is drawn for all rows before chunking, so results do not depend on `batch_
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -42,6 +44,28 @@ BACKGROUND_LABEL = 0
 """Label-map value of pixels where no prompt scores above `background_threshold`; prompt k is labelled k + 1."""
 
 OUTPUT_TYPES = ("np", "pt", "pil")
+
+SUPPORTED_SCHEDULERS = (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "DEISMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "SASolverScheduler",
+    "LCMScheduler",
+    "TCDScheduler",
+)
+"""diffusers schedulers (and their subclasses) that `DiGSegPipeline` runs, each tested from 1 step
+(tests/test_schedulers.py); `check_inputs` refuses others before any work. Left out: schedulers of other noise
+processes than the DDPM one DiGSeg is trained with (flow matching, EDM, VE-SDE, consistency models, inversion),
+PNDM (its PRK warm-up fails below 4 steps), and those needing packages that are not dependencies (LMS: scipy,
+DPM-Solver SDE: torchsde)."""
 
 CLASS_PROPOSER_SUBFOLDER = "class_proposer"
 """Subfolder of a saved pipeline holding its class proposer (not a diffusers component: saved and loaded here)."""
@@ -93,7 +117,8 @@ class DiGSegPipeline(DiffusionPipeline):
     Args:
         unet: a `UNet2DConditionModel` with ``2 x latent_channels`` inputs (``[z_x, z_y,t]``).
         vae: `AutoencoderKL` or `AutoencoderTiny`, frozen; encodes images and decodes mask latents.
-        scheduler: `DDIMScheduler` (trailing timestep spacing recommended: 1 step already works).
+        scheduler: `DDIMScheduler` (trailing timestep spacing recommended: 1 step already works), or another of
+            `SUPPORTED_SCHEDULERS` (e.g. ``DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``).
         text_encoder: a transformers text model whose first output is the token states (CLIP text by default).
         tokenizer: the text encoder's tokenizer.
         text_projection: `DiGSegTextProjection` mapping text width to the U-Net's `cross_attention_dim`.
@@ -109,6 +134,8 @@ class DiGSegPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->text_projection->unet->vae->mask_decoder"
     _optional_components = ["mask_decoder"]
+
+    _callback_tensor_inputs = ["latents", "image_latents", "prompt_embeds"]
 
     class_proposer = None
     """Optional `DiGSegClassProposer` (a plain attribute, see `set_class_proposer`): picks each image's classes
@@ -608,8 +635,18 @@ class DiGSegPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None,
         output_type: str,
         output_uncertainty: bool,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> tuple[int, int]:
         """Validate the arguments; returns the latent size ``(h, w)``. Every error names its argument."""
+        check_scheduler(self.scheduler)
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(f"`callback_on_step_end` must be callable; got {type(callback_on_step_end).__name__}.")
+        unknown = [n for n in callback_on_step_end_tensor_inputs or [] if n not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has {unknown}; choose from {self._callback_tensor_inputs}."
+            )
         if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool):
             raise ValueError(f"`num_inference_steps` must be an integer; got {num_inference_steps!r}.")
         max_steps = self.scheduler.config.num_train_timesteps
@@ -693,6 +730,8 @@ class DiGSegPipeline(DiffusionPipeline):
         progress_callback: Callable[[int, int], None] | None = None,
         vocabulary: list[str] | str | Any | None = None,
         mask_decoder: str | None = None,
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> DiGSegOutput | tuple:
         """Segment `image` once per prompt.
 
@@ -711,7 +750,9 @@ class DiGSegPipeline(DiffusionPipeline):
                 Bounds memory; never changes results.
             mask_threshold: tau for `masks` (default from the config: 0.7).
             background_threshold: tau_bg for `label_maps` (default: the config's, else `mask_threshold`).
-            generator: one `torch.Generator`, or one per row (images x prompts x ensemble_size, image-major).
+            generator: one `torch.Generator`, or one per row (images x prompts x ensemble_size, image-major); it
+                draws the initial noise and, for stochastic schedulers (DDPM, Euler ancestral, LCM, ...), their
+                step noise.
             latents: initial noise ``[rows, 4, h, w]`` instead of `generator`.
             output_type: "np", "pt" or "pil".
             output_uncertainty: also return the ensemble's per-pixel standard deviation (needs
@@ -720,6 +761,13 @@ class DiGSegPipeline(DiffusionPipeline):
             return_dict: return a `DiGSegOutput` (else a tuple in the dataclass's field order).
             progress_callback: called as ``progress_callback(done, total)`` after every U-Net call; raise from
                 it to cancel the run (ComfyUI does this for its interrupt button).
+            callback_on_step_end: diffusers' step callback, ``callback_on_step_end(pipe, step_index, timestep,
+                callback_kwargs) -> dict``, or a `PipelineCallback` / `MultiPipelineCallbacks`. Called after every
+                scheduler step of every chunk of `batch_size` rows (`step_index` counts the chunk's steps from 0);
+                `callback_kwargs` holds that chunk's tensors named in `callback_on_step_end_tensor_inputs`, and
+                tensors in the returned dict replace them.
+            callback_on_step_end_tensor_inputs: names from `_callback_tensor_inputs`: "latents" (the mask latents
+                ``z_y``, default), "image_latents" (``z_x``), "prompt_embeds" (the rows' cross-attention states).
             vocabulary: instead of `prompt`: a list of class names, a bundled vocabulary name (``"ade20k-150"``)
                 or a `Vocabulary`. With a `class_proposer` set, each image gets the classes it proposes (best
                 first); without one, every class is a prompt of every image. `prompts` in the output tells which.
@@ -763,6 +811,8 @@ class DiGSegPipeline(DiffusionPipeline):
             generator,
             output_type,
             output_uncertainty,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         device = self._execution_device
         dtype = self.unet.dtype
@@ -794,7 +844,15 @@ class DiGSegPipeline(DiffusionPipeline):
         else:
             noise = latents.to(device=device, dtype=dtype)
 
-        # 5. Denoise in chunks of `batch_size` rows.
+        # 5. Denoise in chunks of `batch_size` rows. The scheduler restarts for every chunk (multistep schedulers
+        # keep state between steps). Stochastic schedulers get one generator per row, derived from `generator`,
+        # so their noise does not depend on `batch_size` either.
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        elif callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["latents"]
+        step_accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_generators = _row_generators(generator, num_rows, device) if step_accepts_generator else None
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         num_chunks = -(-num_rows // batch_size)
@@ -803,20 +861,32 @@ class DiGSegPipeline(DiffusionPipeline):
         with self.progress_bar(total=total_calls) as progress:
             for start in range(0, num_rows, batch_size):
                 rows = slice(start, start + batch_size)
-                z_x = image_latents[row_image[rows]]
-                text = prompt_embeds[row_prompt[rows]]
-                z_y = noise[rows]
+                image_latents_chunk = image_latents[row_image[rows]]
+                prompt_embeds_chunk = prompt_embeds[row_prompt[rows]]
+                self.scheduler.set_timesteps(num_inference_steps, device=device)
+                latents_chunk = noise[rows] * self.scheduler.init_noise_sigma
+                step_kwargs = {} if step_generators is None else {"generator": step_generators[rows]}
                 for i, t in enumerate(timesteps):
-                    model_input = torch.cat([z_x, self.scheduler.scale_model_input(z_y, t)], dim=1)
-                    model_output = self.unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
-                    step = self.scheduler.step(model_output, t, z_y)
-                    # The last step keeps the x0 estimate, whatever `set_alpha_to_one` says.
-                    z_y = step.pred_original_sample if i == len(timesteps) - 1 else step.prev_sample
+                    model_input = torch.cat(
+                        [image_latents_chunk, self.scheduler.scale_model_input(latents_chunk, t)], dim=1
+                    )
+                    model_output = self.unet(
+                        model_input, t, encoder_hidden_states=prompt_embeds_chunk, return_dict=False
+                    )[0]
+                    step = self.scheduler.step(model_output, t, latents_chunk, **step_kwargs)
+                    latents_chunk = _next_latents(step, last=i == len(timesteps) - 1)
+                    if callback_on_step_end is not None:
+                        names = {"latents": latents_chunk, "image_latents": image_latents_chunk, "prompt_embeds": prompt_embeds_chunk}
+                        callback_kwargs = {name: names[name] for name in callback_on_step_end_tensor_inputs}
+                        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                        latents_chunk = callback_outputs.get("latents", latents_chunk)
+                        image_latents_chunk = callback_outputs.get("image_latents", image_latents_chunk)
+                        prompt_embeds_chunk = callback_outputs.get("prompt_embeds", prompt_embeds_chunk)
                     calls_done += 1
                     progress.update()
                     if progress_callback is not None:
                         progress_callback(calls_done, total_calls)
-                final_latents.append(z_y)
+                final_latents.append(latents_chunk)
         row_latents = torch.cat(final_latents, dim=0)  # [R,4,h,w]
 
         # 6. Average the ensemble in latent space, then decode once per (image, prompt).
@@ -872,6 +942,39 @@ class DiGSegPipeline(DiffusionPipeline):
             uncertainty=out_unc,
             latents=returned_latents,
         )
+
+
+def check_scheduler(scheduler) -> None:
+    """Refuse a scheduler that `DiGSegPipeline` does not run (see `SUPPORTED_SCHEDULERS`), naming those it does."""
+    names = {cls.__name__ for cls in type(scheduler).__mro__}
+    if not names & set(SUPPORTED_SCHEDULERS):
+        raise ValueError(
+            f"`scheduler` is a {type(scheduler).__name__}, which DiGSegPipeline does not support; use one of "
+            f"{', '.join(SUPPORTED_SCHEDULERS)} (e.g. `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`)."
+        )
+
+
+def _row_generators(generator, num_rows: int, device: torch.device) -> list | None:
+    """One generator per row for a stochastic scheduler's step noise: the given list, or seeds drawn from one."""
+    if generator is None or isinstance(generator, list):
+        return generator
+    seeds = torch.randint(2**62, (num_rows,), generator=generator, device=generator.device).tolist()
+    return [torch.Generator(device=generator.device).manual_seed(seed) for seed in seeds]
+
+
+def _next_latents(step, last: bool) -> torch.Tensor:
+    """The latents after a scheduler step; the last step keeps the x0 estimate where the scheduler gives one.
+
+    DDIM's last step would otherwise land on ``alphas_cumprod[0]`` rather than x0 when `set_alpha_to_one` is
+    False; LCM names its estimate `denoised`; multistep solvers (DPM-Solver, UniPC, DEIS) end at sigma 0, so
+    their `prev_sample` already is x0.
+    """
+    if last:
+        for name in ("pred_original_sample", "denoised"):
+            estimate = getattr(step, name, None)
+            if estimate is not None:
+                return estimate
+    return step.prev_sample
 
 
 def align_cpu_weights(module: torch.nn.Module, alignment: int = 64) -> torch.nn.Module:
