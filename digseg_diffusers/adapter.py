@@ -485,14 +485,16 @@ def _record_config(unet: nn.Module, config: DiGSegAdapterConfig) -> None:
     setattr(_unwrap(unet), APPLIED_CONFIG_ATTRIBUTE, config)
 
 
-def peft_lora_config_dict(config: DiGSegAdapterConfig, target_modules: list[str]) -> dict[str, Any]:
+def peft_lora_config_dict(
+    config: DiGSegAdapterConfig, target_modules: list[str], conv_in: bool = True
+) -> dict[str, Any]:
     """The PEFT `LoraConfig` of a LoRA adapter as a JSON-able dict (what diffusers stores in the file metadata).
 
     ``conv_in`` is declared in ``modules_to_save``: a loader that reads only this metadata (diffusers'
     ``unet.load_lora_adapter``, PEFT's ``inject_adapter_in_model``) then loads the trained ``conv_in`` too.
     """
     lora_config = _lora_config(config, target_modules)
-    if config.train_conv_in:
+    if config.train_conv_in and conv_in:
         lora_config.modules_to_save = ["conv_in"]
     data = lora_config.to_dict()
     return {key: sorted(value) if isinstance(value, set) else value for key, value in data.items()}
@@ -895,6 +897,45 @@ def load_adapter(
         if text_projection is not None:
             text_projection.requires_grad_(False)
     return config
+
+
+class WholeWeightAdapters:
+    """The parts DiGSeg trains whole (``conv_in``, the text projection) for several named adapters.
+
+    LoRA deltas are mixed by PEFT; these parts are full tensors, so they are mixed the same way as deltas from
+    the base: ``base + sum_i w_i * (adapter_i - base)``. One active adapter at weight 1 gets its own tensors
+    exactly; no active adapter gets the base tensors back exactly (copies of them are kept from the first load).
+    """
+
+    def __init__(self):
+        self.base: dict[str, dict[str, torch.Tensor]] = {}
+        self.adapters: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+
+    @staticmethod
+    def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.detach().clone() for key, value in state.items()}
+
+    def add(self, name: str, modules: dict[str, nn.Module], states: dict[str, dict[str, torch.Tensor]]) -> None:
+        for part, state in states.items():
+            if state and part not in self.base:
+                self.base[part] = self._copy(modules[part].state_dict())
+        self.adapters[name] = {part: self._copy(state) for part, state in states.items() if state}
+
+    def remove(self, names: list[str]) -> None:
+        for name in names:
+            self.adapters.pop(name, None)
+
+    def apply(self, modules: dict[str, nn.Module], weights: dict[str, float] | None) -> None:
+        """Set every module to the mix of ``weights`` (adapter name -> weight); None: the base weights."""
+        for part, base in self.base.items():
+            active = [(w, self.adapters[n][part]) for n, w in (weights or {}).items() if part in self.adapters.get(n, {})]
+            if not active:
+                state = base
+            elif len(active) == 1 and active[0][0] == 1.0:
+                state = active[0][1]
+            else:
+                state = {key: base[key] + sum(w * (s[key] - base[key]) for w, s in active) for key in base}
+            _copy_into(modules[part], {key: value.to(base[key].dtype) for key, value in state.items()})
 
 
 # --------------------------------------------------------------------------------------------------- fusing

@@ -447,29 +447,203 @@ class DiGSegPipeline(DiffusionPipeline):
     # Adapters (the trainable DiGSeg parts; see `digseg_diffusers.adapter`)
     # ------------------------------------------------------------------------------------------------------------
 
-    def save_digseg_adapter(self, save_directory: str | os.PathLike, config=None) -> None:
-        """Save the adapter (LoRA or full attention weights, `conv_in`, `text_projection`) as safetensors + JSON."""
+    def save_digseg_adapter(self, save_directory: str | os.PathLike, config=None) -> str:
+        """Save the adapter (LoRA or full attention weights, `conv_in`, `text_projection`) into one safetensors
+        file: a diffusers LoRA file for "lora" adapters (see `digseg_diffusers.adapter`). Returns its path.
+
+        ``config=None`` uses the config the adapter was applied or loaded with.
+        """
         from .adapter import save_adapter
 
-        save_adapter(save_directory, self.unet, self.text_projection, config or getattr(self, "adapter_config", None))
+        return save_adapter(save_directory, self.unet, self.text_projection, config or getattr(self, "adapter_config", None))
 
     def load_digseg_adapter(self, directory_or_hub_id: str | os.PathLike, **kwargs):
-        """Load an adapter from a folder or Hub id onto this pipeline's base weights; returns its config."""
-        from .adapter import load_adapter
+        """Load an adapter from a folder, file or Hub id as the adapter "digseg" (replacing one loaded before);
+        returns its config. A "lora" adapter goes through `load_lora_weights` (so it can be unloaded again); a
+        "full" adapter overwrites the attention weights in place."""
+        from .adapter import PEFT_ADAPTER_NAME, load_adapter, prepare_adapter
 
-        self.adapter_config = load_adapter(self.unet, self.text_projection, directory_or_hub_id, **kwargs)
+        if PEFT_ADAPTER_NAME in self.get_list_adapters().get("unet", []):
+            self.delete_adapters(PEFT_ADAPTER_NAME)
+        adapter = prepare_adapter(self.unet, self.text_projection, directory_or_hub_id, **kwargs)
+        if adapter.config.mode == "lora":
+            self._add_lora(adapter, PEFT_ADAPTER_NAME)
+        else:
+            load_adapter(self.unet, self.text_projection, directory_or_hub_id, **kwargs)
+        self.adapter_config = adapter.config
         return self.adapter_config
 
+    # diffusers' LoRA loader conventions (`load_lora_weights`, `set_adapters`, `fuse_lora`, ...), applied to the U-Net's
+    # LoRA through diffusers' PEFT integration and to the whole-weight parts (conv_in, text projection) alongside.
+
+    def load_lora_weights(
+        self, pretrained_model_name_or_path_or_dict: str | os.PathLike, adapter_name: str | None = None, **kwargs
+    ) -> None:
+        """Load a DiGSeg LoRA adapter (folder, ``.safetensors`` file or Hub id) under ``adapter_name``, and make it
+        the active adapter. ``kwargs``: ``weight_name``, ``subfolder``, ``cache_dir``, ``revision``, ``token``,
+        ``local_files_only``. Everything is checked before the model changes: it loads whole or not at all.
+        """
+        from .adapter import prepare_adapter
+
+        names = self.get_list_adapters().get("unet", [])
+        if adapter_name is None:
+            adapter_name = next(n for n in (f"digseg_{i}" if i else "digseg" for i in range(len(names) + 1)) if n not in names)
+        if adapter_name in names:
+            raise ValueError(f"An adapter named {adapter_name!r} is already loaded; choose another `adapter_name`.")
+        adapter = prepare_adapter(self.unet, self.text_projection, pretrained_model_name_or_path_or_dict, **kwargs)
+        if adapter.config.mode != "lora":
+            raise ValueError(
+                f"The adapter {adapter.source} is a 'full' adapter (attention weights, not a LoRA); load it with "
+                "`load_digseg_adapter`."
+            )
+        self._add_lora(adapter, adapter_name)
+
+    def _add_lora(self, adapter, adapter_name: str) -> None:
+        from .adapter import peft_lora_config_dict
+
+        if self._has_trainable_lora():
+            raise ValueError("The U-Net carries a trainable DiGSeg LoRA (`apply_adapter`); save it, then load it here.")
+        if any(getattr(layer, "merged_adapters", None) for layer in self.unet.modules()):
+            raise ValueError("A LoRA is fused into the U-Net; call `unfuse_lora()` before loading another adapter.")
+        metadata = peft_lora_config_dict(adapter.config, adapter.target_modules, conv_in=False)
+        # `prepare_adapter` has matched every tensor to the model: diffusers' warning about the *other* adapters'
+        # keys (which it lists as "missing" when a second adapter is loaded) would only mislead.
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()
+        try:
+            self.unet.load_lora_adapter(dict(adapter.attention), prefix=None, adapter_name=adapter_name, metadata=metadata)
+        finally:
+            logging.set_verbosity(verbosity)
+        conv_in = {key.removeprefix("conv_in."): value for key, value in adapter.conv_in.items()}
+        self._whole_weights().add(adapter_name, self._whole_weight_modules(), {"conv_in": conv_in, "text_projection": adapter.text_projection})
+        self.set_adapters([adapter_name])
+
+    def _has_trainable_lora(self) -> bool:
+        """Whether the U-Net carries the LoRA `apply_adapter` injects for training (not one loaded here)."""
+        from .adapter import PEFT_ADAPTER_NAME, _has_lora
+
+        return _has_lora(self.unet) and PEFT_ADAPTER_NAME not in self._whole_weights().adapters
+
+    def _whole_weights(self):
+        from .adapter import WholeWeightAdapters
+
+        if getattr(self, "_digseg_whole_weights", None) is None:
+            self._digseg_whole_weights = WholeWeightAdapters()
+            self._digseg_adapter_weights: dict[str, float] = {}
+            self._digseg_lora_enabled = True
+        return self._digseg_whole_weights
+
+    def _whole_weight_modules(self) -> dict[str, torch.nn.Module]:
+        return {"conv_in": self.unet.conv_in, "text_projection": self.text_projection}
+
+    def _apply_whole_weights(self) -> None:
+        weights = self._digseg_adapter_weights if self._digseg_lora_enabled else None
+        self._whole_weights().apply(self._whole_weight_modules(), weights)
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """The loaded adapters, by component (as diffusers' `get_list_adapters`)."""
+        return {"unet": list(getattr(self.unet, "peft_config", None) or {})} if getattr(self.unet, "peft_config", None) else {}
+
+    def get_active_adapters(self) -> list[str]:
+        """The names of the active adapters (empty while disabled)."""
+        self._whole_weights()
+        return list(self._digseg_adapter_weights) if self._digseg_lora_enabled else []
+
+    def set_adapters(self, adapter_names: list[str] | str, adapter_weights: float | list[float] | None = None) -> None:
+        """Activate ``adapter_names`` with ``adapter_weights`` (default 1 each): LoRA deltas and conv_in / text
+        projection deltas are scaled by the weights and summed."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = [1.0] * len(names) if adapter_weights is None else adapter_weights
+        weights = [weights] * len(names) if isinstance(weights, (int, float)) else list(weights)
+        if len(weights) != len(names):
+            raise ValueError(f"`adapter_weights` has {len(weights)} entries for {len(names)} adapters.")
+        missing = [n for n in names if n not in self.get_list_adapters().get("unet", [])]
+        if missing:
+            raise ValueError(f"No adapter named {missing}; loaded: {self.get_list_adapters().get('unet', [])}.")
+        self.unet.set_adapters(names, weights)
+        self._whole_weights()
+        self._digseg_adapter_weights = {n: float(w) for n, w in zip(names, weights)}
+        self._digseg_lora_enabled = True
+        self._apply_whole_weights()
+
+    def disable_lora(self) -> None:
+        """Run the base model (LoRA off, base conv_in and text projection) until `enable_lora`."""
+        self.unet.disable_adapters()
+        self._whole_weights()
+        self._digseg_lora_enabled = False
+        self._apply_whole_weights()
+
+    def enable_lora(self) -> None:
+        self.unet.enable_adapters()
+        self._whole_weights()
+        self._digseg_lora_enabled = True
+        self._apply_whole_weights()
+
+    def delete_adapters(self, adapter_names: list[str] | str) -> None:
+        """Remove adapters; the others stay active with their weights."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.unet.delete_adapters(names)
+        self._whole_weights().remove(names)
+        for name in names:
+            self._digseg_adapter_weights.pop(name, None)
+        self._apply_whole_weights()
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter: the U-Net loses its LoRA layers, conv_in and the text projection get their base
+        weights back exactly."""
+        if getattr(self.unet, "peft_config", None):
+            self.unet.unload_lora()
+        bank = self._whole_weights()
+        bank.apply(self._whole_weight_modules(), None)
+        bank.adapters.clear()
+        self._digseg_adapter_weights = {}
+        self.adapter_config = None
+
+    def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Merge the active LoRA (scaled by ``lora_scale``) into the U-Net weights for faster inference; conv_in
+        and the text projection already hold the active adapters' weights. Undo with `unfuse_lora`."""
+        from .adapter import _tuner_layers
+
+        # Keep the base weights of the layers being merged: PEFT's unmerge subtracts the delta again, which
+        # leaves rounding errors; `unfuse_lora` restores these copies, so unloading later is exact.
+        self._digseg_unfused_weights = {
+            layer: layer.get_base_layer().weight.detach().clone()
+            for layer in _tuner_layers(self.unet)
+            if not layer.merged_adapters
+        }
+        self.unet.fuse_lora(lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names)
+
+    def unfuse_lora(self) -> None:
+        """Undo `fuse_lora`: the LoRA is applied on the fly again and the base weights are restored exactly."""
+        self.unet.unfuse_lora()
+        with torch.no_grad():
+            for layer, weight in (getattr(self, "_digseg_unfused_weights", None) or {}).items():
+                layer.get_base_layer().weight.copy_(weight)
+        self._digseg_unfused_weights = None
+
     def fuse_digseg_adapter(self) -> None:
-        """Merge a loaded LoRA into the U-Net weights for faster inference (undo with `unfuse_digseg_adapter`)."""
+        """Deprecated: `fuse_lora`. Merges the "digseg" LoRA (from `apply_adapter` or `load_digseg_adapter`)."""
+        import warnings
+
         from .adapter import fuse_adapter
 
-        fuse_adapter(self.unet)
+        warnings.warn("`fuse_digseg_adapter` is deprecated; use `fuse_lora`.", FutureWarning, stacklevel=2)
+        if self._has_trainable_lora():
+            fuse_adapter(self.unet)  # a LoRA injected by `apply_adapter`
+        else:
+            self.fuse_lora()
 
     def unfuse_digseg_adapter(self) -> None:
+        """Deprecated: `unfuse_lora`."""
+        import warnings
+
         from .adapter import unfuse_adapter
 
-        unfuse_adapter(self.unet)
+        warnings.warn("`unfuse_digseg_adapter` is deprecated; use `unfuse_lora`.", FutureWarning, stacklevel=2)
+        if self._has_trainable_lora():
+            unfuse_adapter(self.unet)
+        else:
+            self.unfuse_lora()
 
     def encode_images(
         self, pixels: torch.Tensor, batch_size: int | None = None, device: torch.device | None = None
