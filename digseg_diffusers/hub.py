@@ -142,7 +142,6 @@ def eval_results(
     dataset_name: str | None = None,
     dataset_split: str | None = "validation",
     task_name: str = "Semantic segmentation",
-    source_name: str | None = None,
 ) -> list:
     """`EvalResult`s (the card's ``model-index``), one per numeric metric, with the Hub's metric ids."""
     from huggingface_hub import EvalResult
@@ -164,7 +163,6 @@ def eval_results(
                 metric_type=metric_type,
                 metric_name=metric_name,
                 metric_value=round(float(value), 4),
-                source_name=source_name,
             )
         )
     return results
@@ -181,7 +179,6 @@ def card_data(
     dataset_name: str | None = None,
     dataset_split: str | None = "validation",
     tags: list[str] | None = None,
-    source_name: str | None = None,
 ):
     """The card's `ModelCardData`: library, task, license, base model (a Hub id), datasets, tags, model-index."""
     from huggingface_hub import ModelCardData
@@ -191,7 +188,7 @@ def card_data(
     extra: dict[str, Any] = {}
     if base and adapter:
         extra["base_model_relation"] = "adapter"
-    results = eval_results(metrics, dataset_id, dataset_name, dataset_split, source_name=source_name)
+    results = eval_results(metrics, dataset_id, dataset_name, dataset_split)
     return ModelCardData(
         library_name=LIBRARY_NAME,
         pipeline_tag=PIPELINE_TAG,
@@ -260,8 +257,8 @@ def adapter_card(
         Path(template_path) if template_path else ADAPTER_TEMPLATE,
         data,
         model_name=data.model_name,
-        base_model=data.base_model or "the base Stable Diffusion model it was trained on",
-        base_model_id=data.base_model or "stabilityai/stable-diffusion-2",
+        base_model=data.base_model or "its base Stable Diffusion model",
+        base_model_id=data.base_model or "path/or/hub-id/of/the/base/model",
         repo_id=repo_id or "path/to/this/adapter",
         text_encoder_argument=f', text_encoder="{text_encoder}"' if text_encoder else "",
         example_prompt=(class_names or ["object"])[0],
@@ -339,7 +336,6 @@ def demo_card_data(fidelity: Mapping[str, Any]):
         dataset_name="DiGSeg synthetic shapes (generator v2), 100 test-split scenes",
         dataset_split="test",
         tags=["synthetic-data"],
-        source_name="benchmarks/demo_fidelity.py",
     )
     return data
 

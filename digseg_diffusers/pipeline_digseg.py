@@ -602,8 +602,13 @@ class DiGSegPipeline(DiffusionPipeline):
     def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: list[str] | None = None) -> None:
         """Merge the active LoRA (scaled by ``lora_scale``) into the U-Net weights for faster inference; conv_in
         and the text projection already hold the active adapters' weights. Undo with `unfuse_lora`."""
-        from .adapter import _tuner_layers
+        from .adapter import _tuner_layers, fuse_adapter
 
+        if self._has_trainable_lora():  # the LoRA `apply_adapter` injected (training, benchmarks)
+            if lora_scale != 1.0 or adapter_names:
+                raise ValueError("The trainable DiGSeg LoRA fuses at scale 1 only; save and load it to use a scale.")
+            fuse_adapter(self.unet, safe_merge=safe_fusing)
+            return
         # Keep the base weights of the layers being merged: PEFT's unmerge subtracts the delta again, which
         # leaves rounding errors; `unfuse_lora` restores these copies, so unloading later is exact.
         self._digseg_unfused_weights = {
@@ -615,6 +620,11 @@ class DiGSegPipeline(DiffusionPipeline):
 
     def unfuse_lora(self) -> None:
         """Undo `fuse_lora`: the LoRA is applied on the fly again and the base weights are restored exactly."""
+        from .adapter import unfuse_adapter
+
+        if self._has_trainable_lora():
+            unfuse_adapter(self.unet)
+            return
         self.unet.unfuse_lora()
         with torch.no_grad():
             for layer, weight in (getattr(self, "_digseg_unfused_weights", None) or {}).items():
@@ -622,28 +632,18 @@ class DiGSegPipeline(DiffusionPipeline):
         self._digseg_unfused_weights = None
 
     def fuse_digseg_adapter(self) -> None:
-        """Deprecated: `fuse_lora`. Merges the "digseg" LoRA (from `apply_adapter` or `load_digseg_adapter`)."""
+        """Deprecated alias of `fuse_lora`."""
         import warnings
-
-        from .adapter import fuse_adapter
 
         warnings.warn("`fuse_digseg_adapter` is deprecated; use `fuse_lora`.", FutureWarning, stacklevel=2)
-        if self._has_trainable_lora():
-            fuse_adapter(self.unet)  # a LoRA injected by `apply_adapter`
-        else:
-            self.fuse_lora()
+        self.fuse_lora()
 
     def unfuse_digseg_adapter(self) -> None:
-        """Deprecated: `unfuse_lora`."""
+        """Deprecated alias of `unfuse_lora`."""
         import warnings
 
-        from .adapter import unfuse_adapter
-
         warnings.warn("`unfuse_digseg_adapter` is deprecated; use `unfuse_lora`.", FutureWarning, stacklevel=2)
-        if self._has_trainable_lora():
-            unfuse_adapter(self.unet)
-        else:
-            self.unfuse_lora()
+        self.unfuse_lora()
 
     def encode_images(
         self, pixels: torch.Tensor, batch_size: int | None = None, device: torch.device | None = None

@@ -50,6 +50,7 @@ from digseg_diffusers.data import (
 )
 from digseg_diffusers.data.readers import READERS, read_class_names_file
 from digseg_diffusers.evaluation import evaluate_examples
+from digseg_diffusers.hub import public_training_config
 from digseg_diffusers.noise import (
     NOISE_VARIANTS,
     TIMESTEP_BIAS_STRATEGIES,
@@ -363,7 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
     num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
 
     if args.report_to != "none":
-        accelerator.init_trackers("digseg-adapter", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        # Never `vars(args)` itself: `--hub_token` would land in TensorBoard's hparams / wandb's config.
+        accelerator.init_trackers("digseg-adapter", config=public_training_config(vars(args), scalars_only=True))
 
     # Resume.
     global_step, first_epoch = 0, 0
@@ -557,17 +559,15 @@ def write_card_and_maybe_push(args, adapter_dir: str, adapter_config, class_name
     """Write the model card next to the adapter; upload the folder when asked (needs network)."""
     from digseg_diffusers.hub import push_folder_to_hub, write_adapter_card
 
-    template = Path(__file__).resolve().parent.parent / "hub_cards" / "adapter_card_template.md"
     metrics = validation_history[-1] if validation_history else None
     write_adapter_card(
         adapter_dir,
-        template_path=template if template.is_file() else None,
         base_model=adapter_config.base_model,
         repo_id=args.hub_model_id,
         dataset_name=args.dataset_name or args.dataset_format,
         class_names=class_names,
         metrics=metrics,
-        training_args={k: v for k, v in vars(args).items() if k != "hub_token"},
+        training_args=public_training_config(vars(args)),
     )
     if args.push_to_hub:
         push_folder_to_hub(adapter_dir, args.hub_model_id, token=args.hub_token)
