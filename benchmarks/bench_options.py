@@ -61,7 +61,7 @@ def main(argv=None):
     pipes["light decoder (untrained, cost only)"] = make_pipeline(args.config, light_decoder=True)
     pipes["LoRA r8 unfused"] = with_lora(make_pipeline(args.config))
     fused = with_lora(make_pipeline(args.config))
-    fused.fuse_digseg_adapter()
+    fused.fuse_lora()
     pipes["LoRA r8 fused"] = fused
     if args.compile:
         pipe = make_pipeline(args.config)

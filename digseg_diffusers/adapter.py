@@ -25,9 +25,21 @@ Modules are chosen by *structure*, not by hard-coded names, so every ``UNet2DCon
 Two modes: ``"lora"`` injects PEFT LoRA layers (rank/alpha configurable) on those projections; ``"full"``
 trains their weights directly. In both, ``conv_in`` and the text projection are trained and saved whole.
 
-An adapter folder holds ``digseg_adapter.safetensors`` (keys prefixed ``unet.`` and ``text_projection.``) and
-``digseg_adapter_config.json`` (the config, the selected module names, and an architecture fingerprint that
-is checked before anything is loaded, so a wrong base model gives a clear ``ValueError``).
+An adapter folder holds one safetensors file in the ecosystem's formats:
+
+- ``pytorch_lora_weights.safetensors`` ("lora" mode): diffusers' LoRA file, as diffusers' LoRA training scripts
+  write it. Keys ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (PEFT names), metadata
+  ``lora_adapter_metadata`` with the PEFT ``LoraConfig`` (rank, ``lora_alpha``, target modules), keys prefixed
+  ``unet.``. ``conv_in`` is stored whole as ``unet.conv_in.weight`` / ``.bias`` and declared in the config's
+  ``modules_to_save``, so ``unet.load_lora_adapter(file, prefix="unet")`` or PEFT load the LoRA *and* conv_in.
+  The text projection (a pipeline component, not part of the U-Net) is stored whole as ``text_projection.*``.
+- ``digseg_full_weights.safetensors`` ("full" mode): the selected projections' weights, same prefixes.
+
+Both carry the DiGSeg config document in the metadata key ``digseg_adapter`` (the config, the selected module
+names, and an architecture fingerprint that is checked before anything is loaded, so a wrong base model gives a
+clear ``ValueError``). DiGSeg's loaders (`load_adapter`, the pipeline's ``load_lora_weights``) read the whole
+file or nothing; a LoRA file without that document is refused. The first format (``digseg_adapter.safetensors``
++ ``digseg_adapter_config.json``) still loads, with a deprecation warning.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -44,10 +57,20 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_WEIGHTS_NAME = "digseg_adapter.safetensors"
-ADAPTER_CONFIG_NAME = "digseg_adapter_config.json"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+"""A "lora" adapter: diffusers' LoRA file (the name diffusers' `load_lora_weights` looks for)."""
+FULL_WEIGHTS_NAME = "digseg_full_weights.safetensors"
+"""A "full" adapter (attention weights themselves, not a LoRA)."""
+DIGSEG_METADATA_KEY = "digseg_adapter"
+"""Safetensors metadata key of the adapter's config document (JSON)."""
+LEGACY_WEIGHTS_NAME = "digseg_adapter.safetensors"
+LEGACY_CONFIG_NAME = "digseg_adapter_config.json"
+ADAPTER_WEIGHTS_NAME = LEGACY_WEIGHTS_NAME  # deprecated names of the first format, kept for importers
+ADAPTER_CONFIG_NAME = LEGACY_CONFIG_NAME
 ADAPTER_FORMAT = "digseg-adapter"
-ADAPTER_FORMAT_VERSION = 1
+ADAPTER_FORMAT_VERSION = 2
+APPLIED_CONFIG_ATTRIBUTE = "_digseg_adapter_config"
+"""Attribute of a U-Net holding the config its DiGSeg adapter was applied or loaded with."""
 # The PEFT adapter name used inside the U-Net.
 PEFT_ADAPTER_NAME = "digseg"
 ADAPTER_MODES = ("lora", "full")
@@ -356,6 +379,7 @@ def apply_adapter(
         )
     if config.mode == "lora":
         _inject_lora(unet, config, target_modules)
+    _record_config(unet, config)
     return _set_trainable(unet, text_projection, config, target_modules)
 
 
@@ -369,7 +393,7 @@ def adapter_state_dict(
     """
     unet = _unwrap(unet)
     text_projection = None if text_projection is None else _unwrap(text_projection)
-    config = resolve_config(unet, config or DiGSegAdapterConfig())
+    config = resolve_config(unet, config or _recorded_config(unet) or DiGSegAdapterConfig())
     _check_text_projection(text_projection, config)
     state: dict[str, torch.Tensor] = {}
     if config.mode == "lora":
@@ -453,32 +477,72 @@ def _check_fingerprint(saved: dict[str, Any], current: dict[str, Any], source: s
 # ------------------------------------------------------------------------------------------ saving/loading
 
 
+def _recorded_config(unet: nn.Module) -> DiGSegAdapterConfig | None:
+    return getattr(_unwrap(unet), APPLIED_CONFIG_ATTRIBUTE, None)
+
+
+def _record_config(unet: nn.Module, config: DiGSegAdapterConfig) -> None:
+    setattr(_unwrap(unet), APPLIED_CONFIG_ATTRIBUTE, config)
+
+
+def peft_lora_config_dict(
+    config: DiGSegAdapterConfig, target_modules: list[str], conv_in: bool = True
+) -> dict[str, Any]:
+    """The PEFT `LoraConfig` of a LoRA adapter as a JSON-able dict (what diffusers stores in the file metadata).
+
+    ``conv_in`` is declared in ``modules_to_save``: a loader that reads only this metadata (diffusers'
+    ``unet.load_lora_adapter``, PEFT's ``inject_adapter_in_model``) then loads the trained ``conv_in`` too.
+    """
+    lora_config = _lora_config(config, target_modules)
+    if config.train_conv_in and conv_in:
+        lora_config.modules_to_save = ["conv_in"]
+    data = lora_config.to_dict()
+    return {key: sorted(value) if isinstance(value, set) else value for key, value in data.items()}
+
+
 def save_adapter(
     save_directory: str | os.PathLike,
     unet: nn.Module,
     text_projection: nn.Module | None,
     config: DiGSegAdapterConfig | None = None,
-) -> None:
-    """Write ``digseg_adapter.safetensors`` and ``digseg_adapter_config.json`` into ``save_directory``."""
+) -> str:
+    """Write the adapter into ``save_directory``; returns the weights file's path. See the module docstring.
+
+    ``config=None`` uses the config the adapter was applied or loaded with (`apply_adapter` / `load_adapter`
+    record it on the U-Net), and only without one the defaults, which must then fit the U-Net's LoRA.
+    """
     if os.path.isfile(save_directory):
         raise ValueError(f"`save_directory` {str(save_directory)!r} is a file; give a folder.")
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
     unet = _unwrap(unet)
     text_projection = None if text_projection is None else _unwrap(text_projection)
-    config = resolve_config(unet, config or DiGSegAdapterConfig())
+    config = resolve_config(unet, config or _recorded_config(unet) or DiGSegAdapterConfig())
+    target_modules = select_adapter_modules(unet, config)
+    if config.mode == "lora" and _has_lora(unet) and not _lora_layout_matches(unet, config, target_modules):
+        existing = unet.peft_config[PEFT_ADAPTER_NAME]
+        raise ValueError(
+            f"The U-Net's DiGSeg LoRA (rank {existing.r}, alpha {existing.lora_alpha}) was not made with this "
+            f"adapter config (rank {config.rank}, alpha {config.alpha}, levels {list(config.levels)}); pass the "
+            "config it was applied with as `config=`."
+        )
     state = adapter_state_dict(unet, text_projection, config)
-    os.makedirs(save_directory, exist_ok=True)
-    save_file(state, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
     document = {
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_FORMAT_VERSION,
         **config.to_dict(),
-        "target_modules": select_adapter_modules(unet, config),
+        "target_modules": target_modules,
         "architecture": architecture_fingerprint(unet, text_projection if config.train_text_projection else None),
         "library_versions": _library_versions(),
     }
-    with open(os.path.join(save_directory, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as handle:
-        json.dump(document, handle, indent=2, sort_keys=False)
-        handle.write("\n")
+    metadata = {"format": "pt", DIGSEG_METADATA_KEY: json.dumps(document, sort_keys=True)}
+    if config.mode == "lora":
+        lora_metadata = {f"unet.{key}": value for key, value in peft_lora_config_dict(config, target_modules).items()}
+        metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(lora_metadata, indent=2, sort_keys=True)
+    os.makedirs(save_directory, exist_ok=True)
+    path = os.path.join(save_directory, LORA_WEIGHTS_NAME if config.mode == "lora" else FULL_WEIGHTS_NAME)
+    save_file(state, path, metadata=metadata)
+    return path
 
 
 def _library_versions() -> dict[str, str]:
@@ -488,21 +552,8 @@ def _library_versions() -> dict[str, str]:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__}
 
 
-def _resolve_adapter_files(
-    directory_or_hub_id: str | os.PathLike, subfolder: str | None, **hub_kwargs
-) -> tuple[str, str]:
-    """Local paths of the config and weights, from a folder or (via the Hub cache / a download) a repo id."""
-    source = str(directory_or_hub_id)
-    folder = os.path.join(source, subfolder) if subfolder else source
-    if os.path.isdir(folder):
-        paths = (os.path.join(folder, ADAPTER_CONFIG_NAME), os.path.join(folder, ADAPTER_WEIGHTS_NAME))
-        missing = [os.path.basename(path) for path in paths if not os.path.isfile(path)]
-        if missing:
-            raise ValueError(f"{folder!r} is not a DiGSeg adapter folder: {', '.join(missing)} missing.")
-        return paths
-    if os.path.exists(folder):
-        raise ValueError(f"{folder!r} is a file; give the adapter's folder or a Hugging Face Hub repo id.")
-
+def _download(source: str, filename: str, subfolder: str | None, **hub_kwargs) -> str | None:
+    """``filename`` of the Hub repo ``source`` (via the cache), or None when the repo has no such file."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -514,18 +565,19 @@ def _resolve_adapter_files(
     )
 
     try:
-        return tuple(
-            hf_hub_download(source, filename, subfolder=subfolder, **hub_kwargs)
-            for filename in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
-        )
+        return hf_hub_download(source, filename, subfolder=subfolder, **hub_kwargs)
     except HFValidationError as error:
         raise OSError(f"{source!r} is neither a local folder nor a valid Hugging Face Hub repo id.") from error
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
-        raise OSError(
-            f"Cannot load the DiGSeg adapter {source!r}: it is not a local folder, not in the Hugging Face cache, "
-            "and the Hub cannot be reached (offline, or HF_HUB_OFFLINE is set). Download it once with network "
-            "access, or pass the path of a saved adapter folder."
-        ) from error
+        if not _repo_cached(source, hub_kwargs.get("cache_dir")):
+            raise OSError(
+                f"Cannot load the DiGSeg adapter {source!r}: it is not a local folder, not in the Hugging Face "
+                "cache, and the Hub cannot be reached (offline, or HF_HUB_OFFLINE is set). Download it once with "
+                "network access, or pass the path of a saved adapter folder."
+            ) from error
+        return None  # the cache answers for this repo, but not with this file
+    except EntryNotFoundError:  # after LocalEntryNotFoundError, one of its subclasses
+        return None
     except RepositoryNotFoundError as error:
         raise OSError(
             f"{source!r} is not a local folder and no such Hugging Face Hub repo is accessible (check the name, "
@@ -533,27 +585,109 @@ def _resolve_adapter_files(
         ) from error
     except RevisionNotFoundError as error:
         raise OSError(f"The Hub repo {source!r} has no revision {hub_kwargs.get('revision')!r}.") from error
-    except EntryNotFoundError as error:
-        raise OSError(
-            f"The Hub repo {source!r} has no DiGSeg adapter ({ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}"
-            + (f" in subfolder {subfolder!r}" if subfolder else "")
-            + ")."
-        ) from error
 
 
-def _read_adapter_document(path: str, source: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            document = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{ADAPTER_CONFIG_NAME} of the adapter {source} is not valid JSON: {error}") from error
+def _repo_cached(repo_id: str, cache_dir: str | os.PathLike | None) -> bool:
+    """Whether the Hub cache holds anything of ``repo_id`` (then a missing file is missing from the repo)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = os.path.join(str(cache_dir or constants.HF_HUB_CACHE), repo_folder_name(repo_id=repo_id, repo_type="model"))
+    return os.path.isdir(os.path.join(folder, "snapshots"))
+
+
+def _resolve_adapter_files(
+    directory_or_hub_id: str | os.PathLike, subfolder: str | None, weight_name: str | None = None, **hub_kwargs
+) -> tuple[str, str | None]:
+    """``(weights file, legacy JSON config or None)`` from a folder, a weights file, or a Hub repo id."""
+    source = str(directory_or_hub_id)
+    folder = os.path.join(source, subfolder) if subfolder else source
+    candidates = [weight_name] if weight_name else [LORA_WEIGHTS_NAME, FULL_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME]
+    if os.path.isfile(folder) and folder.endswith(".safetensors"):
+        return folder, None
+    if os.path.isdir(folder):
+        for name in candidates:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                legacy = os.path.join(folder, LEGACY_CONFIG_NAME)
+                return path, legacy if name == LEGACY_WEIGHTS_NAME and os.path.isfile(legacy) else None
+        raise ValueError(f"{folder!r} is not a DiGSeg adapter folder: none of {', '.join(candidates)} is in it.")
+    if os.path.exists(folder):
+        raise ValueError(f"{folder!r} is a file but not a .safetensors adapter; give the adapter's folder or Hub id.")
+    for name in candidates:
+        path = _download(source, name, subfolder, **hub_kwargs)
+        if path is not None:
+            legacy = _download(source, LEGACY_CONFIG_NAME, subfolder, **hub_kwargs) if name == LEGACY_WEIGHTS_NAME else None
+            return path, legacy
+    raise OSError(
+        f"The Hub repo {source!r} has no DiGSeg adapter ({' or '.join(candidates)}"
+        + (f" in subfolder {subfolder!r}" if subfolder else "")
+        + ")."
+    )
+
+
+def _check_document(document: Any, source: str) -> dict[str, Any]:
     if not isinstance(document, dict) or document.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{ADAPTER_CONFIG_NAME} of {source} is not a DiGSeg adapter config.")
+        raise ValueError(f"{source} is not a DiGSeg adapter (no DiGSeg adapter config in it).")
     if document.get("format_version", 0) > ADAPTER_FORMAT_VERSION:
         raise ValueError(
             f"The adapter {source} uses format version {document['format_version']}; this digseg-diffusers "
             f"reads version {ADAPTER_FORMAT_VERSION} and older. Upgrade digseg-diffusers."
         )
+    return document
+
+
+def read_adapter(
+    directory_or_hub_id: str | os.PathLike | dict,
+    subfolder: str | None = None,
+    weight_name: str | None = None,
+    **hub_kwargs,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """``(config document, tensors, source)`` of a saved adapter, in this format or the deprecated one.
+
+    The config document lives in the weights file's metadata (key ``digseg_adapter``), so the file alone says
+    what it needs: a loader handed only the LoRA file still finds out that a text projection comes with it.
+    Adapters of the first format (``digseg_adapter.safetensors`` + ``digseg_adapter_config.json``) load with a
+    deprecation warning; re-save them with `save_adapter` (or ``pipe.save_digseg_adapter``).
+    """
+    from safetensors import safe_open
+
+    source = repr(str(directory_or_hub_id))
+    weights_path, legacy_config = _resolve_adapter_files(directory_or_hub_id, subfolder, weight_name, **hub_kwargs)
+    with safe_open(weights_path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if DIGSEG_METADATA_KEY in metadata:
+        try:
+            document = json.loads(metadata[DIGSEG_METADATA_KEY])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"The DiGSeg adapter config in {source} is not valid JSON: {error}") from error
+    elif legacy_config is not None:
+        warnings.warn(
+            f"The adapter {source} is in the first DiGSeg adapter format ({LEGACY_WEIGHTS_NAME} + "
+            f"{LEGACY_CONFIG_NAME}), which will not be read after the next release. Re-save it with "
+            "`pipe.save_digseg_adapter(folder)` (a diffusers/PEFT LoRA file).",
+            FutureWarning,
+            stacklevel=3,
+        )
+        try:
+            with open(legacy_config, encoding="utf-8") as handle:
+                document = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{LEGACY_CONFIG_NAME} of the adapter {source} is not valid JSON: {error}") from error
+    else:
+        raise ValueError(
+            f"{source} holds a LoRA without DiGSeg metadata: DiGSeg adapters carry their config (and the conv_in "
+            "and text projection weights) in the file; this one cannot be loaded as a DiGSeg adapter."
+        )
+    return _check_document(document, source), load_file(weights_path, device="cpu"), source
+
+
+def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The config document of the adapter saved in a local ``folder``, or None when there is none."""
+    try:
+        document, _, _ = read_adapter(folder)
+    except (ValueError, OSError):
+        return None
     return document
 
 
@@ -627,38 +761,42 @@ def _copy_into(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
             parameters[key].copy_(value)
 
 
-def load_adapter(
+@dataclass
+class LoadedAdapter:
+    """A checked adapter, split by where its tensors go (see `prepare_adapter`)."""
+
+    config: DiGSegAdapterConfig
+    target_modules: list[str]
+    attention: dict[str, torch.Tensor]  # LoRA tensors (PEFT names, no adapter name) or full projection weights
+    conv_in: dict[str, torch.Tensor]  # `conv_in.weight`, `conv_in.bias` when trained
+    text_projection: dict[str, torch.Tensor]
+    source: str
+
+
+def prepare_adapter(
     unet: nn.Module,
     text_projection: nn.Module | None,
     directory_or_hub_id: str | os.PathLike,
     *,
     subfolder: str | None = None,
-    is_trainable: bool = False,
+    weight_name: str | None = None,
     **hub_kwargs,
-) -> DiGSegAdapterConfig:
-    """Load a saved DiGSeg adapter into ``unet`` (and ``text_projection``), in place.
+) -> LoadedAdapter:
+    """Read an adapter and check that every tensor fits ``unet`` / ``text_projection``; changes nothing.
 
-    ``directory_or_hub_id`` is a folder written by ``save_adapter`` or a Hugging Face Hub repo id (``hub_kwargs``
-    such as ``revision``, ``token``, ``cache_dir``, ``local_files_only`` go to ``hf_hub_download``). The
-    architecture fingerprint and the selected module set are checked before any weight is touched; a mismatch
-    raises ``ValueError``. A DiGSeg LoRA already in ``unet`` is replaced. With ``is_trainable=True`` the
-    adapter's parameters are left trainable (as after ``apply_adapter``), otherwise everything is frozen.
-    Returns the adapter's config.
+    The architecture fingerprint and the selected module set are checked before any tensor is compared; any
+    mismatch raises ``ValueError``, so loading either applies the whole adapter or nothing.
     """
     unet = _unwrap(unet)
     text_projection = None if text_projection is None else _unwrap(text_projection)
-    source = repr(str(directory_or_hub_id))
-    config_path, weights_path = _resolve_adapter_files(directory_or_hub_id, subfolder, **hub_kwargs)
-    document = _read_adapter_document(config_path, source)
+    document, state, source = read_adapter(directory_or_hub_id, subfolder, weight_name, **hub_kwargs)
     config = DiGSegAdapterConfig.from_dict(
         {key: value for key, value in document.items() if key in {f.name for f in fields(DiGSegAdapterConfig)}}
     )
     if config.train_text_projection and text_projection is None:
         raise ValueError(f"The adapter {source} carries text projection weights but `text_projection` is None.")
     saved_fingerprint = document.get("architecture", {})
-    current_fingerprint = architecture_fingerprint(
-        unet, text_projection if config.train_text_projection else None
-    )
+    current_fingerprint = architecture_fingerprint(unet, text_projection if config.train_text_projection else None)
     _check_fingerprint(saved_fingerprint, current_fingerprint, source, config.base_model)
     try:
         config = resolve_config(unet, config)
@@ -673,7 +811,6 @@ def load_adapter(
             "layout as its base model."
         )
 
-    state = load_file(weights_path, device="cpu")
     unet_state = {key[len(UNET_PREFIX) :]: value for key, value in state.items() if key.startswith(UNET_PREFIX)}
     projection_state = {
         key[len(TEXT_PROJECTION_PREFIX) :]: value
@@ -686,8 +823,10 @@ def load_adapter(
     conv_in_state = {key: value for key, value in unet_state.items() if key.startswith("conv_in.")}
     attention_state = {key: value for key, value in unet_state.items() if not key.startswith("conv_in.")}
 
+    base_conv_in = unet.conv_in.get_base_layer() if hasattr(unet.conv_in, "get_base_layer") else unet.conv_in
+    base_conv_in = getattr(base_conv_in, "original_module", base_conv_in)
     expected_conv_in = (
-        {f"conv_in.{key}": value for key, value in unet.conv_in.state_dict().items()} if config.train_conv_in else {}
+        {f"conv_in.{key}": value for key, value in base_conv_in.state_dict().items()} if config.train_conv_in else {}
     )
     _check_tensors(conv_in_state, expected_conv_in, "U-Net's conv_in", source)
     expected_projection = text_projection.state_dict() if config.train_text_projection else {}
@@ -701,6 +840,32 @@ def load_adapter(
             f"{name}.{key}": value for name in target_modules for key, value in modules[name].state_dict().items()
         }
     _check_tensors(attention_state, expected, "U-Net's attention", source)
+    return LoadedAdapter(config, target_modules, attention_state, conv_in_state, projection_state, source)
+
+
+def load_adapter(
+    unet: nn.Module,
+    text_projection: nn.Module | None,
+    directory_or_hub_id: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    is_trainable: bool = False,
+    **hub_kwargs,
+) -> DiGSegAdapterConfig:
+    """Load a saved DiGSeg adapter into ``unet`` (and ``text_projection``) in place, as training needs it.
+
+    ``directory_or_hub_id`` is a folder written by `save_adapter`, its weights file, or a Hugging Face Hub repo
+    id (``hub_kwargs`` such as ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``weight_name`` go to
+    the download). Everything is checked before any weight is touched (`prepare_adapter`). A DiGSeg LoRA already
+    in ``unet`` is replaced; ``conv_in`` and the text projection are overwritten (the pipeline's
+    ``load_lora_weights`` keeps the base weights instead, to unload them again). With ``is_trainable=True``
+    the adapter's parameters are left trainable (as after `apply_adapter`), otherwise everything is frozen.
+    Returns the adapter's config.
+    """
+    unet = _unwrap(unet)
+    text_projection = None if text_projection is None else _unwrap(text_projection)
+    adapter = prepare_adapter(unet, text_projection, directory_or_hub_id, subfolder=subfolder, **hub_kwargs)
+    config, target_modules = adapter.config, adapter.target_modules
 
     # Everything is checked: from here on the model is changed. A LoRA of the same layout (a training run
     # resuming from a checkpoint) is refilled in place, so that optimizers and DDP wrappers that hold its
@@ -713,14 +878,17 @@ def load_adapter(
 
         if not refill:
             _inject_lora(unet, config, target_modules)
-        result = set_peft_model_state_dict(unet, attention_state, adapter_name=PEFT_ADAPTER_NAME)
+        result = set_peft_model_state_dict(unet, adapter.attention, adapter_name=PEFT_ADAPTER_NAME)
         if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"PEFT did not place these tensors of the adapter {source}: {result.unexpected_keys[:5]}")
+            raise ValueError(
+                f"PEFT did not place these tensors of the adapter {adapter.source}: {result.unexpected_keys[:5]}"
+            )
     else:
-        _copy_into(unet, attention_state)
-    _copy_into(unet, conv_in_state)
-    if projection_state:
-        _copy_into(text_projection, projection_state)
+        _copy_into(unet, adapter.attention)
+    _copy_into(unet, adapter.conv_in)
+    if adapter.text_projection:
+        _copy_into(text_projection, adapter.text_projection)
+    _record_config(unet, config)
 
     if is_trainable:
         _set_trainable(unet, text_projection, config, target_modules)
@@ -729,6 +897,45 @@ def load_adapter(
         if text_projection is not None:
             text_projection.requires_grad_(False)
     return config
+
+
+class WholeWeightAdapters:
+    """The parts DiGSeg trains whole (``conv_in``, the text projection) for several named adapters.
+
+    LoRA deltas are mixed by PEFT; these parts are full tensors, so they are mixed the same way as deltas from
+    the base: ``base + sum_i w_i * (adapter_i - base)``. One active adapter at weight 1 gets its own tensors
+    exactly; no active adapter gets the base tensors back exactly (copies of them are kept from the first load).
+    """
+
+    def __init__(self):
+        self.base: dict[str, dict[str, torch.Tensor]] = {}
+        self.adapters: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+
+    @staticmethod
+    def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.detach().clone() for key, value in state.items()}
+
+    def add(self, name: str, modules: dict[str, nn.Module], states: dict[str, dict[str, torch.Tensor]]) -> None:
+        for part, state in states.items():
+            if state and part not in self.base:
+                self.base[part] = self._copy(modules[part].state_dict())
+        self.adapters[name] = {part: self._copy(state) for part, state in states.items() if state}
+
+    def remove(self, names: list[str]) -> None:
+        for name in names:
+            self.adapters.pop(name, None)
+
+    def apply(self, modules: dict[str, nn.Module], weights: dict[str, float] | None) -> None:
+        """Set every module to the mix of ``weights`` (adapter name -> weight); None: the base weights."""
+        for part, base in self.base.items():
+            active = [(w, self.adapters[n][part]) for n, w in (weights or {}).items() if part in self.adapters.get(n, {})]
+            if not active:
+                state = base
+            elif len(active) == 1 and active[0][0] == 1.0:
+                state = active[0][1]
+            else:
+                state = {key: base[key] + sum(w * (s[key] - base[key]) for w, s in active) for key in base}
+            _copy_into(modules[part], {key: value.to(base[key].dtype) for key, value in state.items()})
 
 
 # --------------------------------------------------------------------------------------------------- fusing

@@ -1,8 +1,19 @@
-"""Model cards and Hub uploads for DiGSeg adapters and pipelines.
+"""Model cards and Hub uploads for DiGSeg adapters and pipelines, built with huggingface_hub's card classes.
 
-The card's YAML front matter follows the Hub's model-card metadata: `library_name`, `pipeline_tag:
-image-segmentation`, `base_model` with `base_model_relation: adapter`, the license inherited from the base
-model when it can be read, `datasets`, `tags` and a `model-index` holding the validation metrics.
+Cards are `huggingface_hub.ModelCard`s rendered from the templates in ``card_templates/`` (package data, so a wheel
+install writes the same card as a checkout), with `ModelCardData` metadata the Hub understands:
+
+- ``library_name: diffusers`` and ``pipeline_tag: image-segmentation``; the card's snippet loads the model with
+  stock diffusers (pipelines, ``trust_remote_code=True``; see `hub_layout`) or with digseg-diffusers (adapters);
+- ``base_model`` is always a Hub repo id (a local path is dropped with a warning: the Hub rejects it, and it would
+  leak a machine path), with ``base_model_relation: adapter`` on adapters;
+- a real license: the base model's (``openrail++`` for Stable Diffusion 2; read from the base's cached card for
+  other bases), ``other`` with a name and a link to the base model when it cannot be known;
+- ``model-index`` from `EvalResult`s with the Hub's metric ids (``mean_iou``, ``overall_accuracy``...), the
+  dataset id and split.
+
+Nothing in a card comes from a secret: `public_training_config` drops token-like arguments before anything is
+logged, written or uploaded.
 """
 
 from __future__ import annotations
@@ -12,40 +23,183 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, Mapping
 
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
-LIBRARY_NAME = "digseg-diffusers"
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "hub_cards" / "adapter_card_template.md"
+LIBRARY_NAME = "diffusers"
+PIPELINE_TAG = "image-segmentation"
+TEMPLATES = Path(__file__).resolve().parent / "card_templates"
+ADAPTER_TEMPLATE = TEMPLATES / "adapter_card.md"
+PIPELINE_TEMPLATE = TEMPLATES / "pipeline_card.md"
+PROJECT_LICENSE = "apache-2.0"
+"""License of models this project trains from scratch (the demo model): the package's own."""
 
-_FALLBACK_TEMPLATE = """---
-{{ card_data }}
----
+TAGS = ["digseg", "image-segmentation", "open-vocabulary-segmentation", "diffusers"]
 
-# {{ model_name }}
+# Licenses of the Stable Diffusion families DiGSeg is built on, by Hub id prefix (first match wins).
+KNOWN_BASE_LICENSES = (
+    ("stabilityai/stable-diffusion-2", "openrail++"),
+    ("stabilityai/stable-diffusion-xl", "openrail++"),
+    ("sd2-community/", "openrail++"),
+    ("stable-diffusion-v1-5/", "creativeml-openrail-m"),
+    ("runwayml/stable-diffusion", "creativeml-openrail-m"),
+    ("CompVis/stable-diffusion", "creativeml-openrail-m"),
+)
 
-DiGSeg adapter for `{{ base_model }}`. Load with `pipe.load_digseg_adapter("{{ repo_id }}")`.
+# Our metric names -> (Hub metric id, display name). Others pass through unchanged.
+HUB_METRICS = {
+    "mIoU": ("mean_iou", "mIoU"),
+    "pixel_accuracy": ("overall_accuracy", "pixel accuracy"),
+    "mean_accuracy": ("mean_accuracy", "mean accuracy"),
+    "mean_dice": ("mean_dice", "mean Dice"),
+    "fwIoU": ("frequency_weighted_iou", "frequency-weighted IoU"),
+}
 
-{{ metrics_table }}
-"""
+_SECRET_ARGUMENT = re.compile(r"token|secret|password|passwd|api_?key|credential|auth", re.IGNORECASE)
 
 
-def base_model_license(base_model: str | None) -> str | None:
-    """The license in the base model's own card, when the base is a local folder with one (no network)."""
-    if not base_model or not os.path.isdir(base_model):
+# --------------------------------------------------------------------------------------------------- secrets
+
+
+def public_training_config(arguments: Mapping[str, Any], scalars_only: bool = False) -> dict[str, Any]:
+    """Training arguments that are safe to log to a tracker, write into a card or a saved config.
+
+    Drops every argument whose name looks like a secret (``hub_token``, ``*_api_key``, ``password``...).
+    ``scalars_only`` keeps only int/float/str/bool values (what trackers' hyperparameter tables accept).
+    """
+    public = {key: value for key, value in arguments.items() if not _SECRET_ARGUMENT.search(key)}
+    if scalars_only:
+        public = {key: value for key, value in public.items() if isinstance(value, (int, float, str, bool))}
+    return public
+
+
+# -------------------------------------------------------------------------------------------- base models
+
+
+def hub_base_model(base_model: str | os.PathLike | None) -> str | None:
+    """``base_model`` if it is a Hub repo id; None (with a warning) for a local path or anything else."""
+    if base_model is None:
         return None
-    readme = Path(base_model) / CARD_NAME
-    if not readme.is_file():
-        return None
-    match = re.match(r"^---\n(.*?)\n---", readme.read_text(encoding="utf-8"), flags=re.S)
-    if not match:
-        return None
-    data = yaml.safe_load(match.group(1)) or {}
-    return data.get("license")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    name = str(base_model)
+    looks_local = os.path.exists(name) or name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+    if not looks_local:
+        try:
+            validate_repo_id(name)
+            return name
+        except HFValidationError:
+            pass
+    logger.warning(
+        "base_model %r is not a Hugging Face Hub repo id; the card leaves `base_model` out (a local path "
+        "means nothing on the Hub). Pass the base model's Hub id to record it.",
+        name,
+    )
+    return None
+
+
+def base_model_license(base_model: str | None) -> dict[str, str]:
+    """``{"license": ...}`` (plus ``license_name`` / ``license_link`` for "other") inherited from the base model.
+
+    Known Stable Diffusion families by id; otherwise the license in the base's card when the Hub cache has it
+    (no network); otherwise "other", pointing at the base model's page.
+    """
+    if not base_model:
+        return {"license": PROJECT_LICENSE}
+    for prefix, license in KNOWN_BASE_LICENSES:
+        if base_model.startswith(prefix):
+            return {"license": license}
+    cached = _cached_card_data(base_model)
+    if cached.get("license") and cached["license"] != "other":
+        return {"license": cached["license"]}
+    if cached.get("license") == "other" and cached.get("license_name"):
+        return {key: cached[key] for key in ("license", "license_name", "license_link") if cached.get(key)}
+    return {
+        "license": "other",
+        "license_name": "same-as-base-model",
+        "license_link": f"https://huggingface.co/{base_model}",
+    }
+
+
+def _cached_card_data(repo_id: str) -> dict[str, Any]:
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    try:
+        path = hf_hub_download(repo_id, CARD_NAME, local_files_only=True)
+        return ModelCard.load(path).data.to_dict()
+    except Exception:  # not cached, not a model repo, unreadable card: no license to inherit
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+
+
+def eval_results(
+    metrics: Mapping[str, Any] | None,
+    dataset_id: str | None,
+    dataset_name: str | None = None,
+    dataset_split: str | None = "validation",
+    task_name: str = "Semantic segmentation",
+) -> list:
+    """`EvalResult`s (the card's ``model-index``), one per numeric metric, with the Hub's metric ids."""
+    from huggingface_hub import EvalResult
+
+    if not metrics or not dataset_id:
+        return []
+    results = []
+    for key, value in metrics.items():
+        if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        metric_type, metric_name = HUB_METRICS.get(key, (key, key))
+        results.append(
+            EvalResult(
+                task_type=PIPELINE_TAG,
+                task_name=task_name,
+                dataset_type=dataset_id,
+                dataset_name=dataset_name or dataset_id,
+                dataset_split=dataset_split,
+                metric_type=metric_type,
+                metric_name=metric_name,
+                metric_value=round(float(value), 4),
+            )
+        )
+    return results
+
+
+def card_data(
+    base_model: str | None,
+    repo_id: str | None,
+    dataset_id: str | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    *,
+    adapter: bool = False,
+    license: str | None = None,
+    dataset_name: str | None = None,
+    dataset_split: str | None = "validation",
+    tags: list[str] | None = None,
+):
+    """The card's `ModelCardData`: library, task, license, base model (a Hub id), datasets, tags, model-index."""
+    from huggingface_hub import ModelCardData
+
+    base = hub_base_model(base_model)
+    licensing = {"license": license} if license else base_model_license(base)
+    extra: dict[str, Any] = {}
+    if base and adapter:
+        extra["base_model_relation"] = "adapter"
+    results = eval_results(metrics, dataset_id, dataset_name, dataset_split)
+    return ModelCardData(
+        library_name=LIBRARY_NAME,
+        pipeline_tag=PIPELINE_TAG,
+        base_model=base,
+        datasets=[dataset_id] if dataset_id else None,
+        tags=list(dict.fromkeys(TAGS + (["lora"] if adapter else []) + list(tags or []))),
+        model_name=(repo_id or "digseg").split("/")[-1],
+        eval_results=results or None,
+        **licensing,
+        **extra,
+    )
 
 
 def card_metadata(
@@ -56,117 +210,191 @@ def card_metadata(
     license: str | None = None,
     tags: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The YAML front matter of a DiGSeg adapter card, as a dict."""
-    name = repo_id or "digseg-adapter"
-    data: dict[str, Any] = {
-        "library_name": LIBRARY_NAME,
-        "pipeline_tag": "image-segmentation",
-        "license": license or base_model_license(base_model) or "other",
-        "tags": ["digseg", "diffusers", "segmentation", "open-vocabulary-segmentation", "lora"] + list(tags or []),
-    }
-    if base_model:
-        data["base_model"] = base_model
-        data["base_model_relation"] = "adapter"
-    if dataset_name:
-        data["datasets"] = [dataset_name]
-    if metrics:
-        data["model-index"] = [
-            {
-                "name": name,
-                "results": [
-                    {
-                        "task": {"type": "image-segmentation", "name": "Semantic segmentation"},
-                        "dataset": {"name": dataset_name or "validation", "type": dataset_name or "custom"},
-                        "metrics": [
-                            {"type": key, "value": round(float(value), 4), "name": key}
-                            for key, value in metrics.items()
-                            if key != "step" and isinstance(value, (int, float))
-                        ],
-                    }
-                ],
-            }
-        ]
-    return data
+    """The YAML front matter of an adapter card, as a dict (kept for callers of the earlier API)."""
+    return card_data(base_model, repo_id, dataset_name, metrics, adapter=True, license=license, tags=tags).to_dict()
 
 
-def _metrics_table(metrics: dict[str, float] | None) -> str:
-    if not metrics:
-        return "No validation was run for this adapter."
-    rows = [f"| {key} | {value:.4f} |" for key, value in metrics.items() if isinstance(value, float)]
+# ------------------------------------------------------------------------------------------------- cards
+
+
+def _metrics_table(metrics: Mapping[str, Any] | None) -> str:
+    rows = [
+        f"| {HUB_METRICS.get(key, (key, key))[1]} | {float(value):.4f} |"
+        for key, value in (metrics or {}).items()
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
+    if not rows:
+        return "No evaluation was run for this model."
     step = f" (step {metrics['step']})" if "step" in metrics else ""
     return f"Validation{step}:\n\n| metric | value |\n| --- | --- |\n" + "\n".join(rows)
 
 
-def write_adapter_card(
+def _render(template: Path, data, **values):
+    from huggingface_hub import ModelCard
+
+    return ModelCard.from_template(data, template_path=str(template), **values)
+
+
+def adapter_card(
     folder: str | os.PathLike,
     base_model: str | None,
     repo_id: str | None = None,
     dataset_name: str | None = None,
     class_names: list[str] | None = None,
     metrics: dict[str, float] | None = None,
-    training_args: dict[str, Any] | None = None,
-    template_path: str | os.PathLike | None = None,
+    training_args: Mapping[str, Any] | None = None,
     license: str | None = None,
-) -> str:
-    """Write `README.md` (the model card) into `folder`, filled from the adapter's config and the metrics."""
-    folder = Path(folder)
-    adapter_config = {}
-    config_file = folder / "digseg_adapter_config.json"
-    if config_file.is_file():
-        adapter_config = json.loads(config_file.read_text())
-    template_path = Path(template_path) if template_path else DEFAULT_TEMPLATE
-    template = template_path.read_text(encoding="utf-8") if template_path.is_file() else _FALLBACK_TEMPLATE
-    training_args = training_args or {}
-    metadata = card_metadata(base_model, repo_id, dataset_name, metrics, license=license)
+    template_path: str | os.PathLike | None = None,
+):
+    """The `ModelCard` of the adapter saved in ``folder`` (its config is read from there)."""
+    from .adapter import read_adapter_config
+
+    adapter_config = read_adapter_config(folder) or {}
+    training_args = public_training_config(training_args or {})
+    data = card_data(base_model, repo_id, dataset_name, metrics, adapter=True, license=license)
     text_encoder = training_args.get("text_encoder")
-    values = {
-        "card_data": yaml.safe_dump(metadata, sort_keys=False).strip(),
-        "model_name": (repo_id or folder.name).split("/")[-1],
-        "base_model": base_model or "unknown",
-        "repo_id": repo_id or str(folder),
-        "text_encoder_argument": f', text_encoder="{text_encoder}"' if text_encoder else "",
-        "example_prompt": (class_names or ["object"])[0],
-        "mode": adapter_config.get("mode", "?"),
-        "levels": adapter_config.get("levels", "?"),
-        "rank": adapter_config.get("rank", "?"),
-        "alpha": adapter_config.get("alpha", "?"),
-        "include_mid_block": adapter_config.get("include_mid_block", "?"),
-        "train_conv_in": adapter_config.get("train_conv_in", "?"),
-        "dataset_name": dataset_name or "?",
-        "num_classes": len(class_names) if class_names else "?",
-        "max_train_steps": training_args.get("max_train_steps", "?"),
-        "resolution": training_args.get("resolution", "?"),
-        "learning_rate": training_args.get("learning_rate", "?"),
-        "noise_variant": training_args.get("noise_variant", "?"),
-        "metrics_table": _metrics_table(metrics),
+    return _render(
+        Path(template_path) if template_path else ADAPTER_TEMPLATE,
+        data,
+        model_name=data.model_name,
+        base_model=data.base_model or "its base Stable Diffusion model",
+        base_model_id=data.base_model or "path/or/hub-id/of/the/base/model",
+        repo_id=repo_id or "path/to/this/adapter",
+        text_encoder_argument=f', text_encoder="{text_encoder}"' if text_encoder else "",
+        example_prompt=(class_names or ["object"])[0],
+        adapter=adapter_config,
+        dataset_name=dataset_name or "?",
+        num_classes=len(class_names) if class_names else "?",
+        training=training_args,
+        metrics_table=_metrics_table(metrics),
+    )
+
+
+def write_adapter_card(folder: str | os.PathLike, base_model: str | None, **kwargs) -> str:
+    """Write the adapter's card as ``README.md`` into ``folder``; returns its path. See `adapter_card`."""
+    path = os.path.join(folder, CARD_NAME)
+    adapter_card(folder, base_model, **kwargs).save(path)
+    return path
+
+
+def pipeline_card(pipeline, repo_id: str | None = None, metrics: Mapping[str, Any] | None = None,
+                  dataset_name: str | None = None, dataset_split: str | None = "validation"):  # fmt: skip
+    """The DiGSeg `ModelCard` of a whole pipeline (what `DiGSegPipeline.push_to_hub` uploads)."""
+    base_model = pipeline.config.get("base_model")
+    data = card_data(base_model, repo_id, dataset_name, metrics, dataset_split=dataset_split)
+    components = {
+        name: type(component).__name__ for name, component in pipeline.components.items() if component is not None
     }
-    card = re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: str(values.get(m.group(1), m.group(0))), template)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / CARD_NAME
-    path.write_text(card, encoding="utf-8")
-    return str(path)
+    return _render(
+        PIPELINE_TEMPLATE,
+        data,
+        model_name=data.model_name,
+        repo_id=repo_id or "path/to/this/pipeline",
+        base_model=data.base_model,
+        components=components,
+        config={key: value for key, value in pipeline.config.items() if key.startswith("default_")},
+        metrics_table=_metrics_table(metrics),
+    )
+
+
+def write_pipeline_card(folder: str | os.PathLike, pipeline, **kwargs) -> str:
+    """Write the pipeline's card as ``README.md`` into ``folder``; returns its path. See `pipeline_card`."""
+    path = os.path.join(folder, CARD_NAME)
+    pipeline_card(pipeline, **kwargs).save(path)
+    return path
 
 
 def read_card_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Parse a card's YAML front matter (used by tests and to check cards before upload)."""
+    """A card's metadata (YAML front matter) as a dict, parsed by huggingface_hub."""
+    from huggingface_hub import ModelCard
+
     text = Path(path).read_text(encoding="utf-8")
-    match = re.match(r"^---\n(.*?)\n---", text, flags=re.S)
-    if not match:
+    if not text.startswith("---"):
         raise ValueError(f"{path} has no YAML front matter.")
-    return yaml.safe_load(match.group(1))
+    return ModelCard(text).data.to_dict()
 
 
-def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False) -> str:
-    """Create the repo if needed and upload `folder`; a clear error when the Hub cannot be reached."""
+# ------------------------------------------------------------------------------------------ the demo card
+
+
+def demo_card_data(fidelity: Mapping[str, Any]):
+    """`ModelCardData` of the embedded demo model from its measured benchmark (``benchmarks/demo_fidelity.json``).
+
+    The model-index holds the default setting (1 ensemble member, 1 step, the calibrated threshold) on the
+    synthetic test split, as `benchmarks/demo_fidelity.py` measures it.
+    """
+    default = next(
+        (row for row in fidelity["rows"] if row.get("ensemble") == 1 and row.get("steps") == 1), fidelity["rows"][0]
+    )
+    metrics = {"mIoU": default["mIoU"], "pixel_accuracy": default["pixel_accuracy"]}
+    data = card_data(
+        None,
+        "digseg-demo",
+        "digseg-synthetic-shapes",
+        metrics,
+        license=PROJECT_LICENSE,
+        dataset_name="DiGSeg synthetic shapes (generator v2), 100 test-split scenes",
+        dataset_split="test",
+        tags=["synthetic-data"],
+    )
+    return data
+
+
+def update_demo_card(card_path: str | os.PathLike, fidelity_path: str | os.PathLike) -> bool:
+    """Regenerate the demo card's metadata from the benchmark JSON, keeping its text; True if it changed."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(Path(card_path).read_text(encoding="utf-8"))
+    new = ModelCard(f"---\n{demo_card_data(json.loads(Path(fidelity_path).read_text())).to_yaml()}\n---\n{card.text}")
+    if str(new) == str(card):
+        return False
+    Path(card_path).write_text(str(new), encoding="utf-8")
+    return True
+
+
+# -------------------------------------------------------------------------------------------------- upload
+
+
+def push_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    what: str = "DiGSeg adapter",
+) -> str:
+    """Create the repo if needed and upload ``folder``; a clear error (and the local copy kept) when it fails."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, exist_ok=True, private=private)
-        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload DiGSeg adapter")
+        commit = api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, commit_message=commit_message or f"Upload {what}", create_pr=create_pr
+        )
     except Exception as error:  # network, auth, offline mode: keep the local folder, say why the upload failed
         raise RuntimeError(
-            f"Could not upload {folder} to the Hub as {repo_id!r} ({type(error).__name__}: {error}). The adapter "
-            f"and its card are saved locally in {folder}; upload them later with `huggingface-cli upload {repo_id} {folder}`."
+            f"Could not upload {what} {folder} to the Hub as {repo_id!r} ({type(error).__name__}: {error}). The "
+            f"files are saved locally in {folder}; log in with `hf auth login` (or pass a token) and upload them "
+            f"later with `hf upload {repo_id} {folder}`."
         ) from error
     return str(getattr(commit, "commit_url", commit))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m digseg_diffusers.hub update-demo-card``: refresh the demo card's model-index from the benchmark."""
+    import argparse
+
+    root = Path(__file__).resolve().parent.parent
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("command", choices=["update-demo-card"])
+    parser.add_argument("--card", default=str(root / "hub_cards" / "demo_model_card.md"))
+    parser.add_argument("--fidelity", default=str(root / "benchmarks" / "demo_fidelity.json"))
+    args = parser.parse_args(argv)
+    changed = update_demo_card(args.card, args.fidelity)
+    print(f"{args.card}: {'updated' if changed else 'already up to date'}")
+
+
+if __name__ == "__main__":
+    main()

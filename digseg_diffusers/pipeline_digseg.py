@@ -15,6 +15,7 @@ Noise is drawn for all rows before chunking, so results do not depend on `batch_
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -42,6 +44,28 @@ BACKGROUND_LABEL = 0
 """Label-map value of pixels where no prompt scores above `background_threshold`; prompt k is labelled k + 1."""
 
 OUTPUT_TYPES = ("np", "pt", "pil")
+
+SUPPORTED_SCHEDULERS = (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "DEISMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "SASolverScheduler",
+    "LCMScheduler",
+    "TCDScheduler",
+)
+"""diffusers schedulers (and their subclasses) that `DiGSegPipeline` runs, each tested from 1 step
+(tests/test_schedulers.py); `check_inputs` refuses others before any work. Left out: schedulers of other noise
+processes than the DDPM one DiGSeg is trained with (flow matching, EDM, VE-SDE, consistency models, inversion),
+PNDM (its PRK warm-up fails below 4 steps), and those needing packages that are not dependencies (LMS: scipy,
+DPM-Solver SDE: torchsde)."""
 
 CLASS_PROPOSER_SUBFOLDER = "class_proposer"
 """Subfolder of a saved pipeline holding its class proposer (not a diffusers component: saved and loaded here)."""
@@ -94,7 +118,8 @@ class DiGSegPipeline(DiffusionPipeline):
     Args:
         unet: a `UNet2DConditionModel` with ``2 x latent_channels`` inputs (``[z_x, z_y,t]``).
         vae: `AutoencoderKL` or `AutoencoderTiny`, frozen; encodes images and decodes mask latents.
-        scheduler: `DDIMScheduler` (trailing timestep spacing recommended: 1 step already works).
+        scheduler: `DDIMScheduler` (trailing timestep spacing recommended: 1 step already works), or another of
+            `SUPPORTED_SCHEDULERS` (e.g. ``DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``).
         text_encoder: a transformers text model whose first output is the token states (CLIP text by default).
         tokenizer: the text encoder's tokenizer.
         text_projection: `DiGSegTextProjection` mapping text width to the U-Net's `cross_attention_dim`.
@@ -110,6 +135,8 @@ class DiGSegPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->text_projection->unet->vae->mask_decoder"
     _optional_components = ["mask_decoder"]
+
+    _callback_tensor_inputs = ["latents", "image_latents", "prompt_embeds"]
 
     class_proposer = None
     """Optional `DiGSegClassProposer` (a plain attribute, see `set_class_proposer`): picks each image's classes
@@ -273,14 +300,86 @@ class DiGSegPipeline(DiffusionPipeline):
         pipe.set_class_proposer(class_proposer)
         return pipe
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """`DiffusionPipeline.save_pretrained`, plus the class proposer (if set) in ``class_proposer/``.
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
+        """`model_index.json` with the stock-diffusers loader entry `_class_name` mapped back to this class.
 
-        The proposer is written first so that ``push_to_hub=True`` uploads it with the rest.
+        diffusers' Hub download reads the index through this method; mapping the entry keeps it from importing the
+        repo's ``pipeline_digseg.py`` stub (see `hub_layout`): this class already is the pipeline.
         """
+        from .hub_layout import package_model_index
+
+        return package_model_index(super()._dict_from_json_file(json_file), components=False)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """`ConfigMixin.load_config`, with the custom components' stub entries mapped to the package's classes.
+
+        So `DiGSegPipeline.from_pretrained` loads `text_projection` and `mask_decoder` with the installed classes
+        and runs no code from the folder or repo (`trust_remote_code` is not needed).
+        """
+        from .hub_layout import package_model_index
+
+        loaded = super().load_config(*args, **kwargs)
+        if isinstance(loaded, tuple):
+            return (package_model_index(loaded[0]),) + loaded[1:]
+        return package_model_index(loaded)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> None:
+        """`DiffusionPipeline.save_pretrained` in the Hub custom-pipeline layout, plus the class proposer.
+
+        The folder loads with stock diffusers (``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``;
+        see `hub_layout`) and with `DiGSegPipeline.from_pretrained`. The class proposer (if set) goes to
+        ``class_proposer/``. With ``push_to_hub=True`` (``repo_id``, ``token``, ``private``, ``commit_message``,
+        ``create_pr`` in `kwargs`) the folder gets a DiGSeg model card and is uploaded.
+        """
+        from .hub_layout import write_loader_files
+
+        push_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs}
         if self.class_proposer is not None:
             self.class_proposer.save_pretrained(os.path.join(save_directory, CLASS_PROPOSER_SUBFOLDER))
-        super().save_pretrained(save_directory, *args, **kwargs)
+        super().save_pretrained(
+            save_directory, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size, **kwargs
+        )
+        write_loader_files(save_directory)
+        if push_to_hub:
+            repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(str(save_directory)))
+            self._upload_with_card(str(save_directory), repo_id, **push_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+    ) -> str:
+        """Upload the pipeline (Hub custom-pipeline layout, DiGSeg model card) to the Hub repo `repo_id`."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            return self._upload_with_card(
+                folder, repo_id, token=token, private=private, commit_message=commit_message, create_pr=create_pr
+            )
+
+    def _upload_with_card(self, folder: str, repo_id: str, **push_kwargs) -> str:
+        """Write the DiGSeg pipeline card (unless the folder has a README.md already) and upload the folder."""
+        from .hub import CARD_NAME, push_folder_to_hub, write_pipeline_card
+
+        if not os.path.isfile(os.path.join(folder, CARD_NAME)):
+            write_pipeline_card(folder, self, repo_id=repo_id)
+        return push_folder_to_hub(folder, repo_id, what="DiGSeg pipeline", **push_kwargs)
 
     @property
     def _execution_device(self) -> torch.device:
@@ -354,29 +453,203 @@ class DiGSegPipeline(DiffusionPipeline):
     # Adapters (the trainable DiGSeg parts; see `digseg_diffusers.adapter`)
     # ------------------------------------------------------------------------------------------------------------
 
-    def save_digseg_adapter(self, save_directory: str | os.PathLike, config=None) -> None:
-        """Save the adapter (LoRA or full attention weights, `conv_in`, `text_projection`) as safetensors + JSON."""
+    def save_digseg_adapter(self, save_directory: str | os.PathLike, config=None) -> str:
+        """Save the adapter (LoRA or full attention weights, `conv_in`, `text_projection`) into one safetensors
+        file: a diffusers LoRA file for "lora" adapters (see `digseg_diffusers.adapter`). Returns its path.
+
+        ``config=None`` uses the config the adapter was applied or loaded with.
+        """
         from .adapter import save_adapter
 
-        save_adapter(save_directory, self.unet, self.text_projection, config or getattr(self, "adapter_config", None))
+        return save_adapter(save_directory, self.unet, self.text_projection, config or getattr(self, "adapter_config", None))
 
     def load_digseg_adapter(self, directory_or_hub_id: str | os.PathLike, **kwargs):
-        """Load an adapter from a folder or Hub id onto this pipeline's base weights; returns its config."""
-        from .adapter import load_adapter
+        """Load an adapter from a folder, file or Hub id as the adapter "digseg" (replacing one loaded before);
+        returns its config. A "lora" adapter goes through `load_lora_weights` (so it can be unloaded again); a
+        "full" adapter overwrites the attention weights in place."""
+        from .adapter import PEFT_ADAPTER_NAME, load_adapter, prepare_adapter
 
-        self.adapter_config = load_adapter(self.unet, self.text_projection, directory_or_hub_id, **kwargs)
+        if PEFT_ADAPTER_NAME in self.get_list_adapters().get("unet", []):
+            self.delete_adapters(PEFT_ADAPTER_NAME)
+        adapter = prepare_adapter(self.unet, self.text_projection, directory_or_hub_id, **kwargs)
+        if adapter.config.mode == "lora":
+            self._add_lora(adapter, PEFT_ADAPTER_NAME)
+        else:
+            load_adapter(self.unet, self.text_projection, directory_or_hub_id, **kwargs)
+        self.adapter_config = adapter.config
         return self.adapter_config
 
-    def fuse_digseg_adapter(self) -> None:
-        """Merge a loaded LoRA into the U-Net weights for faster inference (undo with `unfuse_digseg_adapter`)."""
-        from .adapter import fuse_adapter
+    # diffusers' LoRA loader conventions (`load_lora_weights`, `set_adapters`, `fuse_lora`, ...), applied to the U-Net's
+    # LoRA through diffusers' PEFT integration and to the whole-weight parts (conv_in, text projection) alongside.
 
-        fuse_adapter(self.unet)
+    def load_lora_weights(
+        self, pretrained_model_name_or_path_or_dict: str | os.PathLike, adapter_name: str | None = None, **kwargs
+    ) -> None:
+        """Load a DiGSeg LoRA adapter (folder, ``.safetensors`` file or Hub id) under ``adapter_name``, and make it
+        the active adapter. ``kwargs``: ``weight_name``, ``subfolder``, ``cache_dir``, ``revision``, ``token``,
+        ``local_files_only``. Everything is checked before the model changes: it loads whole or not at all.
+        """
+        from .adapter import prepare_adapter
 
-    def unfuse_digseg_adapter(self) -> None:
+        names = self.get_list_adapters().get("unet", [])
+        if adapter_name is None:
+            adapter_name = next(n for n in (f"digseg_{i}" if i else "digseg" for i in range(len(names) + 1)) if n not in names)
+        if adapter_name in names:
+            raise ValueError(f"An adapter named {adapter_name!r} is already loaded; choose another `adapter_name`.")
+        adapter = prepare_adapter(self.unet, self.text_projection, pretrained_model_name_or_path_or_dict, **kwargs)
+        if adapter.config.mode != "lora":
+            raise ValueError(
+                f"The adapter {adapter.source} is a 'full' adapter (attention weights, not a LoRA); load it with "
+                "`load_digseg_adapter`."
+            )
+        self._add_lora(adapter, adapter_name)
+
+    def _add_lora(self, adapter, adapter_name: str) -> None:
+        from .adapter import peft_lora_config_dict
+
+        if self._has_trainable_lora():
+            raise ValueError("The U-Net carries a trainable DiGSeg LoRA (`apply_adapter`); save it, then load it here.")
+        if any(getattr(layer, "merged_adapters", None) for layer in self.unet.modules()):
+            raise ValueError("A LoRA is fused into the U-Net; call `unfuse_lora()` before loading another adapter.")
+        metadata = peft_lora_config_dict(adapter.config, adapter.target_modules, conv_in=False)
+        # `prepare_adapter` has matched every tensor to the model: diffusers' warning about the *other* adapters'
+        # keys (which it lists as "missing" when a second adapter is loaded) would only mislead.
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()
+        try:
+            self.unet.load_lora_adapter(dict(adapter.attention), prefix=None, adapter_name=adapter_name, metadata=metadata)
+        finally:
+            logging.set_verbosity(verbosity)
+        conv_in = {key.removeprefix("conv_in."): value for key, value in adapter.conv_in.items()}
+        self._whole_weights().add(adapter_name, self._whole_weight_modules(), {"conv_in": conv_in, "text_projection": adapter.text_projection})
+        self.set_adapters([adapter_name])
+
+    def _has_trainable_lora(self) -> bool:
+        """Whether the U-Net carries the LoRA `apply_adapter` injects for training (not one loaded here)."""
+        from .adapter import PEFT_ADAPTER_NAME, _has_lora
+
+        return _has_lora(self.unet) and PEFT_ADAPTER_NAME not in self._whole_weights().adapters
+
+    def _whole_weights(self):
+        from .adapter import WholeWeightAdapters
+
+        if getattr(self, "_digseg_whole_weights", None) is None:
+            self._digseg_whole_weights = WholeWeightAdapters()
+            self._digseg_adapter_weights: dict[str, float] = {}
+            self._digseg_lora_enabled = True
+        return self._digseg_whole_weights
+
+    def _whole_weight_modules(self) -> dict[str, torch.nn.Module]:
+        return {"conv_in": self.unet.conv_in, "text_projection": self.text_projection}
+
+    def _apply_whole_weights(self) -> None:
+        weights = self._digseg_adapter_weights if self._digseg_lora_enabled else None
+        self._whole_weights().apply(self._whole_weight_modules(), weights)
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """The loaded adapters, by component (as diffusers' `get_list_adapters`)."""
+        return {"unet": list(getattr(self.unet, "peft_config", None) or {})} if getattr(self.unet, "peft_config", None) else {}
+
+    def get_active_adapters(self) -> list[str]:
+        """The names of the active adapters (empty while disabled)."""
+        self._whole_weights()
+        return list(self._digseg_adapter_weights) if self._digseg_lora_enabled else []
+
+    def set_adapters(self, adapter_names: list[str] | str, adapter_weights: float | list[float] | None = None) -> None:
+        """Activate ``adapter_names`` with ``adapter_weights`` (default 1 each): LoRA deltas and conv_in / text
+        projection deltas are scaled by the weights and summed."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = [1.0] * len(names) if adapter_weights is None else adapter_weights
+        weights = [weights] * len(names) if isinstance(weights, (int, float)) else list(weights)
+        if len(weights) != len(names):
+            raise ValueError(f"`adapter_weights` has {len(weights)} entries for {len(names)} adapters.")
+        missing = [n for n in names if n not in self.get_list_adapters().get("unet", [])]
+        if missing:
+            raise ValueError(f"No adapter named {missing}; loaded: {self.get_list_adapters().get('unet', [])}.")
+        self.unet.set_adapters(names, weights)
+        self._whole_weights()
+        self._digseg_adapter_weights = {n: float(w) for n, w in zip(names, weights)}
+        self._digseg_lora_enabled = True
+        self._apply_whole_weights()
+
+    def disable_lora(self) -> None:
+        """Run the base model (LoRA off, base conv_in and text projection) until `enable_lora`."""
+        self.unet.disable_adapters()
+        self._whole_weights()
+        self._digseg_lora_enabled = False
+        self._apply_whole_weights()
+
+    def enable_lora(self) -> None:
+        self.unet.enable_adapters()
+        self._whole_weights()
+        self._digseg_lora_enabled = True
+        self._apply_whole_weights()
+
+    def delete_adapters(self, adapter_names: list[str] | str) -> None:
+        """Remove adapters; the others stay active with their weights."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.unet.delete_adapters(names)
+        self._whole_weights().remove(names)
+        for name in names:
+            self._digseg_adapter_weights.pop(name, None)
+        self._apply_whole_weights()
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter: the U-Net loses its LoRA layers, conv_in and the text projection get their base
+        weights back exactly."""
+        if getattr(self.unet, "peft_config", None):
+            self.unet.unload_lora()
+        bank = self._whole_weights()
+        bank.apply(self._whole_weight_modules(), None)
+        bank.adapters.clear()
+        self._digseg_adapter_weights = {}
+        self.adapter_config = None
+
+    def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Merge the active LoRA (scaled by ``lora_scale``) into the U-Net weights for faster inference; conv_in
+        and the text projection already hold the active adapters' weights. Undo with `unfuse_lora`."""
+        from .adapter import _tuner_layers, fuse_adapter
+
+        if self._has_trainable_lora():  # the LoRA `apply_adapter` injected (training, benchmarks)
+            if lora_scale != 1.0 or adapter_names:
+                raise ValueError("The trainable DiGSeg LoRA fuses at scale 1 only; save and load it to use a scale.")
+            fuse_adapter(self.unet, safe_merge=safe_fusing)
+            return
+        # Keep the base weights of the layers being merged: PEFT's unmerge subtracts the delta again, which
+        # leaves rounding errors; `unfuse_lora` restores these copies, so unloading later is exact.
+        self._digseg_unfused_weights = {
+            layer: layer.get_base_layer().weight.detach().clone()
+            for layer in _tuner_layers(self.unet)
+            if not layer.merged_adapters
+        }
+        self.unet.fuse_lora(lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names)
+
+    def unfuse_lora(self) -> None:
+        """Undo `fuse_lora`: the LoRA is applied on the fly again and the base weights are restored exactly."""
         from .adapter import unfuse_adapter
 
-        unfuse_adapter(self.unet)
+        if self._has_trainable_lora():
+            unfuse_adapter(self.unet)
+            return
+        self.unet.unfuse_lora()
+        with torch.no_grad():
+            for layer, weight in (getattr(self, "_digseg_unfused_weights", None) or {}).items():
+                layer.get_base_layer().weight.copy_(weight)
+        self._digseg_unfused_weights = None
+
+    def fuse_digseg_adapter(self) -> None:
+        """Deprecated alias of `fuse_lora`."""
+        import warnings
+
+        warnings.warn("`fuse_digseg_adapter` is deprecated; use `fuse_lora`.", FutureWarning, stacklevel=2)
+        self.fuse_lora()
+
+    def unfuse_digseg_adapter(self) -> None:
+        """Deprecated alias of `unfuse_lora`."""
+        import warnings
+
+        warnings.warn("`unfuse_digseg_adapter` is deprecated; use `unfuse_lora`.", FutureWarning, stacklevel=2)
+        self.unfuse_lora()
 
     def encode_images(
         self, pixels: torch.Tensor, batch_size: int | None = None, device: torch.device | None = None
@@ -542,8 +815,18 @@ class DiGSegPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None,
         output_type: str,
         output_uncertainty: bool,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> tuple[int, int]:
         """Validate the arguments; returns the latent size ``(h, w)``. Every error names its argument."""
+        check_scheduler(self.scheduler)
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(f"`callback_on_step_end` must be callable; got {type(callback_on_step_end).__name__}.")
+        unknown = [n for n in callback_on_step_end_tensor_inputs or [] if n not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has {unknown}; choose from {self._callback_tensor_inputs}."
+            )
         if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool):
             raise ValueError(f"`num_inference_steps` must be an integer; got {num_inference_steps!r}.")
         max_steps = self.scheduler.config.num_train_timesteps
@@ -656,6 +939,8 @@ class DiGSegPipeline(DiffusionPipeline):
         output_probabilities: bool = True,
         output_masks: bool = True,
         probability_dtype: str = "float32",
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> DiGSegOutput | tuple:
         """Segment `image` once per prompt.
 
@@ -674,7 +959,9 @@ class DiGSegPipeline(DiffusionPipeline):
                 Bounds memory; never changes results.
             mask_threshold: tau for `masks` (default from the config: 0.7).
             background_threshold: tau_bg for `label_maps` (default: the config's, else `mask_threshold`).
-            generator: one `torch.Generator`, or one per row (images x prompts x ensemble_size, image-major).
+            generator: one `torch.Generator`, or one per row (images x prompts x ensemble_size, image-major); it
+                draws the initial noise and, for stochastic schedulers (DDPM, Euler ancestral, LCM, ...), their
+                step noise.
             latents: initial noise ``[rows, 4, h, w]`` instead of `generator`.
             output_type: "np", "pt" or "pil".
             output_uncertainty: also return the ensemble's per-pixel standard deviation (needs
@@ -683,6 +970,13 @@ class DiGSegPipeline(DiffusionPipeline):
             return_dict: return a `DiGSegOutput` (else a tuple in the dataclass's field order).
             progress_callback: called as ``progress_callback(done, total)`` after every U-Net call; raise from
                 it to cancel the run (ComfyUI does this for its interrupt button).
+            callback_on_step_end: diffusers' step callback, ``callback_on_step_end(pipe, step_index, timestep,
+                callback_kwargs) -> dict``, or a `PipelineCallback` / `MultiPipelineCallbacks`. Called after every
+                scheduler step of every chunk of `batch_size` rows (`step_index` counts the chunk's steps from 0);
+                `callback_kwargs` holds that chunk's tensors named in `callback_on_step_end_tensor_inputs`, and
+                tensors in the returned dict replace them.
+            callback_on_step_end_tensor_inputs: names from `_callback_tensor_inputs`: "latents" (the mask latents
+                ``z_y``, default), "image_latents" (``z_x``), "prompt_embeds" (the rows' cross-attention states).
             vocabulary: instead of `prompt`: a list of class names, a bundled vocabulary name (``"ade20k-150"``)
                 or a `Vocabulary`. With a `class_proposer` set, each image gets the classes it proposes (best
                 first); without one, every class is a prompt of every image. `prompts` in the output tells which.
@@ -731,6 +1025,8 @@ class DiGSegPipeline(DiffusionPipeline):
             generator,
             output_type,
             output_uncertainty,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         device = self._execution_device
         dtype = self.unet.dtype
@@ -762,7 +1058,15 @@ class DiGSegPipeline(DiffusionPipeline):
         else:
             noise = latents.to(device=device, dtype=dtype)
 
-        # 5. Denoise in chunks of `batch_size` rows.
+        # 5. Denoise in chunks of `batch_size` rows. The scheduler restarts for every chunk (multistep schedulers
+        # keep state between steps). Stochastic schedulers get one generator per row, derived from `generator`,
+        # so their noise does not depend on `batch_size` either.
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        elif callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["latents"]
+        step_accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_generators = _row_generators(generator, num_rows, device) if step_accepts_generator else None
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         num_chunks = -(-num_rows // batch_size)
@@ -771,20 +1075,32 @@ class DiGSegPipeline(DiffusionPipeline):
         with self.progress_bar(total=total_calls) as progress:
             for start in range(0, num_rows, batch_size):
                 rows = slice(start, start + batch_size)
-                z_x = image_latents[row_image[rows]]
-                text = prompt_embeds[row_prompt[rows]]
-                z_y = noise[rows]
+                image_latents_chunk = image_latents[row_image[rows]]
+                prompt_embeds_chunk = prompt_embeds[row_prompt[rows]]
+                self.scheduler.set_timesteps(num_inference_steps, device=device)
+                latents_chunk = noise[rows] * self.scheduler.init_noise_sigma
+                step_kwargs = {} if step_generators is None else {"generator": step_generators[rows]}
                 for i, t in enumerate(timesteps):
-                    model_input = torch.cat([z_x, self.scheduler.scale_model_input(z_y, t)], dim=1)
-                    model_output = self.unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
-                    step = self.scheduler.step(model_output, t, z_y)
-                    # The last step keeps the x0 estimate, whatever `set_alpha_to_one` says.
-                    z_y = step.pred_original_sample if i == len(timesteps) - 1 else step.prev_sample
+                    model_input = torch.cat(
+                        [image_latents_chunk, self.scheduler.scale_model_input(latents_chunk, t)], dim=1
+                    )
+                    model_output = self.unet(
+                        model_input, t, encoder_hidden_states=prompt_embeds_chunk, return_dict=False
+                    )[0]
+                    step = self.scheduler.step(model_output, t, latents_chunk, **step_kwargs)
+                    latents_chunk = _next_latents(step, last=i == len(timesteps) - 1)
+                    if callback_on_step_end is not None:
+                        names = {"latents": latents_chunk, "image_latents": image_latents_chunk, "prompt_embeds": prompt_embeds_chunk}
+                        callback_kwargs = {name: names[name] for name in callback_on_step_end_tensor_inputs}
+                        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                        latents_chunk = callback_outputs.get("latents", latents_chunk)
+                        image_latents_chunk = callback_outputs.get("image_latents", image_latents_chunk)
+                        prompt_embeds_chunk = callback_outputs.get("prompt_embeds", prompt_embeds_chunk)
                     calls_done += 1
                     progress.update()
                     if progress_callback is not None:
                         progress_callback(calls_done, total_calls)
-                final_latents.append(z_y)
+                final_latents.append(latents_chunk)
         row_latents = torch.cat(final_latents, dim=0)  # [R,4,h,w]
 
         # 6. Average the ensemble in latent space, then decode once per (image, prompt).
@@ -860,6 +1176,39 @@ class DiGSegPipeline(DiffusionPipeline):
             uncertainty=out_unc,
             latents=returned_latents,
         )
+
+
+def check_scheduler(scheduler) -> None:
+    """Refuse a scheduler that `DiGSegPipeline` does not run (see `SUPPORTED_SCHEDULERS`), naming those it does."""
+    names = {cls.__name__ for cls in type(scheduler).__mro__}
+    if not names & set(SUPPORTED_SCHEDULERS):
+        raise ValueError(
+            f"`scheduler` is a {type(scheduler).__name__}, which DiGSegPipeline does not support; use one of "
+            f"{', '.join(SUPPORTED_SCHEDULERS)} (e.g. `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`)."
+        )
+
+
+def _row_generators(generator, num_rows: int, device: torch.device) -> list | None:
+    """One generator per row for a stochastic scheduler's step noise: the given list, or seeds drawn from one."""
+    if generator is None or isinstance(generator, list):
+        return generator
+    seeds = torch.randint(2**62, (num_rows,), generator=generator, device=generator.device).tolist()
+    return [torch.Generator(device=generator.device).manual_seed(seed) for seed in seeds]
+
+
+def _next_latents(step, last: bool) -> torch.Tensor:
+    """The latents after a scheduler step; the last step keeps the x0 estimate where the scheduler gives one.
+
+    DDIM's last step would otherwise land on ``alphas_cumprod[0]`` rather than x0 when `set_alpha_to_one` is
+    False; LCM names its estimate `denoised`; multistep solvers (DPM-Solver, UniPC, DEIS) end at sigma 0, so
+    their `prev_sample` already is x0.
+    """
+    if last:
+        for name in ("pred_original_sample", "denoised"):
+            estimate = getattr(step, name, None)
+            if estimate is not None:
+                return estimate
+    return step.prev_sample
 
 
 def align_cpu_weights(module: torch.nn.Module, alignment: int = 64) -> torch.nn.Module:

@@ -164,6 +164,41 @@ def save_tiny_sd_base(path: str | os.PathLike, prediction_type: str = "epsilon",
     return path
 
 
+HUB_CACHE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def write_hub_cache(cache_dir: str | os.PathLike, repo_id: str, folder: str | os.PathLike, with_tree: bool = True) -> str:
+    """Lay `folder` out the way huggingface_hub caches a downloaded model repo; returns the snapshot folder.
+
+    With `with_tree`, the repo's file listing is cached too (``trees/<commit>.json``, as `snapshot_download`
+    leaves it): offline loaders then take the same path as online ones (diffusers checks the listing for custom
+    code and component files), not the shortcut for caches without a listing.
+    """
+    import hashlib
+    import json
+    import shutil
+
+    org, name = repo_id.split("/")
+    repo_dir = os.path.join(str(cache_dir), f"models--{org}--{name}")
+    snapshot = os.path.join(repo_dir, "snapshots", HUB_CACHE_COMMIT)
+    shutil.copytree(folder, snapshot)
+    os.makedirs(os.path.join(repo_dir, "refs"), exist_ok=True)
+    with open(os.path.join(repo_dir, "refs", "main"), "w") as handle:
+        handle.write(HUB_CACHE_COMMIT)
+    if with_tree:
+        files = {}
+        for root, _, names in os.walk(snapshot):
+            for file_name in names:
+                path = os.path.join(root, file_name)
+                with open(path, "rb") as handle:
+                    blob = hashlib.sha1(handle.read()).hexdigest()
+                files[os.path.relpath(path, snapshot).replace(os.sep, "/")] = {"size": os.path.getsize(path), "blob_id": blob}
+        os.makedirs(os.path.join(repo_dir, "trees"), exist_ok=True)
+        with open(os.path.join(repo_dir, "trees", f"{HUB_CACHE_COMMIT}.json"), "w") as handle:
+            json.dump({"format_version": 1, "files": files}, handle)
+    return snapshot
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Comparing results of two code paths
 # ---------------------------------------------------------------------------------------------------------------

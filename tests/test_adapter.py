@@ -7,8 +7,9 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from digseg_diffusers.adapter import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
+    DIGSEG_METADATA_KEY,
+    FULL_WEIGHTS_NAME,
+    LORA_WEIGHTS_NAME,
     DiGSegAdapterConfig,
     adapter_state_dict,
     apply_adapter,
@@ -17,11 +18,12 @@ from digseg_diffusers.adapter import (
     fuse_adapter,
     is_adapter_fused,
     load_adapter,
+    read_adapter,
     save_adapter,
     select_adapter_modules,
     unfuse_adapter,
 )
-from digseg_diffusers.testing_utils import make_tiny_components, make_tiny_unet
+from digseg_diffusers.testing_utils import make_tiny_components, make_tiny_unet, write_hub_cache
 from digseg_diffusers.text_projection import DiGSegTextProjection
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -37,6 +39,21 @@ def _cross(block, attention_index=0):
 
 MID_CROSS = "mid_block.attentions.0.transformer_blocks.0.attn2"
 MID_SELF = "mid_block.attentions.0.transformer_blocks.0.attn1"
+
+
+def _weights_file(folder):
+    return next(folder / name for name in (LORA_WEIGHTS_NAME, FULL_WEIGHTS_NAME) if (folder / name).is_file())
+
+
+def _rewrite_document(folder, document):
+    """Hand-edit the config document stored in an adapter file's metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = _weights_file(folder)
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+    save_file(load_file(path), path, metadata={**metadata, DIGSEG_METADATA_KEY: json.dumps(document)})
 
 
 @pytest.fixture
@@ -246,7 +263,7 @@ def test_save_and_load_give_bit_identical_outputs(tmp_path, mode):
         assert torch.equal(_forward(fresh_unet, fresh_projection), expected)
     assert not any(p.requires_grad for p in fresh_unet.parameters())
 
-    document = json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())
+    document = read_adapter(tmp_path)[0]
     assert document["mode"] == mode and document["levels"] == [1, 2]
     assert document["rank"] == 4 and document["alpha"] == 8 and document["base_model"] == "tiny/sd2-base"
     assert document["architecture"]["cross_attention_dim"] == 32
@@ -255,7 +272,7 @@ def test_save_and_load_give_bit_identical_outputs(tmp_path, mode):
     assert document["architecture"]["text_projection_in_features"] == 24
     assert document["architecture"]["text_projection_out_features"] == 32
     assert document["target_modules"] == select_adapter_modules(unet, config)
-    keys = set(load_file(tmp_path / ADAPTER_WEIGHTS_NAME))
+    keys = set(load_file(tmp_path / (LORA_WEIGHTS_NAME if mode == "lora" else FULL_WEIGHTS_NAME)))
     assert keys == set(adapter_state_dict(unet, text_projection, config))
     assert {"unet.conv_in.weight", "unet.conv_in.bias", "text_projection.fc1.weight"} <= keys
     assert all(key.startswith(("unet.", "text_projection.")) for key in keys)
@@ -310,9 +327,9 @@ def test_loading_onto_another_architecture_is_a_clear_error(tmp_path):
         load_adapter(make_tiny_unet(), DiGSegTextProjection(16, 32), tmp_path)
 
     # No fingerprint (a hand-edited config): the shape check still gives a ValueError, not a torch traceback.
-    document = json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())
+    document = read_adapter(tmp_path)[0]
     del document["architecture"]
-    (tmp_path / ADAPTER_CONFIG_NAME).write_text(json.dumps(document))
+    _rewrite_document(tmp_path, document)
     with pytest.raises(ValueError, match="text projection: shape mismatch fc1.weight"):
         load_adapter(make_tiny_unet(), DiGSegTextProjection(16, 32), tmp_path)
 
@@ -323,7 +340,7 @@ def test_loading_onto_another_architecture_is_a_clear_error(tmp_path):
     with torch.no_grad():
         before = _forward(target, text_projection)
     document["rank"] = 8
-    (tmp_path / ADAPTER_CONFIG_NAME).write_text(json.dumps(document))
+    _rewrite_document(tmp_path, document)
     rank_mismatch = r"attention: shape mismatch .*lora_A.weight: \(4, 32\) \(adapter\) vs \(8, 32\)"
     with pytest.raises(ValueError, match=rank_mismatch):
         load_adapter(target, DiGSegTextProjection(24, 32), tmp_path)
@@ -349,7 +366,7 @@ def test_fuse_matches_unfused_outputs(components):
 
 def test_bad_sources_give_clear_errors(tmp_path, components):
     unet, text_projection = components
-    with pytest.raises(ValueError, match="not a DiGSeg adapter folder.*missing"):
+    with pytest.raises(ValueError, match="not a DiGSeg adapter folder.*none of"):
         load_adapter(unet, text_projection, tmp_path)
     with pytest.raises(OSError, match="not in the Hugging Face cache"):
         load_adapter(unet, text_projection, "nobody/no-such-adapter", local_files_only=True, cache_dir=tmp_path)
@@ -361,11 +378,8 @@ def test_loads_from_the_hub_cache(tmp_path):
     """A Hub id resolves through huggingface_hub (here offline, from a cache laid out as downloads leave it)."""
     config = DiGSegAdapterConfig(rank=2)
     unet, text_projection = _trained(config)
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "cache" / "models--someone--digseg-tiny"
-    save_adapter(repo / "snapshots" / commit, unet, text_projection, config)
-    os.makedirs(repo / "refs")
-    (repo / "refs" / "main").write_text(commit)
+    save_adapter(tmp_path / "adapter", unet, text_projection, config)
+    write_hub_cache(tmp_path / "cache", "someone/digseg-tiny", tmp_path / "adapter")
 
     fresh_unet, fresh_projection = make_tiny_unet(seed=0).eval(), DiGSegTextProjection(24, 32)
     load_adapter(

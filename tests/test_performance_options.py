@@ -89,11 +89,11 @@ def test_fused_lora_adapter_gives_the_same_masks(pipe, rgb_image):
                 param.normal_(0.0, 0.5)
     pipe.unet.eval()
     unfused = probabilities(pipe, rgb_image)
-    pipe.fuse_digseg_adapter()
+    pipe.fuse_lora()
     assert is_adapter_fused(pipe.unet)
     fused = probabilities(pipe, rgb_image)
     np.testing.assert_allclose(fused, unfused, atol=FLOAT32_ATOL)
-    pipe.unfuse_digseg_adapter()
+    pipe.unfuse_lora()
     np.testing.assert_allclose(probabilities(pipe, rgb_image), unfused, atol=FLOAT32_ATOL)
 
 

@@ -63,6 +63,7 @@ from digseg_diffusers.data import (
 )
 from digseg_diffusers.data.readers import READERS, read_class_names_file
 from digseg_diffusers.evaluation import evaluate_examples
+from digseg_diffusers.hub import public_training_config
 from digseg_diffusers.noise import (
     NOISE_VARIANTS,
     TIMESTEP_BIAS_STRATEGIES,
@@ -426,7 +427,8 @@ def main(argv: list[str] | None = None) -> dict:
     num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
 
     if args.report_to != "none":
-        accelerator.init_trackers("digseg-adapter", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        # Never `vars(args)` itself: `--hub_token` would land in TensorBoard's hparams / wandb's config.
+        accelerator.init_trackers("digseg-adapter", config=public_training_config(vars(args), scalars_only=True))
 
     # Resume: weights, optimizer, scheduler and RNG states, and the record of the steps already done.
     global_step, first_epoch = 0, 0
@@ -628,17 +630,15 @@ def write_card(args, adapter_dir: str | os.PathLike, adapter_config, class_names
     """Write the model card next to the adapter."""
     from digseg_diffusers.hub import write_adapter_card
 
-    template = Path(__file__).resolve().parent.parent / "hub_cards" / "adapter_card_template.md"
     metrics = validation_history[-1] if validation_history else None
     write_adapter_card(
         adapter_dir,
-        template_path=template if template.is_file() else None,
         base_model=adapter_config.base_model,
         repo_id=args.hub_model_id,
         dataset_name=args.dataset_name or args.dataset_format,
         class_names=class_names,
         metrics=metrics,
-        training_args={k: v for k, v in vars(args).items() if k != "hub_token"},
+        training_args=public_training_config(vars(args)),
     )
 
 

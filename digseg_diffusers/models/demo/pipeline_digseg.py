@@ -1,0 +1,16 @@
+"""Loader stub of a DiGSeg model (written by digseg-diffusers; do not edit).
+
+diffusers loads this file when the model is opened with
+`DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`. It only imports `DiGSegPipeline` from the installed
+`digseg_diffusers` package, which holds the code.
+"""
+
+try:
+    from digseg_diffusers.pipeline_digseg import DiGSegPipeline
+except ImportError as error:
+    raise ImportError(
+        "This model is a DiGSeg pipeline: loading it needs the `digseg-diffusers` package "
+        "(`pip install digseg-diffusers`), which provides `DiGSegPipeline`. Import error: " + str(error)
+    ) from error
+
+__all__ = ["DiGSegPipeline"]
