@@ -1118,6 +1118,7 @@ class DiGSegPipeline(DiffusionPipeline):
             maps = self.image_processor.unpad_image(maps.float(), padding)
             if match_input_resolution and tuple(maps.shape[-2:]) != tuple(original_size):
                 maps = F.interpolate(maps, size=tuple(original_size), mode=resample_method_input)
+                return maps[:, 0].clamp_(0.0, 1.0)  # a fresh full-size tensor: clamp it in place, not a copy
             return maps[:, 0].clamp(0.0, 1.0)
 
         output_size = tuple(original_size) if match_input_resolution else (
@@ -1142,7 +1143,8 @@ class DiGSegPipeline(DiffusionPipeline):
                     best, best_index = chunk_best, chunk_index
                 else:  # strictly better only: ties keep the earlier prompt, as `max` over all prompts does
                     better = chunk_best > best
-                    best, best_index = torch.where(better, chunk_best, best), torch.where(better, chunk_index, best_index)
+                    torch.where(better, chunk_best, best, out=best)
+                    torch.where(better, chunk_index, best_index, out=best_index)
                 if image_masks is not None:
                     image_masks[local] = probs > mask_threshold
                 if image_probs is not None:

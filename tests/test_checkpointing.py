@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from digseg_diffusers import atomic_io, checkpointing
+from digseg_diffusers.adapter import LORA_WEIGHTS_NAME
 from digseg_diffusers.checkpointing import (
     MANIFEST_NAME,
     CheckpointError,
@@ -246,8 +247,8 @@ def test_every_kill_is_followed_by_a_working_resume(kill_report):
 @pytest.mark.slow
 def test_killed_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(kill_report):
     root, bad_image, _ = kill_report
-    expected = load_file(root / "reference" / "adapter" / "digseg_adapter.safetensors")
-    resumed = load_file(root / "chain" / "adapter" / "digseg_adapter.safetensors")
+    expected = load_file(root / "reference" / "adapter" / LORA_WEIGHTS_NAME)
+    resumed = load_file(root / "chain" / "adapter" / LORA_WEIGHTS_NAME)
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[name], resumed[name]) for name in expected)
     reference_summary = json.loads((root / "reference" / "train_summary.json").read_text())
@@ -280,7 +281,7 @@ def test_resuming_a_finished_run_does_nothing(kill_report):
     log = Path(last["log"]).read_text()
     assert "nothing to do" in log and "Resuming from" not in log
     assert last["end_step"] == MAX_STEPS
-    adapter = root / "chain" / "adapter" / "digseg_adapter.safetensors"
+    adapter = root / "chain" / "adapter" / LORA_WEIGHTS_NAME
     # Written by the attempt before the last (which finished the outputs), not touched since.
     before_last = Path(report["attempts"][-2]["log"]).stat().st_mtime
     assert adapter.stat().st_mtime <= before_last
