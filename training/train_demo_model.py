@@ -214,7 +214,7 @@ def calibrate_mask_threshold(pipeline_dir: str | os.PathLike, num_scenes: int = 
     """
     from digseg_diffusers import DiGSegPipeline
     from digseg_diffusers.data.readers import BACKGROUND_INDEX
-    from digseg_diffusers.evaluation import evaluate_examples
+    from digseg_diffusers.evaluation import evaluate_examples_at_thresholds
     from digseg_diffusers.synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene
 
     class Example:
@@ -227,10 +227,11 @@ def calibrate_mask_threshold(pipeline_dir: str | os.PathLike, num_scenes: int = 
     size = pipe.config.default_processing_resolution
     start = SPLIT_SEED_OFFSETS["val"] + first_scene
     examples = [Example(generate_scene(seed, size=size)) for seed in range(start, start + num_scenes)]
+    thresholds = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    confusions = evaluate_examples_at_thresholds(pipe, examples, SHAPE_CLASSES, thresholds, batch_size=32)
     scores = {}
-    for threshold in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
-        confusion = evaluate_examples(pipe, examples, SHAPE_CLASSES, mask_threshold=threshold, batch_size=32)
-        scores[threshold] = confusion.compute()["mIoU"]
+    for threshold in thresholds:
+        scores[threshold] = confusions[threshold].compute()["mIoU"]
         logger.info(f"validation mIoU at mask threshold {threshold}: {scores[threshold]:.4f}")
     best = max(scores, key=scores.get)
     pipe.register_to_config(default_mask_threshold=best)
