@@ -89,6 +89,35 @@ def evaluate_examples(
     return confusion
 
 
+def evaluate_examples_at_thresholds(
+    pipe,
+    examples: Iterable,
+    class_names: Sequence[str],
+    thresholds: Sequence[float],
+    ignore_index: int = 255,
+    seed: int = 0,
+    **pipeline_kwargs,
+) -> dict[float, ConfusionMatrix]:
+    """`evaluate_examples` (background included) at several mask thresholds from one pipeline call per example.
+
+    The probabilities do not depend on the threshold, so each threshold's label map (the best prompt where its
+    probability reaches the threshold, else background, as the pipeline labels) is derived from the same call.
+    """
+    class_names = list(class_names)
+    num_classes = len(class_names)
+    confusions = {float(t): new_confusion_matrix(class_names, ignore_index, True) for t in thresholds}
+    for position, example in enumerate(examples):
+        generator = torch.Generator().manual_seed(seed + position)
+        out = pipe(example.image, class_names, generator=generator, output_type="np", **pipeline_kwargs)
+        probabilities = np.asarray(out.probabilities[0])  # [K, H, W]
+        best, best_index = probabilities.max(axis=0), probabilities.argmax(axis=0)
+        target = dataset_labels_for_scoring(np.asarray(example.label).astype(np.int64), num_classes)
+        for threshold, confusion in confusions.items():
+            label_map = np.where(best >= threshold, best_index + 1, BACKGROUND_LABEL)
+            confusion.update(pipeline_labels_to_class_indices(label_map, num_classes), target)
+    return confusions
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Settings, per-setting accumulation and the open-vocabulary protocol (used by training/evaluate.py)
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,9 +12,24 @@ Design choices (they matter for what the model has to learn):
 - Later shapes occlude earlier ones; the label map records what is visible. A placement that would hide more
   than half of an earlier shape (or leave too little of the new one in the frame) is redrawn, so every labelled
   shape stays recognisable.
-- Shapes are rasterised with numpy at pixel centres, without antialiasing. The image is painted through the
-  same boolean masks that write the label map, so label and image agree exactly (value 255 is never used).
+- Shapes are rasterised with numpy at pixel centres. In the default ``"plain"`` style there is no
+  antialiasing: the image is painted through the same boolean masks that write the label map, so label and
+  image agree exactly (value 255 is never used).
 - Each fill colour is drawn until it differs clearly from the pixels it covers, so boundaries stay visible.
+
+Rendering styles (``STYLES``, the ``style`` argument), so that a model is judged on shapes, not on one renderer:
+
+- ``"plain"``: generator version 2 exactly (the same seed gives the same arrays as before styles existed);
+- ``"varied"`` (for training): per scene, antialiased edges (4x supersampling), Gaussian blur, JPEG artefacts,
+  a wider range of noise levels and shape sizes, checkerboard textures, contrasting outlines around fills and
+  hollow outline-only shapes, each drawn with some probability (so plain-looking scenes still occur);
+- ``"shifted"`` (for evaluation only): renderings never drawn in ``"varied"``: polka-dot fill and background
+  textures, stronger blur, harsher JPEG, heavier noise, thicker outlines. A model trained on ``"varied"`` and
+  scored on ``"shifted"`` shows how it copes with an unseen renderer.
+
+In every style the label map is the shapes' geometry sampled at pixel centres (a hollow shape is labelled over
+its whole area, what it encloses); only the image changes. Styles draw their choices from their own random
+stream, so ``"plain"`` is unaffected by them.
 
 Label maps use the generic folder format of :mod:`digseg_diffusers.data`: ``0`` = background (a valid pixel
 that belongs to no class), ``c + 1`` = ``SHAPE_CLASSES[c]``.
@@ -26,6 +41,7 @@ held-out scenes are never trained on.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -33,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 # Six shapes that stay distinct at 64 px once rotated: a heart (in generator version 1) was read as a circle or a
 # triangle at that size (per-class IoU 0.06 for the first demo model), so it was dropped.
@@ -62,6 +78,50 @@ MIN_IN_FRAME_FRACTION = 0.4
 MIN_COLOR_CONTRAST = 90.0
 MAX_PLACEMENT_TRIES = 40
 MAX_COLOR_TRIES = 30
+SUPERSAMPLING = 4  # antialiased styles render the image at 4x and box-filter it down
+
+
+@dataclass(frozen=True)
+class RenderStyle:
+    """How a scene is drawn (never what it shows: the label map depends only on the layout).
+
+    Probabilities are per scene (per shape for outlines and textures); ranges are drawn uniformly.
+    """
+
+    name: str
+    radius_range: tuple[float, float] = RADIUS_RANGE
+    noise_std: tuple[float, float] = (2.0, 10.0)
+    antialias_prob: float = 0.0
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.0, 0.0)  # pixels
+    jpeg_prob: float = 0.0
+    jpeg_quality: tuple[int, int] = (95, 95)
+    texture_prob: float = 0.0  # a fill (and, separately, the background) replaced by one of `textures`
+    textures: tuple[str, ...] = ()
+    outline_prob: float = 0.0  # a filled shape gets a stroke of another colour along its border
+    hollow_prob: float = 0.0  # only the stroke is drawn; what the shape covers shows through
+    outline_width: tuple[float, float] = (1.5, 3.0)  # pixels
+
+    @property
+    def is_plain(self) -> bool:
+        return self == PLAIN_STYLE
+
+
+PLAIN_STYLE = RenderStyle("plain")
+STYLES: dict[str, RenderStyle] = {
+    "plain": PLAIN_STYLE,
+    "varied": RenderStyle(
+        "varied", radius_range=(0.15, 0.33), noise_std=(0.0, 12.0), antialias_prob=0.6,
+        blur_prob=0.4, blur_sigma=(0.3, 1.0), jpeg_prob=0.4, jpeg_quality=(40, 90),
+        texture_prob=0.15, textures=("checker",), outline_prob=0.15, hollow_prob=0.1, outline_width=(1.5, 3.0),
+    ),
+    "shifted": RenderStyle(
+        "shifted", radius_range=(0.15, 0.33), noise_std=(12.0, 20.0), antialias_prob=1.0,
+        blur_prob=0.5, blur_sigma=(1.1, 1.5), jpeg_prob=0.5, jpeg_quality=(15, 35),
+        texture_prob=0.3, textures=("dots",), outline_prob=0.2, hollow_prob=0.1, outline_width=(3.0, 4.5),
+    ),
+}
+"""Rendering styles by name; ``"shifted"`` shares no texture and no degradation range with ``"varied"``."""
 
 
 def _regular_star(points: int, outer: float, inner: float) -> np.ndarray:
@@ -176,21 +236,30 @@ def _random_color(rng: np.random.Generator) -> np.ndarray:
     return rng.integers(0, 256, size=3).astype(np.float64)
 
 
-def _coordinate_ramp(rng: np.random.Generator, size: int) -> np.ndarray:
+def _pixel_grid(size: int, scale: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Sample positions ``(ys, xs)`` of a ``size * scale`` grid, in pixels of the ``size`` image from its centre."""
+    grid = np.mgrid[0 : size * scale, 0 : size * scale].astype(np.float64) + 0.5
+    if scale != 1:
+        grid = grid / scale
+    grid = grid - size / 2
+    return grid[0], grid[1]
+
+
+def _coordinate_ramp(rng: np.random.Generator, size: int, scale: int = 1) -> np.ndarray:
     """Signed distance along a random direction, in pixels from the image centre."""
     angle = rng.uniform(0.0, 2 * math.pi)
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5 - size / 2
+    ys, xs = _pixel_grid(size, scale)
     return xs * math.cos(angle) + ys * math.sin(angle)
 
 
-def _gradient(rng: np.random.Generator, size: int, color_a: np.ndarray, color_b: np.ndarray) -> np.ndarray:
-    ramp = _coordinate_ramp(rng, size)
+def _gradient(rng: np.random.Generator, size: int, color_a: np.ndarray, color_b: np.ndarray, scale: int = 1) -> np.ndarray:
+    ramp = _coordinate_ramp(rng, size, scale)
     weight = (ramp - ramp.min()) / max(ramp.max() - ramp.min(), 1e-9)
     return color_a + weight[..., None] * (color_b - color_a)
 
 
-def _stripes(rng: np.random.Generator, size: int, color_a: np.ndarray, color_b: np.ndarray) -> np.ndarray:
-    ramp = _coordinate_ramp(rng, size)
+def _stripes(rng: np.random.Generator, size: int, color_a: np.ndarray, color_b: np.ndarray, scale: int = 1) -> np.ndarray:
+    ramp = _coordinate_ramp(rng, size, scale)
     period = rng.uniform(size / 16, size / 4)
     phase = rng.uniform(0.0, 2 * math.pi)
     wave = np.sin(2 * math.pi * ramp / period + phase)
@@ -198,25 +267,42 @@ def _stripes(rng: np.random.Generator, size: int, color_a: np.ndarray, color_b: 
     return color_a + weight[..., None] * (color_b - color_a)
 
 
-def _smooth_noise(rng: np.random.Generator, size: int) -> np.ndarray:
+def _smooth_noise(rng: np.random.Generator, size: int, scale: int = 1) -> np.ndarray:
     grid = int(rng.integers(2, 7))
     coarse = rng.integers(0, 256, size=(grid, grid, 3)).astype(np.uint8)
-    return np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), dtype=np.float64)
+    side = size * scale
+    return np.asarray(Image.fromarray(coarse).resize((side, side), Image.BILINEAR), dtype=np.float64)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _texture(kind: str, rng: np.random.Generator, size: int, color_a: np.ndarray, color_b: np.ndarray, scale: int) -> np.ndarray:
+    """A two-colour checkerboard or polka-dot pattern (random period, phase and angle; styles only)."""
+    period = rng.uniform(size / 12, size / 5)
+    angle = rng.uniform(0.0, math.pi / 2)
+    ys, xs = _pixel_grid(size, scale)
+    u = (xs * math.cos(angle) + ys * math.sin(angle)) / period + rng.uniform(0, 1)
+    v = (-xs * math.sin(angle) + ys * math.cos(angle)) / period + rng.uniform(0, 1)
+    if kind == "checker":
+        weight = ((np.floor(u) + np.floor(v)) % 2).astype(np.float64)
+    elif kind == "dots":
+        weight = ((u - np.floor(u) - 0.5) ** 2 + (v - np.floor(v) - 0.5) ** 2 <= 0.3**2).astype(np.float64)
+    else:
+        raise ValueError(f"unknown texture {kind!r}")
+    return color_a + weight[..., None] * (color_b - color_a)
+
+
+def _background(rng: np.random.Generator, size: int, scale: int = 1, texture: str | None = None) -> np.ndarray:
+    if texture is not None:
+        return _texture(texture, rng, size, _random_color(rng), _random_color(rng), scale)
     kind = rng.choice(["gradient", "stripes", "noise"])
     if kind == "gradient":
-        return _gradient(rng, size, _random_color(rng), _random_color(rng))
+        return _gradient(rng, size, _random_color(rng), _random_color(rng), scale)
     if kind == "stripes":
-        return _stripes(rng, size, _random_color(rng), _random_color(rng))
-    return _smooth_noise(rng, size)
+        return _stripes(rng, size, _random_color(rng), _random_color(rng), scale)
+    return _smooth_noise(rng, size, scale)
 
 
-def _fill(rng: np.random.Generator, size: int, covered_mean: np.ndarray) -> np.ndarray:
-    """A fill (solid, gradient or stripes) whose colours all contrast with `covered_mean`."""
-    kind = rng.choice(["solid", "gradient", "stripes"], p=[0.6, 0.25, 0.15])
-    num_colors = 1 if kind == "solid" else 2
+def _contrasting_colors(rng: np.random.Generator, num_colors: int, covered_mean: np.ndarray) -> list[np.ndarray]:
+    """`num_colors` random colours, redrawn (up to MAX_COLOR_TRIES) until all differ clearly from `covered_mean`."""
     best_colors, best_contrast = None, -1.0
     for _ in range(MAX_COLOR_TRIES):
         colors = [_random_color(rng) for _ in range(num_colors)]
@@ -225,15 +311,59 @@ def _fill(rng: np.random.Generator, size: int, covered_mean: np.ndarray) -> np.n
             best_colors, best_contrast = colors, contrast
         if contrast >= MIN_COLOR_CONTRAST:
             break
+    return best_colors
+
+
+def _fill(rng: np.random.Generator, size: int, covered_mean: np.ndarray, scale: int = 1, texture: str | None = None) -> np.ndarray:
+    """A fill (solid, gradient or stripes; or `texture`) whose colours all contrast with `covered_mean`."""
+    if texture is not None:
+        return _texture(texture, rng, size, *_contrasting_colors(rng, 2, covered_mean), scale)
+    kind = rng.choice(["solid", "gradient", "stripes"], p=[0.6, 0.25, 0.15])
+    num_colors = 1 if kind == "solid" else 2
+    best_colors = _contrasting_colors(rng, num_colors, covered_mean)
     if kind == "solid":
-        return np.broadcast_to(best_colors[0], (size, size, 3))
+        return np.broadcast_to(best_colors[0], (size * scale, size * scale, 3))
     if kind == "gradient":
-        return _gradient(rng, size, *best_colors)
-    return _stripes(rng, size, *best_colors)
+        return _gradient(rng, size, *best_colors, scale)
+    return _stripes(rng, size, *best_colors, scale)
+
+
+def _resolve_style(style: str | RenderStyle | None) -> RenderStyle:
+    if style is None:
+        return PLAIN_STYLE
+    if isinstance(style, RenderStyle):
+        return style
+    if style not in STYLES:
+        raise ValueError(f"`style` must be one of {tuple(STYLES)} or a RenderStyle, got {style!r}.")
+    return STYLES[style]
+
+
+def _stroke(mask: np.ndarray, width: float) -> np.ndarray:
+    """The pixels of `mask` within `width` pixels of its border (a square erosion)."""
+    side = 2 * max(1, int(round(width))) + 1
+    eroded = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(side))
+    return mask & ~(np.asarray(eroded) > 127)
+
+
+def _degrade(image: np.ndarray, style: RenderStyle, style_rng: np.random.Generator, noise: np.ndarray) -> np.ndarray:
+    """Blur, sensor noise and JPEG compression of a float image in [0, 255] (styles other than plain)."""
+    if style_rng.random() < style.blur_prob:
+        blurred = Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8))
+        image = np.asarray(blurred.filter(ImageFilter.GaussianBlur(style_rng.uniform(*style.blur_sigma))), dtype=np.float64)
+    image = np.clip(np.rint(image + noise), 0, 255).astype(np.uint8)
+    if style_rng.random() < style.jpeg_prob:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=int(style_rng.integers(style.jpeg_quality[0], style.jpeg_quality[1] + 1)))
+        image = np.asarray(Image.open(buffer).convert("RGB"), dtype=np.uint8)
+    return image
 
 
 def generate_scene(
-    seed: int, size: int = 64, max_objects: int = DEFAULT_MAX_OBJECTS, min_objects: int = 1
+    seed: int,
+    size: int = 64,
+    max_objects: int = DEFAULT_MAX_OBJECTS,
+    min_objects: int = 1,
+    style: str | RenderStyle | None = None,
 ) -> SyntheticScene:
     """Draw one scene; the same arguments always give the same arrays.
 
@@ -242,6 +372,7 @@ def generate_scene(
         size: image side in pixels (square images).
         max_objects / min_objects: the number of shapes is drawn uniformly in ``[min_objects, max_objects]``;
             a shape that finds no acceptable placement is left out, so a scene can show fewer (never zero).
+        style: a name in ``STYLES`` or a `RenderStyle` (default ``"plain"``: generator version 2's scenes).
     """
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
@@ -252,8 +383,19 @@ def generate_scene(
             f"`min_objects` and `max_objects` must satisfy 1 <= min_objects <= max_objects, "
             f"got min_objects={min_objects}, max_objects={max_objects}."
         )
+    style = _resolve_style(style)
+    plain = style.is_plain
     rng = np.random.default_rng(int(seed))
-    image = _background(rng, size)
+    # The style's own choices come from a second stream, so they never shift the plain style's draws.
+    style_rng = np.random.default_rng([int(seed), 1 + sum(map(ord, style.name))])
+    scale = 1 if plain or style_rng.random() >= style.antialias_prob else SUPERSAMPLING
+
+    def texture_choice() -> str | None:
+        if plain or style_rng.random() >= style.texture_prob:
+            return None
+        return str(style_rng.choice(style.textures))
+
+    image = _background(rng, size, scale, texture_choice())  # [size * scale, size * scale, 3]
     label = np.full((size, size), BACKGROUND_LABEL, dtype=np.uint8)
     visible: list[np.ndarray] = []  # visible mask of each placed object
     in_frame_area: list[int] = []
@@ -263,7 +405,7 @@ def generate_scene(
     for _ in range(num_objects):
         class_index = int(rng.integers(len(SHAPE_CLASSES)))
         for _ in range(MAX_PLACEMENT_TRIES):
-            radius = rng.uniform(*RADIUS_RANGE) * size
+            radius = rng.uniform(*style.radius_range) * size
             center = (rng.uniform(*CENTER_RANGE) * size, rng.uniform(*CENTER_RANGE) * size)
             rotation = rng.uniform(0.0, 2 * math.pi)
             mask = rasterize_shape(class_index, center, radius, rotation, size)
@@ -277,9 +419,21 @@ def generate_scene(
                 break
         else:
             continue  # no acceptable placement for this shape: leave it out
-        covered_mean = image[mask].mean(axis=0)
-        fill = _fill(rng, size, covered_mean)
-        image = np.where(mask[..., None], fill, image)
+        paint = mask  # where the shape is painted, at the image's (possibly supersampled) resolution
+        if scale != 1:
+            paint = rasterize_shape(class_index, (center[0] * scale, center[1] * scale), radius * scale, rotation, size * scale)
+        covered_mean = image[paint].mean(axis=0) if paint.any() else image.reshape(-1, 3).mean(axis=0)
+        fill = _fill(rng, size, covered_mean, scale, texture_choice())
+        if not plain:
+            hollow = style_rng.random() < style.hollow_prob
+            if hollow or style_rng.random() < style.outline_prob:
+                stroke = _stroke(paint, style_rng.uniform(*style.outline_width) * scale)
+                fill_mean = np.asarray(fill, dtype=np.float64).reshape(-1, 3).mean(axis=0)
+                outline_color = _contrasting_colors(style_rng, 1, covered_mean if hollow else fill_mean)[0]
+                fill = np.where(stroke[..., None], outline_color, fill)
+                if hollow:
+                    paint = stroke
+        image = np.where(paint[..., None], fill, image)
         label[mask] = class_index + 1
         visible = [earlier & ~mask for earlier in visible] + [mask]
         in_frame_area.append(int(mask.sum()))
@@ -288,9 +442,14 @@ def generate_scene(
 
     if not objects:  # cannot happen with the default ranges; guards against future edits
         raise RuntimeError(f"seed {seed} produced a scene without objects.")
-    noise_std = rng.uniform(2.0, 10.0)
-    image = image + rng.normal(0.0, noise_std, size=image.shape)
-    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    if scale != 1:  # box filter: each pixel averages its scale x scale samples (antialiased edges)
+        image = image.reshape(size, scale, size, scale, 3).mean(axis=(1, 3))
+    noise_std = rng.uniform(*style.noise_std)
+    noise = rng.normal(0.0, noise_std, size=(size, size, 3))
+    if plain:
+        image = np.clip(np.rint(image + noise), 0, 255).astype(np.uint8)
+    else:
+        image = _degrade(image, style, style_rng, noise)
     class_indices = tuple(int(v) - 1 for v in np.unique(label) if v != BACKGROUND_LABEL)
     return SyntheticScene(int(seed), image, label, class_indices, tuple(objects))
 
@@ -330,6 +489,7 @@ def write_dataset(
     max_objects: int = DEFAULT_MAX_OBJECTS,
     min_objects: int = 1,
     overwrite: bool = False,
+    style: str = "plain",
 ) -> Path:
     """Write scenes in the generic folder format (``root/classes.txt``, ``root/<split>/{images,labels}``).
 
@@ -356,7 +516,7 @@ def write_dataset(
             for stale in folder.glob("*.png"):
                 stale.unlink()
     for seed in seeds:
-        scene = generate_scene(seed, size=size, max_objects=max_objects, min_objects=min_objects)
+        scene = generate_scene(seed, size=size, max_objects=max_objects, min_objects=min_objects, style=style)
         stem = f"scene_{seed:08d}"
         Image.fromarray(scene.image).save(images_dir / f"{stem}.png")
         Image.fromarray(scene.label).save(labels_dir / f"{stem}.png")
@@ -369,6 +529,7 @@ def write_dataset(
         "size": size,
         "min_objects": min_objects,
         "max_objects": max_objects,
+        "style": _resolve_style(style).name,
         "classes": list(SHAPE_CLASSES),
     }
     (split_dir / "synthetic.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")

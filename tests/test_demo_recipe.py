@@ -112,6 +112,9 @@ def test_unknown_full_resolution_attention_is_rejected(recipe):
         (["--unet_channels", "32", "64", "96", "100"], r"--unet_channels must be positive multiples of 16"),
         (["--unet_channels", "32", "64", "96"], "expected 4 arguments"),
         (["--unet_channels", "32", "64", "96", "112", "--attention_head_channels", "32"], "must divide every level's width"),
+        (["--loss", "dice"], "invalid choice: 'dice'"),
+        (["--prompts_per_image", "5"], r"--batch_size \(32\) must be a multiple of --prompts_per_image \(5\)"),
+        (["--train_style", "shifted"], "held-out evaluation style"),
     ],
 )
 def test_bad_recipe_arguments_stop_before_any_stage_runs(recipe, argv, message, capsys):
@@ -146,3 +149,24 @@ def test_a_failed_stage_names_itself_and_says_how_to_continue(recipe):
     with pytest.raises(recipe.StageFailed, match=r"the VAE training stage failed \(exit code 3.*run the same command again"):
         recipe.run_stage("VAE training", [sys.executable, "-c", "import sys; sys.exit(3)"])
     recipe.run_stage("VAE training", [sys.executable, "-c", "pass"])  # success returns quietly
+
+
+def test_objective_and_fine_tuning_options_reach_train_adapter(recipe, monkeypatch, tmp_path):
+    commands = []
+    monkeypatch.setattr(recipe, "run_stage", lambda name, command, env=None: commands.append(command))
+    args = recipe.parse_args(["--loss", "latent+e2e", "--prompts_per_image", "4", "--train_decoder", "--lr_warmup_steps", "20",
+                              "--checkpointing_steps", "50"])
+    recipe.run_training(args, pipeline_dir=tmp_path, data_dir=tmp_path, output_dir=tmp_path / "unet", learning_rate=1e-3, seed=0)
+    (command,) = commands
+    for flag, value in (("--loss", "latent+e2e"), ("--prompts_per_image", "4"), ("--lr_warmup_steps", "20"), ("--checkpointing_steps", "50")):
+        assert command[command.index(flag) + 1] == value
+    assert "--train_decoder" in command
+
+
+def test_a_shared_data_dir_written_with_other_settings_is_refused(recipe, tmp_path):
+    from digseg_diffusers.synthetic import write_dataset
+
+    split = write_dataset(tmp_path, "train", num_images=2, size=32)
+    recipe.check_dataset(split, 2, 32, "plain")
+    with pytest.raises(recipe.StageFailed, match="another --data_dir"):
+        recipe.check_dataset(split, 2, 32, "varied")

@@ -317,3 +317,21 @@ def test_two_processes_give_the_same_confusion_matrix(workspace, tmp_path):
     # The curve thresholds float probabilities; a pixel within 1 ulp of t could still flip: compare loosely.
     curves = [run["settings"]["1x1"]["iou_vs_threshold"]["mean_iou"] for run in (single, double)]
     assert curves[1] == pytest.approx(curves[0], abs=1e-3, nan_ok=True)
+
+
+def test_one_call_per_example_scores_every_threshold_like_separate_evaluations():
+    from types import SimpleNamespace
+
+    from digseg_diffusers.evaluation import evaluate_examples, evaluate_examples_at_thresholds
+    from digseg_diffusers.synthetic import SHAPE_CLASSES, generate_scene
+
+    pipe = make_tiny_pipeline()
+    examples = []
+    for seed in (3, 4):
+        scene = generate_scene(seed, size=32)
+        examples.append(SimpleNamespace(image=scene.image, label=np.where(scene.label == 0, BACKGROUND_INDEX, scene.label.astype(np.int64) - 1)))
+    thresholds = (0.3, 0.5, 0.7)
+    together = evaluate_examples_at_thresholds(pipe, examples, SHAPE_CLASSES, thresholds, processing_resolution=32)
+    for threshold in thresholds:
+        alone = evaluate_examples(pipe, examples, SHAPE_CLASSES, mask_threshold=threshold, processing_resolution=32)
+        assert torch.equal(alone.counts, together[threshold].counts)  # same code path for the maps: exact

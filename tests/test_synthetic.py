@@ -117,3 +117,56 @@ def test_write_dataset_files_match_generator(tmp_path):
         write_dataset(tmp_path, "val", num_images=2, size=32)
     write_dataset(tmp_path, "val", num_images=2, size=32, overwrite=True)
     assert len(list((split_dir / "images").glob("*.png"))) == 2
+
+
+# Digests of the plain style's arrays (image bytes + label bytes) as generator version 2 drew them before
+# rendering styles existed: the default style must keep every seed's scene.
+PLAIN_SCENE_DIGESTS = {0: "821bee67a593de27", 20_000_000: "d08c73bd7e9804d6"}
+
+
+def test_plain_style_keeps_generator_version_2_scenes():
+    import hashlib
+
+    for seed, digest in PLAIN_SCENE_DIGESTS.items():
+        scene = generate_scene(seed, size=32)
+        assert hashlib.sha256(scene.image.tobytes() + scene.label.tobytes()).hexdigest()[:16] == digest
+        styled_plain = generate_scene(seed, size=32, style="plain")
+        np.testing.assert_array_equal(styled_plain.image, scene.image)
+
+
+@pytest.mark.parametrize("style", ["varied", "shifted"])
+def test_styled_scenes_are_deterministic_and_labelled_like_any_scene(style):
+    for seed in range(8):
+        first, second = generate_scene(seed, size=48, style=style), generate_scene(seed, size=48, style=style)
+        np.testing.assert_array_equal(first.image, second.image)
+        np.testing.assert_array_equal(first.label, second.label)
+        assert first.image.shape == (48, 48, 3) and first.image.dtype == np.uint8
+        assert set(np.unique(first.label)) <= set(range(len(SHAPE_CLASSES) + 1))
+        for obj in first.objects:  # the label is the geometry: each shape's visible pixels lie inside it
+            inside = rasterize_shape(obj.class_index, obj.center, obj.radius, obj.rotation, 48)
+            assert inside[first.label == obj.class_index + 1].all() or obj.class_index in {
+                o.class_index for o in first.objects if o is not obj
+            }
+
+
+def test_styles_render_differently_and_the_shifted_style_shares_no_range_with_training():
+    from digseg_diffusers.synthetic import STYLES
+
+    varied, shifted = STYLES["varied"], STYLES["shifted"]
+    assert not set(varied.textures) & set(shifted.textures)
+    assert varied.blur_sigma[1] < shifted.blur_sigma[0]
+    assert shifted.jpeg_quality[1] < varied.jpeg_quality[0]
+    assert varied.noise_std[1] <= shifted.noise_std[0]
+    assert varied.outline_width[1] <= shifted.outline_width[0]
+    images = {name: np.stack([generate_scene(seed, size=48, style=name).image for seed in range(12)]) for name in STYLES}
+    assert not np.array_equal(images["varied"], images["plain"])
+    assert not np.array_equal(images["shifted"], images["varied"])
+    with pytest.raises(ValueError, match="style"):
+        generate_scene(0, style="watercolour")
+
+
+def test_write_dataset_records_the_style(tmp_path):
+    split_dir = write_dataset(tmp_path, "val", num_images=2, size=32, style="shifted")
+    assert json.loads((split_dir / "synthetic.json").read_text())["style"] == "shifted"
+    image = np.asarray(Image.open(split_dir / "images" / "scene_10000001.png"))
+    np.testing.assert_array_equal(image, generate_scene(10_000_001, size=32, style="shifted").image)

@@ -29,7 +29,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -64,18 +63,19 @@ from digseg_diffusers.data import (
 from digseg_diffusers.data.readers import READERS, read_class_names_file
 from digseg_diffusers.evaluation import evaluate_examples
 from digseg_diffusers.hub import public_training_config
-from digseg_diffusers.noise import (
-    NOISE_VARIANTS,
-    TIMESTEP_BIAS_STRATEGIES,
-    check_timestep_bias,
-    sample_training_noise,
-    sample_training_timesteps,
+from digseg_diffusers.noise import NOISE_VARIANTS, TIMESTEP_BIAS_STRATEGIES, check_timestep_bias
+from digseg_diffusers.training_step import (
+    LOSSES,
+    TrainingLossConfig,
+    compute_training_loss,
+    latent_loss_weights,  # noqa: F401  (re-exported: the loss weight of ignored pixels is tested through here)
 )
 
 logger = get_logger(__name__, log_level="INFO")
 
 ADAPTER_SUBFOLDER = "adapter"
 ENTIRE_UNET_WEIGHTS = "unet.safetensors"
+DECODER_WEIGHTS = "task_decoder.safetensors"  # the co-trained decoder (--train_decoder) in checkpoints
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,6 +145,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     train.add_argument("--timestep_bias_multiplier", type=float, default=1.0, help="Weight of the biased timesteps.")
     train.add_argument("--timestep_bias_portion", type=float, default=0.25, help="Fraction of the timesteps that are biased.")
+    train.add_argument(
+        "--loss", choices=LOSSES, default="latent",
+        help='"latent": the method\'s denoising loss at sampled timesteps; "e2e": the end-to-end task loss (every row '
+        "at t = T-1, the x0 estimate decoded with gradients through the decoder, BCE + soft Dice against the mask); "
+        '"latent+e2e": both on the same prediction (digseg_diffusers.training_step).',
+    )
+    train.add_argument(
+        "--prompts_per_image", type=int, default=1,
+        help="K > 1: each image's visible classes plus sampled absent ones as K queries of one batch, with a per-pixel "
+        "cross-entropy over the K decoded maps plus background (the argmax inference takes). --train_batch_size "
+        "counts queries and must be a multiple of K.",
+    )
+    train.add_argument("--e2e_weight", type=float, default=1.0, help="Weight of the task loss (BCE + Dice).")
+    train.add_argument("--multi_prompt_weight", type=float, default=1.0, help="Weight of the multi-prompt cross-entropy.")
+    train.add_argument(
+        "--e2e_decoder", choices=["auto", "vae", "light"], default="auto",
+        help="Decoder of the task / multi-prompt losses: the pipeline's light mask_decoder when it has one ('auto'), "
+        "or the VAE decoder. Frozen unless --train_decoder.",
+    )
+    train.add_argument(
+        "--train_decoder", action="store_true",
+        help="Co-train that decoder with the task loss (saved in checkpoints and in the saved pipeline).",
+    )
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     train.add_argument("--gradient_checkpointing", action="store_true")
     train.add_argument("--checkpointing_steps", type=int, default=500)
@@ -181,6 +204,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--scale_range must be LOW HIGH with 0 < LOW <= HIGH, got {args.scale_range}")
     if not 0.0 <= args.flip_prob <= 1.0:
         parser.error(f"--flip_prob must be in [0, 1], got {args.flip_prob}")
+    if args.prompts_per_image < 1 or args.train_batch_size % args.prompts_per_image:
+        parser.error(
+            f"--train_batch_size ({args.train_batch_size}) must be a multiple of --prompts_per_image "
+            f"({args.prompts_per_image}): a batch holds whole images"
+        )
+    if args.e2e_weight < 0 or args.multi_prompt_weight < 0:
+        parser.error("--e2e_weight and --multi_prompt_weight must be non-negative")
+    if args.train_decoder and args.loss == "latent" and args.prompts_per_image == 1:
+        parser.error("--train_decoder needs a loss that decodes: --loss e2e / latent+e2e or --prompts_per_image > 1")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps", "validation_steps", "resolution"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive")
@@ -194,9 +226,12 @@ def load_pipeline(args: argparse.Namespace) -> DiGSegPipeline:
     return DiGSegPipeline.from_base_model(args.base_model, text_encoder=args.text_encoder, revision=args.revision)
 
 
-def latent_loss_weights(valid: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
-    """Per-latent-pixel loss weight: the share of non-ignored image pixels under it (method.md: ignore excluded)."""
-    return F.adaptive_avg_pool2d(valid, latent_size)
+def encode_batch_images(vae, batch: dict, device, dtype) -> torch.Tensor:
+    """Image latents of every row, encoding each distinct image of the batch once (K rows share one image)."""
+    image_row = batch["image_row"]
+    first_rows = torch.unique_consecutive(image_row, return_counts=True)[1].cumsum(0) - 1  # any row of each image
+    latents = mask_codec.encode_pixels(vae, batch["pixel_values"][first_rows].to(device, dtype)).float()
+    return latents[image_row.to(latents.device) - image_row.min().to(latents.device)]
 
 
 def batch_seed(seed: int, process_index: int, batch_number: int) -> int:
@@ -237,7 +272,12 @@ class LatentCache:
         return image_latents, mask_latents
 
     def _lookup(self, store: dict, keys: list, encode_rows) -> torch.Tensor:
-        missing = [row for row, key in enumerate(keys) if key is None or key not in store]
+        missing, pending = [], set()  # a key met twice in one batch (K rows of one image) is encoded once
+        for row, key in enumerate(keys):
+            if key is None or (key not in store and key not in pending):
+                missing.append(row)
+                if key is not None:
+                    pending.add(key)
         fresh = dict(zip(missing, encode_rows(missing).float())) if missing else {}
         for row in missing:
             if keys[row] is not None:
@@ -271,6 +311,37 @@ def finished_summary(args: argparse.Namespace, step: int) -> dict | None:
     if summary.get("global_step") != step or not all((Path(args.output_dir) / name).is_dir() for name in outputs):
         return None
     return summary
+
+
+def select_task_decoder(args: argparse.Namespace, pipeline, loss_config: TrainingLossConfig):
+    """The light decoder the task / multi-prompt losses decode with (None: the VAE decoder), and the decoder
+    parameters that train (empty unless --train_decoder)."""
+    light = getattr(pipeline, "mask_decoder", None)
+    if args.e2e_decoder == "light" and light is None:
+        raise SystemExit("train_adapter.py: error: --e2e_decoder light needs a pipeline with a mask_decoder component")
+    use_light = light is not None and args.e2e_decoder != "vae"
+    if not (loss_config.needs_decoder and args.train_decoder):
+        if light is not None:
+            light.requires_grad_(False)
+        return (light if use_light else None), []
+    module = light if use_light else pipeline.vae
+    parts = [light] if use_light else [pipeline.vae.post_quant_conv, pipeline.vae.decoder]
+    params = []
+    for part in parts:
+        part.requires_grad_(True)
+        params += list(part.parameters())
+    return (module if use_light else None), params
+
+
+def trained_decoder_state(pipeline, light_decoder, keep_vars: bool = False) -> dict:
+    """State of the co-trained decoder: the light decoder's, or the VAE's decoder side (post_quant_conv + decoder)."""
+    if light_decoder is not None:
+        return light_decoder.state_dict(keep_vars=keep_vars)
+    return {
+        name: tensor
+        for name, tensor in pipeline.vae.state_dict(keep_vars=keep_vars).items()
+        if name.startswith(("decoder.", "post_quant_conv."))
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -346,7 +417,23 @@ def main(argv: list[str] | None = None) -> dict:
     vae.to(accelerator.device, dtype=weight_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)  # the base model's betas and target
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    loss_config = TrainingLossConfig(
+        loss=args.loss,
+        prompts_per_image=args.prompts_per_image,
+        noise_variant=args.noise_variant,
+        noise_strength=args.noise_strength,
+        timestep_bias_strategy=args.timestep_bias_strategy,
+        timestep_bias_multiplier=args.timestep_bias_multiplier,
+        timestep_bias_portion=args.timestep_bias_portion,
+        e2e_weight=args.e2e_weight,
+        multi_prompt_weight=args.multi_prompt_weight,
+        mask_threshold=float(pipeline.config.default_mask_threshold),
+    )
+    e2e_mask_decoder, decoder_params = select_task_decoder(args, pipeline, loss_config)
+    if decoder_params:
+        trainable_params = trainable_params + decoder_params
+    if e2e_mask_decoder is not None:
+        e2e_mask_decoder.to(accelerator.device)
     logger.info(
         f"Trainable parameters: {sum(p.numel() for p in trainable_params):,} of "
         f"{sum(p.numel() for p in unet.parameters()) + sum(p.numel() for p in text_projection.parameters()):,} "
@@ -359,6 +446,8 @@ def main(argv: list[str] | None = None) -> dict:
             save_adapter(os.path.join(output_dir, ADAPTER_SUBFOLDER), unet, text_projection, adapter_config)
             if args.train_entire_unet:
                 save_file(accelerator.unwrap_model(unet).state_dict(), os.path.join(output_dir, ENTIRE_UNET_WEIGHTS))
+            if decoder_params:
+                save_file(trained_decoder_state(pipeline, e2e_mask_decoder), os.path.join(output_dir, DECODER_WEIGHTS))
         weights.clear()
 
     def load_model_hook(models, input_dir):
@@ -371,6 +460,11 @@ def main(argv: list[str] | None = None) -> dict:
         load_adapter(unet, text_projection, os.path.join(input_dir, ADAPTER_SUBFOLDER), is_trainable=True)
         if args.train_entire_unet:
             accelerator.unwrap_model(unet).requires_grad_(True)
+        if decoder_params:
+            state = load_file(os.path.join(input_dir, DECODER_WEIGHTS))
+            with torch.no_grad():
+                for name, tensor in trained_decoder_state(pipeline, e2e_mask_decoder, keep_vars=True).items():
+                    tensor.copy_(state[name])
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_model_hook)
@@ -387,6 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
         scale_range=tuple(args.scale_range),
         flip_prob=args.flip_prob,
         seed=args.seed,
+        prompts_per_image=args.prompts_per_image,
     )
     latent_cache = LatentCache() if args.cache_latents else None
     if args.cache_latents and augmentation_is_random(args.scale_range, args.flip_prob):
@@ -394,11 +489,11 @@ def main(argv: list[str] | None = None) -> dict:
                        "add --scale_range 1 1 --flip_prob 0 to cache.")
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
-        batch_size=args.train_batch_size,
+        batch_size=args.train_batch_size // args.prompts_per_image,  # images; each gives K query rows
         shuffle=True,
         collate_fn=collate_segmentation_batch,
         num_workers=args.dataloader_num_workers,
-        drop_last=len(train_dataset) >= args.train_batch_size * accelerator.num_processes,
+        drop_last=len(train_dataset) >= args.train_batch_size // args.prompts_per_image * accelerator.num_processes,
     )
     validation_reader = None
     if args.validation_split:
@@ -468,51 +563,37 @@ def main(argv: list[str] | None = None) -> dict:
                     if latent_cache is not None:
                         image_latents, mask_latents = latent_cache.encode(vae, batch, accelerator.device, weight_dtype)
                     else:
-                        pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)
-                        image_latents = mask_codec.encode_pixels(vae, pixels).float()
+                        image_latents = encode_batch_images(vae, batch, accelerator.device, weight_dtype)
                         mask_latents = mask_codec.encode_masks(vae, batch["mask"].to(accelerator.device, weight_dtype)).float()
-                batch_size = mask_latents.shape[0]
                 # Timesteps and noise of a batch depend only on (seed, process, batch number): a resumed run
                 # draws exactly what the interrupted one would have, whatever else consumed the global RNG.
                 generator = torch.Generator(device=mask_latents.device).manual_seed(
                     batch_seed(args.seed, accelerator.process_index, batches_seen)
                 )
                 batches_seen += 1
-                timesteps = sample_training_timesteps(
-                    batch_size,
-                    num_train_timesteps,
-                    bias_strategy=args.timestep_bias_strategy,
-                    bias_multiplier=args.timestep_bias_multiplier,
-                    bias_portion=args.timestep_bias_portion,
-                    generator=generator,
-                    device=mask_latents.device,
-                )
-                noise = sample_training_noise(
-                    mask_latents,
-                    timesteps,
-                    num_train_timesteps,
-                    variant=args.noise_variant,
-                    strength=args.noise_strength,
-                    generator=generator,
-                )
-                noisy_latents = noise_scheduler.add_noise(mask_latents, noise, timesteps)
-                if noise_scheduler.config.prediction_type == "epsilon":
-                    target = noise
-                elif noise_scheduler.config.prediction_type == "v_prediction":
-                    target = noise_scheduler.get_velocity(mask_latents, noise, timesteps)
-                else:
-                    raise ValueError(f"Unsupported prediction_type {noise_scheduler.config.prediction_type!r}")
-
                 text_states = text_projection(class_token_states[batch["class_index"].to(accelerator.device)].float())
-                model_input = torch.cat([image_latents, noisy_latents], dim=1)
-                model_pred = unet(model_input, timesteps, encoder_hidden_states=text_states, return_dict=False)[0]
-
-                weights = latent_loss_weights(batch["valid"].to(accelerator.device).float(), tuple(mask_latents.shape[-2:]))
-                squared_error = (model_pred.float() - target.float()) ** 2 * weights
-                loss = squared_error.sum() / (weights.sum() * model_pred.shape[1]).clamp(min=1.0)
+                step_loss_parts = compute_training_loss(
+                    unet,
+                    noise_scheduler,
+                    image_latents,
+                    mask_latents,
+                    text_states,
+                    masks=batch["mask"].to(accelerator.device),
+                    valid=batch["valid"].to(accelerator.device),
+                    config=loss_config,
+                    generator=generator,
+                    vae=vae,
+                    mask_decoder=e2e_mask_decoder,
+                )
+                loss = step_loss_parts.loss
 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
+                    # The decoder is not wrapped for distributed training: average its gradients here.
+                    if decoder_params and accelerator.num_processes > 1:
+                        for param in decoder_params:
+                            if param.grad is not None:
+                                param.grad = accelerator.reduce(param.grad, reduction="mean")
                     accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
@@ -526,6 +607,7 @@ def main(argv: list[str] | None = None) -> dict:
             step_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
             record.losses.append([global_step, step_loss])
             logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "skipped_files": len(record.skipped_paths)}
+            logs.update({f"loss/{name}": value for name, value in step_loss_parts.parts.items()})
             progress_bar.set_postfix(loss=f"{step_loss:.4f}")
             accelerator.log(logs, step=global_step)
 

@@ -41,7 +41,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from digseg_diffusers.demo import resolve_model_name
+
 from digseg_diffusers.noise import NOISE_VARIANTS, check_timestep_bias
+from digseg_diffusers.synthetic import STYLES
+from digseg_diffusers.training_step import LOSSES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGED_MODEL_DIR = REPO_ROOT / "digseg_diffusers" / "models" / "demo"
@@ -210,7 +214,7 @@ def calibrate_mask_threshold(pipeline_dir: str | os.PathLike, num_scenes: int = 
     """
     from digseg_diffusers import DiGSegPipeline
     from digseg_diffusers.data.readers import BACKGROUND_INDEX
-    from digseg_diffusers.evaluation import evaluate_examples
+    from digseg_diffusers.evaluation import evaluate_examples_at_thresholds
     from digseg_diffusers.synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene
 
     class Example:
@@ -223,10 +227,11 @@ def calibrate_mask_threshold(pipeline_dir: str | os.PathLike, num_scenes: int = 
     size = pipe.config.default_processing_resolution
     start = SPLIT_SEED_OFFSETS["val"] + first_scene
     examples = [Example(generate_scene(seed, size=size)) for seed in range(start, start + num_scenes)]
+    thresholds = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    confusions = evaluate_examples_at_thresholds(pipe, examples, SHAPE_CLASSES, thresholds, batch_size=32)
     scores = {}
-    for threshold in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
-        confusion = evaluate_examples(pipe, examples, SHAPE_CLASSES, mask_threshold=threshold, batch_size=32)
-        scores[threshold] = confusion.compute()["mIoU"]
+    for threshold in thresholds:
+        scores[threshold] = confusions[threshold].compute()["mIoU"]
         logger.info(f"validation mIoU at mask threshold {threshold}: {scores[threshold]:.4f}")
     best = max(scores, key=scores.get)
     pipe.register_to_config(default_mask_threshold=best)
@@ -241,6 +246,15 @@ def drop_source_paths(pipeline_dir: str | os.PathLike) -> None:
         config = json.loads(config_file.read_text())
         if isinstance(config, dict) and config.pop("_name_or_path", None) is not None:
             config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def check_dataset(split_dir: Path, num_images: int, resolution: int, style: str) -> None:
+    """Refuse to train on scenes written with other settings (a shared --data_dir from another recipe)."""
+    metadata = json.loads((split_dir / "synthetic.json").read_text())
+    wanted = {"num_images": num_images, "size": resolution, "style": style}
+    found = {key: metadata.get(key, "plain" if key == "style" else None) for key in wanted}
+    if found != wanted:
+        raise StageFailed(f"{split_dir} holds scenes written with {found}, not {wanted}; use another --data_dir.")
 
 
 class StageFailed(RuntimeError):
@@ -284,14 +298,16 @@ def run_training(
             "--train_batch_size", str(args.batch_size),
             "--max_train_steps", str(args.unet_steps),
             "--learning_rate", str(learning_rate),
-            "--lr_scheduler", "cosine", "--lr_warmup_steps", "100",
+            "--lr_scheduler", "cosine", "--lr_warmup_steps", str(args.lr_warmup_steps),
+            "--loss", args.loss, "--prompts_per_image", str(args.prompts_per_image),
+            *(["--train_decoder"] if args.train_decoder else []),
             "--noise_variant", args.noise_variant,
             "--negative_prob", str(args.negative_prob),
             "--timestep_bias_strategy", TIMESTEP_BIAS_STRATEGY,
             "--timestep_bias_multiplier", str(args.timestep_bias_multiplier),
             "--timestep_bias_portion", str(args.timestep_bias_portion),
             *(["--scale_range", "1", "1", "--flip_prob", "0", "--cache_latents"] if args.augmentation == "none" else []),
-            "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1",
+            "--checkpointing_steps", str(args.checkpointing_steps), "--checkpoints_total_limit", "1",
             "--resume_from_checkpoint", "latest",
             "--validation_steps", str(args.validation_steps),
             "--report_to", "none", "--dataset_name", "digseg-synthetic-shapes",
@@ -350,6 +366,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="'scale_flip': method.md's scale jitter and flips; 'none': every scene as generated, its VAE latents "
         "encoded once and cached (train_adapter.py --cache_latents).",
     )
+    parser.add_argument(
+        "--loss", choices=LOSSES, default="latent",
+        help="train_adapter.py --loss: 'latent' (denoising), 'e2e' (task loss on the decoded 1-step estimate) or both.",
+    )
+    parser.add_argument(
+        "--prompts_per_image", type=int, default=1,
+        help="train_adapter.py --prompts_per_image: K queries of each scene per batch with the argmax-aware loss.",
+    )
+    parser.add_argument("--train_decoder", action="store_true", help="Co-train the VAE decoder with the task loss.")
+    parser.add_argument(
+        "--init_model", default=None,
+        help="Fine-tune this trained DiGSeg pipeline (e.g. digseg-demo) instead of building and training one from "
+        "scratch: the data, VAE and untrained-pipeline stages are skipped.",
+    )
+    parser.add_argument(
+        "--train_style", choices=sorted(STYLES), default="plain",
+        help="Rendering style of the training scenes (digseg_diffusers.synthetic.STYLES); 'shifted' is for evaluation.",
+    )
+    parser.add_argument("--data_dir", default=None, help="Where the scenes are written (default: WORK_DIR/data); shared by runs.")
+    parser.add_argument("--lr_warmup_steps", type=int, default=100)
+    parser.add_argument("--checkpointing_steps", type=int, default=1000)
     parser.add_argument("--num_processes", type=int, default=1, help=">1 launches train_adapter.py through accelerate on CPU.")
     parser.add_argument("--validation_steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
@@ -366,8 +403,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             f"--resolution must be a positive multiple of {RESOLUTION_MULTIPLE} (the 4x VAE and the U-Net's three "
             f"downsamplings), got {args.resolution}"
         )
+    if args.train_style == "shifted":
+        parser.error("--train_style shifted is the held-out evaluation style; train on 'plain' or 'varied'")
+    if args.prompts_per_image < 1 or args.batch_size % args.prompts_per_image:
+        parser.error(f"--batch_size ({args.batch_size}) must be a multiple of --prompts_per_image ({args.prompts_per_image})")
+    if args.lr_warmup_steps < 0:
+        parser.error(f"--lr_warmup_steps must be non-negative, got {args.lr_warmup_steps}")
     for name in ("num_train_images", "num_val_images", "vae_steps", "vae_latent_channels", "unet_steps", "num_stages",
-                 "batch_size", "num_processes", "validation_steps"):
+                 "batch_size", "num_processes", "validation_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not args.learning_rate > 0:
@@ -395,17 +438,20 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
-    data_dir = work / "data"
+    data_dir = Path(args.data_dir) if args.data_dir else work / "data"
     start = time.time()
     if not (data_dir / "train" / "synthetic.json").is_file():
-        write_dataset(data_dir, "train", num_images=args.num_train_images, size=args.resolution, overwrite=True)
+        write_dataset(data_dir, "train", num_images=args.num_train_images, size=args.resolution, overwrite=True, style=args.train_style)
     if not (data_dir / "val" / "synthetic.json").is_file():
         write_dataset(data_dir, "val", num_images=args.num_val_images, size=args.resolution, overwrite=True)
+    check_dataset(data_dir / "train", args.num_train_images, args.resolution, args.train_style)
     timings["data_s"] = time.time() - start
 
     vae_dir = work / "vae"
     start = time.time()
-    if not (vae_dir / "config.json").is_file():
+    if args.init_model:
+        pass  # fine-tuning: the VAE and the architecture come with the model
+    elif not (vae_dir / "config.json").is_file():
         run_stage(
             "VAE training",
             [sys.executable, str(REPO_ROOT / "training" / "train_vae.py"), "--output_dir", str(vae_dir),
@@ -417,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     timings["vae_s"] = time.time() - start
 
-    init_dir = work / "untrained_pipeline"
+    init_dir = Path(resolve_model_name(args.init_model)) if args.init_model else work / "untrained_pipeline"
     if not (init_dir / "model_index.json").is_file():
         build_untrained_pipeline(
             vae_dir, init_dir, processing_resolution=args.resolution,

@@ -4,6 +4,11 @@ Each sample answers one text query. The class is drawn among those visible in th
 probability ``negative_prob`` it is instead drawn among the classes absent from the whole image and the target
 is empty, so that queries for absent classes learn to give empty masks.
 
+With ``prompts_per_image = K > 1`` a sample holds K queries of one image instead (for the argmax-aware
+multi-prompt loss, `digseg_diffusers.training_step`): every class visible in the crop (a random K of them when
+more are visible), then classes absent from the whole image drawn without replacement until there are K
+(``negative_prob`` is not used); `collate_segmentation_batch` turns them into K consecutive rows.
+
 Reproducibility: every random choice of sample ``i`` comes from ``np.random.default_rng([seed, epoch, i])``,
 so a sample does not depend on which process or worker loads it, nor on what was loaded before. Call
 ``set_epoch`` at the start of each epoch for fresh augmentation (with ``persistent_workers=True`` the workers
@@ -52,6 +57,8 @@ class SegmentationTrainingDataset(torch.utils.data.Dataset):
         resize_short_side: scale relative to an image whose short side is ``resolution`` (default) rather
             than to the native size.
         seed: base seed of the per-sample generators.
+        prompts_per_image: queries per sample; above 1, ``mask`` is ``[K, 1, S, S]`` and ``class_name``,
+            ``class_index``, ``is_negative`` hold K entries (at most the number of classes).
     """
 
     def __init__(
@@ -63,6 +70,7 @@ class SegmentationTrainingDataset(torch.utils.data.Dataset):
         flip_prob: float = 0.5,
         resize_short_side: bool = True,
         seed: int = 0,
+        prompts_per_image: int = 1,
     ):
         if not isinstance(reader, SegmentationReader):
             raise ValueError(f"`reader` must be a SegmentationReader, got {type(reader).__name__}.")
@@ -78,6 +86,11 @@ class SegmentationTrainingDataset(torch.utils.data.Dataset):
             raise ValueError(f"`flip_prob` must be in [0, 1], got {flip_prob}.")
         if seed < 0:
             raise ValueError(f"`seed` must be non-negative, got {seed}.")
+        if not isinstance(prompts_per_image, int) or not 1 <= prompts_per_image <= reader.num_classes:
+            raise ValueError(
+                f"`prompts_per_image` must be an integer in [1, {reader.num_classes}] (the dataset's classes), "
+                f"got {prompts_per_image!r}."
+            )
         self.reader = reader
         self.resolution = resolution
         self.negative_prob = float(negative_prob)
@@ -85,6 +98,7 @@ class SegmentationTrainingDataset(torch.utils.data.Dataset):
         self.flip_prob = float(flip_prob)
         self.resize_short_side = resize_short_side
         self.seed = int(seed)
+        self.prompts_per_image = prompts_per_image
         self.epoch = 0
         self._bad: dict[int, str] = {}  # index -> error message
 
@@ -157,6 +171,19 @@ class SegmentationTrainingDataset(torch.utils.data.Dataset):
             flip_prob=self.flip_prob,
             resize_short_side=self.resize_short_side,
         )
+        valid = label != ignore_index
+        pixel_values = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+        common = {
+            "pixel_values": pixel_values,
+            "valid": torch.from_numpy(valid).float()[None],
+            "path": self.reader[used_index].image_path,
+            "index": used_index,
+            "num_skipped": len(skipped),
+            "skipped_paths": [self.reader[i].image_path for i in skipped],
+            "fixed_crop": fixed_crop,
+        }
+        if self.prompts_per_image > 1:
+            return {**common, **self._multi_prompt_queries(rng, label, full_label, valid)}
         wants_negative = rng.random() < self.negative_prob
         present = _classes_present(label, num_classes)
         is_negative = wants_negative or present.size == 0
@@ -171,21 +198,35 @@ class SegmentationTrainingDataset(torch.utils.data.Dataset):
             candidates = present
         class_index = int(rng.choice(candidates))
 
-        valid = label != ignore_index
         target = (label == class_index) if not is_negative else np.zeros_like(valid)
-        pixel_values = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
         return {
-            "pixel_values": pixel_values,
+            **common,
             "mask": torch.from_numpy(target).float()[None],
-            "valid": torch.from_numpy(valid).float()[None],
             "class_name": self.reader.class_names[class_index],
             "class_index": class_index,
             "is_negative": bool(is_negative),
-            "path": self.reader[used_index].image_path,
-            "index": used_index,
-            "num_skipped": len(skipped),
-            "skipped_paths": [self.reader[i].image_path for i in skipped],
-            "fixed_crop": fixed_crop,
+        }
+
+    def _multi_prompt_queries(self, rng: np.random.Generator, label: np.ndarray, full_label: np.ndarray, valid: np.ndarray) -> dict:
+        """K queries of one crop: its visible classes first, then absent ones (see the class docstring)."""
+        num_classes, count = self.reader.num_classes, self.prompts_per_image
+        present = _classes_present(label, num_classes)
+        if present.size > count:
+            present = np.sort(rng.choice(present, size=count, replace=False))
+        absent = np.setdiff1d(np.arange(num_classes), _classes_present(full_label, num_classes))
+        # Classes shown only outside the crop are neither visible nor absent from the image: used last, if needed.
+        elsewhere = np.setdiff1d(np.setdiff1d(np.arange(num_classes), present), absent)
+        needed = count - present.size
+        fill = rng.permutation(absent)[:needed]
+        if fill.size < needed:
+            fill = np.concatenate([fill, rng.permutation(elsewhere)[: needed - fill.size]])
+        classes = np.concatenate([present, fill]).astype(np.int64)
+        masks = np.stack([(label == c) & valid for c in classes])
+        return {
+            "mask": torch.from_numpy(masks).float()[:, None],
+            "class_name": [self.reader.class_names[c] for c in classes],
+            "class_index": torch.from_numpy(classes),
+            "is_negative": torch.from_numpy(~masks.any(axis=(1, 2))),
         }
 
     def load_validation_example(self, index: int) -> ValidationExample:
@@ -200,9 +241,15 @@ def _classes_present(label: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def collate_segmentation_batch(samples: Sequence[dict]) -> dict:
-    """Stack a list of training samples into a batch (tensors stacked, strings kept as lists)."""
+    """Stack a list of training samples into a batch (tensors stacked, strings kept as lists).
+
+    Multi-query samples (``prompts_per_image > 1``) become K consecutive rows each; every row repeats its image's
+    pixels, and ``image_row`` says which sample of the batch a row comes from (``arange`` for single queries).
+    """
     if not samples:
         raise ValueError("`samples` must not be empty.")
+    if samples[0]["mask"].dim() == 4:
+        return _collate_multi_prompt(samples)
     return {
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         "mask": torch.stack([s["mask"] for s in samples]),
@@ -215,4 +262,28 @@ def collate_segmentation_batch(samples: Sequence[dict]) -> dict:
         "num_skipped": torch.tensor([s["num_skipped"] for s in samples], dtype=torch.long),
         "skipped_paths": [s["skipped_paths"] for s in samples],
         "fixed_crop": torch.tensor([s["fixed_crop"] for s in samples], dtype=torch.bool),
+        "image_row": torch.arange(len(samples)),
+    }
+
+
+def _collate_multi_prompt(samples: Sequence[dict]) -> dict:
+    counts = [s["mask"].shape[0] for s in samples]
+    def repeat(key: str) -> torch.Tensor:
+        return torch.cat([s[key].unsqueeze(0).expand(count, *s[key].shape) for s, count in zip(samples, counts)])
+    def per_row(key: str, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor([s[key] for s, count in zip(samples, counts) for _ in range(count)], dtype=dtype)
+    return {
+        "pixel_values": repeat("pixel_values"),
+        "mask": torch.cat([s["mask"] for s in samples]),
+        "valid": repeat("valid"),
+        "class_name": [name for s in samples for name in s["class_name"]],
+        "class_index": torch.cat([s["class_index"] for s in samples]).long(),
+        "is_negative": torch.cat([s["is_negative"] for s in samples]).bool(),
+        "path": [s["path"] for s, count in zip(samples, counts) for _ in range(count)],
+        "index": per_row("index", torch.long),
+        # Skips are counted once per image (the first of its rows), so summing them stays right.
+        "num_skipped": torch.tensor([s["num_skipped"] if row == 0 else 0 for s, count in zip(samples, counts) for row in range(count)], dtype=torch.long),
+        "skipped_paths": [s["skipped_paths"] if row == 0 else [] for s, count in zip(samples, counts) for row in range(count)],
+        "fixed_crop": per_row("fixed_crop", torch.bool),
+        "image_row": torch.arange(len(samples)).repeat_interleave(torch.tensor(counts)),
     }

@@ -1,0 +1,280 @@
+"""The DiGSeg training step: timesteps, noise, target, and the weighted loss (latent, end-to-end, multi-prompt).
+
+`training/train_adapter.py` is a thin loop around `compute_training_loss`; tests and other scripts call it too.
+
+Three objectives (``LOSSES``), chosen with ``TrainingLossConfig.loss``:
+
+- ``"latent"`` (method.md section 3): timesteps from ``sample_training_timesteps``, DiGSeg's training noise,
+  the scheduler's target (epsilon or v), a squared error per latent pixel weighted by the share of valid image
+  pixels under it.
+- ``"e2e"`` (end-to-end task loss, as in "Fine-Tuning Image-Conditional Diffusion Models is Easier than You
+  Think", diffusion-e2e-ft): every row at the fixed timestep ``T - 1`` (the only one 1-step inference with
+  trailing spacing asks at), from Gaussian noise (what inference starts from); the model's x0 estimate is
+  decoded by the mask decoder (the VAE decoder, or the light `DiGSegMaskDecoder`), with gradients through the
+  decoder, and scored against the ground-truth mask with BCE + soft Dice on the valid pixels.
+- ``"latent+e2e"``: the same rows at ``T - 1``, both the latent loss and the task loss on one prediction.
+
+``prompts_per_image = K > 1`` adds the argmax-aware multi-prompt loss: the batch holds K queries of each image
+(consecutive rows; its present classes and sampled absent ones), and a per-pixel cross-entropy over the K
+decoded maps plus background scores the decision inference makes (each pixel takes the prompt with the highest
+probability, or background when none reaches the mask threshold). The K rows of an image share one timestep.
+
+Decision logits. Both losses need logits whose sign is the pipeline's decision: positive exactly where the
+probability the pipeline computes exceeds the mask threshold tau. For the light decoder these are its logits
+minus ``logit(tau)``; for the VAE decoder (probability ``(c + 1) / 2`` of the decoded channel mean ``c``,
+clamped) they are ``VAE_LOGIT_SCALE * (c - (2 tau - 1))``: unclamped, so a wrong pixel far out of range still
+gets a gradient. Background is then the constant logit 0, and the argmax over ``[K maps, background]`` is the
+pipeline's label map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import mask_codec
+from .noise import (
+    DEFAULT_NOISE_STRENGTH,
+    DEFAULT_NOISE_VARIANT,
+    check_timestep_bias,
+    sample_training_noise,
+    sample_training_timesteps,
+)
+
+__all__ = [
+    "LOSSES",
+    "VAE_LOGIT_SCALE",
+    "TrainingLossConfig",
+    "TrainingLoss",
+    "compute_training_loss",
+    "latent_loss_weights",
+    "weighted_latent_loss",
+    "predicted_original_sample",
+    "decision_logits",
+    "mask_task_loss",
+    "multi_prompt_cross_entropy",
+]
+
+LOSSES: tuple[str, ...] = ("latent", "e2e", "latent+e2e")
+# Slope of the VAE decoder's decision logits per unit of decoded channel value (range [-1, 1]): the default
+# threshold 0.7 sits at c = 0.4, so c = 1 gives logit 3 (p 0.95) and c = -1 gives -7.
+VAE_LOGIT_SCALE = 5.0
+
+
+@dataclass(frozen=True)
+class TrainingLossConfig:
+    """What one training step optimises (see the module docstring)."""
+
+    loss: str = "latent"
+    prompts_per_image: int = 1
+    noise_variant: str = DEFAULT_NOISE_VARIANT
+    noise_strength: float = DEFAULT_NOISE_STRENGTH
+    timestep_bias_strategy: str = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
+    e2e_weight: float = 1.0
+    multi_prompt_weight: float = 1.0
+    mask_threshold: float = 0.7
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"`loss` must be one of {LOSSES}, got {self.loss!r}.")
+        if not isinstance(self.prompts_per_image, int) or self.prompts_per_image < 1:
+            raise ValueError(f"`prompts_per_image` must be a positive integer, got {self.prompts_per_image!r}.")
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ValueError(f"`mask_threshold` must be in (0, 1), got {self.mask_threshold!r}.")
+        for name in ("e2e_weight", "multi_prompt_weight"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"`{name}` must be non-negative, got {getattr(self, name)!r}.")
+        check_timestep_bias(self.timestep_bias_strategy, self.timestep_bias_multiplier, self.timestep_bias_portion)
+
+    @property
+    def uses_latent_loss(self) -> bool:
+        return self.loss in ("latent", "latent+e2e")
+
+    @property
+    def uses_task_loss(self) -> bool:
+        return self.loss in ("e2e", "latent+e2e")
+
+    @property
+    def needs_decoder(self) -> bool:
+        """Whether the step decodes the x0 estimate (task loss or multi-prompt loss)."""
+        return self.uses_task_loss or self.prompts_per_image > 1
+
+
+@dataclass
+class TrainingLoss:
+    """The step's total loss (to backpropagate) and its detached parts, for the log."""
+
+    loss: torch.Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+def latent_loss_weights(valid: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """Per-latent-pixel loss weight: the share of non-ignored image pixels under it (method.md: ignore excluded)."""
+    return F.adaptive_avg_pool2d(valid, latent_size)
+
+
+def weighted_latent_loss(model_pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Squared error per latent pixel, weighted by `latent_loss_weights`, averaged over weight and channels."""
+    weights = latent_loss_weights(valid.float(), tuple(model_pred.shape[-2:]))
+    squared_error = (model_pred.float() - target.float()) ** 2 * weights
+    return squared_error.sum() / (weights.sum() * model_pred.shape[1]).clamp(min=1.0)
+
+
+def _alphas_cumprod(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    alphas = scheduler.alphas_cumprod.to(device=like.device, dtype=torch.float32)[timesteps.to(like.device).long()]
+    return alphas.view(-1, *([1] * (like.dim() - 1)))
+
+
+def predicted_original_sample(scheduler, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """The x0 estimate of a prediction at `timesteps` (what DDIM's ``pred_original_sample`` gives)."""
+    prediction_type = scheduler.config.prediction_type
+    alpha = _alphas_cumprod(scheduler, timesteps, sample)
+    output, sample = model_output.float(), sample.float()
+    if prediction_type == "v_prediction":
+        return alpha.sqrt() * sample - (1 - alpha).sqrt() * output
+    if prediction_type == "epsilon":
+        return (sample - (1 - alpha).sqrt() * output) / alpha.sqrt().clamp(min=1e-4)
+    if prediction_type == "sample":
+        return output
+    raise ValueError(f"Unsupported prediction_type {prediction_type!r}")
+
+
+def _training_target(scheduler, mask_latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(mask_latents, noise, timesteps)
+    if prediction_type == "sample":
+        return mask_latents
+    raise ValueError(f"Unsupported prediction_type {prediction_type!r}")
+
+
+def decision_logits(vae, latents: torch.Tensor, mask_threshold: float, mask_decoder=None) -> torch.Tensor:
+    """Logits ``[B, 1, H, W]`` of decoded mask latents, positive exactly where the pipeline's mask is on.
+
+    Differentiable in `latents` (and in the decoder's weights); see the module docstring for the two decoders.
+    """
+    if mask_decoder is not None:
+        param = next(mask_decoder.parameters())
+        logits = mask_decoder(latents.to(device=param.device, dtype=param.dtype)).float()
+        return logits - torch.logit(torch.tensor(float(mask_threshold))).item()
+    channels = mask_codec.decode_mask_channels(vae, latents).mean(dim=1, keepdim=True)
+    return VAE_LOGIT_SCALE * (channels - (2.0 * mask_threshold - 1.0))
+
+
+def mask_task_loss(logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """BCE + soft Dice of decision logits ``[B, 1, H, W]`` against binary masks, on the valid pixels only.
+
+    BCE is averaged over all valid pixels of the batch; Dice per row (an empty target scores 0 for an empty
+    prediction thanks to `smooth`), then averaged.
+    """
+    valid = valid.float()
+    masks = masks.float()
+    bce = F.binary_cross_entropy_with_logits(logits, masks, reduction="none")
+    bce = (bce * valid).sum() / valid.sum().clamp(min=1.0)
+    probabilities = torch.sigmoid(logits) * valid
+    targets = masks * valid
+    intersection = (probabilities * targets).flatten(1).sum(1)
+    total = probabilities.flatten(1).sum(1) + targets.flatten(1).sum(1)
+    dice = 1.0 - (2.0 * intersection + smooth) / (total + smooth)
+    return bce + dice.mean()
+
+
+def multi_prompt_cross_entropy(logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, prompts_per_image: int) -> torch.Tensor:
+    """Per-pixel cross-entropy over each image's K decision maps plus background (logit 0).
+
+    `logits`, `masks`, `valid`: ``[G * K, 1, H, W]``, the K queries of each image in consecutive rows. The target
+    of a pixel is the query whose mask covers it, or background when none does (classes never overlap).
+    """
+    rows = logits.shape[0]
+    if rows % prompts_per_image:
+        raise ValueError(f"{rows} rows do not split into groups of prompts_per_image={prompts_per_image}.")
+    height, width = logits.shape[-2:]
+    grouped = logits.float().reshape(-1, prompts_per_image, height, width)
+    scores = torch.cat([grouped, grouped.new_zeros(grouped.shape[0], 1, height, width)], dim=1)  # [G, K + 1, H, W]
+    grouped_masks = masks.reshape(-1, prompts_per_image, height, width) > 0.5
+    covered = grouped_masks.any(dim=1)
+    target = torch.where(covered, grouped_masks.float().argmax(dim=1), torch.full_like(covered, prompts_per_image, dtype=torch.long))
+    pixel_valid = valid.reshape(-1, prompts_per_image, height, width)[:, 0].float()
+    cross_entropy = F.cross_entropy(scores, target, reduction="none")
+    return (cross_entropy * pixel_valid).sum() / pixel_valid.sum().clamp(min=1.0)
+
+
+def compute_training_loss(
+    unet,
+    scheduler,
+    image_latents: torch.Tensor,
+    mask_latents: torch.Tensor,
+    text_states: torch.Tensor,
+    masks: torch.Tensor,
+    valid: torch.Tensor,
+    config: TrainingLossConfig,
+    generator: torch.Generator | None = None,
+    vae=None,
+    mask_decoder=None,
+) -> TrainingLoss:
+    """One forward pass of the U-Net on a batch of rows and the configured loss.
+
+    Args:
+        unet: the denoiser; called on ``cat([image_latents, z_t])``.
+        scheduler: a diffusers scheduler with ``alphas_cumprod``, ``add_noise`` and ``get_velocity`` (DDPM).
+        image_latents / mask_latents: ``[R, C, h, w]`` scaled VAE latents (`mask_codec`).
+        text_states: ``[R, L, D]`` projected text states of each row's query.
+        masks / valid: ``[R, 1, H, W]`` target masks and valid-pixel maps (pixel resolution).
+        config: the objective.
+        generator: draws this step's timesteps and noise (seeded per batch, so a resumed run replays exactly).
+        vae / mask_decoder: the decoder for the task and multi-prompt losses (the light decoder when given).
+    """
+    rows = mask_latents.shape[0]
+    group_size = config.prompts_per_image
+    if rows % group_size:
+        raise ValueError(f"a batch of {rows} rows does not split into groups of prompts_per_image={group_size}.")
+    if config.needs_decoder and vae is None and mask_decoder is None:
+        raise ValueError(f"loss {config.loss!r} with prompts_per_image={group_size} needs `vae` or `mask_decoder`.")
+    device = mask_latents.device
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    if config.uses_task_loss:
+        timesteps = torch.full((rows,), num_train_timesteps - 1, dtype=torch.long, device=device)
+        noise = torch.randn(mask_latents.shape, generator=generator, device=generator.device if generator else device)
+        noise = noise.to(device=device, dtype=mask_latents.dtype)
+    else:
+        timesteps = sample_training_timesteps(
+            rows // group_size,
+            num_train_timesteps,
+            bias_strategy=config.timestep_bias_strategy,
+            bias_multiplier=config.timestep_bias_multiplier,
+            bias_portion=config.timestep_bias_portion,
+            generator=generator,
+            device=device,
+        ).repeat_interleave(group_size)
+        noise = sample_training_noise(
+            mask_latents, timesteps, num_train_timesteps, variant=config.noise_variant,
+            strength=config.noise_strength, generator=generator,
+        )
+    noisy_latents = scheduler.add_noise(mask_latents, noise, timesteps)
+    model_input = torch.cat([image_latents, noisy_latents.to(image_latents.dtype)], dim=1)
+    model_pred = unet(model_input, timesteps, encoder_hidden_states=text_states, return_dict=False)[0]
+
+    total = model_pred.new_zeros((), dtype=torch.float32)
+    parts: dict[str, float] = {}
+    if config.uses_latent_loss:
+        latent = weighted_latent_loss(model_pred, _training_target(scheduler, mask_latents, noise, timesteps), valid)
+        total = total + latent
+        parts["latent"] = latent.item()
+    if config.needs_decoder:
+        x0 = predicted_original_sample(scheduler, model_pred, timesteps, noisy_latents)
+        logits = decision_logits(vae, x0, config.mask_threshold, mask_decoder)
+        if config.uses_task_loss:
+            task = mask_task_loss(logits, masks, valid)
+            total = total + config.e2e_weight * task
+            parts["e2e"] = task.item()
+        if group_size > 1:
+            cross_entropy = multi_prompt_cross_entropy(logits, masks, valid, group_size)
+            total = total + config.multi_prompt_weight * cross_entropy
+            parts["multi_prompt"] = cross_entropy.item()
+    return TrainingLoss(total, parts)
