@@ -301,7 +301,7 @@ class DiGSegPipeline(DiffusionPipeline):
         return pipe
 
     @classmethod
-    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
+    def _dict_from_json_file(cls, json_file: str | os.PathLike, *args, **kwargs) -> dict[str, Any]:
         """`model_index.json` with the stock-diffusers loader entry `_class_name` mapped back to this class.
 
         diffusers' Hub download reads the index through this method; mapping the entry keeps it from importing the
@@ -309,7 +309,8 @@ class DiGSegPipeline(DiffusionPipeline):
         """
         from .hub_layout import package_model_index
 
-        return package_model_index(super()._dict_from_json_file(json_file), components=False)
+        # Extra arguments (diffusers < 0.42 passes `dduf_entries`) go through unchanged.
+        return package_model_index(super()._dict_from_json_file(json_file, *args, **kwargs), components=False)
 
     @classmethod
     def load_config(cls, *args, **kwargs):
