@@ -228,8 +228,8 @@ def test_train_adapter_e2e_multi_prompt_trains_the_decoder_and_resumes_exactly(t
     assert replay.returncode == 0, replay.stderr[-3000:]
     losses = dict(map(tuple, json.loads((tmp_path / "run" / "train_summary.json").read_text())["losses"]))
     replayed = dict(map(tuple, json.loads((tmp_path / "replay" / "train_summary.json").read_text())["losses"]))
-    assert sorted(replayed) == [4, 5, 6]
-    for step in (4, 5, 6):  # same process path twice: exact
+    assert sorted(replayed) == [1, 2, 3, 4, 5, 6]  # the summary covers the whole run: 1-3 from the checkpoint
+    for step in (4, 5, 6):  # trained again after the resume, on the same process path: exact
         assert replayed[step] == losses[step]
     assert (tmp_path / "run" / "checkpoint-3" / "task_decoder.safetensors").is_file()
     from digseg_diffusers import DiGSegPipeline
