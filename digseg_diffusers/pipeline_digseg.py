@@ -1291,6 +1291,10 @@ def _probability_values(probs: torch.Tensor, probability_dtype: str) -> torch.Te
     return probs.to(torch.float16) if probability_dtype == "float16" else probs
 
 
+def _uint8_probabilities(probs: np.ndarray) -> np.ndarray:
+    return probs if probs.dtype == np.uint8 else (probs.astype(np.float32) * 255.0).round().astype(np.uint8)
+
+
 def _convert(items: list[torch.Tensor], output_type: str, kind: str) -> list:
     """Per-image tensors -> the requested output type."""
     if output_type == "pt":
@@ -1298,9 +1302,8 @@ def _convert(items: list[torch.Tensor], output_type: str, kind: str) -> list:
     arrays = [item.cpu().numpy() for item in items]
     if output_type == "np":
         return arrays
-    if kind == "probability":
-        to_uint8 = lambda m: m if m.dtype == np.uint8 else (m.astype(np.float32) * 255.0).round().astype(np.uint8)  # noqa: E731
-        return [[Image.fromarray(to_uint8(m), mode="L") for m in a] for a in arrays]
+    if kind == "probability":  # uint8 maps already are round(255 p)
+        return [[Image.fromarray(_uint8_probabilities(m), mode="L") for m in a] for a in arrays]
     if kind == "mask":
         return [[Image.fromarray(m.astype(np.uint8) * 255, mode="L") for m in a] for a in arrays]
     return [Image.fromarray(a.astype(np.uint8 if a.max(initial=0) < 256 else np.uint16)) for a in arrays]
