@@ -105,6 +105,12 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     return image
 
 
+def check_unit_range(pixels: torch.Tensor) -> None:
+    """Refuse pixels outside [0, 1] (NaN and inf included): what every canonical image must satisfy."""
+    if pixels.numel() and (torch.isnan(pixels).any() or pixels.min() < 0.0 or pixels.max() > 1.0):
+        raise ValueError("float pixel values must lie in [0, 1]")
+
+
 def to_float_rgb(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
     """One image (any form the pipeline accepts) -> ``[H, W, 3]`` float32 in [0, 1], full precision kept."""
     pixels = DiGSegImageProcessor.load_image_canonical(image)
@@ -118,6 +124,5 @@ def to_uint8_rgb(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
         return image
     pixels = to_float_rgb(image)
-    if not np.isfinite(pixels).all() or pixels.min(initial=0.0) < 0.0 or pixels.max(initial=0.0) > 1.0:
-        raise ValueError("float pixel values must be finite and lie in [0, 1]")
+    check_unit_range(torch.from_numpy(pixels))
     return np.round(pixels * 255.0).astype(np.uint8)

@@ -33,7 +33,7 @@ from PIL import Image
 from transformers import PreTrainedModel
 
 from . import mask_codec
-from .image_processing import RESAMPLE_METHODS, DiGSegImageProcessor, processing_size
+from .image_processing import RESAMPLE_METHODS, DiGSegImageProcessor, check_unit_range, processing_size
 from .mask_decoder import DiGSegMaskDecoder  # imported so that from_pretrained can resolve a saved mask_decoder
 from .text_projection import DiGSegTextProjection
 from .unet_surgery import widen_conv_in
@@ -725,8 +725,10 @@ class DiGSegPipeline(DiffusionPipeline):
                 raise ValueError(f"`image[{i}]`: {error}") from None
             if tensor.numel() == 0:
                 raise ValueError(f"`image[{i}]` is empty: shape {tuple(tensor.shape)}.")
-            if torch.isnan(tensor).any() or tensor.min() < 0.0 or tensor.max() > 1.0:
-                raise ValueError(f"`image[{i}]`: float pixel values must lie in [0, 1].")
+            try:
+                check_unit_range(tensor)
+            except ValueError as error:
+                raise ValueError(f"`image[{i}]`: {error}.") from None
             if tensors and tensor.shape[-2:] != tensors[0].shape[-2:]:
                 raise ValueError(
                     f"`image[{i}]` is {tuple(tensor.shape[-2:])} (H, W) but `image[0]` is "
@@ -1003,8 +1005,8 @@ class DiGSegPipeline(DiffusionPipeline):
         background_threshold = defaults["background_threshold"]
 
         self._light_mask_decoder(mask_decoder)  # validate before any heavy work
-        if probability_dtype not in PROBABILITY_DTYPES:
-            raise ValueError(f"`probability_dtype` must be one of {PROBABILITY_DTYPES}; got {probability_dtype!r}.")
+        if not isinstance(probability_dtype, str) or probability_dtype not in PROBABILITY_DTYPES:
+            raise ValueError(f"`probability_dtype` must be one of {tuple(PROBABILITY_DTYPES)}; got {probability_dtype!r}.")
 
         # 1. Inputs.
         pixels01 = self._canonical_images(image)  # [N,3,H,W] in [0,1]
@@ -1125,12 +1127,12 @@ class DiGSegPipeline(DiffusionPipeline):
         output_size = tuple(original_size) if match_input_resolution else (
             probabilities.shape[-2] - padding[0], probabilities.shape[-1] - padding[1]
         )  # fmt: skip
+        probs_dtype = PROBABILITY_DTYPES[probability_dtype]
         out_probs, out_masks, out_labels, out_unc = [], [], [], []
         start = 0
         for prompts in prompts_per_image:
             count, best, best_index = len(prompts), None, None
             # Outputs are filled in place (never concatenated: that would hold every map twice).
-            probs_dtype = torch.uint8 if probability_dtype == "uint8" else getattr(torch, probability_dtype)
             image_probs = torch.empty((count, *output_size), dtype=probs_dtype) if output_probabilities else None
             image_masks = torch.empty((count, *output_size), dtype=torch.bool) if output_masks else None
             image_unc = torch.empty((count, *output_size), dtype=probs_dtype) if uncertainty is not None else None
@@ -1149,9 +1151,9 @@ class DiGSegPipeline(DiffusionPipeline):
                 if image_masks is not None:
                     image_masks[local] = probs > mask_threshold
                 if image_probs is not None:
-                    image_probs[local] = _probability_values(probs, probability_dtype)
+                    image_probs[local] = _probability_values(probs, probs_dtype)
                 if image_unc is not None:
-                    image_unc[local] = _probability_values(restore(uncertainty[rows]), probability_dtype)
+                    image_unc[local] = _probability_values(restore(uncertainty[rows]), probs_dtype)
                 del probs
             out_labels.append(torch.where(best >= background_threshold, best_index + 1, BACKGROUND_LABEL).long())
             out_masks.append(image_masks)
@@ -1281,14 +1283,14 @@ def _vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-PROBABILITY_DTYPES = ("float32", "float16", "uint8")
+PROBABILITY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
 
 
-def _probability_values(probs: torch.Tensor, probability_dtype: str) -> torch.Tensor:
+def _probability_values(probs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Probabilities in [0, 1] as float32, float16, or uint8 ``round(255 p)`` (4x less memory than float32)."""
-    if probability_dtype == "uint8":
+    if dtype == torch.uint8:
         return (probs * 255.0).round_().to(torch.uint8)
-    return probs.to(torch.float16) if probability_dtype == "float16" else probs
+    return probs.to(dtype)
 
 
 def _uint8_probabilities(probs: np.ndarray) -> np.ndarray:
