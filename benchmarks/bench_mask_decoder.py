@@ -30,24 +30,23 @@ def decode_flops(vae, decoder, resolution: int) -> tuple[int, int]:
 def pipeline_iou(pipeline_path: str, num_scenes: int, resolution: int) -> dict:
     """Segment val scenes (prompts = their visible classes) with each decoder; pooled IoU of the binary masks."""
     from digseg_diffusers import DiGSegPipeline
+    from digseg_diffusers.metrics import ConfusionMatrix
     from digseg_diffusers.synthetic import generate_scene, split_seeds
 
     pipe = DiGSegPipeline.from_pretrained(pipeline_path)
     pipe.set_progress_bar_config(disable=True)
-    counts = {"vae": [0, 0], "light": [0, 0]}
+    pooled = {"vae": ConfusionMatrix(2), "light": ConfusionMatrix(2)}  # mask vs rest, summed over the scenes
     num_masks = 0
     for seed in split_seeds("val", num_scenes):
         scene = generate_scene(seed, size=resolution)
         targets = torch.from_numpy(scene.label)[None] == torch.tensor(scene.class_indices)[:, None, None] + 1
         num_masks += len(scene.class_indices)
-        for decoder in counts:
+        for decoder, confusion in pooled.items():
             out = pipe(scene.image, scene.class_names, processing_resolution=0, output_type="pt",
                        generator=torch.Generator().manual_seed(seed), mask_decoder=decoder)
-            masks = out.masks[0]
-            counts[decoder][0] += int((masks & targets).sum())
-            counts[decoder][1] += int((masks | targets).sum())
+            confusion.update(out.masks[0].long(), targets.long())
     return {"num_scenes": num_scenes, "num_masks": num_masks,
-            **{f"iou_{name}": inter / union for name, (inter, union) in counts.items()}}
+            **{f"iou_{name}": confusion.binary_scores(positive_class=1)["iou"] for name, confusion in pooled.items()}}
 
 
 def main(argv=None):

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +31,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from digseg_diffusers import DiGSegPipeline
-from digseg_diffusers.data.readers import BACKGROUND_INDEX
 from digseg_diffusers.evaluation import evaluate_examples
-from digseg_diffusers.metrics import IoUThresholdCurve
+from digseg_diffusers.metrics import IoUThresholdCurve, binary_segmentation_metrics
 from digseg_diffusers.synthetic import SHAPE_CLASSES, STYLES, generate_scene, split_seeds
 
 DEFAULT_SETTINGS = ((1, 1), (1, 2), (4, 1), (4, 2), (8, 2))
@@ -43,22 +40,10 @@ PAPER_MASK_THRESHOLD = 0.7
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 
 
-@dataclass
-class SceneExample:
-    """What `evaluate_examples` reads: ``image`` uint8 HWC, ``label`` class indices with -1 = background."""
-
-    image: np.ndarray
-    label: np.ndarray
-    class_names: list[str]
-
-
-def held_out_examples(num_scenes: int, first: int = 0, size: int = 64, style: str = "plain") -> list[SceneExample]:
-    examples = []
-    for seed in split_seeds("test", num_scenes, seed_offset=split_seeds("test", 0).start + first):
-        scene = generate_scene(seed, size=size, style=style)
-        label = np.where(scene.label == 0, BACKGROUND_INDEX, scene.label.astype(np.int64) - 1)
-        examples.append(SceneExample(scene.image, label, list(SHAPE_CLASSES)))
-    return examples
+def held_out_examples(num_scenes: int, first: int = 0, size: int = 64, style: str = "plain") -> list:
+    """Test-split scenes (never trained on) as evaluation examples."""
+    seeds = split_seeds("test", num_scenes, seed_offset=split_seeds("test", 0).start + first)
+    return [generate_scene(seed, size=size, style=style).validation_example() for seed in seeds]
 
 
 def evaluate_settings(pipe, examples, settings, batch_size: int = 32, mask_threshold: float | None = None) -> list[dict]:
@@ -72,7 +57,7 @@ def evaluate_settings(pipe, examples, settings, batch_size: int = 32, mask_thres
         )
         seconds = (time.perf_counter() - start) / len(examples)
         metrics = confusion.compute()
-        metrics["foreground_iou"] = foreground_iou(confusion)
+        metrics["foreground_iou"] = confusion.foreground_iou(background_class=len(SHAPE_CLASSES))
         rows.append(
             {
                 "ensemble": ensemble,
@@ -86,17 +71,6 @@ def evaluate_settings(pipe, examples, settings, batch_size: int = 32, mask_thres
             }
         )
     return rows
-
-
-def foreground_iou(confusion) -> float:
-    """Pooled class-agnostic IoU of "some shape" vs background, from a confusion matrix whose last class is
-    background (pixels left without a class count as background)."""
-    counts = confusion.counts.double()
-    shapes = len(SHAPE_CLASSES)
-    hits = counts[:shapes, :shapes].sum()
-    false_alarms = counts[shapes, :shapes].sum()
-    misses = counts[:shapes, shapes:].sum()
-    return float(hits / (hits + false_alarms + misses).clamp(min=1.0))
 
 
 @torch.no_grad()
@@ -119,7 +93,7 @@ def threshold_curve_and_baselines(pipe, examples, batch_size: int = 32) -> tuple
             target = targets[k]
             if not target.any():  # binary IoU is defined on the queries whose class is present
                 continue
-            query_iou["model"].append((masks[k] & target).sum() / (masks[k] | target).sum())
+            query_iou["model"].append(binary_segmentation_metrics(masks[k], target)["iou"])
             query_iou["empty mask"].append(0.0)
             query_iou["whole image"].append(target.mean())
     baselines = {name: float(np.mean(values)) for name, values in query_iou.items()}

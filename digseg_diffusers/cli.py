@@ -505,7 +505,7 @@ def _write_demo_extras(folder: ResultFolder, scene, prompts: list[str], output, 
     """The demo's ground truth, input and comparison panel, and its scores."""
     from PIL import Image
 
-    from .metrics import ConfusionMatrix
+    from .evaluation import BACKGROUND_NAME, EvaluationAccumulator
     from .synthetic import SHAPE_CLASSES
     from .visualization import label_colors
 
@@ -517,10 +517,10 @@ def _write_demo_extras(folder: ResultFolder, scene, prompts: list[str], output, 
     ground_truth.putpalette(label_colors(len(prompts)).reshape(-1).tolist())
     folder.save_image("ground_truth.png", ground_truth)
     folder.save_image("image.png", Image.fromarray(scene.image))
-    confusion = ConfusionMatrix(len(prompts) + 1, class_names=["background"] + prompts)
-    confusion.update(np.asarray(output.label_maps[0]).astype(np.int64), truth)
-    metrics = confusion.compute()
-    per_class = dict(zip(["background"] + prompts, metrics["per_class_iou"]))
+    accumulator = EvaluationAccumulator(SHAPE_CLASSES, ignore_index=255, thresholds=())  # the benchmark's scoring
+    accumulator.add(scene.validation_example().label, [SHAPE_CLASSES.index(p) for p in prompts], None, np.asarray(output.label_maps[0]))
+    metrics = accumulator.compute()
+    per_class = {name: metrics["per_class"][name]["iou"] for name in [BACKGROUND_NAME] + prompts}
     folder.save_image("panel.png", _panel(scene.image, truth, np.asarray(output.label_maps[0]), len(prompts)))
     return {
         "command": "demo",

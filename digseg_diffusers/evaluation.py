@@ -36,21 +36,17 @@ from .pipeline_digseg import BACKGROUND_LABEL
 BACKGROUND_NAME = "background"
 
 
-def pipeline_labels_to_class_indices(label_map: np.ndarray, background_index: int) -> np.ndarray:
-    """Pipeline label map (0 = background, k + 1 = prompt k) -> class indices with `background_index`."""
-    label_map = np.asarray(label_map)
-    return np.where(label_map == BACKGROUND_LABEL, background_index, label_map - 1).astype(np.int64)
-
-
-def dataset_labels_for_scoring(label: np.ndarray, num_classes: int) -> np.ndarray:
-    """Dataset label map (class indices, -1 = background, ignore) -> scoring indices (background = K)."""
-    label = np.asarray(label).astype(np.int64)
-    return np.where(label == BACKGROUND_INDEX, num_classes, label)
-
-
 def new_confusion_matrix(class_names: Sequence[str], ignore_index: int, include_background: bool = True) -> ConfusionMatrix:
     names = list(class_names) + ([BACKGROUND_NAME] if include_background else [])
     return ConfusionMatrix(len(names), ignore_index=ignore_index, class_names=names)
+
+
+def label_map_at_threshold(probabilities: torch.Tensor | np.ndarray, background_threshold: float) -> torch.Tensor:
+    """The pipeline's labelling rule on ``[K, H, W]`` probabilities: 1 + the best prompt where it reaches
+    `background_threshold`, else `BACKGROUND_LABEL` (ties keep the earlier prompt)."""
+    probabilities = probabilities if torch.is_tensor(probabilities) else torch.from_numpy(np.asarray(probabilities))
+    best, best_index = probabilities.max(dim=0)
+    return torch.where(best >= background_threshold, best_index + 1, BACKGROUND_LABEL).long()
 
 
 @torch.no_grad()
@@ -70,23 +66,17 @@ def evaluate_examples(
     `batch_size`, thresholds). Each example uses a generator seeded with `seed` + its position, so results do not
     depend on which process evaluates which example. Returns the (updated) confusion matrix.
     """
-    class_names = list(class_names)
-    num_classes = len(class_names)
-    if confusion is None:
-        confusion = new_confusion_matrix(class_names, ignore_index, include_background)
-    # Without a background class, pixels left as background count as "no class" (a miss for their class).
-    background_index = num_classes if include_background else -1
+    accumulator = EvaluationAccumulator(class_names, ignore_index, include_background, thresholds=())
+    if confusion is not None:
+        accumulator.confusion = confusion
+    every_class = list(range(accumulator.num_classes))
     for position, example in enumerate(examples):
-        generator = torch.Generator().manual_seed(seed + position)
-        out = pipe(example.image, class_names, generator=generator, output_type="np", **pipeline_kwargs)
-        prediction = pipeline_labels_to_class_indices(out.label_maps[0], background_index)
-        target = np.asarray(example.label).astype(np.int64)
-        if include_background:
-            target = dataset_labels_for_scoring(target, num_classes)
-        elif (target == BACKGROUND_INDEX).any():
-            target = np.where(target == BACKGROUND_INDEX, ignore_index, target)
-        confusion.update(prediction, target)
-    return confusion
+        out = pipe(
+            example.image, accumulator.class_names, generator=torch.Generator().manual_seed(seed + position),
+            output_type="pt", output_probabilities=False, output_masks=False, **pipeline_kwargs,
+        )
+        accumulator.add(example.label, every_class, None, out.label_maps[0])
+    return accumulator.confusion
 
 
 def evaluate_examples_at_thresholds(
@@ -100,22 +90,18 @@ def evaluate_examples_at_thresholds(
 ) -> dict[float, ConfusionMatrix]:
     """`evaluate_examples` (background included) at several mask thresholds from one pipeline call per example.
 
-    The probabilities do not depend on the threshold, so each threshold's label map (the best prompt where its
-    probability reaches the threshold, else background, as the pipeline labels) is derived from the same call.
+    The probabilities do not depend on the threshold, so each threshold's label map (`label_map_at_threshold`,
+    the pipeline's rule) is derived from the same call.
     """
-    class_names = list(class_names)
-    num_classes = len(class_names)
-    confusions = {float(t): new_confusion_matrix(class_names, ignore_index, True) for t in thresholds}
+    accumulators = {float(t): EvaluationAccumulator(class_names, ignore_index, True, thresholds=()) for t in thresholds}
+    every_class = list(range(len(list(class_names))))
     for position, example in enumerate(examples):
         generator = torch.Generator().manual_seed(seed + position)
-        out = pipe(example.image, class_names, generator=generator, output_type="np", **pipeline_kwargs)
-        probabilities = np.asarray(out.probabilities[0])  # [K, H, W]
-        best, best_index = probabilities.max(axis=0), probabilities.argmax(axis=0)
-        target = dataset_labels_for_scoring(np.asarray(example.label).astype(np.int64), num_classes)
-        for threshold, confusion in confusions.items():
-            label_map = np.where(best >= threshold, best_index + 1, BACKGROUND_LABEL)
-            confusion.update(pipeline_labels_to_class_indices(label_map, num_classes), target)
-    return confusions
+        out = pipe(example.image, list(class_names), generator=generator, output_type="pt", output_masks=False, **pipeline_kwargs)
+        for threshold, accumulator in accumulators.items():
+            label_map = label_map_at_threshold(out.probabilities[0], threshold)
+            accumulator.add(example.label, every_class, None, label_map)
+    return {threshold: accumulator.confusion for threshold, accumulator in accumulators.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,9 +141,7 @@ def scoring_target(label: np.ndarray, num_classes: int, ignore_index: int, inclu
     """A dataset label map in the indices the confusion matrix scores: background -> K (or ignored without a
     background class)."""
     target = np.asarray(label).astype(np.int64)
-    if include_background:
-        return dataset_labels_for_scoring(target, num_classes)
-    return np.where(target == BACKGROUND_INDEX, ignore_index, target)
+    return np.where(target == BACKGROUND_INDEX, num_classes if include_background else ignore_index, target)
 
 
 class EvaluationAccumulator:
@@ -167,7 +151,7 @@ class EvaluationAccumulator:
         class_names: the dataset's classes (class index k = ``class_names[k]``).
         ignore_index: the dataset's ignore value.
         include_background: score background as an extra class K (datasets whose maps have a background value).
-        thresholds: thresholds of the IoU-vs-threshold curve.
+        thresholds: thresholds of the IoU-vs-threshold curve; empty: no curve (then `add` needs no probabilities).
 
     All state is in `state_dict` (int64 / float64 tensors), summable across processes and shards.
     """
@@ -184,7 +168,7 @@ class EvaluationAccumulator:
         self.ignore_index = ignore_index
         self.include_background = include_background
         self.confusion = new_confusion_matrix(self.class_names, ignore_index, include_background)
-        self.curve = IoUThresholdCurve(thresholds, num_classes=self.num_classes)
+        self.curve = IoUThresholdCurve(thresholds, num_classes=self.num_classes) if len(thresholds) else None
         # images, ground-truth classes present, classes proposed, present classes proposed, images without proposal
         self.proposal_counts = torch.zeros(5, dtype=torch.int64)
         self.seconds = torch.zeros(1, dtype=torch.float64)
@@ -206,11 +190,13 @@ class EvaluationAccumulator:
         Args:
             label: the dataset's label map (class indices, `BACKGROUND_INDEX`, ignore).
             class_indices: the class of each segmented prompt (all classes, or the proposed ones).
-            probabilities: the pipeline's ``[P, H, W]`` maps for those prompts (None when nothing was segmented).
+            probabilities: the pipeline's ``[P, H, W]`` maps for those prompts (None when nothing was segmented, or
+                when the accumulator keeps no curve).
             label_map: the pipeline's label map (0 = background, p + 1 = prompt p); None = background everywhere.
             seconds: time spent on this image (summed into ``seconds_per_image``).
         """
         class_indices = [int(k) for k in class_indices]
+        probs = self._checked_probabilities(probabilities, len(class_indices)) if self.curve is not None else None
         target = scoring_target(label, self.num_classes, self.ignore_index, self.include_background)
         if label_map is None:
             prompt_labels = np.zeros(target.shape, dtype=np.int64)
@@ -224,39 +210,44 @@ class EvaluationAccumulator:
 
         raw = np.asarray(label).astype(np.int64)
         present = [int(k) for k in np.unique(raw) if 0 <= k < self.num_classes]
-        ignore_mask = torch.from_numpy(raw == self.ignore_index)
-        raw_tensor = torch.from_numpy(raw)
-        probs = None
-        if probabilities is not None:
-            probs = probabilities if torch.is_tensor(probabilities) else torch.from_numpy(np.asarray(probabilities))
-            probs = probs.float().cpu()
-        if class_indices and (probs is None or probs.shape[0] != len(class_indices)):
-            found = None if probs is None else tuple(probs.shape)
-            raise ValueError(f"probabilities must hold one map per segmented class ({len(class_indices)}); got {found}")
-        # every segmented class, plus present classes that were not segmented (probability 0: a miss at any t)
-        curve_classes = list(dict.fromkeys(class_indices + present))
-        for start in range(0, len(curve_classes), 16):
-            chunk = curve_classes[start : start + 16]
-            maps = torch.stack(
-                [
-                    probs[class_indices.index(k)] if k in class_indices else torch.zeros(raw.shape)
-                    for k in chunk
-                ]
-            )
-            targets = torch.stack([raw_tensor == k for k in chunk])
-            self.curve.update(maps, targets, class_ids=chunk, ignore_mask=ignore_mask.expand_as(targets))
-
+        if self.curve is not None:
+            self._add_to_curve(raw, present, class_indices, probs)
         proposed_present = len(set(present) & set(class_indices))
         self.proposal_counts += torch.tensor(
             [1, len(present), len(class_indices), proposed_present, int(not class_indices)], dtype=torch.int64
         )
         self.seconds += float(seconds)
 
+
+    @staticmethod
+    def _checked_probabilities(probabilities, num_segmented: int) -> torch.Tensor | None:
+        probs = None
+        if probabilities is not None:
+            probs = probabilities if torch.is_tensor(probabilities) else torch.from_numpy(np.asarray(probabilities))
+            probs = probs.float().cpu()
+        if num_segmented and (probs is None or probs.shape[0] != num_segmented):
+            found = None if probs is None else tuple(probs.shape)
+            raise ValueError(f"probabilities must hold one map per segmented class ({num_segmented}); got {found}")
+        return probs
+
+    def _add_to_curve(self, raw: np.ndarray, present: list[int], class_indices: list[int], probs) -> None:
+        """Every segmented class, plus present classes that were not segmented (probability 0: a miss at any t)."""
+        ignore_mask = torch.from_numpy(raw == self.ignore_index)
+        raw_tensor = torch.from_numpy(raw)
+        curve_classes = list(dict.fromkeys(class_indices + present))
+        for start in range(0, len(curve_classes), 16):
+            chunk = curve_classes[start : start + 16]
+            maps = torch.stack(
+                [probs[class_indices.index(k)] if k in class_indices else torch.zeros(raw.shape) for k in chunk]
+            )
+            targets = torch.stack([raw_tensor == k for k in chunk])
+            self.curve.update(maps, targets, class_ids=chunk, ignore_mask=ignore_mask.expand_as(targets))
+
     # -------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {
             "confusion": self.confusion.counts.cpu().clone(),
-            "curve": self.curve.counts.cpu().clone(),
+            "curve": self.curve.counts.cpu().clone() if self.curve is not None else torch.zeros(0, dtype=torch.int64),
             "proposal_counts": self.proposal_counts.clone(),
             "seconds": self.seconds.clone(),
         }
@@ -272,7 +263,8 @@ class EvaluationAccumulator:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         state = self._checked(state)
         self.confusion.counts = state["confusion"].clone()
-        self.curve.counts = state["curve"].clone()
+        if self.curve is not None:
+            self.curve.counts = state["curve"].clone()
         self.proposal_counts = state["proposal_counts"].clone()
         self.seconds = state["seconds"].clone()
 
@@ -280,14 +272,16 @@ class EvaluationAccumulator:
         """Add another shard's counts."""
         state = self._checked(state)
         self.confusion.counts += state["confusion"]
-        self.curve.counts += state["curve"]
+        if self.curve is not None:
+            self.curve.counts += state["curve"]
         self.proposal_counts += state["proposal_counts"]
         self.seconds += state["seconds"]
 
     # -------------------------------------------------------------------------- results
     def compute(self) -> dict:
-        """The setting's results: summary metrics, per-class metrics, the IoU-vs-threshold curve, proposal
-        statistics, ``binary`` scores for single-class datasets, and ``seconds_per_image``."""
+        """The setting's results: summary metrics, per-class metrics, ``foreground_iou`` (with a background
+        class), the IoU-vs-threshold curve, proposal statistics, ``binary`` scores for single-class datasets, and
+        ``seconds_per_image``."""
         metrics = self.confusion.compute()
         names = metrics["class_names"]
         result = {key: metrics[key] for key in SUMMARY_METRICS + ("num_pixels", "num_valid_classes")}
@@ -304,9 +298,12 @@ class EvaluationAccumulator:
         }
         if self.num_classes == 1:  # binary task (roads, lesions): the one class against the rest
             result["binary"] = self.confusion.binary_scores(positive_class=0)
-        curve = self.curve.compute()
-        curve["class_names"] = list(self.class_names)
-        result["iou_vs_threshold"] = curve
+        if self.include_background:
+            result["foreground_iou"] = self.confusion.foreground_iou(background_class=self.num_classes)
+        if self.curve is not None:
+            curve = self.curve.compute()
+            curve["class_names"] = list(self.class_names)
+            result["iou_vs_threshold"] = curve
         images, present, proposed, hits, empty = (int(v) for v in self.proposal_counts)
         result["num_images"] = images
         result["proposal"] = {

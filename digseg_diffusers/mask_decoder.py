@@ -21,6 +21,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.nn import functional as F
 
+from .metrics import binary_segmentation_metrics
+
 __all__ = [
     "DiGSegMaskDecoder",
     "count_flops",
@@ -110,10 +112,7 @@ def count_flops(fn, *args, **kwargs) -> int:
 
 def mask_iou(probabilities: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5) -> float:
     """Pooled IoU (sum of intersections / sum of unions) of ``probabilities > threshold`` against binary targets."""
-    predicted = probabilities.reshape(targets.shape) > threshold
-    targets = targets > 0.5
-    union = int((predicted | targets).sum())
-    return float(int((predicted & targets).sum()) / union) if union else float("nan")
+    return binary_segmentation_metrics(probabilities.reshape(targets.shape) > threshold, targets > 0.5)["iou"]
 
 
 def fit_mask_decoder(

@@ -210,6 +210,19 @@ class ConfusionMatrix:
             result["class_names"] = list(self.class_names)
         return result
 
+    def foreground_iou(self, background_class: int) -> float:
+        """Pooled class-agnostic IoU of "any class but `background_class`": where objects are found, whichever
+        class they are given (pixels left without a class count as background). NaN when nothing is foreground."""
+        if not 0 <= background_class < self.num_classes:
+            raise ValueError(f"background_class must be in [0, {self.num_classes - 1}]; got {background_class}")
+        counts = self.counts.double()
+        foreground = [k for k in range(self.num_classes) if k != background_class]
+        hits = counts[foreground][:, foreground].sum()
+        false_alarms = counts[background_class, foreground].sum()
+        misses = counts[foreground, background_class].sum() + counts[foreground, self.num_classes].sum()
+        union = hits + false_alarms + misses
+        return float(hits / union) if union > 0 else float("nan")
+
     def binary_scores(self, positive_class: int = 1) -> dict[str, float]:
         """IoU, precision, recall, F1, Dice and pixel accuracy of one class against the rest (roads, lesions, ...)."""
         if not 0 <= positive_class < self.num_classes:

@@ -51,6 +51,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from .data.readers import BACKGROUND_INDEX, ValidationExample
+
 # Six shapes that stay distinct at 64 px once rotated: a heart (in generator version 1) was read as a circle or a
 # triangle at that size (per-class IoU 0.06 for the first demo model), so it was dropped.
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross")
@@ -230,6 +232,12 @@ class SyntheticScene:
     def mask(self, class_index: int) -> np.ndarray:
         """Boolean ``[H, W]`` mask of the visible pixels of one class."""
         return self.label == class_index + 1
+
+    def validation_example(self):
+        """The scene as the `ValidationExample` evaluation reads: class indices, ``BACKGROUND_INDEX`` (-1) for
+        background, every shape class in the vocabulary."""
+        label = np.where(self.label == BACKGROUND_LABEL, BACKGROUND_INDEX, self.label.astype(np.int64) - 1)
+        return ValidationExample(self.image, label, list(SHAPE_CLASSES), image_path=f"synthetic scene {self.seed}")
 
 
 def _random_color(rng: np.random.Generator) -> np.ndarray:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .mask_codec import decode_mask_channels, encode_masks, mask_channels_to_probabilities
+from .metrics import ConfusionMatrix, binary_segmentation_metrics
 
 __all__ = [
     "generate_random_masks",
@@ -149,7 +150,7 @@ def vae_mask_roundtrip(vae, masks: torch.Tensor, batch_size: int = 8, threshold:
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive; got {batch_size}")
     mae, mae_pixels, channel_std, channel_range, mask_ious = [], [], [], [], []
-    worst_range, intersection, union = 0.0, 0, 0
+    worst_range, pooled = 0.0, ConfusionMatrix(2)  # mask vs rest, summed over all masks
     for start in range(0, masks.shape[0], batch_size):
         batch = masks[start : start + batch_size].float().to(vae.device)
         channels = decode_mask_channels(vae, encode_masks(vae, batch))  # [B, 3, H, W], float32, unclamped
@@ -163,10 +164,9 @@ def vae_mask_roundtrip(vae, masks: torch.Tensor, batch_size: int = 8, threshold:
         channel_range += spread.mean(dim=(1, 2)).tolist()
         worst_range = max(worst_range, float(spread.max()))
         predicted, target = probabilities > threshold, batch > 0.5
-        inter = (predicted & target).sum(dim=(1, 2))
-        uni = (predicted | target).sum(dim=(1, 2))
-        intersection, union = intersection + int(inter.sum()), union + int(uni.sum())
-        mask_ious += [float(i) / float(u) for i, u in zip(inter, uni) if u > 0]
+        pooled.update(predicted.long(), target.long())
+        per_mask = [binary_segmentation_metrics(p, t)["iou"] for p, t in zip(predicted, target)]
+        mask_ious += [iou for iou in per_mask if iou == iou]  # undefined (empty and not predicted): left out
     report = {"num_masks": int(masks.shape[0]), "resolution": list(masks.shape[-2:]), "threshold": float(threshold)}
     for name, values in (
         ("mae", mae),
@@ -176,7 +176,7 @@ def vae_mask_roundtrip(vae, masks: torch.Tensor, batch_size: int = 8, threshold:
     ):
         report[f"{name}_mean"], report[f"{name}_std"] = _mean_std(values)
     report["channel_max_min_worst"] = worst_range
-    report["iou"] = intersection / union if union > 0 else float("nan")
+    report["iou"] = pooled.binary_scores(positive_class=1)["iou"]
     report["mean_mask_iou"] = float(np.mean(mask_ious)) if mask_ious else float("nan")
     return report
 

@@ -10,7 +10,7 @@ import torch
 from digseg_diffusers import DiGSegPipeline, demo
 from digseg_diffusers.data.readers import BACKGROUND_INDEX
 from digseg_diffusers.evaluation import evaluate_examples
-from digseg_diffusers.metrics import ConfusionMatrix
+from digseg_diffusers.metrics import ConfusionMatrix, binary_segmentation_metrics
 from digseg_diffusers.synthetic import SHAPE_CLASSES, generate_scene, split_seeds
 
 # The shipped model is trained for ~36 minutes on a CPU and is not converged (benchmarks/demo_fidelity.md). Measured
@@ -75,12 +75,6 @@ def test_the_comfyui_loader_finds_the_demo_model():
     assert logic.demo_model_path() == demo.default_model_path()
 
 
-class _Example:
-    def __init__(self, scene):
-        self.image = scene.image
-        self.label = np.where(scene.label == 0, BACKGROUND_INDEX, scene.label.astype(np.int64) - 1)
-
-
 def _held_out_scenes(num_scenes: int = 12, first: int = 500, style: str = "plain"):
     return [generate_scene(seed, size=64, style=style) for seed in split_seeds("test", num_scenes, seed_offset=split_seeds("test", 0).start + first)]
 
@@ -88,7 +82,7 @@ def _held_out_scenes(num_scenes: int = 12, first: int = 500, style: str = "plain
 def test_held_out_miou_floor(demo_pipe):
     """Test-split scenes (never trained on), every class queried, 1 step, 1 ensemble member."""
     scenes = _held_out_scenes()
-    examples = [_Example(scene) for scene in scenes]
+    examples = [scene.validation_example() for scene in scenes]
     metrics = evaluate_examples(demo_pipe, examples, SHAPE_CLASSES, num_inference_steps=1, ensemble_size=1, batch_size=32).compute()
     everything_background = ConfusionMatrix(len(SHAPE_CLASSES) + 1)
     for example in examples:
@@ -103,12 +97,11 @@ def test_held_out_foreground_floor(demo_pipe):
     ious = []
     for position, scene in enumerate(_held_out_scenes()):
         out = demo_pipe(scene.image, list(SHAPE_CLASSES), generator=torch.Generator().manual_seed(position), batch_size=32)
-        predicted, target = out.label_maps[0] > 0, scene.label > 0
-        ious.append((predicted & target).sum() / (predicted | target).sum())
+        ious.append(binary_segmentation_metrics(out.label_maps[0] > 0, scene.label > 0)["iou"])
     assert np.mean(ious) >= FOREGROUND_IOU_FLOOR, ious
 
 
 def test_style_shifted_miou_floor(demo_pipe):
-    examples = [_Example(scene) for scene in _held_out_scenes(style="shifted")]
+    examples = [scene.validation_example() for scene in _held_out_scenes(style="shifted")]
     metrics = evaluate_examples(demo_pipe, examples, SHAPE_CLASSES, num_inference_steps=1, ensemble_size=1, batch_size=32).compute()
     assert metrics["mIoU"] >= SHIFTED_MIOU_FLOOR, metrics

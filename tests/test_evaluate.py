@@ -87,6 +87,21 @@ def test_accumulator_open_vocabulary_counts_unproposed_classes_as_misses():
     assert result["seconds_per_image"] == 2.0 and result["num_images"] == 1
 
 
+def test_accumulator_foreground_iou_and_no_curve_without_probabilities():
+    # the example above, scored without a curve: no probability maps needed, the same confusion matrix
+    label = np.array([[0, 0, 255], [1, BACKGROUND_INDEX, 1]])
+    acc = EvaluationAccumulator(["a", "b"], ignore_index=255, include_background=True, thresholds=())
+    acc.add(label, [0], None, np.array([[1, 1, 1], [1, 0, 0]]))
+    np.testing.assert_array_equal(acc.confusion.matrix.numpy(), [[2, 0, 0], [1, 0, 1], [0, 0, 1]])
+    result = acc.compute()
+    assert "iou_vs_threshold" not in result and acc.state_dict()["curve"].numel() == 0
+    # foreground (a or b) vs background: hits 3 (a, a, b->a), misses 1 (b->bg), false alarms 0
+    assert result["foreground_iou"] == pytest.approx(3 / 4)
+    restored = EvaluationAccumulator(["a", "b"], ignore_index=255, include_background=True, thresholds=())
+    restored.merge_state_dict(acc.state_dict())
+    assert torch.equal(restored.confusion.counts, acc.confusion.counts)
+
+
 def test_accumulator_checks_the_probability_maps():
     acc = EvaluationAccumulator(["a", "b"], ignore_index=255, thresholds=[0.5])
     with pytest.raises(ValueError, match="one map per segmented class"):
@@ -320,8 +335,6 @@ def test_two_processes_give_the_same_confusion_matrix(workspace, tmp_path):
 
 
 def test_one_call_per_example_scores_every_threshold_like_separate_evaluations():
-    from types import SimpleNamespace
-
     from digseg_diffusers.evaluation import evaluate_examples, evaluate_examples_at_thresholds
     from digseg_diffusers.synthetic import SHAPE_CLASSES, generate_scene
 
@@ -329,7 +342,7 @@ def test_one_call_per_example_scores_every_threshold_like_separate_evaluations()
     examples = []
     for seed in (3, 4):
         scene = generate_scene(seed, size=32)
-        examples.append(SimpleNamespace(image=scene.image, label=np.where(scene.label == 0, BACKGROUND_INDEX, scene.label.astype(np.int64) - 1)))
+        examples.append(scene.validation_example())
     thresholds = (0.3, 0.5, 0.7)
     together = evaluate_examples_at_thresholds(pipe, examples, SHAPE_CLASSES, thresholds, processing_resolution=32)
     for threshold in thresholds:

@@ -119,6 +119,19 @@ def test_large_vocabulary_with_65535_ignore():
     assert out["num_valid_classes"] == 2 and out["mIoU"] == 1.0
 
 
+def test_foreground_iou_is_class_agnostic():
+    # classes 0, 1 and background 2
+    cm = ConfusionMatrix(3)
+    cm.update(pred=np.array([1, 0, 1, 2, 2, 0]), target=np.array([0, 0, 1, 1, 2, 2]))
+    # hits (a class on a class, whichever): 0->1, 0->0, 1->1 = 3; misses: 1->background = 1; false alarms: 1
+    assert cm.foreground_iou(background_class=2) == pytest.approx(3 / 5)
+    cm.update(pred=np.array([-1]), target=np.array([1]))  # a foreground pixel left without a class: a miss
+    assert cm.foreground_iou(background_class=2) == pytest.approx(3 / 6)
+    assert math.isnan(ConfusionMatrix(2).foreground_iou(background_class=1))
+    with pytest.raises(ValueError, match="background_class"):
+        cm.foreground_iou(background_class=3)
+
+
 def test_binary_precision_recall_f1_dice():
     target = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], dtype=bool)
     pred = np.array([1, 1, 1, 0, 1, 1, 0, 0, 0, 0], dtype=bool)

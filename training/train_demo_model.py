@@ -38,7 +38,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from digseg_diffusers.demo import resolve_model_name
@@ -213,20 +212,14 @@ def calibrate_mask_threshold(pipeline_dir: str | os.PathLike, num_scenes: int = 
     after the ones used for periodic validation); test seeds stay untouched for the benchmark.
     """
     from digseg_diffusers import DiGSegPipeline
-    from digseg_diffusers.data.readers import BACKGROUND_INDEX
     from digseg_diffusers.evaluation import evaluate_examples_at_thresholds
     from digseg_diffusers.synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene
-
-    class Example:
-        def __init__(self, scene):
-            self.image = scene.image
-            self.label = np.where(scene.label == 0, BACKGROUND_INDEX, scene.label.astype(np.int64) - 1)
 
     pipe = DiGSegPipeline.from_pretrained(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.config.default_processing_resolution
     start = SPLIT_SEED_OFFSETS["val"] + first_scene
-    examples = [Example(generate_scene(seed, size=size)) for seed in range(start, start + num_scenes)]
+    examples = [generate_scene(seed, size=size).validation_example() for seed in range(start, start + num_scenes)]
     thresholds = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
     confusions = evaluate_examples_at_thresholds(pipe, examples, SHAPE_CLASSES, thresholds, batch_size=32)
     scores = {}

@@ -27,10 +27,10 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from digseg_diffusers import mask_codec
+from digseg_diffusers.metrics import binary_segmentation_metrics
 from digseg_diffusers.synthetic import generate_scene, split_seeds
 
 logger = logging.getLogger("train_vae")
@@ -101,10 +101,6 @@ def measure(vae: AutoencoderKL, images: torch.Tensor, masks: torch.Tensor) -> di
     mask_latents = mask_codec.encode_masks(vae, masks) / mask_codec.scaling_factor(vae)
     reconstruction = mask_codec.decode_pixels(vae, image_latents * mask_codec.scaling_factor(vae)).clamp(-1, 1)
     probabilities = mask_codec.decode_masks(vae, mask_latents * mask_codec.scaling_factor(vae))
-    predicted = probabilities > 0.5
-    target = masks.bool().unsqueeze(1)
-    intersection = (predicted & target).sum().item()
-    union = (predicted | target).sum().item()
     all_latents = torch.cat([image_latents, mask_latents])
     return {
         "latent_std": float(all_latents.std()),
@@ -113,7 +109,7 @@ def measure(vae: AutoencoderKL, images: torch.Tensor, masks: torch.Tensor) -> di
         "image_latent_std": float(image_latents.std()),
         "image_mae": float((reconstruction - images).abs().mean() / 2),  # in [0, 1] units
         "mask_mae": float((probabilities - masks.unsqueeze(1)).abs().mean()),
-        "mask_iou": intersection / max(union, 1),
+        "mask_iou": binary_segmentation_metrics(probabilities > 0.5, masks.bool().unsqueeze(1))["iou"],
     }
 
 
