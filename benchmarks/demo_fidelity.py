@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from digseg_diffusers import DiGSegPipeline
 from digseg_diffusers.evaluation import evaluate_examples
+from digseg_diffusers.evaluation_report import plot_lines
 from digseg_diffusers.metrics import IoUThresholdCurve, binary_segmentation_metrics
 from digseg_diffusers.synthetic import SHAPE_CLASSES, STYLES, generate_scene, split_seeds
 
@@ -103,40 +103,6 @@ def threshold_curve_and_baselines(pipe, examples, batch_size: int = 32) -> tuple
 # ----------------------------------------------------------------------------------------------------------------
 # Reporting
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def draw_line_plot(path: Path, thresholds, series: dict[str, list[float]], title: str, width: int = 720, height: int = 440) -> None:
-    """A small line plot with PIL: x = threshold in [0, 1], y = IoU in [0, 1], one coloured line per series."""
-    from digseg_diffusers.visualization import label_colors
-
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 60, width - 150, 40, height - 50
-    draw.text((left, 12), title, fill="black")
-
-    def to_xy(x: float, y: float) -> tuple[float, float]:
-        return left + x * (right - left), bottom - y * (bottom - top)
-
-    for tick in np.linspace(0, 1, 6):
-        x, _ = to_xy(tick, 0)
-        _, y = to_xy(0, tick)
-        draw.line([(x, top), (x, bottom)], fill=(225, 225, 225))
-        draw.line([(left, y), (right, y)], fill=(225, 225, 225))
-        draw.text((x - 8, bottom + 6), f"{tick:.1f}", fill="black")
-        draw.text((left - 30, y - 6), f"{tick:.1f}", fill="black")
-    draw.rectangle([left, top, right, bottom], outline="black")
-    draw.text(((left + right) / 2 - 40, bottom + 24), "mask threshold", fill="black")
-    draw.text((8, top - 20), "IoU", fill="black")
-    colors = label_colors(len(series))[1:]
-    for index, (name, values) in enumerate(series.items()):
-        color = (0, 0, 0) if name == "mean" else tuple(int(c) for c in colors[index])
-        points = [to_xy(t, v) for t, v in zip(thresholds, values) if v == v]
-        if len(points) > 1:
-            draw.line(points, fill=color, width=4 if name == "mean" else 2)
-        legend_y = top + 16 * index
-        draw.line([(right + 12, legend_y + 6), (right + 32, legend_y + 6)], fill=color, width=3)
-        draw.text((right + 38, legend_y), name, fill="black")
-    image.save(path)
 
 
 def paper_threshold_row(pipe, examples, rows: list[dict]) -> dict:
@@ -245,7 +211,10 @@ def main(argv=None) -> dict:
     write_report(prefix.with_suffix(".md"), args, rows, tau07_row, curve, baselines, model_info)
     series = {name: values for name, values in zip(SHAPE_CLASSES, curve["per_class_iou"])}
     series["mean"] = curve["mean_iou"]
-    draw_line_plot(prefix.with_suffix(".png"), curve["thresholds"], series, f"DiGSeg demo model: IoU vs mask threshold ({args.num_scenes} held-out scenes, 1x1)")
+    plot_lines(
+        prefix.with_suffix(".png"), curve["thresholds"], series,
+        f"DiGSeg demo model: IoU vs mask threshold ({args.num_scenes} held-out scenes, 1x1)", size=(720, 440), highlight="mean",
+    )
     result = {"rows": rows, "tau_0.7": tau07_row, "curve": curve, "baselines": baselines}
     prefix.with_suffix(".json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     for row in rows:
