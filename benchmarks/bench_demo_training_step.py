@@ -1,8 +1,9 @@
 """Cost of one training step of the demo recipe: U-Net layouts and attention-head widths, and the VAE encoding
 that `train_adapter.py --cache_latents` saves.
 
-One step = U-Net forward + backward + AdamW step on a batch of demo-sized inputs (``[z_x, z_t]`` at 16 x 16, 32
-text tokens), the VAE cost = encoding the batch's images and masks. Variants are timed interleaved; the ratios to
+One step = `train_adapter.py`'s real step (`digseg_diffusers.training_step.compute_training_loss`: timesteps,
+training noise, target, weighted loss; `--loss` / `--prompts_per_image` choose the objective) + backward + AdamW on
+a batch of demo-sized inputs (``[z_x, z_t]`` at 16 x 16, 32 text tokens), the VAE cost = encoding the batch's images and masks. Variants are timed interleaved; the ratios to
 the previous demo model's U-Net (cross-attention only at full resolution, 16 heads per level) are what to read.
 
     python benchmarks/bench_demo_training_step.py --threads 2
@@ -15,18 +16,17 @@ close the fp32 step already is to what this CPU can do.
 
 from __future__ import annotations
 
-import os
-import sys
 
 import torch
+from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
-from common import ROOT, base_parser, interleaved, markdown_table, setup, write_results
+from common import base_parser, interleaved, markdown_table, setup, write_results
 
 from digseg_diffusers import DiGSegPipeline, mask_codec
 from digseg_diffusers.demo import default_model_path
+from digseg_diffusers.demo_recipe import build_demo_unet
+from digseg_diffusers.training_step import LOSSES, TrainingLossConfig, compute_training_loss
 
-sys.path.insert(0, os.path.join(ROOT, "training"))
-from train_demo_model import build_demo_unet  # noqa: E402
 
 # (name, full-resolution attention, channels per head; None = 16 heads per level)
 VARIANTS = [
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--execution_variants", action="store_true", help="Time bf16 autocast / channels-last (not layouts).")
     parser.add_argument("--compile", action="store_true", help="With --execution_variants: also torch.compile (minutes).")
+    parser.add_argument("--loss", choices=LOSSES, default="latent", help="The objective timed (train_adapter.py --loss).")
+    parser.add_argument("--prompts_per_image", type=int, default=1, help="train_adapter.py --prompts_per_image.")
     args = parser.parse_args()
     args.config = "demo"  # always the demo model's sizes (the name of the results file)
     setup(args)
@@ -52,25 +54,38 @@ def main() -> None:
     latent_channels = vae.config.latent_channels
     latent_size = args.resolution // pipe.vae_scale_factor
     batch = args.batch_size
-    model_input = torch.randn(batch, 2 * latent_channels, latent_size, latent_size)
-    timesteps = torch.full((batch,), 999)
+    image_latents = torch.randn(batch, latent_channels, latent_size, latent_size)
+    mask_latents = torch.randn(batch, latent_channels, latent_size, latent_size)
     text_states = torch.randn(batch, 32, 64)
-    target = torch.randn(batch, latent_channels, latent_size, latent_size)
+    masks = (torch.rand(batch, 1, args.resolution, args.resolution) > 0.5).float()
+    valid = torch.ones_like(masks)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    # the demo recipe's objective (training/train_demo_model.py): latent loss, timesteps biased to T - 1
+    loss_config = TrainingLossConfig(
+        loss=args.loss, prompts_per_image=args.prompts_per_image, timestep_bias_strategy="later",
+        timestep_bias_multiplier=1000.0, timestep_bias_portion=0.01,
+    )
 
-    def training_step(unet, optimizer, forward=None, sample=model_input, autocast=False):
+    def training_step(unet, optimizer, forward=None, channels_last=False, autocast=False):
+        """train_adapter.py's step: `compute_training_loss` (noise, target, weighted loss), backward, AdamW."""
         forward = unet if forward is None else forward
+        latents = image_latents.contiguous(memory_format=torch.channels_last) if channels_last else image_latents
+        generator = torch.Generator().manual_seed(0)
 
         def step():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                prediction = forward(sample, timesteps, encoder_hidden_states=text_states, return_dict=False)[0]
-            torch.nn.functional.mse_loss(prediction.float(), target).backward()
+                loss = compute_training_loss(
+                    forward, scheduler, latents, mask_latents, text_states, masks, valid, loss_config,
+                    generator=generator, vae=vae,
+                )
+            loss.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         return step
 
     if args.execution_variants:
-        time_execution_variants(args, training_step, latent_channels, latent_size, model_input)
+        time_execution_variants(args, training_step, latent_channels, latent_size)
         return
 
     steps, parameters = {}, {}
@@ -101,7 +116,7 @@ def main() -> None:
     print(f"results: {path}")
 
 
-def time_execution_variants(args, training_step, latent_channels: int, latent_size: int, model_input) -> None:
+def time_execution_variants(args, training_step, latent_channels: int, latent_size: int) -> None:
     """The default U-Net's step in fp32, bf16 autocast, channels-last (and compiled): same maths, other kernels."""
 
     def fresh_unet():
@@ -113,11 +128,11 @@ def time_execution_variants(args, training_step, latent_channels: int, latent_si
         ("fp32", False, False), ("bf16 autocast", True, False), ("fp32 channels-last", False, True),
     ):
         unet = fresh_unet()
-        sample = model_input
         if channels_last:
             unet = unet.to(memory_format=torch.channels_last)
-            sample = model_input.contiguous(memory_format=torch.channels_last)
-        variants[name] = training_step(unet, torch.optim.AdamW(unet.parameters(), lr=1e-4), sample=sample, autocast=autocast)
+        variants[name] = training_step(
+            unet, torch.optim.AdamW(unet.parameters(), lr=1e-4), channels_last=channels_last, autocast=autocast
+        )
     if args.compile:
         unet = fresh_unet()
         variants["fp32 torch.compile"] = training_step(unet, torch.optim.AdamW(unet.parameters(), lr=1e-4), forward=torch.compile(unet))

@@ -17,21 +17,18 @@ the training compute, not the VAE. Not DiGSeg itself (no text query, no diffusio
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import ROOT, base_parser, markdown_table, setup, write_results
+from common import base_parser, markdown_table, setup, write_results
 
 from digseg_diffusers import DiGSegPipeline, mask_codec
 from digseg_diffusers.demo import default_model_path
+from digseg_diffusers.demo_recipe import build_demo_unet
 from digseg_diffusers.synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene, split_seeds
 
-sys.path.insert(0, os.path.join(ROOT, "training"))
-from train_demo_model import build_demo_unet  # noqa: E402
 
 NUM_LABELS = len(SHAPE_CLASSES) + 1  # the generator's label map: 0 = background, 1..6 = shapes
 INPUTS = ("latent", "pixels")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from digseg_diffusers import demo_recipe
 from digseg_diffusers.synthetic import generate_scene
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +38,7 @@ def test_full_resolution_attention_choices_build_the_named_unet(recipe, choice, 
     from digseg_diffusers import DiGSegPipeline
     from digseg_diffusers.demo import default_model_path
 
-    recipe.build_untrained_pipeline(
+    demo_recipe.build_untrained_pipeline(
         os.path.join(default_model_path(), "vae"), tmp_path, unet_channels=(16, 16, 16, 16), text_width=16,
         cross_attention_dim=16, text_layers=1, full_resolution_attention=choice, seed=0,
     )
@@ -65,7 +66,7 @@ def test_attention_head_channels_set_each_levels_heads(recipe, head_channels, he
 
     from digseg_diffusers.demo import default_model_path
 
-    recipe.build_untrained_pipeline(
+    demo_recipe.build_untrained_pipeline(
         os.path.join(default_model_path(), "vae"), tmp_path, text_width=16, cross_attention_dim=16, text_layers=1,
         attention_head_channels=head_channels, seed=0,
     )
@@ -82,7 +83,7 @@ def test_unet_channels_set_each_levels_width(recipe, tmp_path):
     from digseg_diffusers.demo import default_model_path
 
     args = recipe.parse_args(["--unet_channels", "16", "32", "48", "48"])
-    recipe.build_untrained_pipeline(
+    demo_recipe.build_untrained_pipeline(
         os.path.join(default_model_path(), "vae"), tmp_path, text_width=16, cross_attention_dim=16, text_layers=1,
         attention_head_channels=args.attention_head_channels, unet_channels=tuple(args.unet_channels), seed=0,
     )
@@ -93,7 +94,7 @@ def test_unet_channels_set_each_levels_width(recipe, tmp_path):
 
 def test_unknown_full_resolution_attention_is_rejected(recipe):
     with pytest.raises(ValueError, match="full_resolution_attention"):
-        recipe.demo_block_types("self")
+        demo_recipe.demo_block_types("self")
 
 
 @pytest.mark.parametrize(

@@ -50,12 +50,8 @@ def _per_query_iou(pipe, num_scenes: int = 8) -> dict:
 
 @pytest.mark.slow
 def test_training_from_scratch_beats_empty_and_whole_image_baselines(tmp_path):
-    sys.path.insert(0, str(REPO_ROOT / "training"))
-    try:
-        from train_demo_model import build_untrained_pipeline
-    finally:
-        sys.path.pop(0)
     from digseg_diffusers import DiGSegPipeline
+    from digseg_diffusers.demo_recipe import build_untrained_pipeline
     from digseg_diffusers.demo import default_model_path
 
     data_dir = tmp_path / "data"

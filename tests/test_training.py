@@ -138,11 +138,8 @@ def test_model_card_metadata(trained):
 
 
 def test_ignored_pixels_get_no_loss_weight():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        from train_adapter import latent_loss_weights
-    finally:
-        sys.path.pop(0)
+    from digseg_diffusers.training_step import latent_loss_weights
+
     valid = torch.ones(1, 1, 16, 16)
     valid[..., :8, :] = 0.0  # top half ignored
     valid[..., 8:, :4] = 0.0  # and a quarter-cell strip
@@ -181,14 +178,14 @@ def _train_adapter_module():
 def test_latent_cache_reuses_fixed_crops_and_reencodes_random_ones(tmp_path):
     from digseg_diffusers import mask_codec
     from digseg_diffusers.data import FolderReader, SegmentationTrainingDataset, collate_segmentation_batch
+    from digseg_diffusers.training_step import LatentCache
 
     write_dataset(tmp_path, "train", num_images=6, size=64)
     vae = make_tiny_pipeline().vae.eval()
     calls = []
     original_encode = vae.encode
     vae.encode = lambda pixels, *a, **k: calls.append(len(pixels)) or original_encode(pixels, *a, **k)
-    cache = _train_adapter_module().LatentCache()
-
+    cache = LatentCache()
     fixed = SegmentationTrainingDataset(FolderReader(tmp_path), resolution=64, negative_prob=0.5, scale_range=(1.0, 1.0), flip_prob=0.0)
     batch = collate_segmentation_batch([fixed[i] for i in range(6)])
     assert batch["fixed_crop"].all() and batch["is_negative"].any() and not batch["is_negative"].all()
