@@ -241,3 +241,42 @@ def test_train_adapter_e2e_multi_prompt_trains_the_decoder_and_resumes_exactly(t
     torch.testing.assert_close(base.vae.encoder.conv_in.weight, trained.vae.encoder.conv_in.weight, rtol=0, atol=0)
     torch.testing.assert_close(trained.vae.decoder.conv_out.weight, again.vae.decoder.conv_out.weight, rtol=0, atol=0)
     torch.testing.assert_close(trained.unet.conv_in.weight, again.unet.conv_in.weight, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_mixed_precision_keeps_frozen_weights_half_and_saves_fp32(tmp_path):
+    """--mixed_precision bf16: frozen weights stored in bf16 while training, trainable ones and every saved file fp32;
+    validation runs under autocast; the logged loss is the mean over the accumulated micro-batches."""
+    write_dataset(tmp_path / "data", "train", num_images=8, size=64)
+    write_dataset(tmp_path / "data", "val", num_images=2, size=64)
+    make_tiny_pipeline().save_pretrained(tmp_path / "base")
+    result = _run_train_adapter([
+        "--pretrained_model_name_or_path", str(tmp_path / "base"), "--train_data_dir", str(tmp_path / "data"),
+        "--validation_split", "val", "--num_validation_images", "2", "--validation_steps", "2",
+        "--resolution", "64", "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
+        "--mixed_precision", "bf16", "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--report_to", "none",
+        "--checkpointing_steps", "2", "--max_train_steps", "2", "--save_pipeline", "--output_dir", str(tmp_path / "run"),
+    ])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert [step for step, _ in summary["losses"]] == [1, 2] and all(np.isfinite(v) for _, v in summary["losses"])
+    assert summary["validation"] and np.isfinite(summary["validation"][-1]["mIoU"])
+    from safetensors.torch import load_file
+
+    for weights in (tmp_path / "run").rglob("*.safetensors"):
+        dtypes = {tensor.dtype for tensor in load_file(weights).values()}
+        assert dtypes == {torch.float32}, (weights, dtypes)
+
+
+def test_cast_frozen_parameters_leaves_trainable_ones_exact():
+    sys.path.insert(0, str(REPO / "training"))
+    try:
+        from train_adapter import cast_frozen_parameters
+    finally:
+        sys.path.pop(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    module[0].requires_grad_(False)
+    trained = module[1].weight.detach().clone()
+    cast_frozen_parameters([module], torch.bfloat16)
+    assert module[0].weight.dtype == torch.bfloat16 and module[0].bias.dtype == torch.bfloat16
+    assert module[1].weight.dtype == torch.float32 and torch.equal(module[1].weight, trained)

@@ -67,6 +67,7 @@ from digseg_diffusers.noise import NOISE_VARIANTS, TIMESTEP_BIAS_STRATEGIES, che
 from digseg_diffusers.training_step import (
     LOSSES,
     LatentCache,
+    TrainingLoss,
     TrainingLossConfig,
     batch_seed,
     compute_training_loss,
@@ -254,6 +255,14 @@ def finished_summary(args: argparse.Namespace, step: int) -> dict | None:
     return summary
 
 
+def cast_frozen_parameters(modules: list[torch.nn.Module], dtype: torch.dtype) -> None:
+    """Store the parameters that do not train in `dtype`; trainable ones keep their (fp32) values exactly."""
+    for module in modules:
+        for parameter in module.parameters():
+            if not parameter.requires_grad:
+                parameter.data = parameter.data.to(dtype)
+
+
 def select_task_decoder(args: argparse.Namespace, pipeline, loss_config: TrainingLossConfig):
     """The light decoder the task / multi-prompt losses decode with (None: the VAE decoder), and the decoder
     parameters that train (empty unless --train_decoder)."""
@@ -355,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device)  # its frozen parameters go to weight_dtype below, once the decoder's role is known
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)  # the base model's betas and target
     loss_config = TrainingLossConfig(
@@ -375,6 +384,12 @@ def main(argv: list[str] | None = None) -> dict:
         trainable_params = trainable_params + decoder_params
     if e2e_mask_decoder is not None:
         e2e_mask_decoder.to(accelerator.device)
+    if weight_dtype != torch.float32:
+        # Under fp16 / bf16 the frozen weights are stored in that dtype (half the memory, as in diffusers' LoRA
+        # scripts) and accelerate's autocast runs the forward pass; what trains stays fp32, for the optimizer's
+        # updates. Only frozen parameters are cast (diffusers' `cast_training_params` would instead round the
+        # already-initialised trainable weights, conv_in among them, through the half dtype and back).
+        cast_frozen_parameters([unet, vae, text_projection] + ([e2e_mask_decoder] if e2e_mask_decoder is not None else []), weight_dtype)
     logger.info(
         f"Trainable parameters: {sum(p.numel() for p in trainable_params):,} of "
         f"{sum(p.numel() for p in unet.parameters()) + sum(p.numel() for p in text_projection.parameters()):,} "
@@ -498,6 +513,7 @@ def main(argv: list[str] | None = None) -> dict:
             batches = accelerator.skip_first_batches(train_dataloader, steps_done_in_epoch * args.gradient_accumulation_steps)
         if hasattr(batches, "set_epoch"):  # shuffle of epoch `epoch`, also right after a resume
             batches.set_epoch(epoch)
+        micro_batch_losses: list[TrainingLoss] = []  # of the current optimizer step (gradient accumulation)
         for batch in batches:
             with accelerator.accumulate(unet, text_projection):
                 with torch.no_grad():
@@ -513,20 +529,22 @@ def main(argv: list[str] | None = None) -> dict:
                 )
                 batches_seen += 1
                 text_states = text_projection(class_token_states[batch["class_index"].to(accelerator.device)].float())
-                step_loss_parts = compute_training_loss(
-                    unet,
-                    noise_scheduler,
-                    image_latents,
-                    mask_latents,
-                    text_states,
-                    masks=batch["mask"].to(accelerator.device),
-                    valid=batch["valid"].to(accelerator.device),
-                    config=loss_config,
-                    generator=generator,
-                    vae=vae,
-                    mask_decoder=e2e_mask_decoder,
-                )
+                with accelerator.autocast():  # fp16 / bf16 frozen weights meet fp32 trainable ones
+                    step_loss_parts = compute_training_loss(
+                        unet,
+                        noise_scheduler,
+                        image_latents,
+                        mask_latents,
+                        text_states,
+                        masks=batch["mask"].to(accelerator.device),
+                        valid=batch["valid"].to(accelerator.device),
+                        config=loss_config,
+                        generator=generator,
+                        vae=vae,
+                        mask_decoder=e2e_mask_decoder,
+                    )
                 loss = step_loss_parts.loss
+                micro_batch_losses.append(step_loss_parts)
 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -545,10 +563,14 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             global_step += 1
             progress_bar.update(1)
-            step_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
+            # The step's loss: the mean over its micro-batches (what the accumulated gradient is of) and processes.
+            step_loss = torch.stack([part.loss.detach().float() for part in micro_batch_losses]).mean()
+            step_loss = accelerator.gather(step_loss.reshape(1)).mean().item()
             record.losses.append([global_step, step_loss])
             logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "skipped_files": len(record.skipped_paths)}
-            logs.update({f"loss/{name}": value for name, value in step_loss_parts.parts.items()})
+            for name in micro_batch_losses[0].parts:
+                logs[f"loss/{name}"] = sum(part.parts[name] for part in micro_batch_losses) / len(micro_batch_losses)
+            micro_batch_losses = []
             progress_bar.set_postfix(loss=f"{step_loss:.4f}")
             accelerator.log(logs, step=global_step)
 
@@ -585,6 +607,8 @@ def main(argv: list[str] | None = None) -> dict:
             save_adapter(staging, unet_trained, projection_trained, adapter_config)
             write_card(args, staging, adapter_config, train_dataset.class_names, record.validation)
         if args.save_pipeline:
+            for module in (unet_trained, vae, text_encoder):  # a saved pipeline is fp32 whatever the training dtype
+                module.to(torch.float32)
             with staged_directory(os.path.join(args.output_dir, PIPELINE_SUBFOLDER)) as staging:
                 save_trained_pipeline(pipeline, unet_trained, projection_trained, adapter_config, staging)
         losses = record.losses
@@ -626,14 +650,15 @@ def run_validation(args, accelerator, pipeline, reader, unet, text_projection) -
     projection_eval.eval()
     pipeline.register_modules(unet=unet_eval, text_projection=projection_eval)
     examples = (reader.load_validation_example(i) for i in range(min(args.num_validation_images, len(reader))))
-    confusion = evaluate_examples(
-        pipeline,
-        examples,
-        reader.class_names,
-        ignore_index=reader.ignore_index,
-        num_inference_steps=args.validation_inference_steps,
-        processing_resolution=args.validation_resolution or args.resolution,
-    )
+    with accelerator.autocast():  # the frozen weights are fp16 / bf16 under --mixed_precision
+        confusion = evaluate_examples(
+            pipeline,
+            examples,
+            reader.class_names,
+            ignore_index=reader.ignore_index,
+            num_inference_steps=args.validation_inference_steps,
+            processing_resolution=args.validation_resolution or args.resolution,
+        )
     metrics = confusion.compute()
     logger.info(f"validation mIoU {metrics['mIoU']:.4f}, pixel accuracy {metrics['pixel_accuracy']:.4f}")
     if was_training:
