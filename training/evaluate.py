@@ -56,20 +56,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--pipeline", required=True, help="DiGSeg pipeline folder or Hub id.")
     model.add_argument("--adapter", default=None, help="DiGSeg adapter (folder or Hub id) loaded onto the pipeline.")
-    model.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    model.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="Weights' dtype for inference (float16 / bfloat16 on GPUs).")
     model.add_argument(
         "--proposer",
         default=None,
         help="Open-vocabulary protocol: a saved DiGSegClassProposer or CLIP checkpoint (folder or Hub id), or "
         "'pipeline' for the proposer saved with the pipeline. Without it: closed vocabulary.",
     )
-    model.add_argument("--proposer_global_threshold", type=float, default=None)
+    model.add_argument("--proposer_global_threshold", type=float, default=None, help="Class proposer: image-level score threshold (default: the proposer's).")
     model.add_argument("--proposer_patch_threshold", type=float, default=None, help="Negative disables patches.")
-    model.add_argument("--proposer_top_k", type=int, default=None)
+    model.add_argument("--proposer_top_k", type=int, default=None, help="Class proposer: at most this many classes per image (default: the proposer's).")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset_format", choices=sorted(READERS), default="folder")
-    data.add_argument("--dataset_root", required=True)
+    data.add_argument("--dataset_format", choices=sorted(READERS), default="folder", help="Dataset layout: 'folder' (docs/data_format.md) or a benchmark's own layout.")
+    data.add_argument("--dataset_root", required=True, help='Root folder of the dataset.')
     data.add_argument("--split", default="val", help="Split name (e.g. val, validation, val2017).")
     names = data.add_mutually_exclusive_group()
     names.add_argument("--class_names_file", default=None, help="Class names to prompt with, one per line.")
@@ -80,14 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = parser.add_argument_group("inference")
     run.add_argument("--settings", nargs="+", default=["1x1"], help="ENSEMBLExSTEPS settings, e.g. 1x1 4x2.")
     run.add_argument("--processing_resolution", type=int, default=None, help="Default: the pipeline's config.")
-    run.add_argument("--mask_threshold", type=float, default=None)
-    run.add_argument("--background_threshold", type=float, default=None)
+    run.add_argument("--mask_threshold", type=float, default=None, help="Mask threshold tau (default: the model's).")
+    run.add_argument("--background_threshold", type=float, default=None, help="Label-map background threshold (default: the model's, else --mask_threshold).")
     run.add_argument("--batch_size", type=int, default=8, help="Rows per U-Net call (never changes results).")
     run.add_argument("--seed", type=int, default=0, help="Example i uses a generator seeded with seed + i.")
-    run.add_argument("--curve_thresholds", type=float, nargs="+", default=list(DEFAULT_CURVE_THRESHOLDS))
+    run.add_argument("--curve_thresholds", type=float, nargs="+", default=list(DEFAULT_CURVE_THRESHOLDS), help='Thresholds of the IoU-vs-threshold curve (default 0.05 ... 0.95).')
 
     out = parser.add_argument_group("output")
-    out.add_argument("--output_dir", required=True)
+    out.add_argument("--output_dir", required=True, help='evaluation.json, evaluation.md, the plots and resumable partial results go here.')
     out.add_argument("--checkpoint_every", type=int, default=50, help="Save each shard's counts every N images.")
     out.add_argument("--resume", action="store_true", help="Continue from the partial counts in --output_dir.")
     out.add_argument("--overwrite", action="store_true", help="Discard earlier results in --output_dir.")

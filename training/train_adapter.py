@@ -15,7 +15,9 @@ the optimizer/scheduler/RNG state, and `--resume_from_checkpoint latest` continu
 Nothing is lost when the process is killed at any moment: a checkpoint, the adapter, the pipeline and
 train_summary.json each appear only once complete (`digseg_diffusers.checkpointing`, `atomic_io`); `latest` is
 the newest complete checkpoint; old checkpoints are removed only after the new one is in place; resuming a
-finished run does nothing.
+finished run does nothing. (accelerate's `ProjectConfiguration(automatic_checkpoint_naming=True)` is not used for
+this: it writes `save_state` straight into the final folder and rotates old checkpoints out before the new one is
+complete, so a kill at the wrong moment leaves no resumable checkpoint.)
 """
 
 from __future__ import annotations
@@ -87,14 +89,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--pretrained_model_name_or_path", help="A DiGSeg pipeline folder or Hub id to start from.")
     model.add_argument("--base_model", help="A Stable Diffusion (SD2-family) folder or Hub id to build DiGSeg from.")
     model.add_argument("--text_encoder", help="Text encoder for --base_model (default: the base's own).")
-    model.add_argument("--revision", default=None)
-    model.add_argument("--adapter_mode", choices=ADAPTER_MODES, default="lora")
-    model.add_argument("--levels", type=int, nargs="*", default=None, help="Resolution levels to adapt (default: the two middle cross-attention levels).")
-    model.add_argument("--rank", type=int, default=8)
-    model.add_argument("--lora_alpha", type=float, default=8.0)
+    model.add_argument("--revision", default=None, help='Hub revision (branch, tag or commit) of the model to load.')
+    model.add_argument(
+        "--adapter_mode", choices=ADAPTER_MODES, default="lora",
+        help="'lora': low-rank updates of the selected weights (PEFT); 'full': train those weights themselves.",
+    )
+    model.add_argument(
+        "--levels", type=int, nargs="*", default=None,
+        help="Resolution levels to adapt (default: the two middle cross-attention levels).",
+    )
+    model.add_argument("--rank", type=int, default=8, help='LoRA rank r.')
+    model.add_argument(
+        "--lora_alpha", type=float, default=8.0,
+        help='LoRA alpha (the update is scaled by alpha / rank).',
+    )
     model.add_argument("--no_mid_block", action="store_true", help="Leave the mid-block attention frozen.")
     model.add_argument("--no_conv_in", action="store_true", help="Leave conv_in frozen.")
-    model.add_argument("--resume_adapter", default=None, help="Start from the weights of a saved adapter (folder or Hub id).")
+    model.add_argument(
+        "--resume_adapter", default=None,
+        help="Start from the weights of a saved adapter (folder or Hub id).",
+    )
     model.add_argument(
         "--train_entire_unet",
         action="store_true",
@@ -103,14 +117,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset_format", choices=sorted(READERS), default="folder")
-    data.add_argument("--train_data_dir", required=True)
+    data.add_argument(
+        "--dataset_format", choices=sorted(READERS), default="folder",
+        help="Dataset layout: 'folder' (docs/data_format.md) or a benchmark's own layout.",
+    )
+    data.add_argument("--train_data_dir", required=True, help='Root folder of the dataset.')
     data.add_argument("--train_split", default=None, help="Split name (default: the reader's training split).")
     data.add_argument("--validation_split", default=None, help="Split for periodic validation (default: none).")
     data.add_argument("--class_names_file", default=None, help="Override the dataset's class names (one per line).")
-    data.add_argument("--resolution", type=int, default=512)
-    data.add_argument("--negative_prob", type=float, default=0.1)
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument(
+        "--resolution", type=int, default=512,
+        help='Side of the square training crops in pixels (the VAE and U-Net must divide it).',
+    )
+    data.add_argument(
+        "--negative_prob", type=float, default=0.1,
+        help='Share of queries for a class absent from the image (target: the empty mask).',
+    )
+    data.add_argument(
+        "--dataloader_num_workers", type=int, default=0,
+        help='Data-loading worker processes (0: load in the training process).',
+    )
     data.add_argument(
         "--scale_range", type=float, nargs=2, default=(0.8, 1.2), metavar=("LOW", "HIGH"),
         help="Random scale jitter (method.md: 0.8 1.2); '1 1' turns it off.",
@@ -124,21 +150,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
 
     train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", required=True)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--output_dir", required=True,
+        help='Checkpoints, the adapter, the pipeline and train_summary.json go here.',
+    )
+    train.add_argument(
+        "--seed", type=int, default=0,
+        help="Seed of the weights' initialisation, the data order and every step's noise.",
+    )
     train.add_argument("--train_batch_size", type=int, default=2, help="Per device.")
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--max_train_steps", type=int, default=30000)
-    train.add_argument("--learning_rate", type=float, default=1e-4)
-    train.add_argument("--lr_scheduler", default="constant_with_warmup")
-    train.add_argument("--lr_warmup_steps", type=int, default=500)
-    train.add_argument("--adam_beta1", type=float, default=0.9)
-    train.add_argument("--adam_beta2", type=float, default=0.999)
-    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    train.add_argument("--adam_epsilon", type=float, default=1e-8)
-    train.add_argument("--max_grad_norm", type=float, default=1.0)
-    train.add_argument("--noise_variant", choices=NOISE_VARIANTS, default="multires_annealed")
-    train.add_argument("--noise_strength", type=float, default=0.9)
+    train.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1,
+        help='Micro-batches per optimizer step (the logged loss is their mean).',
+    )
+    train.add_argument(
+        "--max_train_steps", type=int, default=30000,
+        help='Optimizer steps of the whole run (across resumes).',
+    )
+    train.add_argument("--learning_rate", type=float, default=1e-4, help='Peak learning rate of AdamW.')
+    train.add_argument(
+        "--lr_scheduler", default="constant_with_warmup",
+        help='diffusers.optimization schedule: constant_with_warmup, cosine, linear, ...',
+    )
+    train.add_argument("--lr_warmup_steps", type=int, default=500, help='Steps of linear warm-up.')
+    train.add_argument("--adam_beta1", type=float, default=0.9, help='AdamW beta1.')
+    train.add_argument("--adam_beta2", type=float, default=0.999, help='AdamW beta2.')
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2, help='AdamW weight decay.')
+    train.add_argument("--adam_epsilon", type=float, default=1e-8, help='AdamW epsilon.')
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help='Gradient-norm clipping.')
+    train.add_argument(
+        "--noise_variant", choices=NOISE_VARIANTS, default="multires_annealed",
+        help='Training noise (method.md section 3): multi-resolution annealed by default.',
+    )
+    train.add_argument(
+        "--noise_strength", type=float, default=0.9,
+        help='Strength of the coarse components of the multi-resolution noise.',
+    )
     train.add_argument(
         "--timestep_bias_strategy",
         choices=TIMESTEP_BIAS_STRATEGIES,
@@ -147,7 +194,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(the demo model uses \"later\": 1-step inference only ever asks at t = T-1).",
     )
     train.add_argument("--timestep_bias_multiplier", type=float, default=1.0, help="Weight of the biased timesteps.")
-    train.add_argument("--timestep_bias_portion", type=float, default=0.25, help="Fraction of the timesteps that are biased.")
+    train.add_argument(
+        "--timestep_bias_portion", type=float, default=0.25,
+        help="Fraction of the timesteps that are biased.",
+    )
     train.add_argument(
         "--loss", choices=LOSSES, default="latent",
         help='"latent": the method\'s denoising loss at sampled timesteps; "e2e": the end-to-end task loss (every row '
@@ -161,7 +211,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "counts queries and must be a multiple of K.",
     )
     train.add_argument("--e2e_weight", type=float, default=1.0, help="Weight of the task loss (BCE + Dice).")
-    train.add_argument("--multi_prompt_weight", type=float, default=1.0, help="Weight of the multi-prompt cross-entropy.")
+    train.add_argument(
+        "--multi_prompt_weight", type=float, default=1.0,
+        help="Weight of the multi-prompt cross-entropy.",
+    )
     train.add_argument(
         "--e2e_decoder", choices=["auto", "vae", "light"], default="auto",
         help="Decoder of the task / multi-prompt losses: the pipeline's light mask_decoder when it has one ('auto'), "
@@ -171,10 +224,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--train_decoder", action="store_true",
         help="Co-train that decoder with the task loss (saved in checkpoints and in the saved pipeline).",
     )
-    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    train.add_argument("--gradient_checkpointing", action="store_true")
-    train.add_argument("--checkpointing_steps", type=int, default=500)
-    train.add_argument("--checkpoints_total_limit", type=int, default=None)
+    train.add_argument(
+        "--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+        help="Frozen weights in fp16 / bf16 with autocast (trainable ones and saved files stay fp32); default: accelerate's config.",
+    )
+    train.add_argument(
+        "--gradient_checkpointing", action="store_true",
+        help='Recompute U-Net activations in the backward pass: less memory, ~30 %% more time.',
+    )
+    train.add_argument(
+        "--checkpointing_steps", type=int, default=500,
+        help='Save a resumable checkpoint every N steps (and at the last step).',
+    )
+    train.add_argument(
+        "--checkpoints_total_limit", type=int, default=None,
+        help='Keep at most this many checkpoints (older ones removed once the new one is complete).',
+    )
     train.add_argument(
         "--resume_from_checkpoint", default=None,
         help='A checkpoint folder (must exist and be complete), or "latest": the newest complete checkpoint in '
@@ -183,15 +248,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     report = parser.add_argument_group("logging, validation and publishing")
     report.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
-    report.add_argument("--logging_dir", default="logs")
-    report.add_argument("--validation_steps", type=int, default=1000)
-    report.add_argument("--num_validation_images", type=int, default=4)
-    report.add_argument("--validation_inference_steps", type=int, default=1)
-    report.add_argument("--validation_resolution", type=int, default=None, help="Processing resolution (default: --resolution).")
-    report.add_argument("--save_pipeline", action="store_true", help="Also save the whole trained pipeline (needed for 'full' mode models that ship on their own).")
-    report.add_argument("--push_to_hub", action="store_true")
-    report.add_argument("--hub_model_id", default=None)
-    report.add_argument("--hub_token", default=None)
+    report.add_argument("--logging_dir", default="logs", help='TensorBoard / tracker logs, under --output_dir.')
+    report.add_argument(
+        "--validation_steps", type=int, default=1000,
+        help='Validate on --validation_split every N steps.',
+    )
+    report.add_argument(
+        "--num_validation_images", type=int, default=4,
+        help='Images of the validation split scored each time (the first N).',
+    )
+    report.add_argument(
+        "--validation_inference_steps", type=int, default=1,
+        help='Denoising steps of the validation segmentation.',
+    )
+    report.add_argument(
+        "--validation_resolution", type=int, default=None,
+        help="Processing resolution (default: --resolution).",
+    )
+    report.add_argument(
+        "--save_pipeline", action="store_true",
+        help="Also save the whole trained pipeline (needed for 'full' mode models that ship on their own).",
+    )
+    report.add_argument(
+        "--push_to_hub", action="store_true",
+        help='Upload the adapter with its model card to --hub_model_id at the end (needs network).',
+    )
+    report.add_argument(
+        "--hub_model_id", default=None,
+        help="Hub repo id for --push_to_hub (e.g. 'user/digseg-ade20k').",
+    )
+    report.add_argument(
+        "--hub_token", default=None,
+        help='Hub token (default: the cached login); never written to logs or cards.',
+    )
     report.add_argument("--dataset_name", default=None, help="Dataset id for the model card (e.g. 'ade20k').")
 
     args = parser.parse_args(argv)

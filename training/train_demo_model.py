@@ -174,11 +174,14 @@ def run_training(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Reproduce the embedded DiGSeg demo model.")
     parser.add_argument("--work_dir", default="runs/demo", help="Data, VAE, checkpoints and logs go here.")
-    parser.add_argument("--install", action="store_true", help="Copy the trained pipeline into digseg_diffusers/models/demo.")
-    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument(
+        "--install", action="store_true",
+        help="Copy the trained pipeline into digseg_diffusers/models/demo.",
+    )
+    parser.add_argument("--resolution", type=int, default=64, help='Scene size in pixels (a multiple of 32).')
     parser.add_argument("--num_train_images", type=int, default=20000, help="More scenes than steps can overfit.")
-    parser.add_argument("--num_val_images", type=int, default=16)
-    parser.add_argument("--vae_steps", type=int, default=3000)
+    parser.add_argument("--num_val_images", type=int, default=16, help='Validation scenes scored during training.')
+    parser.add_argument("--vae_steps", type=int, default=3000, help='Training steps of the small VAE.')
     parser.add_argument(
         "--vae_latent_channels", type=int, default=8,
         help="Latent channels of the 4x VAE (the U-Net takes twice as many). 8 rather than SD's 4: the image latent "
@@ -199,7 +202,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--unet_steps", type=int, default=8000, help="Steps per stage.")
     parser.add_argument("--num_stages", type=int, default=1, help="Cosine cycles; each halves the learning rate.")
     parser.add_argument("--batch_size", type=int, default=32, help="Per process.")
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--learning_rate", type=float, default=1e-3,
+        help='Peak learning rate of the U-Net stage (halved per extra stage).',
+    )
     parser.add_argument(
         "--negative_prob", type=float, default=0.1,
         help="Share of absent-class queries (empty target). 1500-step A/B: 0 -> 0.330, 0.1 -> 0.358, 0.25 -> 0.317, "
@@ -214,7 +220,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="0.01 x 1000 puts 91%% of the samples at t >= 990 (0.1 x 30: 77%% at t >= 900; mIoU 0.415 vs 0.460 with "
         "a 4-channel VAE).",
     )
-    parser.add_argument("--noise_variant", choices=NOISE_VARIANTS, default="multires_annealed")
+    parser.add_argument(
+        "--noise_variant", choices=NOISE_VARIANTS, default="multires_annealed",
+        help='Training noise of the U-Net stage (train_adapter.py --noise_variant).',
+    )
     parser.add_argument(
         "--augmentation", choices=AUGMENTATIONS, default="none",
         help="'scale_flip': method.md's scale jitter and flips; 'none': every scene as generated, its VAE latents "
@@ -238,12 +247,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--train_style", choices=sorted(STYLES), default="plain",
         help="Rendering style of the training scenes (digseg_diffusers.synthetic.STYLES); 'shifted' is for evaluation.",
     )
-    parser.add_argument("--data_dir", default=None, help="Where the scenes are written (default: WORK_DIR/data); shared by runs.")
-    parser.add_argument("--lr_warmup_steps", type=int, default=100)
-    parser.add_argument("--checkpointing_steps", type=int, default=1000)
-    parser.add_argument("--num_processes", type=int, default=1, help=">1 launches train_adapter.py through accelerate on CPU.")
-    parser.add_argument("--validation_steps", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--data_dir", default=None,
+        help="Where the scenes are written (default: WORK_DIR/data); shared by runs.",
+    )
+    parser.add_argument("--lr_warmup_steps", type=int, default=100, help='Warm-up steps of the U-Net stage.')
+    parser.add_argument(
+        "--checkpointing_steps", type=int, default=1000,
+        help='Checkpoint the U-Net stage every N steps (resumed when the command is run again).',
+    )
+    parser.add_argument(
+        "--num_processes", type=int, default=1,
+        help=">1 launches train_adapter.py through accelerate on CPU.",
+    )
+    parser.add_argument(
+        "--validation_steps", type=int, default=2000,
+        help='Validate every N steps (the learning curve in train_summary.json).',
+    )
+    parser.add_argument("--seed", type=int, default=0, help='Seed of every stage.')
     args = parser.parse_args(argv)
     args.attention_head_channels = args.attention_head_channels or None  # 0 -> None: 16 heads per level
     check_args(parser, args)

@@ -38,17 +38,17 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrained_model_name_or_path", required=True,
                         help="a DiGSeg pipeline folder (its vae/), 'digseg-demo', or a VAE folder")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--num_train_scenes", type=int, default=1000)
-    parser.add_argument("--num_eval_scenes", type=int, default=200)
+    parser.add_argument("--output_dir", required=True, help='where the decoder (and with --save_pipeline the pipeline) is saved')
+    parser.add_argument("--resolution", type=int, default=64, help='scene size in pixels')
+    parser.add_argument("--num_train_scenes", type=int, default=1000, help='synthetic training scenes')
+    parser.add_argument("--num_eval_scenes", type=int, default=200, help='held-out scenes for the IoU report')
     parser.add_argument("--block_out_channels", type=int, nargs="+", default=None,
                         help="widths per level, latent resolution first; default 64 32 16 8 cut to the VAE's scale "
                              "(log2(scale) + 1 levels)")
-    parser.add_argument("--layers_per_block", type=int, default=1)
-    parser.add_argument("--max_train_steps", type=int, default=1500)
-    parser.add_argument("--train_batch_size", type=int, default=32)
-    parser.add_argument("--learning_rate", type=float, default=2e-3)
+    parser.add_argument("--layers_per_block", type=int, default=1, help='residual blocks per decoder level')
+    parser.add_argument("--max_train_steps", type=int, default=1500, help='optimizer steps')
+    parser.add_argument("--train_batch_size", type=int, default=32, help='masks per step')
+    parser.add_argument("--learning_rate", type=float, default=2e-3, help='AdamW learning rate')
     parser.add_argument("--latent_noise_std", type=float, default=0.05,
                         help="Gaussian noise on the (unit-variance) latents during training, for robustness to "
                              "the denoiser's slightly off-manifold outputs")
@@ -59,7 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the IoU")
     parser.add_argument("--save_pipeline", action="store_true",
                         help="also save the pipeline with the decoder registered to OUTPUT/pipeline")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help='seed of the scenes and the initialisation')
     return parser.parse_args(argv)
 
 
