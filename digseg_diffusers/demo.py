@@ -49,7 +49,17 @@ def resolve_model_name(name_or_path: str | os.PathLike) -> str | os.PathLike:
 
 
 def load_demo_pipeline(**kwargs):
-    """`DiGSegPipeline.from_pretrained` on the embedded demo model; `kwargs` go to `from_pretrained`."""
-    from .pipeline_digseg import DiGSegPipeline
+    """Deprecated: use ``DiGSegPipeline.from_pretrained("digseg-demo", **kwargs)``.
 
-    return DiGSegPipeline.from_pretrained(default_model_path(), **kwargs)
+    This module only knows where the demo model is (it imports nothing of the package, so the pipeline can import it
+    at module level); loading is the pipeline's job.
+    """
+    import importlib
+    import warnings
+
+    warnings.warn(
+        'demo.load_demo_pipeline() is deprecated; use DiGSegPipeline.from_pretrained("digseg-demo").',
+        FutureWarning,
+        stacklevel=2,
+    )
+    return importlib.import_module("digseg_diffusers").DiGSegPipeline.from_pretrained(default_model_path(), **kwargs)

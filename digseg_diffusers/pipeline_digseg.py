@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import PreTrainedModel
 
 from . import mask_codec
+from .demo import resolve_model_name  # the short name "digseg-demo" -> the packaged demo model
 from .image_processing import RESAMPLE_METHODS, DiGSegImageProcessor, check_unit_range, processing_size
 from .mask_decoder import DiGSegMaskDecoder  # imported so that from_pretrained can resolve a saved mask_decoder
 from .text_projection import DiGSegTextProjection
@@ -71,18 +72,23 @@ CLASS_PROPOSER_SUBFOLDER = "class_proposer"
 """Subfolder of a saved pipeline holding its class proposer (not a diffusers component: saved and loaded here)."""
 
 EXAMPLE_DOC_STRING = """
-Examples:
-```py
->>> from digseg_diffusers import DiGSegPipeline
->>> from PIL import Image
+        Examples:
+            ```py
+            >>> import torch
+            >>> from digseg_diffusers import DiGSegPipeline
+            >>> from digseg_diffusers.synthetic import generate_scene
 
->>> pipe = DiGSegPipeline.from_pretrained("path/or/hub-id-of-a-digseg-model")
->>> image = Image.open("scene.png")
->>> out = pipe(image, prompt=["circle", "star"], num_inference_steps=1, ensemble_size=1)
->>> out.probabilities[0].shape  # [K, H, W], one map per prompt, values in [0, 1]
->>> out.masks[0][1]             # binary mask of "star" (probability > mask_threshold)
->>> out.label_maps[0]           # 0 = background, k + 1 = prompt k
-```
+            >>> pipe = DiGSegPipeline.from_pretrained("digseg-demo")  # the embedded demo model; or a folder / Hub id
+            >>> image = generate_scene(20_000_000).image  # a held-out synthetic scene; any PIL image, array or tensor
+            >>> out = pipe(image, prompt=["circle", "star"], generator=torch.Generator().manual_seed(0))
+            >>> out.probabilities[0].shape  # [K, H, W], one map per prompt, values in [0, 1]
+            (2, 64, 64)
+            >>> out.masks[0].shape  # binary masks: probability > mask_threshold
+            (2, 64, 64)
+            >>> out.label_maps[0].shape  # 0 = background, k + 1 = prompt k
+            (64, 64)
+
+            ```
 """
 
 
@@ -285,7 +291,6 @@ class DiGSegPipeline(DiffusionPipeline):
         one up to float32 rounding (~1e-6 on CPUs). Call `align_cpu_weights` on the components for bit-exact CPU
         reproduction at the cost of one copy of every unaligned weight.
         """
-        from .demo import resolve_model_name  # the short name "digseg-demo" -> the packaged demo model
 
         pretrained_model_name_or_path = resolve_model_name(pretrained_model_name_or_path)
         has_proposer_argument = "class_proposer" in kwargs
@@ -918,6 +923,7 @@ class DiGSegPipeline(DiffusionPipeline):
         }
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         image: PipelineImageInput,
@@ -991,6 +997,8 @@ class DiGSegPipeline(DiffusionPipeline):
             output_masks: return the ``[K, H, W]`` binary masks (else `masks` is None).
             probability_dtype: "float32" (default), "float16", or "uint8" (``round(255 p)``: 4x less memory) for
                 `probabilities` and `uncertainty`.
+
+        Examples:
 
         Returns:
             `DiGSegOutput`, or a tuple ``(probabilities, masks, label_maps, prompts, uncertainty, latents)``.

@@ -29,7 +29,7 @@ SHIFTED_MIOU_FLOOR = 0.42
 
 @pytest.fixture(scope="module")
 def demo_pipe():
-    pipe = demo.load_demo_pipeline()
+    pipe = DiGSegPipeline.from_pretrained("digseg-demo")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -105,3 +105,16 @@ def test_style_shifted_miou_floor(demo_pipe):
     examples = [scene.validation_example() for scene in _held_out_scenes(style="shifted")]
     metrics = evaluate_examples(demo_pipe, examples, SHAPE_CLASSES, num_inference_steps=1, ensemble_size=1, batch_size=32).compute()
     assert metrics["mIoU"] >= SHIFTED_MIOU_FLOOR, metrics
+
+
+def test_the_pipeline_call_docstring_example_runs_as_written():
+    """The `Examples:` section of `DiGSegPipeline.__call__` (diffusers' `replace_example_docstring`) is a doctest."""
+    import doctest
+
+    from digseg_diffusers import pipeline_digseg
+
+    assert pipeline_digseg.EXAMPLE_DOC_STRING.strip() in DiGSegPipeline.__call__.__doc__
+    test = doctest.DocTestParser().get_doctest(pipeline_digseg.EXAMPLE_DOC_STRING, {}, "EXAMPLE_DOC_STRING", None, 0)
+    runner = doctest.DocTestRunner()
+    runner.run(test)
+    assert runner.tries >= 7 and runner.failures == 0
