@@ -69,7 +69,8 @@ PNDM (its PRK warm-up fails below 4 steps), and those needing packages that are 
 DPM-Solver SDE: torchsde)."""
 
 CLASS_PROPOSER_SUBFOLDER = "class_proposer"
-"""Subfolder of a saved pipeline holding its class proposer (not a diffusers component: saved and loaded here)."""
+"""Subfolder of a saved pipeline holding its class proposer (not a diffusers component, see
+`DiGSegPipeline.class_proposer`: saved and loaded by this class)."""
 
 EXAMPLE_DOC_STRING = """
         Examples:
@@ -146,7 +147,13 @@ class DiGSegPipeline(DiffusionPipeline):
 
     class_proposer = None
     """Optional `DiGSegClassProposer` (a plain attribute, see `set_class_proposer`): picks each image's classes
-    when the pipeline is called with `vocabulary=`."""
+    when the pipeline is called with `vocabulary=`.
+
+    A plain attribute, not a registered diffusers component: it is optional, usually attached after loading (any
+    CLIP checkpoint becomes one), and outside the denoising computation that diffusers' components, offloading
+    sequence and `model_index.json` describe, so a saved pipeline's index is the same with or without one. It is
+    saved into the ``class_proposer/`` subfolder (diffusers' loader ignores it), and this class's `from_pretrained`,
+    `save_pretrained` and `to` carry it along."""
 
     def __init__(
         self,
