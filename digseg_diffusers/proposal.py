@@ -27,18 +27,18 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers.utils import logging
-
 from .hub_files import hub_kwargs, resolve_file
 from .image_processing import DiGSegImageProcessor, check_unit_range
 from .vocabularies import Vocabulary, load_vocabulary
 
-logger = logging.get_logger(__name__)
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["DiGSegClassProposer", "ProposalScores", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
 
@@ -47,6 +47,14 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PROPOSER_CONFIG_NAME = "proposer_config.json"
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+class SelectionOverrides(TypedDict, total=False):
+    """Per-call replacements of a proposer's settings (see `DiGSegClassProposer.select`)."""
+
+    global_threshold: float | None
+    patch_threshold: float | None
+    top_k: int | None
 
 
 @dataclass
@@ -252,7 +260,7 @@ class DiGSegClassProposer(torch.nn.Module):
         return names
 
     def _settings(
-        self, global_threshold: float | None, patch_threshold: float | None, top_k: int | None
+        self, global_threshold: float | None = None, patch_threshold: float | None = None, top_k: int | None = None
     ) -> tuple[float, float | None, int | None]:
         """The call's ``(global_threshold, patch_threshold, top_k)``: each given value, else the configured one.
         An infinite ``patch_threshold`` turns patch refinement off (None)."""
@@ -268,10 +276,7 @@ class DiGSegClassProposer(torch.nn.Module):
         self,
         global_scores: torch.Tensor,
         patch_scores: torch.Tensor | None,
-        *,
-        global_threshold: float | None = None,
-        patch_threshold: float | None = None,
-        top_k: int | None = None,
+        **overrides: Unpack[SelectionOverrides],
     ) -> list[list[int]]:
         """Apply thresholds, ordering, ``top_k`` and ``min_classes`` to score matrices ``[B, C]``.
 
@@ -279,7 +284,7 @@ class DiGSegClassProposer(torch.nn.Module):
         (None: the configured value; ``patch_threshold=math.inf``: no patch refinement), so one proposer can be
         shared by callers with different settings without changing it.
         """
-        global_threshold, patch_threshold, top_k = self._settings(global_threshold, patch_threshold, top_k)
+        global_threshold, patch_threshold, top_k = self._settings(**overrides)
         margin = global_scores - global_threshold
         if patch_scores is not None and patch_threshold is not None:
             margin = torch.maximum(margin, patch_scores - patch_threshold)
@@ -303,14 +308,10 @@ class DiGSegClassProposer(torch.nn.Module):
         self,
         images: ImageInput | Sequence[ImageInput],
         vocabulary: Vocabulary | Sequence[str] | str,
-        *,
-        global_threshold: float | None = None,
-        patch_threshold: float | None = None,
-        top_k: int | None = None,
+        **overrides: Unpack[SelectionOverrides],
     ) -> ProposalScores:
         """Global and patch scores of every class for every image, and the selection `propose` returns (the
         thresholds and ``top_k`` override the configured ones for this call, as in `select`)."""
-        overrides = {"global_threshold": global_threshold, "patch_threshold": patch_threshold, "top_k": top_k}
         use_patches = self._settings(**overrides)[1] is not None  # also validates the overrides before any work
         names = self._class_names(vocabulary)
         text = self.encode_vocabulary(names)
@@ -325,16 +326,10 @@ class DiGSegClassProposer(torch.nn.Module):
         self,
         images: ImageInput | Sequence[ImageInput],
         vocabulary: Vocabulary | Sequence[str] | str,
-        *,
-        global_threshold: float | None = None,
-        patch_threshold: float | None = None,
-        top_k: int | None = None,
+        **overrides: Unpack[SelectionOverrides],
     ) -> list[list[str]]:
         """The proposed class names, one list per image, best first (overrides as in `select`)."""
-        scores = self.score(
-            images, vocabulary, global_threshold=global_threshold, patch_threshold=patch_threshold, top_k=top_k
-        )
-        return scores.proposals
+        return self.score(images, vocabulary, **overrides).proposals
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:

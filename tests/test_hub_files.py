@@ -121,3 +121,25 @@ def test_hub_reachable_asks_the_configured_endpoint(monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.slow
+def test_the_pipelines_saved_proposer_comes_back_from_the_hub_cache(tmp_path, monkeypatch):
+    """`DiGSegPipeline.from_pretrained` of a Hub id finds ``class_proposer/`` through the same resolver (and cache)."""
+    from digseg_diffusers import DiGSegPipeline
+    from digseg_diffusers.proposal import DiGSegClassProposer
+    from digseg_diffusers.testing_utils import make_tiny_class_proposer, make_tiny_pipeline
+
+    pipe = make_tiny_pipeline()
+    pipe.set_class_proposer(make_tiny_class_proposer(global_threshold=-1.0, top_k=2))
+    pipe.save_pretrained(tmp_path / "pipe")
+    write_hub_cache(tmp_path / "cache", "someone/digseg-with-proposer", tmp_path / "pipe", with_tree=True)
+    make_tiny_pipeline().save_pretrained(tmp_path / "bare")
+    write_hub_cache(tmp_path / "cache", "someone/digseg-bare", tmp_path / "bare", with_tree=True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    loaded = DiGSegPipeline.from_pretrained("someone/digseg-with-proposer", cache_dir=str(tmp_path / "cache"))
+    assert isinstance(loaded.class_proposer, DiGSegClassProposer)
+    assert loaded.class_proposer.proposer_config() == pipe.class_proposer.proposer_config()
+    bare = DiGSegPipeline.from_pretrained("someone/digseg-bare", cache_dir=str(tmp_path / "cache"))
+    assert bare.class_proposer is None

@@ -124,6 +124,8 @@ def test_call_overrides_leave_the_shared_proposer_unchanged(tiny_clip, monkeypat
     assert proposer.propose(dummy_images(1), CLASSES) == [["cat", "bird"]]  # the configured values again
     with pytest.raises(ValueError, match="top_k"):
         proposer.score(dummy_images(1), CLASSES, top_k=0)
+    with pytest.raises(TypeError, match="threshold"):
+        proposer.propose(dummy_images(1), CLASSES, threshold=0.2)  # a misspelt setting is not silently ignored
 
 
 def test_top_k_caps_and_min_classes_fills(tiny_clip, monkeypatch):
