@@ -14,20 +14,23 @@ Tensor conventions (ComfyUI's):
 
 from __future__ import annotations
 
-import importlib
 import logging
+import math
 import os
 import re
-import socket
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
+from digseg_diffusers import DiGSegPipeline
+from digseg_diffusers.demo import default_model_path
+from digseg_diffusers.hub_files import hub_reachable, is_hub_unreachable
+from digseg_diffusers.proposal import DiGSegClassProposer
 from digseg_diffusers.visualization import overlay
+from digseg_diffusers.vocabularies import list_vocabularies, load_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -291,27 +294,12 @@ def pick_mask(result: SegmentationResult, select: str | int, kind: str = "mask")
 # ----------------------------------------------------------------------------------------------------------------
 
 
-_DEMO_WARNINGS: set[str] = set()
-
-
 def demo_model_path() -> str | None:
-    """The embedded demo model's folder, or None when this digseg_diffusers has none (older versions)."""
+    """The embedded demo model's folder, or None when this installation carries none."""
     try:
-        demo = importlib.import_module("digseg_diffusers.demo")
-    except ImportError:
+        return default_model_path()
+    except FileNotFoundError:
         return None
-    default_model_path = getattr(demo, "default_model_path", None)
-    if default_model_path is None:
-        return None
-    try:
-        path = os.fspath(default_model_path())
-    except Exception as error:  # a broken demo must not break the model list
-        message = str(error)
-        if message not in _DEMO_WARNINGS:  # the model list is rebuilt on every UI refresh: warn once
-            _DEMO_WARNINGS.add(message)
-            logger.warning("DiGSeg: the embedded demo model is unavailable: %s", message)
-        return None
-    return path if os.path.isfile(os.path.join(path, MODEL_INDEX)) else None
 
 
 def list_model_folders(search_paths: list[str], max_depth: int = 2, marker: str = MODEL_INDEX) -> list[str]:
@@ -380,10 +368,10 @@ def resolve_model_source(
             f"hub_id_or_path {override!r} is neither an existing folder nor a Hugging Face Hub id (owner/name)."
         )
     if model == DEMO_CHOICE:
-        path = demo_model_path()
-        if path is None:
-            raise ValueError("The embedded demo model is not available in this digseg_diffusers installation.")
-        return "local", path
+        try:
+            return "local", default_model_path()
+        except FileNotFoundError as error:
+            raise ValueError(str(error)) from None
     if not model or model in (NO_MODEL_CHOICE, NO_PROPOSER_CHOICE):
         raise ValueError(
             f"No model selected: put a saved folder (with {marker}) into "
@@ -422,75 +410,19 @@ def torch_dtype_for(precision: str, auto_dtype: torch.dtype = torch.float32) -> 
     return table[precision]
 
 
-def _is_offline_error(error: BaseException) -> bool:
-    """Whether an exception chain says "no network" (connection refused, DNS failure, offline mode)."""
-    markers = ("offline", "connect", "resolve", "timed out", "timeout", "network", "unreachable", "max retries")
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, (ConnectionError, TimeoutError)):
-            return True
-        name = type(error).__name__.lower()
-        text = str(error).lower()
-        if "offline" in name or "connect" in name or any(marker in text for marker in markers):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the Hub endpoint opens within `timeout` (assumed True behind a proxy)."""
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        endpoint = getattr(constants, "ENDPOINT", None) or "https://huggingface.co"
-    except ImportError:  # pragma: no cover
-        endpoint = "https://huggingface.co"
-    parsed = urlparse(endpoint)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname or "huggingface.co", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def hub_offline_mode() -> bool:
-    """True when huggingface_hub was told not to use the network (HF_HUB_OFFLINE)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency of diffusers
-        return False
-
-
-def _dtype_kwargs(torch_dtype: torch.dtype) -> dict:
-    """diffusers renamed `torch_dtype` to `dtype` (the old name warns); use whichever this version knows."""
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present where `dtype` is accepted)
-    except ImportError:
-        return {"torch_dtype": torch_dtype}
-    return {"dtype": torch_dtype}
-
-
 def _from_pretrained(model_class: Any, kind: str, location: str, **kwargs) -> Any:
     """`model_class.from_pretrained` for a local folder or a Hub id, with one clear message when the Hub fails."""
     if kind == "local":
         return model_class.from_pretrained(location, local_files_only=True, **kwargs)
     if kind != "hub":
         raise ValueError(f"kind must be 'local' or 'hub'; got {kind!r}.")
-    # Without network, huggingface_hub retries for a long time (70 s seen for a CLIP checkpoint): probe first and go
-    # straight to the local cache when the Hub cannot be reached.
-    offline = hub_offline_mode() or not hub_reachable()
+    # Without a route to the Hub, huggingface_hub retries every file with back-off: a cached CLIP checkpoint took
+    # 190 s to load that way, 1 s from the cache alone. One probe decides (False in offline mode too).
+    offline = not hub_reachable()
     try:
         return model_class.from_pretrained(location, local_files_only=offline, **kwargs)
     except Exception as error:
-        if offline or _is_offline_error(error):
+        if offline or is_hub_unreachable(error):
             raise RuntimeError(
                 f"DiGSeg: could not download the model {location!r} from the Hugging Face Hub: this machine is "
                 f"offline ({type(error).__name__}). Download it elsewhere and put the folder into the models/digseg "
@@ -506,23 +438,17 @@ def load_pipeline(
     location: str,
     torch_dtype: torch.dtype,
     adapter_path: str | None = None,
-    pipeline_class: Any = None,
-) -> Any:
+    pipeline_class: type[DiGSegPipeline] = DiGSegPipeline,
+) -> DiGSegPipeline:
     """Load a `DiGSegPipeline` (local folder or Hub id) in `torch_dtype`, then the optional adapter.
 
     Hub failures are turned into one clear message that names the id and says whether the machine looks offline.
     """
-    if pipeline_class is None:
-        from digseg_diffusers import DiGSegPipeline as pipeline_class
-    pipe = _from_pretrained(pipeline_class, kind, location, **_dtype_kwargs(torch_dtype))
+    pipe = _from_pretrained(pipeline_class, kind, location, dtype=torch_dtype)
     if adapter_path:
-        load_adapter = getattr(pipe, "load_digseg_adapter", None)
-        if load_adapter is None:
-            raise ValueError("This digseg_diffusers version cannot load adapters (no `load_digseg_adapter`).")
-        load_adapter(adapter_path)
+        pipe.load_digseg_adapter(adapter_path)
         pipe.to(dtype=torch_dtype)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)  # ComfyUI's own progress bar reports instead
+    pipe.set_progress_bar_config(disable=True)  # ComfyUI's own progress bar reports instead
     return pipe
 
 
@@ -620,10 +546,6 @@ def proposer_choices(search_paths: list[str]) -> list[str]:
 
 def vocabulary_choices() -> list[str]:
     """Bundled benchmark vocabularies, then "custom" (a typed class list)."""
-    try:
-        from digseg_diffusers.vocabularies import list_vocabularies
-    except ImportError:  # an older digseg_diffusers without vocabularies
-        return [CUSTOM_VOCABULARY]
     return list(list_vocabularies()) + [CUSTOM_VOCABULARY]
 
 
@@ -640,25 +562,15 @@ def resolve_vocabulary(vocabulary: str, custom_classes: str) -> tuple[list[str],
                 "vocabulary is 'custom' but custom_classes is empty: type class names (comma or newline separated)."
             )
         return names, list(names)
-    from digseg_diffusers.vocabularies import load_vocabulary
-
     names = list(load_vocabulary(vocabulary).class_names)
     return names, [name.split(",")[0].strip() for name in names]
 
 
-def load_proposer(kind: str, location: str, torch_dtype: torch.dtype, proposer_class: Any = None) -> Any:
+def load_proposer(
+    kind: str, location: str, torch_dtype: torch.dtype, proposer_class: type[DiGSegClassProposer] = DiGSegClassProposer
+) -> DiGSegClassProposer:
     """Load a `DiGSegClassProposer` (a saved folder, or any CLIP checkpoint folder / Hub id) in `torch_dtype`."""
-    if proposer_class is None:
-        from digseg_diffusers.proposal import DiGSegClassProposer as proposer_class
-    return _from_pretrained(proposer_class, kind, location, **_transformers_dtype_kwargs(torch_dtype))
-
-
-def _transformers_dtype_kwargs(torch_dtype: torch.dtype) -> dict:
-    """transformers >= 4.56 calls it `dtype` (the old `torch_dtype` warns)."""
-    import transformers
-
-    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    return {"dtype": torch_dtype} if (major, minor) >= (4, 56) else {"torch_dtype": torch_dtype}
+    return _from_pretrained(proposer_class, kind, location, dtype=torch_dtype)
 
 
 def propose_classes(
@@ -675,6 +587,7 @@ def propose_classes(
 
     Segment shares one prompt list across the batch (so that masks stay ``[B * K, H, W]``), hence the union; image
     0's proposals come first. `patch_threshold` None/negative disables patch refinement, `top_k` None/0 no cap.
+    The settings are this call's only: the proposer is cached and shared by every node that uses it.
     """
     prompt_names = list(prompt_names) if prompt_names is not None else list(class_names)
     if len(prompt_names) != len(class_names):
@@ -682,8 +595,11 @@ def propose_classes(
     pixels = comfy_images_to_pipeline(images)
     if pixels.shape[0] == 0:
         return []
-    proposer.global_threshold = float(global_threshold)
-    proposer.patch_threshold = None if patch_threshold is None or patch_threshold < 0 else float(patch_threshold)
-    proposer.top_k = int(top_k) if top_k else None
-    scores = proposer.score(pixels, class_names)
+    scores = proposer.score(
+        pixels,
+        class_names,
+        global_threshold=float(global_threshold),
+        patch_threshold=math.inf if patch_threshold is None or patch_threshold < 0 else float(patch_threshold),
+        top_k=int(top_k) if top_k else max(1, len(class_names)),  # every class: no cap, whatever the proposer's own top_k
+    )
     return list(dict.fromkeys(prompt_names[i] for indices in scores.selected for i in indices))

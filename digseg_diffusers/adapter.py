@@ -55,6 +55,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .hub_files import resolve_file
+
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -552,50 +554,6 @@ def _library_versions() -> dict[str, str]:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__}
 
 
-def _download(source: str, filename: str, subfolder: str | None, **hub_kwargs) -> str | None:
-    """``filename`` of the Hub repo ``source`` (via the cache), or None when the repo has no such file."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        return hf_hub_download(source, filename, subfolder=subfolder, **hub_kwargs)
-    except HFValidationError as error:
-        raise OSError(f"{source!r} is neither a local folder nor a valid Hugging Face Hub repo id.") from error
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
-        if not _repo_cached(source, hub_kwargs.get("cache_dir")):
-            raise OSError(
-                f"Cannot load the DiGSeg adapter {source!r}: it is not a local folder, not in the Hugging Face "
-                "cache, and the Hub cannot be reached (offline, or HF_HUB_OFFLINE is set). Download it once with "
-                "network access, or pass the path of a saved adapter folder."
-            ) from error
-        return None  # the cache answers for this repo, but not with this file
-    except EntryNotFoundError:  # after LocalEntryNotFoundError, one of its subclasses
-        return None
-    except RepositoryNotFoundError as error:
-        raise OSError(
-            f"{source!r} is not a local folder and no such Hugging Face Hub repo is accessible (check the name, "
-            "or pass `token=` for a private or gated repo)."
-        ) from error
-    except RevisionNotFoundError as error:
-        raise OSError(f"The Hub repo {source!r} has no revision {hub_kwargs.get('revision')!r}.") from error
-
-
-def _repo_cached(repo_id: str, cache_dir: str | os.PathLike | None) -> bool:
-    """Whether the Hub cache holds anything of ``repo_id`` (then a missing file is missing from the repo)."""
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    folder = os.path.join(str(cache_dir or constants.HF_HUB_CACHE), repo_folder_name(repo_id=repo_id, repo_type="model"))
-    return os.path.isdir(os.path.join(folder, "snapshots"))
-
-
 def _resolve_adapter_files(
     directory_or_hub_id: str | os.PathLike, subfolder: str | None, weight_name: str | None = None, **hub_kwargs
 ) -> tuple[str, str | None]:
@@ -603,22 +561,19 @@ def _resolve_adapter_files(
     source = str(directory_or_hub_id)
     folder = os.path.join(source, subfolder) if subfolder else source
     candidates = [weight_name] if weight_name else [LORA_WEIGHTS_NAME, FULL_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME]
-    if os.path.isfile(folder) and folder.endswith(".safetensors"):
-        return folder, None
-    if os.path.isdir(folder):
-        for name in candidates:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                legacy = os.path.join(folder, LEGACY_CONFIG_NAME)
-                return path, legacy if name == LEGACY_WEIGHTS_NAME and os.path.isfile(legacy) else None
-        raise ValueError(f"{folder!r} is not a DiGSeg adapter folder: none of {', '.join(candidates)} is in it.")
-    if os.path.exists(folder):
+    if os.path.isfile(folder):
+        if folder.endswith(".safetensors"):
+            return folder, None
         raise ValueError(f"{folder!r} is a file but not a .safetensors adapter; give the adapter's folder or Hub id.")
     for name in candidates:
-        path = _download(source, name, subfolder, **hub_kwargs)
+        path = resolve_file(source, name, subfolder, what="the DiGSeg adapter", **hub_kwargs)
         if path is not None:
-            legacy = _download(source, LEGACY_CONFIG_NAME, subfolder, **hub_kwargs) if name == LEGACY_WEIGHTS_NAME else None
+            legacy = None
+            if name == LEGACY_WEIGHTS_NAME:
+                legacy = resolve_file(source, LEGACY_CONFIG_NAME, subfolder, what="the DiGSeg adapter", **hub_kwargs)
             return path, legacy
+    if os.path.isdir(source):
+        raise ValueError(f"{folder!r} is not a DiGSeg adapter folder: none of {', '.join(candidates)} is in it.")
     raise OSError(
         f"The Hub repo {source!r} has no DiGSeg adapter ({' or '.join(candidates)}"
         + (f" in subfolder {subfolder!r}" if subfolder else "")

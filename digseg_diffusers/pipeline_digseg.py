@@ -1266,28 +1266,15 @@ def _check_loaded_components(pipe: "DiGSegPipeline", source: str) -> None:
 
 def _load_class_proposer(pretrained_model_name_or_path: str, kwargs: dict):
     """The proposer saved in ``class_proposer/`` of a pipeline folder or Hub repo, or None when there is none."""
-    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
-    if os.path.isdir(pretrained_model_name_or_path):
-        folder = os.path.join(pretrained_model_name_or_path, CLASS_PROPOSER_SUBFOLDER)
-        if not os.path.isdir(folder):
-            return None
-        source, extra = folder, {}
-    else:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from .hub_files import hub_kwargs, resolve_file
+    from .proposal import PROPOSER_CONFIG_NAME, DiGSegClassProposer
 
-        from .proposal import PROPOSER_CONFIG_NAME
-
-        try:
-            hf_hub_download(
-                pretrained_model_name_or_path, PROPOSER_CONFIG_NAME, subfolder=CLASS_PROPOSER_SUBFOLDER, **hub_kwargs
-            )
-        except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError):
-            return None
-        source, extra = pretrained_model_name_or_path, {"subfolder": CLASS_PROPOSER_SUBFOLDER, **hub_kwargs}
-    from .proposal import DiGSegClassProposer
-
-    return DiGSegClassProposer.from_pretrained(source, **extra)
+    lookup = hub_kwargs(kwargs)
+    if resolve_file(pretrained_model_name_or_path, PROPOSER_CONFIG_NAME, CLASS_PROPOSER_SUBFOLDER, **lookup) is None:
+        return None
+    return DiGSegClassProposer.from_pretrained(
+        pretrained_model_name_or_path, subfolder=CLASS_PROPOSER_SUBFOLDER, **lookup
+    )
 
 
 def _vae_scale_factor(vae) -> int:

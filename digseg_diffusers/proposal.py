@@ -23,20 +23,22 @@ templates.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers.utils import logging
-
-from .image_processing import DiGSegImageProcessor
+from .hub_files import hub_kwargs, resolve_file
+from .image_processing import DiGSegImageProcessor, check_unit_range
 from .vocabularies import Vocabulary, load_vocabulary
 
-logger = logging.get_logger(__name__)
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["DiGSegClassProposer", "ProposalScores", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
 
@@ -45,6 +47,14 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PROPOSER_CONFIG_NAME = "proposer_config.json"
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+class SelectionOverrides(TypedDict, total=False):
+    """Per-call replacements of a proposer's settings (see `DiGSegClassProposer.select`)."""
+
+    global_threshold: float | None
+    patch_threshold: float | None
+    top_k: int | None
 
 
 @dataclass
@@ -69,13 +79,15 @@ class ProposalScores:
 
 
 def _image_to_chw(image: ImageInput, index: int) -> list[torch.Tensor]:
-    """One image (or a batch) as float ``[3, H, W]`` tensors in [0, 1], through the pipeline's canonicaliser."""
+    """One image (or a batch) as float ``[3, H, W]`` tensors in [0, 1], through the pipeline's canonicaliser (and
+    its range check: float pixels outside [0, 1] are refused, not clipped)."""
     if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
         raise ValueError(
             f"images[{index}]: expected a PIL image, numpy array or torch tensor; got {type(image).__name__}"
         )
     try:
         pixels = DiGSegImageProcessor.load_image_canonical(image)  # [N, 3, H, W]
+        check_unit_range(pixels)
     except ValueError as error:
         raise ValueError(f"images[{index}]: {error}") from None
     return list(pixels.unbind(0))
@@ -208,7 +220,11 @@ class DiGSegClassProposer(torch.nn.Module):
 
     def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """Images (PIL, numpy HWC/NHWC uint8/uint16/float in [0, 1], torch CHW/NCHW float in [0, 1], or a list)
-        to normalised CLIP input ``[B, 3, S, S]``: the whole image resized (bicubic, antialiased), not cropped."""
+        to normalised CLIP input ``[B, 3, S, S]``: the whole image resized (bicubic, antialiased), not cropped.
+
+        The resize is the pipeline's (`DiGSegImageProcessor.resize_antialias`, in float32), not transformers'
+        `CLIPImageProcessor`: without torchvision that one resizes through 8-bit PIL images, which moves the
+        normalised values by up to 0.3 on textured images and drops the precision of 16-bit and float inputs."""
         if isinstance(images, (list, tuple)):
             tensors = [t for i, image in enumerate(images) for t in _image_to_chw(image, i)]
         else:
@@ -217,7 +233,7 @@ class DiGSegClassProposer(torch.nn.Module):
             raise ValueError("no images given")
         size = (self.image_size, self.image_size)
         resized = [
-            F.interpolate(t[None].to(self.device, torch.float32), size=size, mode="bicubic", antialias=True)
+            DiGSegImageProcessor.resize_antialias(t[None].to(self.device, torch.float32), size, "bicubic", is_aa=True)
             for t in tensors
         ]
         pixels = torch.cat(resized).clamp(0.0, 1.0)
@@ -243,17 +259,41 @@ class DiGSegClassProposer(torch.nn.Module):
             raise ValueError("vocabulary must be a Vocabulary, a bundled vocabulary name, or a list of class names")
         return names
 
-    def select(self, global_scores: torch.Tensor, patch_scores: torch.Tensor | None) -> list[list[int]]:
-        """Apply thresholds, ordering, ``top_k`` and ``min_classes`` to score matrices ``[B, C]``."""
-        margin = global_scores - self.global_threshold
-        if patch_scores is not None and self.patch_threshold is not None:
-            margin = torch.maximum(margin, patch_scores - self.patch_threshold)
+    def _settings(
+        self, global_threshold: float | None = None, patch_threshold: float | None = None, top_k: int | None = None
+    ) -> tuple[float, float | None, int | None]:
+        """The call's ``(global_threshold, patch_threshold, top_k)``: each given value, else the configured one.
+        An infinite ``patch_threshold`` turns patch refinement off (None)."""
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be a positive integer or None; got {top_k}")
+        global_threshold = self.global_threshold if global_threshold is None else float(global_threshold)
+        patch_threshold = self.patch_threshold if patch_threshold is None else float(patch_threshold)
+        if patch_threshold is not None and math.isinf(patch_threshold):
+            patch_threshold = None
+        return global_threshold, patch_threshold, self.top_k if top_k is None else int(top_k)
+
+    def select(
+        self,
+        global_scores: torch.Tensor,
+        patch_scores: torch.Tensor | None,
+        **overrides: Unpack[SelectionOverrides],
+    ) -> list[list[int]]:
+        """Apply thresholds, ordering, ``top_k`` and ``min_classes`` to score matrices ``[B, C]``.
+
+        ``global_threshold``, ``patch_threshold`` and ``top_k`` override the configured values for this call only
+        (None: the configured value; ``patch_threshold=math.inf``: no patch refinement), so one proposer can be
+        shared by callers with different settings without changing it.
+        """
+        global_threshold, patch_threshold, top_k = self._settings(**overrides)
+        margin = global_scores - global_threshold
+        if patch_scores is not None and patch_threshold is not None:
+            margin = torch.maximum(margin, patch_scores - patch_threshold)
         selected = []
         for row_margin, row_global in zip(margin, global_scores):
             order = torch.argsort(row_margin, descending=True, stable=True)
             kept = [int(i) for i in order if row_margin[i] > 0]
-            if self.top_k is not None:
-                kept = kept[: self.top_k]
+            if top_k is not None:
+                kept = kept[:top_k]
             if len(kept) < self.min_classes:
                 for i in torch.argsort(row_global, descending=True, stable=True).tolist():
                     if len(kept) >= min(self.min_classes, row_global.numel()):
@@ -265,23 +305,31 @@ class DiGSegClassProposer(torch.nn.Module):
 
     @torch.no_grad()
     def score(
-        self, images: ImageInput | Sequence[ImageInput], vocabulary: Vocabulary | Sequence[str] | str
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        vocabulary: Vocabulary | Sequence[str] | str,
+        **overrides: Unpack[SelectionOverrides],
     ) -> ProposalScores:
-        """Global and patch scores of every class for every image, and the selection `propose` returns."""
+        """Global and patch scores of every class for every image, and the selection `propose` returns (the
+        thresholds and ``top_k`` override the configured ones for this call, as in `select`)."""
+        use_patches = self._settings(**overrides)[1] is not None  # also validates the overrides before any work
         names = self._class_names(vocabulary)
         text = self.encode_vocabulary(names)
         image_embeds, patch_embeds = self.encode_images(images)
         global_scores = (image_embeds @ text.T).cpu()
         patch_scores = None
-        if self.patch_threshold is not None:
+        if use_patches:
             patch_scores = torch.einsum("bpd,cd->bpc", patch_embeds, text).amax(dim=1).cpu()
-        return ProposalScores(names, global_scores, patch_scores, self.select(global_scores, patch_scores))
+        return ProposalScores(names, global_scores, patch_scores, self.select(global_scores, patch_scores, **overrides))
 
     def propose(
-        self, images: ImageInput | Sequence[ImageInput], vocabulary: Vocabulary | Sequence[str] | str
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        vocabulary: Vocabulary | Sequence[str] | str,
+        **overrides: Unpack[SelectionOverrides],
     ) -> list[list[str]]:
-        """The proposed class names, one list per image, best first."""
-        return self.score(images, vocabulary).proposals
+        """The proposed class names, one list per image, best first (overrides as in `select`)."""
+        return self.score(images, vocabulary, **overrides).proposals
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
@@ -299,33 +347,19 @@ class DiGSegClassProposer(torch.nn.Module):
         """Load a saved proposer, or wrap any CLIP checkpoint (a folder or hub id such as
         ``openai/clip-vit-large-patch14``) with default settings when it has no ``proposer_config.json``.
 
-        Keyword arguments named like constructor arguments override the saved settings; the rest (``torch_dtype``,
-        ``local_files_only``, ...) go to ``CLIPModel.from_pretrained``.
+        Keyword arguments named like constructor arguments override the saved settings; the rest (``dtype``,
+        ``local_files_only``, ``cache_dir``, ...) go to ``CLIPModel.from_pretrained`` (the Hub look-up ones to the
+        tokenizer and the settings file too, through `hub_files.resolve_file`).
         """
         from transformers import AutoTokenizer, CLIPModel
 
-        settings = {}
         path = str(pretrained_model_name_or_path)
-        local_files_only = bool(kwargs.get("local_files_only", False))
-        local = os.path.join(path, subfolder or "", PROPOSER_CONFIG_NAME)
-        if os.path.isdir(path):
-            if os.path.isfile(local):
-                with open(local, encoding="utf-8") as f:
-                    settings = json.load(f)
-        else:
-            from huggingface_hub import hf_hub_download
-            from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-            try:
-                config_file = hf_hub_download(
-                    path, PROPOSER_CONFIG_NAME, subfolder=subfolder, local_files_only=local_files_only
-                )
-                with open(config_file, encoding="utf-8") as f:
-                    settings = json.load(f)
-            except LocalEntryNotFoundError:
-                logger.warning(f"{PROPOSER_CONFIG_NAME} of {path} is not reachable offline; using default settings")
-            except EntryNotFoundError:  # a plain CLIP checkpoint: default settings
-                pass
+        lookup = hub_kwargs(kwargs)
+        config_file = resolve_file(path, PROPOSER_CONFIG_NAME, subfolder, what="the class proposer", **lookup)
+        settings = {}
+        if config_file is not None:  # else a plain CLIP checkpoint: default settings
+            with open(config_file, encoding="utf-8") as f:
+                settings = json.load(f)
         own_keys = {
             "template", "global_threshold", "patch_threshold", "top_k", "min_classes", "image_size",
             "image_mean", "image_std", "text_batch_size",
@@ -333,5 +367,5 @@ class DiGSegClassProposer(torch.nn.Module):
         settings.update({k: kwargs.pop(k) for k in list(kwargs) if k in own_keys})
         sub = {"subfolder": subfolder} if subfolder else {}
         clip_model = CLIPModel.from_pretrained(path, **sub, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, **sub, local_files_only=local_files_only)
+        tokenizer = AutoTokenizer.from_pretrained(path, **sub, **lookup)
         return cls(clip_model, tokenizer, **settings)

@@ -3,6 +3,7 @@
 import asyncio
 import importlib
 import json
+import math
 import os
 import sys
 import types
@@ -324,13 +325,19 @@ def test_list_model_folders_and_choices(tmp_path, monkeypatch):
     assert logic.model_choices(paths)[0] == logic.DEMO_CHOICE
 
 
-def test_demo_model_path_is_guarded(monkeypatch):
-    monkeypatch.setitem(sys.modules, "digseg_diffusers.demo", types.ModuleType("digseg_diffusers.demo"))
-    assert logic.demo_model_path() is None  # a demo module without default_model_path()
-    broken = types.ModuleType("digseg_diffusers.demo")
-    broken.default_model_path = lambda: (_ for _ in ()).throw(RuntimeError("corrupt"))
-    monkeypatch.setitem(sys.modules, "digseg_diffusers.demo", broken)
+def _demo_missing():
+    raise FileNotFoundError("The embedded demo model is missing: /pkg/models/demo has no model_index.json.")
+
+
+def test_a_missing_demo_model_leaves_the_list_and_names_itself_when_picked(monkeypatch):
+    from digseg_diffusers.demo import default_model_path
+
+    assert logic.demo_model_path() == default_model_path()
+    monkeypatch.setattr(logic, "default_model_path", _demo_missing)  # an installation without the demo folder
     assert logic.demo_model_path() is None
+    assert logic.DEMO_CHOICE not in logic.model_choices([])
+    with pytest.raises(ValueError, match="demo model is missing"):  # a saved workflow that still names it
+        logic.resolve_model_source(logic.DEMO_CHOICE, "", [])
 
 
 def test_resolve_model_source(tmp_path, monkeypatch):
@@ -346,9 +353,9 @@ def test_resolve_model_source(tmp_path, monkeypatch):
         logic.resolve_model_source("missing", "", paths)
     with pytest.raises(ValueError, match="No model selected"):
         logic.resolve_model_source(logic.NO_MODEL_CHOICE, "", paths)
-    monkeypatch.setattr(logic, "demo_model_path", lambda: None)
-    with pytest.raises(ValueError, match="demo"):
-        logic.resolve_model_source(logic.DEMO_CHOICE, "", paths)
+    from digseg_diffusers.demo import default_model_path
+
+    assert logic.resolve_model_source(logic.DEMO_CHOICE, "", paths) == ("local", default_model_path())
 
 
 def test_resolve_adapter_path(tmp_path):
@@ -380,6 +387,7 @@ class FakePipelineClass:
     def __init__(self):
         self.adapters = []
         self.moved_to = None
+        self.progress_bar = {}
 
     @classmethod
     def from_pretrained(cls, location, **kwargs):
@@ -392,26 +400,33 @@ class FakePipelineClass:
         self.moved_to = kwargs.get("dtype")
         return self
 
+    def load_digseg_adapter(self, path):
+        self.adapters.append(path)
+
+    def set_progress_bar_config(self, **kwargs):
+        self.progress_bar.update(kwargs)
+
+
+def _raised_from(error: BaseException, cause: BaseException) -> BaseException:
+    error.__cause__ = cause
+    return error
+
 
 def test_load_pipeline_hub_offline_message(monkeypatch):
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     FakePipelineClass.calls = []
-    FakePipelineClass.error = OSError("We couldn't connect to 'https://huggingface.co' to load this file")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(logic, "hub_offline_mode", lambda: False)
     monkeypatch.setattr(logic, "hub_reachable", lambda: True)
+    # transformers / diffusers wrap huggingface_hub's typed error in an OSError of their own
+    FakePipelineClass.error = _raised_from(OSError("Cannot load model"), LocalEntryNotFoundError("not cached"))
     with pytest.raises(RuntimeError) as error:
         logic.load_pipeline("hub", "someone/digseg", torch.float16, pipeline_class=FakePipelineClass)
     assert (
         "someone/digseg" in str(error.value) and "offline" in str(error.value) and "models/digseg" in str(error.value)
     )
+    assert FakePipelineClass.calls[-1][1]["local_files_only"] is False  # reachable: the Hub is asked
 
-    monkeypatch.setattr(logic, "hub_offline_mode", lambda: True)
-    FakePipelineClass.error = FileNotFoundError("not in cache")
-    with pytest.raises(RuntimeError, match="offline"):
-        logic.load_pipeline("hub", "someone/digseg", torch.float16, pipeline_class=FakePipelineClass)
-    assert FakePipelineClass.calls[-1][1]["local_files_only"] is True  # no network attempt when offline
-
-    monkeypatch.setattr(logic, "hub_offline_mode", lambda: False)
     monkeypatch.setattr(logic, "hub_reachable", lambda: False)  # unreachable: only the local cache is tried
     FakePipelineClass.error = FileNotFoundError("not in cache")
     with pytest.raises(RuntimeError, match="offline"):
@@ -424,21 +439,17 @@ def test_load_pipeline_hub_offline_message(monkeypatch):
     )
 
     monkeypatch.setattr(logic, "hub_reachable", lambda: True)
-    FakePipelineClass.error = ValueError("model_index.json is malformed")
-    with pytest.raises(RuntimeError, match="malformed") as error:
-        logic.load_pipeline("hub", "someone/digseg", torch.float16, pipeline_class=FakePipelineClass)
-    assert "offline" not in str(error.value)
+    for broken in (ValueError("model_index.json is malformed"), OSError("malformed: could not connect the pieces")):
+        FakePipelineClass.error = broken  # no network error in the chain: the words in it do not matter
+        with pytest.raises(RuntimeError, match="malformed") as error:
+            logic.load_pipeline("hub", "someone/digseg", torch.float16, pipeline_class=FakePipelineClass)
+        assert "offline" not in str(error.value)
 
-
-def test_hub_reachable_respects_the_endpoint(monkeypatch):
-    from huggingface_hub import constants
-
-    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9", raising=False)  # discard port: refused
-    assert logic.hub_reachable(timeout=1.0) is False
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
-    assert logic.hub_reachable(timeout=1.0) is True
+    # The real pipeline class in huggingface_hub's offline mode: no request, the one clear message.
+    monkeypatch.undo()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="could not download.*offline.*models/digseg"):
+        logic.load_pipeline("hub", "digseg-test/not-cached-anywhere", torch.float32)
 
 
 def test_load_pipeline_local_and_adapter():
@@ -446,17 +457,10 @@ def test_load_pipeline_local_and_adapter():
     FakePipelineClass.error = None
     loaded = logic.load_pipeline("local", "/models/x", torch.bfloat16, pipeline_class=FakePipelineClass)
     location, kwargs = FakePipelineClass.calls[-1]
-    assert location == "/models/x" and kwargs["local_files_only"] is True
-    assert torch.bfloat16 in kwargs.values()
-    assert loaded.moved_to is None
-    with pytest.raises(ValueError, match="adapter"):
-        logic.load_pipeline("local", "/models/x", torch.float32, "/adapters/a", pipeline_class=FakePipelineClass)
-
-    class WithAdapter(FakePipelineClass):
-        def load_digseg_adapter(self, path):
-            self.adapters.append(path)
-
-    loaded = logic.load_pipeline("local", "/models/x", torch.float16, "/adapters/a", pipeline_class=WithAdapter)
+    assert location == "/models/x" and kwargs == {"local_files_only": True, "dtype": torch.bfloat16}
+    assert loaded.moved_to is None and loaded.adapters == []
+    assert loaded.progress_bar == {"disable": True}  # ComfyUI's progress bar reports instead
+    loaded = logic.load_pipeline("local", "/models/x", torch.float16, "/adapters/a", pipeline_class=FakePipelineClass)
     assert loaded.adapters == ["/adapters/a"] and loaded.moved_to is torch.float16
 
 
@@ -507,8 +511,8 @@ def test_resolve_vocabulary():
 
 def test_propose_classes_union_in_order():
     class FakeProposer:
-        def score(self, pixels, names):
-            self.seen = (tuple(pixels.shape), list(names))
+        def score(self, pixels, names, **settings):
+            self.seen = (tuple(pixels.shape), list(names), settings)
             return SimpleNamespace(selected=[[2, 0], [1, 2]])
 
     proposer = FakeProposer()
@@ -517,29 +521,46 @@ def test_propose_classes_union_in_order():
         global_threshold=0.2, patch_threshold=-1, top_k=0,
     )  # fmt: skip
     assert classes == ["sky", "cat", "dog"]
-    assert proposer.seen == ((2, 3, 8, 8), ["cat", "dog", "sky, heaven"])
-    assert proposer.global_threshold == 0.2 and proposer.patch_threshold is None and proposer.top_k is None
+    # the node's settings go with the call (negative = no patches, 0 = no cap); nothing is set on the proposer
+    assert proposer.seen == (
+        (2, 3, 8, 8), ["cat", "dog", "sky, heaven"], {"global_threshold": 0.2, "patch_threshold": math.inf, "top_k": 3}
+    )  # fmt: skip
+    assert vars(proposer).keys() == {"seen"}
     assert logic.propose_classes(proposer, torch.zeros(0, 8, 8, 3), ["cat"]) == []
 
 
-def make_tiny_proposer():
+def make_tiny_proposer(**settings):
     from digseg_diffusers.testing_utils import make_tiny_class_proposer
 
-    return make_tiny_class_proposer()
+    return make_tiny_class_proposer(**settings)
 
 
 def test_propose_classes_with_a_real_proposer():
-    proposer = make_tiny_proposer()
-    classes = logic.propose_classes(
-        proposer, comfy_images(batch=2, height=20, width=24), ["cat", "dog", "bird"], global_threshold=1.0,
-        patch_threshold=-1, top_k=0,
-    )  # fmt: skip
+    """The shared (cached) proposer keeps its own settings; the node's give what a proposer made with them gives."""
+    proposer = make_tiny_proposer(top_k=1)
+    saved_settings = proposer.proposer_config()
+    images, names = comfy_images(batch=2, height=20, width=24), ["cat", "dog", "bird"]
+    for settings in [
+        {"global_threshold": 1.0, "patch_threshold": -1, "top_k": 0},
+        {"global_threshold": -1.0, "patch_threshold": -1, "top_k": 2},
+        {"global_threshold": 0.0, "patch_threshold": 0.0, "top_k": 0},
+    ]:
+        classes = logic.propose_classes(proposer, images, names, **settings)
+        configured = logic.DiGSegClassProposer(
+            proposer.clip_model,
+            proposer.tokenizer,
+            global_threshold=settings["global_threshold"],
+            patch_threshold=None if settings["patch_threshold"] < 0 else settings["patch_threshold"],
+            top_k=settings["top_k"] or None,
+        )
+        per_image = configured.propose(logic.comfy_images_to_pipeline(images), names)
+        assert classes == list(dict.fromkeys(name for proposals in per_image for name in proposals)), settings
+        assert proposer.proposer_config() == saved_settings
     # Nothing clears a cosine of 1.0, so each image keeps its single best class (min_classes = 1).
-    assert 1 <= len(classes) <= 2 and set(classes) <= {"cat", "dog", "bird"}
-    everything = logic.propose_classes(
-        proposer, comfy_images(batch=1), ["cat", "dog", "bird"], global_threshold=-1.0, patch_threshold=-1, top_k=2
-    )
-    assert len(everything) == 2
+    best = logic.propose_classes(proposer, images, names, global_threshold=1.0, patch_threshold=-1, top_k=0)
+    assert 1 <= len(best) <= 2 and set(best) <= set(names)
+    everything = logic.propose_classes(proposer, images, names, global_threshold=-1.0, patch_threshold=-1, top_k=0)
+    assert sorted(everything) == sorted(names)  # every cosine clears -1; the proposer's own top_k=1 is not applied
 
 
 # ------------------------------------------------------------------------------------------------ the nodes

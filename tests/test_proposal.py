@@ -1,16 +1,17 @@
+import math
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
 
-from digseg_diffusers.proposal import DiGSegClassProposer
+from digseg_diffusers.proposal import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, DiGSegClassProposer
+from digseg_diffusers.testing_utils import assert_close_across_paths, write_hub_cache
 from digseg_diffusers.testing_utils import make_tiny_clip_model as make_tiny_clip
 from digseg_diffusers.tokenization import build_char_clip_tokenizer
 
 CLASSES = ["cat", "dog", "bird", "fish"]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,35 @@ def test_per_image_proposals_in_a_batch(tiny_clip, monkeypatch):
     assert proposer.propose(dummy_images(2), CLASSES) == [["cat", "bird"], ["fish"]]
 
 
+def test_call_overrides_leave_the_shared_proposer_unchanged(tiny_clip, monkeypatch):
+    """Per-call thresholds give what a proposer configured with them gives, and change nothing stored."""
+    proposer, _ = controlled(tiny_clip, monkeypatch, [IMAGE_WITH_SMALL_BIRD], patch_threshold=0.5, min_classes=0)
+    settings = proposer.proposer_config()
+    cases = [
+        # (overrides, the same as constructor settings, expected proposals)
+        ({"global_threshold": 0.15}, {"global_threshold": 0.15, "patch_threshold": 0.5}, [["cat", "bird", "dog"]]),
+        ({"global_threshold": 0.15, "patch_threshold": math.inf}, {"global_threshold": 0.15, "patch_threshold": None},
+         [["cat", "dog"]]),
+        ({"patch_threshold": 0.95, "top_k": 1}, {"patch_threshold": 0.95, "top_k": 1}, [["cat"]]),
+    ]  # fmt: skip
+    for overrides, configured_settings, expected in cases:
+        scores = proposer.score(dummy_images(1), CLASSES, **overrides)
+        configured, _ = controlled(
+            tiny_clip, monkeypatch, [IMAGE_WITH_SMALL_BIRD], min_classes=0, **configured_settings
+        )
+        reference = configured.score(dummy_images(1), CLASSES)
+        assert scores.proposals == reference.proposals == expected, overrides
+        assert torch.equal(scores.global_scores, reference.global_scores)
+        assert (scores.patch_scores is None) == (reference.patch_scores is None)
+        assert proposer.propose(dummy_images(1), CLASSES, **overrides) == expected
+        assert proposer.proposer_config() == settings
+    assert proposer.propose(dummy_images(1), CLASSES) == [["cat", "bird"]]  # the configured values again
+    with pytest.raises(ValueError, match="top_k"):
+        proposer.score(dummy_images(1), CLASSES, top_k=0)
+    with pytest.raises(TypeError, match="threshold"):
+        proposer.propose(dummy_images(1), CLASSES, threshold=0.2)  # a misspelt setting is not silently ignored
+
+
 def test_top_k_caps_and_min_classes_fills(tiny_clip, monkeypatch):
     proposer, _ = controlled(tiny_clip, monkeypatch, [IMAGE_WITH_SMALL_BIRD], patch_threshold=0.5, top_k=1)
     assert proposer.propose(dummy_images(1), CLASSES) == [["cat"]]
@@ -164,6 +194,32 @@ def test_patch_tokens_are_projected_last_hidden_states(tiny_clip):
     assert proposer.encode_images(torch.rand(3, 20, 20))[1].shape == (1, 36, 16)
 
 
+def test_preprocess_is_the_same_for_every_input_form(tiny_clip):
+    """PIL, uint8 / uint16 / float arrays, RGBA and CHW tensors of one non-square image give one CLIP input: the
+    canonical float image resized as a whole (bicubic, antialiased) and normalised with CLIP's mean and std."""
+    proposer = make_proposer(tiny_clip)  # 32 px input
+    array = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    canonical = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255.0
+    resized = F.interpolate(canonical, size=(32, 32), mode="bicubic", antialias=True).clamp(0.0, 1.0)
+    expected = (resized - torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    forms = {
+        "PIL RGB": PIL.Image.fromarray(array),
+        "PIL RGBA": PIL.Image.fromarray(array).convert("RGBA"),
+        "uint8 HWC": array,
+        "uint16 HWC": array.astype(np.uint16) * 257,
+        "float32 HWC": array.astype(np.float32) / 255.0,
+        "float CHW tensor": canonical[0],
+        "float NCHW tensor": canonical,
+    }
+    for name, image in forms.items():
+        assert_close_across_paths(proposer.preprocess(image), expected, what=name)
+    batch = proposer.preprocess([forms["PIL RGB"], torch.rand(3, 50, 20)])  # a list of different sizes
+    assert batch.shape == (2, 3, 32, 32)
+    assert_close_across_paths(batch[:1], expected, what="first image of a list")
+    with pytest.raises(ValueError, match=r"images\[0\].*\[0, 1\]"):
+        proposer.preprocess(canonical[0] * 255.0)  # 0-255 floats are refused, not clipped to white
+
+
 def test_accepts_bundled_vocabulary_names(tiny_clip):
     proposer = make_proposer(tiny_clip, global_threshold=2.0, patch_threshold=None, min_classes=3)
     proposals = proposer.propose(np.zeros((16, 16, 3), dtype=np.float32), "cityscapes")
@@ -226,3 +282,18 @@ def test_from_pretrained_hub_id_honours_local_files_only(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         DiGSegClassProposer.from_pretrained("digseg-test/not-cached-anywhere", local_files_only=True)
     assert seen and all(seen)
+
+
+def test_loads_from_the_hub_cache_with_its_settings(tiny_clip, tmp_path):
+    """A Hub id resolves the settings, the CLIP weights and the tokenizer through one cache (`cache_dir` included)."""
+    proposer = make_proposer(tiny_clip, global_threshold=0.4, patch_threshold=None, top_k=2)
+    proposer.save_pretrained(tmp_path / "proposer")
+    write_hub_cache(tmp_path / "cache", "someone/tiny-proposer", tmp_path / "proposer")
+    loaded = DiGSegClassProposer.from_pretrained(
+        "someone/tiny-proposer", cache_dir=tmp_path / "cache", local_files_only=True
+    )
+    assert loaded.proposer_config() == proposer.proposer_config()
+    image = torch.rand(3, 32, 32)
+    assert_close_across_paths(loaded.score(image, CLASSES).global_scores, proposer.score(image, CLASSES).global_scores)
+    with pytest.raises(OSError, match="not in the Hugging Face cache"):
+        DiGSegClassProposer.from_pretrained("someone/absent", cache_dir=tmp_path / "cache", local_files_only=True)

@@ -1,0 +1,122 @@
+"""One resolver for "this file of a local folder or of a Hugging Face Hub repo", and what a Hub failure means.
+
+Adapters, class proposers and pipelines all accept a folder or a Hub id. They resolve their files here, through
+`huggingface_hub.hf_hub_download` (its cache, offline mode and token handling), and turn its typed errors into one
+policy:
+
+- the file is not in the repo (or not in the cache of a repo that is cached): ``None``, the caller decides whether
+  the file was optional;
+- the repo cannot be had at all (not cached and the Hub unreachable or ``HF_HUB_OFFLINE`` set, no such repo, no such
+  revision, not a repo id): an `OSError` that names the source and says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+"""The `from_pretrained` keyword arguments that concern finding files (passed on to every Hub look-up)."""
+
+
+def hub_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The Hub look-up arguments (`HUB_KWARGS`) among a `from_pretrained` call's keyword arguments."""
+    return {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+
+
+def repo_cached(repo_id: str, cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether the Hub cache holds a snapshot of ``repo_id`` (then a file missing from it is missing from the repo)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = os.path.join(str(cache_dir or constants.HF_HUB_CACHE), repo_folder_name(repo_id=repo_id, repo_type="model"))
+    return os.path.isdir(os.path.join(folder, "snapshots"))
+
+
+def resolve_file(
+    folder_or_repo_id: str | os.PathLike,
+    filename: str,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    *,
+    what: str = "the model",
+    **hub_kwargs: Any,
+) -> str | None:
+    """The path of ``filename`` (in ``subfolder``) of a local folder or a Hub repo, or None when it has no such file.
+
+    A folder is looked into directly; anything else is a Hub repo id, resolved through ``hf_hub_download`` (its
+    cache first when ``local_files_only`` or ``HF_HUB_OFFLINE``). ``what`` names the thing being loaded in errors
+    ("the DiGSeg adapter"). Raises `OSError` when the repo itself cannot be had (see the module docstring).
+    """
+    source = str(folder_or_repo_id)
+    if os.path.isdir(source):
+        path = os.path.join(source, subfolder or "", filename)
+        return path if os.path.isfile(path) else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return hf_hub_download(source, filename, subfolder=subfolder, revision=revision, **hub_kwargs)
+    except HFValidationError as error:
+        raise OSError(f"{source!r} is neither a local folder nor a valid Hugging Face Hub repo id.") from error
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+        if repo_cached(source, hub_kwargs.get("cache_dir")):
+            return None  # the cache answers for this repo, but not with this file
+        raise OSError(
+            f"Cannot load {what} {source!r}: it is not a local folder, not in the Hugging Face cache, and the Hub "
+            "cannot be reached (offline, or HF_HUB_OFFLINE is set). Download it once with network access, or pass "
+            "the path of a saved folder."
+        ) from error
+    except EntryNotFoundError:  # caught after LocalEntryNotFoundError, one of its subclasses
+        return None
+    except RepositoryNotFoundError as error:
+        raise OSError(
+            f"{source!r} is not a local folder and no such Hugging Face Hub repo is accessible (check the name, "
+            "or pass `token=` for a private or gated repo)."
+        ) from error
+    except RevisionNotFoundError as error:
+        raise OSError(f"The Hub repo {source!r} has no revision {revision!r}.") from error
+
+
+def is_hub_unreachable(error: BaseException | None) -> bool:
+    """Whether an exception (or anything in its ``__cause__`` / ``__context__`` chain) means "the Hub cannot be
+    reached": offline mode, a file neither cached nor downloadable, or a refused / timed-out / unresolvable
+    connection. diffusers and transformers wrap these in their own `OSError`s, hence the walk."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    unreachable = (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError, socket.gaierror)
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, unreachable):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub endpoint answers one request within ``timeout`` seconds (False in offline mode).
+
+    huggingface_hub retries every failed look-up with back-off (about 23 s per file); a CLIP checkpoint already in
+    the cache took over two minutes to load on a machine without a route to the Hub, against 1 s with
+    ``local_files_only``. One request through huggingface_hub's own session (its endpoint, proxies and
+    certificates) tells which of the two to use. Any HTTP answer, even an error status, means reachable.
+    """
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # the HTTP client's transport errors (DNS, refused, timeout, TLS): no route to the Hub
+        return False
+    return True

@@ -1,0 +1,145 @@
+"""The one "folder or Hub repo" file resolver and the Hub reachability checks (no network: local caches, a local
+HTTP server and refused ports stand in for the Hub)."""
+
+import http.server
+import socket
+import threading
+
+import pytest
+from huggingface_hub import constants
+
+from digseg_diffusers.hub_files import hub_kwargs, hub_reachable, is_hub_unreachable, resolve_file
+from digseg_diffusers.testing_utils import write_hub_cache
+
+
+@pytest.fixture
+def repo(tmp_path):
+    folder = tmp_path / "repo"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "config.json").write_text("{}")
+    (folder / "weights.safetensors").write_bytes(b"x")
+    return folder
+
+
+def test_resolve_file_in_a_folder(repo):
+    assert resolve_file(repo, "config.json", "sub") == str(repo / "sub" / "config.json")
+    assert resolve_file(repo, "weights.safetensors") == str(repo / "weights.safetensors")
+    assert resolve_file(repo, "absent.json", "sub") is None
+    assert resolve_file(repo, "config.json") is None  # not in the root
+
+
+@pytest.mark.parametrize("offline_mode", [False, True], ids=["local_files_only", "HF_HUB_OFFLINE"])
+def test_resolve_file_through_the_hub_cache(repo, tmp_path, monkeypatch, offline_mode):
+    cache = tmp_path / "cache"
+    snapshot = write_hub_cache(cache, "someone/repo", repo)
+    if offline_mode:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        lookup = {"cache_dir": cache}
+    else:
+        lookup = {"cache_dir": cache, "local_files_only": True}
+    with open(resolve_file("someone/repo", "config.json", "sub", **lookup)) as handle:
+        assert handle.read() == "{}"
+    assert resolve_file("someone/repo", "config.json", "sub", **lookup).startswith(snapshot)
+    # the cache answers for this repo: a file it lacks is a file the repo lacks
+    assert resolve_file("someone/repo", "absent.json", **lookup) is None
+    with pytest.raises(OSError, match="the class proposer 'someone/other'.*not in the Hugging Face cache"):
+        resolve_file("someone/other", "config.json", what="the class proposer", **lookup)
+    with pytest.raises(OSError, match="neither a local folder nor a valid Hugging Face Hub repo id"):
+        resolve_file(str(tmp_path / "no" / "such" / "folder"), "config.json", **lookup)
+
+
+def test_hub_kwargs_keeps_only_lookup_arguments():
+    kwargs = {"cache_dir": "/c", "revision": "v1", "dtype": "float16", "token": "t", "use_safetensors": True}
+    assert hub_kwargs(kwargs) == {"cache_dir": "/c", "revision": "v1", "token": "t"}
+
+
+def _chain(error: BaseException, *causes: BaseException, context: bool = False) -> BaseException:
+    """``error`` raised from ``causes[0]``, raised from ``causes[1]``... (or during their handling)."""
+    current = error
+    for cause in causes:
+        if context:
+            current.__context__ = cause
+        else:
+            current.__cause__ = cause
+        current = cause
+    return error
+
+
+def test_is_hub_unreachable_reads_the_typed_error_chain(tmp_path):
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    with pytest.raises(LocalEntryNotFoundError) as real:  # what an uncached file gives without network
+        hf_hub_download("someone/absent", "config.json", cache_dir=tmp_path, local_files_only=True)
+    assert is_hub_unreachable(real.value)
+    # how transformers and diffusers wrap it (seen on a machine without a route to the Hub)
+    assert is_hub_unreachable(_chain(OSError("Cannot load model"), OfflineModeIsEnabled("offline mode")))
+    assert is_hub_unreachable(
+        _chain(OSError("not fully cached"), ConnectionError("ConnectError"), socket.gaierror(-2, "Name or service"),
+               context=True)
+    )  # fmt: skip
+    assert is_hub_unreachable(TimeoutError("timed out"))
+    # words alone mean nothing: a broken file is not a network problem, whatever its message says
+    assert not is_hub_unreachable(OSError("We couldn't connect to 'https://huggingface.co' (offline?)"))
+    assert not is_hub_unreachable(_chain(OSError("bad model_index.json"), ValueError("network unreachable")))
+    assert not is_hub_unreachable(None)
+    looped = OSError("loop")
+    looped.__context__ = ValueError("inner")
+    looped.__context__.__context__ = looped
+    assert not is_hub_unreachable(looped)
+
+
+class _AnswerEverything404(http.server.BaseHTTPRequestHandler):
+    requests = 0
+
+    def do_HEAD(self):  # noqa: N802 - http.server's name
+        type(self).requests += 1
+        self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_hub_reachable_asks_the_configured_endpoint(monkeypatch):
+    with socket.socket() as probe:  # a port nobody listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port}")
+    assert hub_reachable(timeout=2.0) is False
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), _AnswerEverything404)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        assert hub_reachable(timeout=2.0) is True  # any HTTP answer, even 404, means the Hub can be asked
+        assert _AnswerEverything404.requests == 1
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        assert hub_reachable(timeout=2.0) is False  # offline mode: not even asked
+        assert _AnswerEverything404.requests == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.slow
+def test_the_pipelines_saved_proposer_comes_back_from_the_hub_cache(tmp_path, monkeypatch):
+    """`DiGSegPipeline.from_pretrained` of a Hub id finds ``class_proposer/`` through the same resolver (and cache)."""
+    from digseg_diffusers import DiGSegPipeline
+    from digseg_diffusers.proposal import DiGSegClassProposer
+    from digseg_diffusers.testing_utils import make_tiny_class_proposer, make_tiny_pipeline
+
+    pipe = make_tiny_pipeline()
+    pipe.set_class_proposer(make_tiny_class_proposer(global_threshold=-1.0, top_k=2))
+    pipe.save_pretrained(tmp_path / "pipe")
+    write_hub_cache(tmp_path / "cache", "someone/digseg-with-proposer", tmp_path / "pipe", with_tree=True)
+    make_tiny_pipeline().save_pretrained(tmp_path / "bare")
+    write_hub_cache(tmp_path / "cache", "someone/digseg-bare", tmp_path / "bare", with_tree=True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    loaded = DiGSegPipeline.from_pretrained("someone/digseg-with-proposer", cache_dir=str(tmp_path / "cache"))
+    assert isinstance(loaded.class_proposer, DiGSegClassProposer)
+    assert loaded.class_proposer.proposer_config() == pipe.class_proposer.proposer_config()
+    bare = DiGSegPipeline.from_pretrained("someone/digseg-bare", cache_dir=str(tmp_path / "cache"))
+    assert bare.class_proposer is None
