@@ -39,6 +39,7 @@ from digseg_diffusers.testing_utils import (  # noqa: E402
 )
 
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+CONFIGS = ("tiny", "demo", "sd2")
 PROMPTS = [
     "circle", "square", "triangle", "star", "ring", "cross", "heart", "sky",
     "tree", "road", "car", "person", "building", "grass", "water", "dog",
@@ -82,17 +83,21 @@ def sd_vae(device: str | torch.device = "cpu") -> AutoencoderKL:
 
 def make_pipeline(config: str, light_decoder: bool = False, device: str = "cpu",
                   dtype: torch.dtype = torch.float32):
-    """"tiny" (the test components) or "sd2" (SD2 U-Net + SD VAE, random; a tiny text encoder projected to 1024),
-    moved to `device` and `dtype`.
+    """"tiny" (the test components), "demo" (the packaged demo model) or "sd2" (SD2 U-Net + SD VAE, random; a tiny
+    text encoder projected to 1024), moved to `device` and `dtype`.
 
     The text encoder is tiny in both: it runs once per distinct prompt and is not what this work measures.
     """
+    from digseg_diffusers.demo import default_model_path
     from digseg_diffusers.pipeline_digseg import DiGSegPipeline
     from digseg_diffusers.text_projection import DiGSegTextProjection
     from digseg_diffusers.tokenization import build_char_clip_tokenizer
 
     if config == "tiny":
         pipe = make_tiny_pipeline(seed=0)
+    elif config == "demo":
+        pipe = DiGSegPipeline.from_pretrained(default_model_path())
+        pipe.set_progress_bar_config(disable=True)
     elif config == "sd2":
         torch.manual_seed(0)
         pipe = DiGSegPipeline(
@@ -105,7 +110,7 @@ def make_pipeline(config: str, light_decoder: bool = False, device: str = "cpu",
         )
         pipe.set_progress_bar_config(disable=True)
     else:
-        raise ValueError(f"unknown config {config!r}; use 'tiny' or 'sd2'")
+        raise ValueError(f"unknown config {config!r}; use one of {CONFIGS}")
     if light_decoder:
         torch.manual_seed(0)  # untrained: the cost is what is measured here, not the masks
         pipe.register_modules(mask_decoder=DiGSegMaskDecoder().eval())
@@ -121,6 +126,28 @@ def scene_image(resolution: int, seed: int = 0) -> np.ndarray:
 
 def generators(num_rows: int, seed: int = 0) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed + i) for i in range(num_rows)]
+
+
+def baseline_pipeline_class(ref: str):
+    """`DiGSegPipeline` as it was at git revision `ref` (the whole package of that revision, imported under another
+    name), so that one process can time the code before and after a change side by side."""
+    import importlib
+    import subprocess
+    import tarfile
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="digseg_baseline_")
+    archive = os.path.join(folder, "package.tar")
+    subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", "-o", archive, ref, "digseg_diffusers"], check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    name = "digseg_baseline_" + "".join(c if c.isalnum() else "_" for c in ref)
+    os.rename(os.path.join(folder, "digseg_diffusers"), os.path.join(folder, name))
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(f"{name}.pipeline_digseg").DiGSegPipeline
+    finally:
+        sys.path.remove(folder)
 
 
 # ------------------------------------------------------------------------------------------------------- timing
@@ -272,7 +299,7 @@ def machine_description() -> dict:
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", choices=("tiny", "sd2"), default="tiny")
+    parser.add_argument("--config", choices=CONFIGS, default="tiny")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
