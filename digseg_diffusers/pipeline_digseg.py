@@ -394,8 +394,7 @@ class DiGSegPipeline(DiffusionPipeline):
         component carries a hook the answer is `self.device`, read from each component's first tensor; otherwise
         the parent decides.
         """
-        module_names, _ = self._get_signature_keys(self)
-        modules = [getattr(self, name, None) for name in module_names]
+        modules = [getattr(self, name, None) for name in _component_names(type(self))]
         modules = [m for m in modules if isinstance(m, torch.nn.Module)]
         if any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in modules):
             return super()._execution_device
@@ -1260,6 +1259,12 @@ def check_scheduler(scheduler) -> None:
             f"`scheduler` is a {type(scheduler).__name__}, which DiGSegPipeline does not support; use one of "
             f"{', '.join(SUPPORTED_SCHEDULERS)} (e.g. `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`)."
         )
+
+
+@functools.lru_cache(maxsize=None)
+def _component_names(pipeline_class: type) -> tuple[str, ...]:
+    """The pipeline's component names (`_get_signature_keys` inspects `__init__`: once per class, not per call)."""
+    return tuple(pipeline_class._get_signature_keys(pipeline_class)[0])
 
 
 @functools.lru_cache(maxsize=None)
