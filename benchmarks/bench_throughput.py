@@ -18,6 +18,7 @@ import gc
 import torch
 from common import (
     DTYPES,
+    CudaGraphed,
     PeakMemory,
     base_parser,
     generators,
@@ -29,7 +30,11 @@ from common import (
     write_results,
 )
 
-VARIANTS = ("fp32", "fp16", "bf16", "bf16+channels_last", "bf16+compile")
+VARIANTS = ("fp32", "fp16", "bf16", "bf16+channels_last", "bf16+compile", "bf16+compile_ro", "bf16+cuda_graphs")
+"""``compile``: `torch.compile` of the U-Net (default mode). ``compile_ro``: ``mode="reduce-overhead"`` (CUDA graphs
+through inductor) of the U-Net and the light decoder. ``cuda_graphs``: U-Net, VAE encoder and light decoder
+replayed from CUDA graphs without compiling (`common.CudaGraphed`). The graph variants capture one graph per
+input shape: a call shape (images per call, processing size, prompts) is slow the first time only."""
 
 
 def build_variant(name: str, args):
@@ -41,6 +46,15 @@ def build_variant(name: str, args):
         pipe.vae.to(memory_format=torch.channels_last)
     elif option == "compile":
         pipe.unet = torch.compile(pipe.unet)  # the U-Net only: compiling the SD VAE too took over 4 min on an H100
+    elif option == "compile_ro":
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead")
+        pipe.mask_decoder = torch.compile(pipe.mask_decoder, mode="reduce-overhead")
+    elif option == "cuda_graphs":
+        if not args.device.startswith("cuda"):
+            raise SystemExit("the cuda_graphs variant needs --device cuda")
+        pipe.unet = CudaGraphed(pipe.unet)
+        pipe.vae.encoder = CudaGraphed(pipe.vae.encoder)
+        pipe.mask_decoder = CudaGraphed(pipe.mask_decoder)
     elif option:
         raise SystemExit(f"unknown variant option {option!r} in {name!r}")
     return pipe

@@ -39,6 +39,7 @@ from digseg_diffusers.testing_utils import (  # noqa: E402
 )
 
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+CONFIGS = ("tiny", "demo", "sd2")
 PROMPTS = [
     "circle", "square", "triangle", "star", "ring", "cross", "heart", "sky",
     "tree", "road", "car", "person", "building", "grass", "water", "dog",
@@ -82,17 +83,21 @@ def sd_vae(device: str | torch.device = "cpu") -> AutoencoderKL:
 
 def make_pipeline(config: str, light_decoder: bool = False, device: str = "cpu",
                   dtype: torch.dtype = torch.float32):
-    """"tiny" (the test components) or "sd2" (SD2 U-Net + SD VAE, random; a tiny text encoder projected to 1024),
-    moved to `device` and `dtype`.
+    """"tiny" (the test components), "demo" (the packaged demo model) or "sd2" (SD2 U-Net + SD VAE, random; a tiny
+    text encoder projected to 1024), moved to `device` and `dtype`.
 
     The text encoder is tiny in both: it runs once per distinct prompt and is not what this work measures.
     """
+    from digseg_diffusers.demo import default_model_path
     from digseg_diffusers.pipeline_digseg import DiGSegPipeline
     from digseg_diffusers.text_projection import DiGSegTextProjection
     from digseg_diffusers.tokenization import build_char_clip_tokenizer
 
     if config == "tiny":
         pipe = make_tiny_pipeline(seed=0)
+    elif config == "demo":
+        pipe = DiGSegPipeline.from_pretrained(default_model_path())
+        pipe.set_progress_bar_config(disable=True)
     elif config == "sd2":
         torch.manual_seed(0)
         pipe = DiGSegPipeline(
@@ -105,7 +110,7 @@ def make_pipeline(config: str, light_decoder: bool = False, device: str = "cpu",
         )
         pipe.set_progress_bar_config(disable=True)
     else:
-        raise ValueError(f"unknown config {config!r}; use 'tiny' or 'sd2'")
+        raise ValueError(f"unknown config {config!r}; use one of {CONFIGS}")
     if light_decoder:
         torch.manual_seed(0)  # untrained: the cost is what is measured here, not the masks
         pipe.register_modules(mask_decoder=DiGSegMaskDecoder().eval())
@@ -121,6 +126,95 @@ def scene_image(resolution: int, seed: int = 0) -> np.ndarray:
 
 def generators(num_rows: int, seed: int = 0) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed + i) for i in range(num_rows)]
+
+
+def baseline_pipeline_class(ref: str):
+    """`DiGSegPipeline` as it was at git revision `ref` (the whole package of that revision, imported under another
+    name), so that one process can time the code before and after a change side by side."""
+    import importlib
+    import subprocess
+    import tarfile
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="digseg_baseline_")
+    archive = os.path.join(folder, "package.tar")
+    subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", "-o", archive, ref, "digseg_diffusers"], check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    name = "digseg_baseline_" + "".join(c if c.isalnum() else "_" for c in ref)
+    os.rename(os.path.join(folder, "digseg_diffusers"), os.path.join(folder, name))
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(f"{name}.pipeline_digseg").DiGSegPipeline
+    finally:
+        sys.path.remove(folder)
+
+
+class CudaGraphed(torch.nn.Module):
+    """`module`'s forward replayed from a CUDA graph, one graph per input signature (shapes, dtypes, other args).
+
+    What `torch.compile(mode="reduce-overhead")` does, without compiling: a one-image call of the SD2 pipeline is
+    bound by the host issuing ~2,200 operator calls per U-Net forward; a graph launches them at once. Tensor inputs are
+    copied into the graph's static buffers, outputs copied out (the next replay overwrites them). Only for
+    modules whose forward has no host syncs and returns tensors (or tuples of them): the U-Net with
+    ``return_dict=False``, the VAE encoder, the light mask decoder. Attributes are read through from `module`.
+    """
+
+    def __init__(self, module: torch.nn.Module, warmup: int = 2):
+        super().__init__()
+        self.module = module
+        self.warmup = warmup
+        self._graphs: dict = {}
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
+    @staticmethod
+    def _signature(args, kwargs) -> tuple:
+        def describe(value):
+            if torch.is_tensor(value):
+                return ("tensor", tuple(value.shape), value.dtype, value.device)
+            return ("value", value)
+
+        return tuple(describe(a) for a in args) + tuple((k, describe(v)) for k, v in sorted(kwargs.items()))
+
+    def forward(self, *args, **kwargs):
+        if not any(torch.is_tensor(a) and a.is_cuda for a in list(args) + list(kwargs.values())):
+            return self.module(*args, **kwargs)
+        key = self._signature(args, kwargs)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(args, kwargs)
+        graph, static_args, static_kwargs, static_out = entry
+        for static, value in zip(static_args, args):
+            if torch.is_tensor(value):
+                static.copy_(value)
+        for name, value in kwargs.items():
+            if torch.is_tensor(value):
+                static_kwargs[name].copy_(value)
+        graph.replay()
+        if isinstance(static_out, tuple):
+            return tuple(o.clone() for o in static_out)
+        return static_out.clone()
+
+    def _capture(self, args, kwargs):
+        static_args = [a.clone() if torch.is_tensor(a) else a for a in args]
+        static_kwargs = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph (cuDNN / cuBLAS choose their kernels)
+            for _ in range(self.warmup):
+                self.module(*static_args, **static_kwargs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.module(*static_args, **static_kwargs)
+        if isinstance(static_out, list):
+            static_out = tuple(static_out)
+        return graph, static_args, static_kwargs, static_out
 
 
 # ------------------------------------------------------------------------------------------------------- timing
@@ -163,6 +257,7 @@ class PeakMemory:
         self.interval = interval
         self.peak_rss_mb = float("nan")
         self.cuda_peak_mb = None
+        self.cuda_start_mb = None
 
     def __enter__(self):
         gc.collect()
@@ -202,6 +297,7 @@ class PeakMemory:
         self.peak_rss_mb = (self._peak - self._start_rss) / 2**20
         if torch.cuda.is_available():
             self.cuda_peak_mb = (torch.cuda.max_memory_allocated() - self._cuda_start) / 2**20
+            self.cuda_start_mb = self._cuda_start / 2**20
         return False
 
 
@@ -272,7 +368,7 @@ def machine_description() -> dict:
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", choices=("tiny", "sd2"), default="tiny")
+    parser.add_argument("--config", choices=CONFIGS, default="tiny")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -15,6 +15,7 @@ Noise is drawn for all rows before chunking, so results do not depend on `batch_
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import os
@@ -36,6 +37,7 @@ from . import mask_codec
 from .demo import resolve_model_name  # the short name "digseg-demo" -> the packaged demo model
 from .image_processing import RESAMPLE_METHODS, DiGSegImageProcessor, check_unit_range, processing_size
 from .mask_decoder import DiGSegMaskDecoder  # imported so that from_pretrained can resolve a saved mask_decoder
+from .prompt_cache import PromptEmbeddingCache, text_path_fingerprint
 from .text_projection import DiGSegTextProjection
 from .unet_surgery import widen_conv_in
 
@@ -404,8 +406,7 @@ class DiGSegPipeline(DiffusionPipeline):
         component carries a hook the answer is `self.device`, read from each component's first tensor; otherwise
         the parent decides.
         """
-        module_names, _ = self._get_signature_keys(self)
-        modules = [getattr(self, name, None) for name in module_names]
+        modules = [getattr(self, name, None) for name in _component_names(type(self))]
         modules = [m for m in modules if isinstance(m, torch.nn.Module)]
         if any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in modules):
             return super()._execution_device
@@ -416,6 +417,7 @@ class DiGSegPipeline(DiffusionPipeline):
     def to(self, *args, **kwargs) -> "DiGSegPipeline":
         """`DiffusionPipeline.to`, and the class proposer (not a registered component) follows the same device."""
         pipe = super().to(*args, **kwargs)
+        self.clear_prompt_cache()  # cached embeddings live on the old device / dtype
         if isinstance(self.class_proposer, torch.nn.Module):
             device = next((a for a in args if isinstance(a, (str, torch.device))), kwargs.get("device"))
             if device is not None:
@@ -456,11 +458,70 @@ class DiGSegPipeline(DiffusionPipeline):
         return self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Encode prompts into cross-attention states ``[P, L, cross_attention_dim]`` (text encoder + projection)."""
+        """Encode prompts into cross-attention states ``[P, L, cross_attention_dim]`` (text encoder + projection).
+
+        Served from the pipeline's prompt cache where it can (see `prompt_cache`): a prompt is encoded once while
+        the text encoder and projection are unchanged; never while they train.
+        """
+        prompts = list(prompts)
+        fingerprint = None
+        if self._prompt_embedding_cache().max_size:
+            # None while the text path trains; frozen weights give an embedding without a graph in any grad mode.
+            fingerprint = text_path_fingerprint(self.tokenizer, self.text_encoder, self.text_projection, self.text_max_length)
+        return self._prompt_embedding_cache().lookup(prompts, fingerprint, self._encode_prompts_uncached)
+
+    def _encode_prompts_uncached(self, prompts: list[str]) -> torch.Tensor:
         token_states = self.encode_text_states(prompts)
         projection_param = next(self.text_projection.parameters())
         token_states = token_states.to(device=projection_param.device, dtype=projection_param.dtype)
         return self.text_projection(token_states)
+
+    # Prompt-embedding cache (`digseg_diffusers.prompt_cache`): per pipeline, least recently used out first.
+
+    def _prompt_embedding_cache(self) -> PromptEmbeddingCache:
+        cache = self.__dict__.get("_prompt_cache")
+        if cache is None:
+            cache = PromptEmbeddingCache()
+            self.__dict__["_prompt_cache"] = cache
+        return cache
+
+    def cache_prompt_embeddings(self, prompts: list[str] | str | Any) -> int:
+        """Encode `prompts` now (a list, a bundled vocabulary name such as ``"ade20k-150"``, or a `Vocabulary`) so
+        that later calls with any of them skip the text encoder; grows the cache to hold them all. Returns how
+        many prompts the cache holds.
+
+        Embeddings stay valid until the text encoder or projection changes (adapters, `to()`, weights written in
+        place); then they are encoded again on first use.
+        """
+        from .vocabularies import Vocabulary, load_vocabulary
+
+        if isinstance(prompts, Vocabulary):
+            names = list(prompts.class_names)
+        elif isinstance(prompts, str):
+            names = list(load_vocabulary(prompts).class_names)
+        else:
+            names = list(prompts)
+        if not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise ValueError("`cache_prompt_embeddings` needs a non-empty list of non-empty prompt strings.")
+        names = list(dict.fromkeys(names))
+        cache = self._prompt_embedding_cache()
+        if cache.max_size < len(names):
+            cache.resize(len(names))
+        with torch.no_grad():
+            self.encode_prompts(names)
+        return len(cache)
+
+    def set_prompt_cache_size(self, max_size: int) -> None:
+        """Keep at most `max_size` prompt embeddings (least recently used out first); 0 turns the cache off."""
+        self._prompt_embedding_cache().resize(max_size)
+
+    def clear_prompt_cache(self) -> None:
+        """Forget every cached prompt embedding (needed only after writing text weights through ``.data``)."""
+        self._prompt_embedding_cache().clear()
+
+    def prompt_cache_info(self) -> dict:
+        """``{"size", "max_size", "hits", "misses"}`` of the prompt-embedding cache."""
+        return self._prompt_embedding_cache().info()
 
     # ------------------------------------------------------------------------------------------------------------
     # Adapters (the trainable DiGSeg parts; see `digseg_diffusers.adapter`)
@@ -489,6 +550,7 @@ class DiGSegPipeline(DiffusionPipeline):
             self._add_lora(adapter, PEFT_ADAPTER_NAME)
         else:
             load_adapter(self.unet, self.text_projection, directory_or_hub_id, **kwargs)
+        self.clear_prompt_cache()  # the text projection may have changed
         self.adapter_config = adapter.config
         return self.adapter_config
 
@@ -558,6 +620,7 @@ class DiGSegPipeline(DiffusionPipeline):
     def _apply_whole_weights(self) -> None:
         weights = self._digseg_adapter_weights if self._digseg_lora_enabled else None
         self._whole_weights().apply(self._whole_weight_modules(), weights)
+        self.clear_prompt_cache()  # the text projection holds another adapter mix now
 
     def get_list_adapters(self) -> dict[str, list[str]]:
         """The loaded adapters, by component (as diffusers' `get_list_adapters`)."""
@@ -615,6 +678,7 @@ class DiGSegPipeline(DiffusionPipeline):
         bank = self._whole_weights()
         bank.apply(self._whole_weight_modules(), None)
         bank.adapters.clear()
+        self.clear_prompt_cache()
         self._digseg_adapter_weights = {}
         self.adapter_config = None
 
@@ -1047,7 +1111,7 @@ class DiGSegPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         device = self._execution_device
-        dtype = self.unet.dtype
+        dtype = mask_codec.compute_dtype(self.unet)
 
         # 2. Image latents, once per image.
         # Resize in float32 (antialiased resizing has no half-precision CPU kernel); encoding casts for the VAE.
@@ -1083,10 +1147,14 @@ class DiGSegPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         elif callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
-        step_accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
-        step_generators = _row_generators(generator, num_rows, device) if step_accepts_generator else None
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        step_generators = _row_generators(generator, num_rows, device) if _step_accepts_generator(self.scheduler) else None
+        # DDIM's step does its arithmetic on the timestep (`alphas_cumprod[t]`, `prev_t >= 0`): with timesteps on
+        # the host it reads them without waiting for the GPU; the U-Net gets a copy on the device (one transfer
+        # per call, and no CPU input that would keep CUDA graphs from capturing a compiled U-Net).
+        scheduler_device = torch.device("cpu") if isinstance(self.scheduler, DDIMScheduler) else device
+        self.scheduler.set_timesteps(num_inference_steps, device=scheduler_device)
         timesteps = self.scheduler.timesteps
+        unet_timesteps = timesteps.to(device)
         num_chunks = -(-num_rows // batch_size)
         total_calls, calls_done = num_chunks * len(timesteps), 0
         final_latents = []
@@ -1095,7 +1163,7 @@ class DiGSegPipeline(DiffusionPipeline):
                 rows = slice(start, start + batch_size)
                 image_latents_chunk = image_latents[row_image[rows]]
                 prompt_embeds_chunk = prompt_embeds[row_prompt[rows]]
-                self.scheduler.set_timesteps(num_inference_steps, device=device)
+                self.scheduler.set_timesteps(num_inference_steps, device=scheduler_device)
                 latents_chunk = noise[rows] * self.scheduler.init_noise_sigma
                 step_kwargs = {} if step_generators is None else {"generator": step_generators[rows]}
                 for i, t in enumerate(timesteps):
@@ -1103,14 +1171,14 @@ class DiGSegPipeline(DiffusionPipeline):
                         [image_latents_chunk, self.scheduler.scale_model_input(latents_chunk, t)], dim=1
                     )
                     model_output = self.unet(
-                        model_input, t, encoder_hidden_states=prompt_embeds_chunk, return_dict=False
+                        model_input, unet_timesteps[i], encoder_hidden_states=prompt_embeds_chunk, return_dict=False
                     )[0]
                     step = self.scheduler.step(model_output, t, latents_chunk, **step_kwargs)
                     latents_chunk = _next_latents(step, last=i == len(timesteps) - 1)
                     if callback_on_step_end is not None:
                         names = {"latents": latents_chunk, "image_latents": image_latents_chunk, "prompt_embeds": prompt_embeds_chunk}
                         callback_kwargs = {name: names[name] for name in callback_on_step_end_tensor_inputs}
-                        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                        callback_outputs = callback_on_step_end(self, i, unet_timesteps[i], callback_kwargs) or {}
                         latents_chunk = callback_outputs.get("latents", latents_chunk)
                         image_latents_chunk = callback_outputs.get("image_latents", image_latents_chunk)
                         prompt_embeds_chunk = callback_outputs.get("prompt_embeds", prompt_embeds_chunk)
@@ -1206,6 +1274,22 @@ def check_scheduler(scheduler) -> None:
             f"`scheduler` is a {type(scheduler).__name__}, which DiGSegPipeline does not support; use one of "
             f"{', '.join(SUPPORTED_SCHEDULERS)} (e.g. `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`)."
         )
+
+
+@functools.lru_cache(maxsize=None)
+def _component_names(pipeline_class: type) -> tuple[str, ...]:
+    """The pipeline's component names (`_get_signature_keys` inspects `__init__`: once per class, not per call)."""
+    return tuple(pipeline_class._get_signature_keys(pipeline_class)[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _step_signature_has_generator(scheduler_class: type) -> bool:
+    return "generator" in inspect.signature(scheduler_class.step).parameters
+
+
+def _step_accepts_generator(scheduler) -> bool:
+    """Whether the scheduler's `step` draws noise (takes a `generator`); looked up once per scheduler class."""
+    return _step_signature_has_generator(type(scheduler))
 
 
 def _row_generators(generator, num_rows: int, device: torch.device) -> list | None:

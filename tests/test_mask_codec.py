@@ -74,3 +74,15 @@ def test_real_vae_kinds_encode_and_decode_to_valid_shapes(kind):
     assert probabilities.shape == (2, 1, 32, 32)
     assert probabilities.min() >= 0.0 and probabilities.max() <= 1.0
     assert torch.equal(latents, again)  # the posterior mean, never a sample
+
+
+def test_compute_dtype_agrees_with_diffusers_dtype_without_walking_the_model():
+    from digseg_diffusers.testing_utils import make_tiny_unet
+
+    for model in (make_tiny_unet(), make_tiny_vae()):
+        assert mask_codec.compute_dtype(model) == model.dtype == torch.float32
+        model.to(torch.bfloat16)
+        assert mask_codec.compute_dtype(model) == model.dtype == torch.bfloat16
+    unet = make_tiny_unet()
+    unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    assert mask_codec.compute_dtype(unet) == unet.dtype == torch.bfloat16  # the compute dtype, not the storage one

@@ -738,6 +738,7 @@ def run_validation(args, accelerator, pipeline, reader, unet, text_projection) -
     unet_eval.eval()
     projection_eval.eval()
     pipeline.register_modules(unet=unet_eval, text_projection=projection_eval)
+    pipeline.clear_prompt_cache()  # the projection trained since the last validation (fused optimizers leave no trace)
     examples = (reader.load_validation_example(i) for i in range(min(args.num_validation_images, len(reader))))
     with accelerator.autocast():  # the frozen weights are fp16 / bf16 under --mixed_precision
         confusion = evaluate_examples(
