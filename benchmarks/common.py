@@ -24,13 +24,12 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as `python benchmarks/x.py` from a checkout
-    sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository (benchmarks run as
+# modules from it: `python -m benchmarks.performance.bench_throughput ...`)
 
-from digseg_diffusers import mask_codec  # noqa: E402
-from digseg_diffusers.mask_decoder import DiGSegMaskDecoder, count_flops  # noqa: E402
-from digseg_diffusers.testing_utils import (  # noqa: E402
+from digseg_diffusers import mask_codec  
+from digseg_diffusers.mask_decoder import DiGSegMaskDecoder, count_flops  
+from digseg_diffusers.testing_utils import (  
     SD2_DOWN_BLOCKS,
     SD2_UP_BLOCKS,
     make_ddim_scheduler,
@@ -38,7 +37,7 @@ from digseg_diffusers.testing_utils import (  # noqa: E402
     make_tiny_text_encoder,
 )
 
-RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "performance", "results")
 CONFIGS = ("tiny", "demo", "sd2")
 PROMPTS = [
     "circle", "square", "triangle", "star", "ring", "cross", "heart", "sky",
@@ -374,7 +373,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
-    parser.add_argument("--output", default=None, help="JSON file for the results (default: benchmarks/results/)")
+    parser.add_argument("--output", default=None, help="JSON file for the results (default: benchmarks/performance/results/)")
     return parser
 
 
@@ -405,9 +404,9 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, args, payload: dict) -> str:
+def write_results(name: str, args, payload: dict, results_dir: str = RESULTS_DIR) -> str:
     suffix = "" if args.device == "cpu" and args.dtype == "fp32" else f"_{args.device}_{args.dtype}"
-    path = args.output or os.path.join(RESULTS_DIR, f"{name}_{args.config}_{args.resolution}px{suffix}.json")
+    path = args.output or os.path.join(results_dir, f"{name}_{args.config}_{args.resolution}px{suffix}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     arguments = {key: value for key, value in vars(args).items() if key != "torch_dtype"}
     if arguments.get("output"):  # no machine paths in the stored results

@@ -1,7 +1,7 @@
 """Evaluation reports: the JSON results, a markdown summary and PNG plots (PIL only, no matplotlib).
 
 `training/evaluate.py` writes them for a dataset evaluation (`write_evaluation_report`); `plot_lines` is the one
-line plot of the project (IoU against the mask threshold here and in `benchmarks/demo_fidelity.py`).
+line plot of the project (IoU against the mask threshold here and in `benchmarks/quality/demo_fidelity.py`).
 """
 
 from __future__ import annotations

@@ -318,10 +318,10 @@ def read_card_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def demo_card_data(fidelity: Mapping[str, Any]):
-    """`ModelCardData` of the embedded demo model from its measured benchmark (``benchmarks/demo_fidelity.json``).
+    """`ModelCardData` of the embedded demo model from its measured benchmark (``benchmarks/quality/demo_fidelity.json``).
 
     The model-index holds the default setting (1 ensemble member, 1 step, the calibrated threshold) on the
-    synthetic test split, as `benchmarks/demo_fidelity.py` measures it.
+    synthetic test split, as `benchmarks/quality/demo_fidelity.py` measures it.
     """
     default = next(
         (row for row in fidelity["rows"] if row.get("ensemble") == 1 and row.get("steps") == 1), fidelity["rows"][0]
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("command", choices=["update-demo-card"])
     parser.add_argument("--card", default=str(root / "hub_cards" / "demo_model_card.md"))
-    parser.add_argument("--fidelity", default=str(root / "benchmarks" / "demo_fidelity.json"))
+    parser.add_argument("--fidelity", default=str(root / "benchmarks" / "quality" / "demo_fidelity.json"))
     args = parser.parse_args(argv)
     changed = update_demo_card(args.card, args.fidelity)
     print(f"{args.card}: {'updated' if changed else 'already up to date'}")

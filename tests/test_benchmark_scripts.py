@@ -4,31 +4,26 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 from accelerate.state import AcceleratorState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUITE = os.path.join(ROOT, "benchmarks", "gpu_suite.sh")
+SUITE = os.path.join(ROOT, "benchmarks", "performance", "gpu_suite.sh")
 
 
 def test_gpu_suite_parses_and_runs_benchmarks_that_exist():
     subprocess.run(["bash", "-n", SUITE], check=True)
-    scripts = set(re.findall(r"benchmarks/(\w+\.py)", open(SUITE).read()))
+    scripts = {f"{name}.py" for name in re.findall(r"python -m benchmarks\.performance\.(\w+)", open(SUITE).read())}
     optional = {"bench_dataset_inference.py"}  # run only when present
     assert {"bench_throughput.py", "bench_pipeline_overhead.py", "bench_training_throughput.py"} <= scripts
-    missing = [s for s in scripts - optional if not os.path.isfile(os.path.join(ROOT, "benchmarks", s))]
+    missing = [s for s in scripts - optional if not os.path.isfile(os.path.join(ROOT, "benchmarks", "performance", s))]
     assert not missing
 
 
 @pytest.mark.slow
 def test_training_throughput_benchmark_runs_the_training_step(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import bench_training_throughput
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    from benchmarks.performance import bench_training_throughput  # the suite runs it as this module
     output = tmp_path / "training.json"
     try:
         bench_training_throughput.main([

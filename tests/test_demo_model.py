@@ -13,7 +13,7 @@ from digseg_diffusers.evaluation import evaluate_examples
 from digseg_diffusers.metrics import ConfusionMatrix, binary_segmentation_metrics
 from digseg_diffusers.synthetic import SHAPE_CLASSES, generate_scene, split_seeds
 
-# The shipped model is trained for ~36 minutes on a CPU and is not converged (benchmarks/demo_fidelity.md). Measured
+# The shipped model is trained for ~36 minutes on a CPU and is not converged (benchmarks/quality/demo_fidelity.md). Measured
 # on these 12 scenes when it was installed: mIoU 0.660 (0.116 for labelling everything background) and
 # class-agnostic foreground IoU 0.831 on average. 12 scenes make a floor, not a ranking: the previous model had
 # 0.541 / 0.791 here (0.556 on the benchmark's 100 scenes, against 0.674 now), an earlier one 0.511 / 0.710 here but
@@ -23,7 +23,7 @@ MIOU_FLOOR = 0.60
 FOREGROUND_IOU_FLOOR = 0.75
 # The same 12 seeds drawn in the synthetic world's style-shifted rendering (textures and degradations never used in
 # training): 0.502 for the shipped model when this floor was set (0.500 on 100 scenes,
-# benchmarks/demo_fidelity_shifted.md). A floor against regressions in robustness to rendering.
+# benchmarks/quality/demo_fidelity_shifted.md). A floor against regressions in robustness to rendering.
 SHIFTED_MIOU_FLOOR = 0.42
 
 

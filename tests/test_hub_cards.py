@@ -114,12 +114,12 @@ def test_failed_upload_names_the_current_cli(tmp_path, monkeypatch):
 
 
 def test_demo_card_model_index_is_the_measured_benchmark(tmp_path):
-    """The committed card matches benchmarks/demo_fidelity.json; after a new benchmark run, regenerate it with
+    """The committed card matches benchmarks/quality/demo_fidelity.json; after a new benchmark run, regenerate it with
     `python -m digseg_diffusers.hub update-demo-card`."""
     card = tmp_path / "card.md"
     shutil.copy(ROOT / "hub_cards" / "demo_model_card.md", card)
-    assert not hub.update_demo_card(card, ROOT / "benchmarks" / "demo_fidelity.json"), "run update-demo-card"
-    fidelity = json.loads((ROOT / "benchmarks" / "demo_fidelity.json").read_text())
+    assert not hub.update_demo_card(card, ROOT / "benchmarks" / "quality" / "demo_fidelity.json"), "run update-demo-card"
+    fidelity = json.loads((ROOT / "benchmarks" / "quality" / "demo_fidelity.json").read_text())
     default = next(r for r in fidelity["rows"] if r["ensemble"] == 1 and r["steps"] == 1)
     data = ModelCard.load(card).data
     values = {r.metric_type: r.metric_value for r in data.eval_results}

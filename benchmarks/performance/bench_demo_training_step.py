@@ -6,8 +6,8 @@ training noise, target, weighted loss; `--loss` / `--prompts_per_image` choose t
 a batch of demo-sized inputs (``[z_x, z_t]`` at 16 x 16, 32 text tokens), the VAE cost = encoding the batch's images and masks. Variants are timed interleaved; the ratios to
 the previous demo model's U-Net (cross-attention only at full resolution, 16 heads per level) are what to read.
 
-    python benchmarks/bench_demo_training_step.py --threads 2
-    python benchmarks/bench_demo_training_step.py --threads 2 --execution_variants [--compile]
+    python -m benchmarks.performance.bench_demo_training_step --threads 2
+    python -m benchmarks.performance.bench_demo_training_step --threads 2 --execution_variants [--compile]
 
 `--execution_variants` times the default U-Net's step in other ways to run the same maths (bfloat16 autocast,
 channels-last memory format, optionally `torch.compile`) and prints the step's FLOPs and the rate reached: how
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
-from common import base_parser, interleaved, markdown_table, setup, write_results
+from benchmarks.common import base_parser, interleaved, markdown_table, setup, write_results
 
 from digseg_diffusers import DiGSegPipeline, mask_codec
 from digseg_diffusers.demo import default_model_path

@@ -12,17 +12,18 @@ cross-entropy, on two inputs of the same 16 x 16 size:
 Equal mIoU means the latent keeps the shape information the trunk can use in this many steps; then the limit is
 the training compute, not the VAE. Not DiGSeg itself (no text query, no diffusion), a diagnostic for it.
 
-    python benchmarks/demo_latent_probe.py --threads 2
+    python -m benchmarks.quality.demo_latent_probe --threads 2
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import base_parser, markdown_table, setup, write_results
+from benchmarks.common import ROOT, base_parser, markdown_table, setup, write_results
 
 from digseg_diffusers import DiGSegPipeline, mask_codec
 from digseg_diffusers.demo import default_model_path
@@ -30,6 +31,7 @@ from digseg_diffusers.demo_recipe import build_demo_unet
 from digseg_diffusers.synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene, split_seeds
 
 
+QUALITY_RESULTS_DIR = os.path.join(ROOT, "benchmarks", "quality", "results")
 NUM_LABELS = len(SHAPE_CLASSES) + 1  # the generator's label map: 0 = background, 1..6 = shapes
 INPUTS = ("latent", "pixels")
 
@@ -126,7 +128,7 @@ def main() -> None:
     ]
     print(f"{args.steps} steps, batch {args.batch_size}, {args.num_val_scenes} validation scenes, {torch.get_num_threads()} threads")
     print(markdown_table(["input", "mIoU", *names, "train s"], rows))
-    print(f"results: {write_results('demo_latent_probe', args, {'results': results})}")
+    print(f"results: {write_results('demo_latent_probe', args, {'results': results}, results_dir=QUALITY_RESULTS_DIR)}")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ the overhead. "Raw, cached text" leaves the text encoder out: what a call with i
 prompt cache runs. `--baseline_ref REF` also times the pipeline of git revision REF on the same components
 (before/after in one run). Also prints the FLOPs of encode / U-Net / decode counted with `torch.utils.flop_counter`.
 
-    python benchmarks/bench_pipeline_overhead.py --config demo --k 1 --baseline_ref main
-    python benchmarks/bench_pipeline_overhead.py --config tiny --resolution 64 --k 4
-    python benchmarks/bench_pipeline_overhead.py --config sd2 --resolution 128 --k 2 --repeats 2
-    python benchmarks/bench_pipeline_overhead.py --config sd2 --resolution 512 --k 1 --device cuda --dtype bf16
+    python -m benchmarks.performance.bench_pipeline_overhead --config demo --k 1 --baseline_ref main
+    python -m benchmarks.performance.bench_pipeline_overhead --config tiny --resolution 64 --k 4
+    python -m benchmarks.performance.bench_pipeline_overhead --config sd2 --resolution 128 --k 2 --repeats 2
+    python -m benchmarks.performance.bench_pipeline_overhead --config sd2 --resolution 512 --k 1 --device cuda --dtype bf16
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import statistics
 import time
 
 import torch
-from common import (
+from benchmarks.common import (
     PROMPTS,
     base_parser,
     baseline_pipeline_class,

@@ -5,15 +5,15 @@ One image, one prompt per call (the paper's FPS is per class query). "20x50 w/o 
 the table gives images/s and the speed relative to 1x1, next to the paper's relative speed (its GPU FPS
 divided by its 1x1 FPS), and the U-Net + decode FLOPs per image.
 
-    python benchmarks/bench_ensemble_steps.py --config tiny --resolution 64
-    python benchmarks/bench_ensemble_steps.py --config sd2 --resolution 128 --repeats 2 --skip_long
-    python benchmarks/bench_ensemble_steps.py --config sd2 --resolution 512 --device cuda --dtype bf16 --repeats 10
+    python -m benchmarks.performance.bench_ensemble_steps --config tiny --resolution 64
+    python -m benchmarks.performance.bench_ensemble_steps --config sd2 --resolution 128 --repeats 2 --skip_long
+    python -m benchmarks.performance.bench_ensemble_steps --config sd2 --resolution 512 --device cuda --dtype bf16 --repeats 10
 """
 
 from __future__ import annotations
 
 from diffusers import DDIMScheduler
-from common import (
+from benchmarks.common import (
     PeakMemory,
     base_parser,
     component_flops,

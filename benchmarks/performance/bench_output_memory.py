@@ -9,7 +9,7 @@ is also measured with the package found in DIR (a checkout of an earlier commit)
 Each setting runs in a fresh process (an allocator keeps freed memory); the peak RSS above the RSS before the call
 is recorded. The tiny random pipeline at processing resolution 64 keeps the model's own memory negligible.
 
-    python benchmarks/bench_output_memory.py --sizes 0.25 3 12 --ks 1 16 150 --before /path/to/old/checkout
+    python -m benchmarks.performance.bench_output_memory --sizes 0.25 3 12 --ks 1 16 150 --before /path/to/old/checkout
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 SIZES_MP = {0.25: (512, 512), 3: (1500, 2000), 12: (3000, 4000)}
 MODES = {
     "all": {},
@@ -102,7 +102,7 @@ def main(argv=None):
         rows.append([row["size_mp"], row["k"]] + [cell(row[c]) for c in columns] + [ratio])
     table = markdown_table(headers, rows)
     print(table)
-    path = args.output or os.path.join(ROOT, "benchmarks", "results", "output_memory_tiny.json")
+    path = args.output or os.path.join(ROOT, "benchmarks", "performance", "results", "output_memory_tiny.json")
     with open(path, "w") as f:
         json.dump({"benchmark": "output_memory", "machine": machine_description(), "results": results,
                    "table": table}, f, indent=2, default=float)

@@ -2,12 +2,12 @@
 """A/B of the training objectives on the synthetic world: latent, e2e, latent+e2e, each with and without the
 argmax-aware multi-prompt loss, every arm fine-tuning the same model for the same steps on the same scenes.
 
-    python benchmarks/demo_loss_ab.py --work_dir runs/loss_ab --init_model digseg-demo --steps 200 --seeds 0 1
+    python -m benchmarks.quality.demo_loss_ab --work_dir runs/loss_ab --init_model digseg-demo --steps 200 --seeds 0 1
 
 Each arm is one `training/train_demo_model.py --init_model ...` run (so the arms run exactly the recipe's code
 path; interrupted arms resume from their checkpoints, finished ones are skipped), followed by the recipe's
 threshold calibration and a 1 x 1 evaluation on held-out test scenes in the training style family (`plain`
-rendering) and in the style-shifted rendering (`benchmarks/demo_fidelity.py`'s protocol). Writes
+rendering) and in the style-shifted rendering (`benchmarks/quality/demo_fidelity.py`'s protocol). Writes
 ``WORK_DIR/loss_ab.json`` and a markdown table ``WORK_DIR/loss_ab.md``; the starting model is scored as the
 first row.
 """
@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
-from demo_fidelity import evaluate_settings, held_out_examples  # noqa: E402
+from benchmarks.quality.demo_fidelity import evaluate_settings, held_out_examples
 
 from digseg_diffusers import DiGSegPipeline  # noqa: E402
 from digseg_diffusers.demo import resolve_model_name  # noqa: E402

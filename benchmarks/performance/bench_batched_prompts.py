@@ -5,14 +5,14 @@ sum in another order),
 then the two (and the batched call with the light mask decoder, when asked) are timed interleaved. The FLOP
 model predicts the speed-up: loop = K (E + U + D), batched = E + K (U + D), light = E + K (U + L).
 
-    python benchmarks/bench_batched_prompts.py --config tiny --resolution 64 --ks 1 4 8 16
-    python benchmarks/bench_batched_prompts.py --config sd2 --resolution 128 --ks 2 --repeats 2
+    python -m benchmarks.performance.bench_batched_prompts --config tiny --resolution 64 --ks 1 4 8 16
+    python -m benchmarks.performance.bench_batched_prompts --config sd2 --resolution 128 --ks 2 --repeats 2
 """
 
 from __future__ import annotations
 
 import numpy as np
-from common import (
+from benchmarks.common import (
     OUTPUT_TOLERANCE,
     PROMPTS,
     PeakMemory,

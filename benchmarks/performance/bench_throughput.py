@@ -7,8 +7,8 @@ Before timing, every variant's probabilities are compared with the fp32 pipeline
 `--offload_check` also runs `enable_model_cpu_offload()` and compares its output and CUDA peak with the resident
 pipeline.
 
-    python benchmarks/bench_throughput.py --config sd2 --resolution 512 --device cuda
-    python benchmarks/bench_throughput.py --config tiny --resolution 64 --variants fp32 bf16 --repeats 3
+    python -m benchmarks.performance.bench_throughput --config sd2 --resolution 512 --device cuda
+    python -m benchmarks.performance.bench_throughput --config tiny --resolution 64 --variants fp32 bf16 --repeats 3
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import gc
 
 import torch
-from common import (
+from benchmarks.common import (
     DTYPES,
     CudaGraphed,
     PeakMemory,

@@ -4,7 +4,7 @@ Every setting runs in a fresh process (an allocator keeps freed memory, so a sec
 process would read low): the pipeline is built, one call with K prompts runs, and the peak RSS above the RSS
 before the call is recorded (CUDA: max allocated). Results never depend on `batch_size` (tests/test_pipeline).
 
-    python benchmarks/bench_memory.py --config tiny --resolution 256 --k 16 --batch_sizes 1 4 16
+    python -m benchmarks.performance.bench_memory --config tiny --resolution 256 --k 16 --batch_sizes 1 4 16
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import subprocess
 import sys
 
-from common import (
+from benchmarks.common import (
     PROMPTS,
     PeakMemory,
     base_parser,

@@ -13,10 +13,10 @@ Model FLOPs per step are counted with `torch.utils.flop_counter.FlopCounterMode`
 checkpointing (recomputation is work, not model FLOPs); MFU = model FLOPs / time / `--peak_tflops` (default from
 the GPU's name, `PEAK_TFLOPS`: dense bf16 tensor-core peaks from the vendors' data sheets).
 
-    python benchmarks/bench_training_throughput.py --config sd2 --resolution 128 --batch_sizes 1 2 --repeats 2
-    python benchmarks/bench_training_throughput.py --config sd2 --resolution 512 --device cuda --mixed_precision bf16 \\
+    python -m benchmarks.performance.bench_training_throughput --config sd2 --resolution 128 --batch_sizes 1 2 --repeats 2
+    python -m benchmarks.performance.bench_training_throughput --config sd2 --resolution 512 --device cuda --mixed_precision bf16 \\
         --batch_sizes 1 4 8 --repeats 3
-    python benchmarks/bench_training_throughput.py --config tiny --resolution 64 --repeats 1   # smoke test
+    python -m benchmarks.performance.bench_training_throughput --config tiny --resolution 64 --repeats 1   # smoke test
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from __future__ import annotations
 import gc
 import itertools
 import os
-import sys
 
 import torch
 from accelerate import Accelerator
-from common import ROOT, PeakMemory, base_parser, interleaved, make_pipeline, markdown_table, sd2_unet, write_results
+from benchmarks.common import PeakMemory, base_parser, interleaved, make_pipeline, markdown_table, sd2_unet, write_results
 from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -36,10 +35,8 @@ from digseg_diffusers import mask_codec
 from digseg_diffusers.adapter import DiGSegAdapterConfig, apply_adapter
 from digseg_diffusers.testing_utils import make_tiny_unet
 from digseg_diffusers.text_projection import DiGSegTextProjection
-from digseg_diffusers.training_step import LOSSES, TrainingLossConfig, compute_training_loss
+from digseg_diffusers.training_step import LOSSES, LatentCache, TrainingLossConfig, compute_training_loss, encode_batch_images
 
-sys.path.insert(0, os.path.join(ROOT, "training"))
-from train_adapter import LatentCache, encode_batch_images  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched against `torch.cuda.get_device_name` (first hit).
 PEAK_TFLOPS = {

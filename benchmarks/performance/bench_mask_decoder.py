@@ -5,14 +5,14 @@ trained VAE, at several resolutions. Time: K latents decoded by each decoder, in
 synthetic validation split encoded by the trained VAE, decoded by both decoders from the same latents
 (`digseg_diffusers.mask_decoder.evaluate_mask_decoders`), against the ground truth.
 
-    python benchmarks/bench_mask_decoder.py --resolution 128 --k 4 \
+    python -m benchmarks.performance.bench_mask_decoder --resolution 128 --k 4 \
         --vae_path OUT/quick_vae --mask_decoder_path OUT/md/mask_decoder
 """
 
 from __future__ import annotations
 
 import torch
-from common import PeakMemory, base_parser, interleaved, markdown_table, meta_copy, sd_vae, setup, write_results
+from benchmarks.common import PeakMemory, base_parser, interleaved, markdown_table, meta_copy, sd_vae, setup, write_results
 
 from digseg_diffusers import mask_codec
 from digseg_diffusers.mask_decoder import DiGSegMaskDecoder, count_flops, evaluate_mask_decoders

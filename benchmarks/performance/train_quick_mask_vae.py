@@ -6,7 +6,7 @@ makes one in minutes on a CPU: half of every batch are synthetic images, half ar
 ``2m - 1`` convention, reconstructed with L1 + a tiny KL term. The latents are rescaled to unit variance by
 setting `scaling_factor` from the data, as SD does.
 
-    python benchmarks/train_quick_mask_vae.py --output_dir OUT/quick_vae --max_steps 1500 --max_minutes 15
+    python -m benchmarks.performance.train_quick_mask_vae --output_dir OUT/quick_vae --max_steps 1500 --max_minutes 15
 """
 
 from __future__ import annotations

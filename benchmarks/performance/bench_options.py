@@ -5,7 +5,7 @@ the same weights; times are interleaved; the max difference of the probability m
 On a CPU, bfloat16 runs are for correctness, not speed (few CPUs have fast bf16 kernels); the GPU numbers are
 what matters for fp16/bf16.
 
-    python benchmarks/bench_options.py --config tiny --resolution 128 --k 4 --compile
+    python -m benchmarks.performance.bench_options --config tiny --resolution 128 --k 4 --compile
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import torch
-from common import (
+from benchmarks.common import (
     PROMPTS,
     base_parser,
     generators,
