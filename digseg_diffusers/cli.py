@@ -350,7 +350,7 @@ def write_outputs(folder: ResultFolder, image: np.ndarray, prompts: list[str], o
     """Write the masks, label map and overlay of one image; return the per-prompt summary entries."""
     from PIL import Image
 
-    from .visualization import label_colors, overlay
+    from .visualization import label_map_image, overlay
 
     masks = np.asarray(output.masks[index])
     probabilities = np.asarray(output.probabilities[index])
@@ -369,9 +369,7 @@ def write_outputs(folder: ResultFolder, image: np.ndarray, prompts: list[str], o
                 "max_probability": float(probabilities[k].max()),
             }
         )
-    palette_image = Image.fromarray(label_map.astype(np.uint8), mode="P")
-    palette_image.putpalette(label_colors(len(prompts)).reshape(-1).tolist())
-    folder.save_image("label_map.png", palette_image)
+    folder.save_image("label_map.png", label_map_image(label_map, len(prompts), "palette"))
     folder.save_image("overlay.png", Image.fromarray(overlay(image, label_map, num_classes=len(prompts))))
     return {"prompts": entries, "background_area_fraction": float((label_map == 0).mean())}
 
@@ -507,15 +505,13 @@ def _write_demo_extras(folder: ResultFolder, scene, prompts: list[str], output, 
 
     from .metrics import ConfusionMatrix
     from .synthetic import SHAPE_CLASSES
-    from .visualization import label_colors
+    from .visualization import label_map_image
 
     # Ground truth in the prompts' label space (0 = background, k + 1 = prompt k), and the scene's IoU.
     truth = np.zeros_like(scene.label, dtype=np.int64)
     for k, name in enumerate(prompts):
         truth[scene.label == SHAPE_CLASSES.index(name) + 1] = k + 1
-    ground_truth = Image.fromarray(truth.astype(np.uint8), mode="P")
-    ground_truth.putpalette(label_colors(len(prompts)).reshape(-1).tolist())
-    folder.save_image("ground_truth.png", ground_truth)
+    folder.save_image("ground_truth.png", label_map_image(truth, len(prompts), "palette"))
     folder.save_image("image.png", Image.fromarray(scene.image))
     confusion = ConfusionMatrix(len(prompts) + 1, class_names=["background"] + prompts)
     confusion.update(np.asarray(output.label_maps[0]).astype(np.int64), truth)

@@ -64,6 +64,32 @@ def label_colors(num_classes: int) -> np.ndarray:
     return colors
 
 
+LABEL_PNG_ENCODINGS = ("auto", "palette", "16bit")
+
+
+def label_map_image(label_map, num_classes: int, encoding: str = "auto") -> Image.Image:
+    """A ``[H, W]`` label map as a PIL image to save losslessly as PNG: pixel value = label.
+
+    "palette": 8-bit "P" image coloured with `label_colors` (viewers show colours, readers get the labels;
+    up to 255 prompts); "16bit": 16-bit grayscale "I;16" (up to 65535 prompts; looks black in viewers);
+    "auto": palette when the labels fit, else 16-bit.
+    """
+    if encoding not in LABEL_PNG_ENCODINGS:
+        raise ValueError(f"label PNG encoding must be one of {LABEL_PNG_ENCODINGS}; got {encoding!r}.")
+    labels = np.asarray(label_map)
+    if encoding == "auto":
+        encoding = "palette" if num_classes <= 255 else "16bit"
+    if encoding == "palette":
+        if num_classes > 255:
+            raise ValueError(f"a palette PNG holds labels up to 255; {num_classes} prompts need the 16-bit encoding.")
+        image = Image.fromarray(labels.astype(np.uint8), mode="P")
+        image.putpalette(label_colors(num_classes).reshape(-1).tolist())
+        return image
+    if num_classes > 65535:
+        raise ValueError(f"a 16-bit PNG holds labels up to 65535; got {num_classes} prompts.")
+    return Image.fromarray(labels.astype(np.uint16))
+
+
 def _as_label_array(label_map) -> np.ndarray:
     labels = np.asarray(label_map)
     if labels.ndim != 2:
