@@ -353,9 +353,11 @@ class DatasetRun:
 
     def __init__(self, source: ImageSource, out: str | os.PathLike, state=None):
         from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
 
         self.source, self.out = source, Path(out)
-        self.state = state if state is not None else PartialState()
+        # `accelerate launch --cpu` (or ACCELERATE_USE_CPU=1) runs CPU processes that talk over gloo.
+        self.state = state if state is not None else PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
         self._lock: DirectoryLock | None = None
         self.items: list[InputItem] = []
         self.names: list[str] = []
