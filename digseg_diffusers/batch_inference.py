@@ -492,6 +492,8 @@ class _Shard:
         self.coco = options.output_format == "coco"
         self._part = None
         self._bar = None
+        self._done: dict[int, dict | None] = {}
+        self._next = 0
 
     def run(self) -> dict:
         from tqdm.auto import tqdm
@@ -534,7 +536,7 @@ class _Shard:
                 with run.source.open(item) as image:
                     pixels = to_float_rgb(image)
             except ValueError as error:
-                self._fail(item, str(error))
+                self._fail(position, str(error))
                 continue
             group = pending.setdefault(tuple(pixels.shape[:2]), [])
             group.append((position, pixels))
@@ -566,7 +568,7 @@ class _Shard:
                 for member in group:  # find which image it was
                     self._segment([member])
                 return
-            self._fail(run.items[group[0][0]], str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+            self._fail(group[0][0], str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
             return
         seconds = (time.perf_counter() - start) / len(group)
         extra = {"written_by": {"process_index": run.state.process_index, "num_processes": run.state.num_processes}}
@@ -581,13 +583,22 @@ class _Shard:
             if self.on_image_done is not None:
                 self.on_image_done(item.key)
 
-    def _record(self, position: int, document: dict) -> None:
-        if self._part is not None:
-            self._part.write(json.dumps(coco_records(document, position + 1)) + "\n")
+    def _record(self, position: int, document: dict | None) -> None:
+        """Note an image as done (None: failed). Part lines go out in input order whatever the batching, so the
+        merged COCO file is the same for any batch size, number of processes or resume history; only images
+        read ahead (at most the window) wait here."""
         self._bar.update()
+        if self._part is None:
+            return
+        self._done[position] = None if document is None else coco_records(document, position + 1)
+        while self._next < len(self.positions) and self.positions[self._next] in self._done:
+            record = self._done.pop(self.positions[self._next])
+            if record is not None:
+                self._part.write(json.dumps(record) + "\n")
+            self._next += 1
 
-    def _fail(self, item: InputItem, reason: str) -> None:
+    def _fail(self, position: int, reason: str) -> None:
         self.stats["failed"] += 1
-        self.stats["failures"].append({"image": item.source, "reason": reason})
-        self._bar.update()
+        self.stats["failures"].append({"image": self.run_.items[position].source, "reason": reason})
         self._bar.set_postfix(failed=self.stats["failed"], refresh=False)
+        self._record(position, None)
