@@ -217,6 +217,29 @@ def read_result(out: Path, name: str, item: InputItem) -> dict | None:
     return document if (out / document.get("label_map", "")).is_file() else None
 
 
+def segment_records(output, index: int, rle: bool) -> list[dict]:
+    """`DiGSegOutput.to_segments` of image `index` as JSON-ready records: label, label_id (k + 1), score, area,
+    bbox, and with `rle` the mask as COCO RLE."""
+    prompts = list(output.prompts[index])
+    records = []
+    for segment in output.to_segments(index, mask_format="np"):
+        mask = segment.pop("mask")
+        segment.update({"label_id": prompts.index(segment["label"]) + 1, "area": int(mask.sum()), "bbox": mask_bbox(mask)})
+        if rle:
+            segment["segmentation"] = encode_rle(mask)
+        records.append(segment)
+    return records
+
+
+def row_generators(num_images: int, num_prompts: int, seed: int, ensemble_size: int = 1) -> list:
+    """One generator per pipeline row: row r of every image (prompt-major, then ensemble member) draws its noise
+    from ``seed + r``, so an image's result never depends on the batch or the process it landed in."""
+    import torch
+
+    rows = num_prompts * ensemble_size
+    return [torch.Generator().manual_seed(seed + r) for _ in range(num_images) for r in range(rows)]
+
+
 def write_result(
     out: Path, name: str, item: InputItem, output, index: int, label_png: str, coco: bool, extra: dict
 ) -> dict:
@@ -229,13 +252,6 @@ def write_result(
     (out / label_file).parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / label_file) as tmp:
         label_map_image(label_map, len(prompts), label_png).save(tmp, format="PNG")
-    segments = []
-    for segment in output.to_segments(index, mask_format="np"):
-        mask = segment.pop("mask")
-        segment.update({"label_id": prompts.index(segment["label"]) + 1, "area": int(mask.sum()), "bbox": mask_bbox(mask)})
-        if coco:
-            segment["segmentation"] = encode_rle(mask)
-        segments.append(segment)
     document = {
         "status": "complete",
         "format_version": RESULT_FORMAT_VERSION,
@@ -245,7 +261,7 @@ def write_result(
         "width": int(label_map.shape[1]),
         "label_map": label_file.as_posix(),
         "labels": ["background", *prompts],
-        "segments": segments,
+        "segments": segment_records(output, index, coco),
         **extra,
     }
     atomic_write_json(out / f"{name}.json", document)
@@ -547,21 +563,14 @@ class _Shard:
         for size in list(pending):
             self._segment(pending.pop(size))
 
-    def _generators(self, count: int) -> list:
-        """Row r of every image (prompt-major, then ensemble member) draws its noise from seed + r, so a result
-        never depends on the batch or the process the image landed in."""
-        import torch
-
-        rows = len(self.options.prompts) * self.options.pipeline_kwargs.get("ensemble_size", 1)
-        return [torch.Generator().manual_seed(self.options.seed + r) for _ in range(count) for r in range(rows)]
-
     def _segment(self, group: list) -> None:
         run = self.run_
         start = time.perf_counter()
         try:
             output = self.pipe(
-                [pixels for _, pixels in group], self.options.prompts, generator=self._generators(len(group)),
-                output_type="np", **self.options.pipeline_kwargs,
+                [pixels for _, pixels in group], self.options.prompts, output_type="np",
+                generator=row_generators(len(group), len(self.options.prompts), self.options.seed, self.options.pipeline_kwargs.get("ensemble_size", 1)),
+                **self.options.pipeline_kwargs,
             )  # fmt: skip
         except (ValueError, RuntimeError) as error:  # the pipeline refused an image, or ran out of memory
             if len(group) > 1:
@@ -602,3 +611,51 @@ class _Shard:
         self.stats["failures"].append({"image": self.run_.items[position].source, "reason": reason})
         self._bar.set_postfix(failed=self.stats["failed"], refresh=False)
         self._record(position, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches of arrays (Ray Data `map_batches`, `datasets.Dataset.map(batched=True)`)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class BatchSegmenter:
+    """A callable over a batch ``{column: sequence}`` of decoded images, for engines that shard data themselves:
+    ``ray.data.Dataset.map_batches(BatchSegmenter, fn_constructor_kwargs=...)`` (one pipeline per actor) or
+    ``datasets.Dataset.map(BatchSegmenter(...), batched=True)``.
+
+    Adds two columns: ``label_map`` (``[H, W]`` uint16 per image) and ``segments`` (per image a JSON string of
+    `segment_records` with COCO RLE masks). Images of one batch may differ in size: each size is one pipeline
+    call. Noise as in `DatasetRun` (`row_generators`), so results match the command line's.
+    """
+
+    def __init__(self, model: str, prompts: Sequence[str], device: str | None = None, image_column: str = "image",
+                 seed: int = 0, pipeline_kwargs: dict | None = None):  # fmt: skip
+        import torch
+
+        from .pipeline_digseg import DiGSegPipeline
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipe = DiGSegPipeline.from_pretrained(model).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.prompts, self.image_column, self.seed = list(prompts), image_column, seed
+        self.pipeline_kwargs = dict(pipeline_kwargs or {})
+
+    def __call__(self, batch: dict) -> dict:
+        from .image_processing import to_float_rgb
+
+        images = [to_float_rgb(image) for image in batch[self.image_column]]
+        label_maps, segments = [None] * len(images), [None] * len(images)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            by_size.setdefault(tuple(image.shape[:2]), []).append(i)
+        ensemble = self.pipeline_kwargs.get("ensemble_size", 1)
+        for indices in by_size.values():
+            output = self.pipe(
+                [images[i] for i in indices], self.prompts, output_type="np",
+                generator=row_generators(len(indices), len(self.prompts), self.seed, ensemble), **self.pipeline_kwargs,
+            )  # fmt: skip
+            for j, i in enumerate(indices):
+                label_maps[i] = np.asarray(output.label_maps[j]).astype(np.uint16)
+                segments[i] = json.dumps(segment_records(output, j, rle=True))
+        return {**batch, "label_map": label_maps, "segments": segments}

@@ -513,7 +513,9 @@ def command_segment_dataset(args: argparse.Namespace, prompts: list[str]) -> dic
         else:
             source = HFDatasetSource(args.dataset)
         with DatasetRun(source, args.out, state) as run:  # the main process locks --out and lists the inputs
-            device = args.device if args.device != "auto" else str(state.device)
+            device = args.device
+            if device == "auto" or (device == "cuda" and state.device.type == "cuda"):
+                device = str(state.device)  # under accelerate launch: each process on its own GPU
             pipe = load_pipeline(args.model, args.adapter, device)
             options = BatchOptions(
                 prompts=prompts, batch_images=args.batch_images, seed=args.seed, label_png=args.label_png,

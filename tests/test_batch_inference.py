@@ -18,11 +18,13 @@ from digseg_diffusers.batch_inference import (
     SUMMARY_NAME,
     BatchInferenceError,
     BatchOptions,
+    BatchSegmenter,
     DatasetRun,
     FolderSource,
     HFDatasetSource,
     ListSource,
     output_names,
+    row_generators,
 )
 from digseg_diffusers.coco import decode_rle, encode_rle, mask_bbox, rle_area, rle_counts
 from digseg_diffusers.synthetic import generate_scene
@@ -278,3 +280,49 @@ def test_killed_run_resumes_on_two_processes_segmenting_each_image_once(image_fo
     coco = json.loads((out / COCO_NAME).read_text())  # merged from both processes, earlier results included
     assert sorted(i["file_name"] for i in coco["images"]) == sorted(d["source"] for d in after.values())
     assert len({i["id"] for i in coco["images"]}) == 12 and len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
+
+
+# ------------------------------------------------------------------------------------------- batches of arrays
+
+
+def _agreement(a, b) -> float:
+    return float((np.asarray(a) == np.asarray(b)).mean())
+
+
+def test_batch_segmenter_mixed_sizes_match_single_image_calls():
+    segmenter = BatchSegmenter("digseg-demo", PROMPTS, device="cpu")
+    images = [generate_scene(200 + i, size=48 if i % 2 else 64).image for i in range(4)]
+    batch = segmenter({"image": images, "path": [f"{i}.png" for i in range(4)]})
+    assert batch["path"] == [f"{i}.png" for i in range(4)] and len(batch["label_map"]) == 4
+    for i, image in enumerate(images):
+        alone = segmenter.pipe(image, PROMPTS, generator=row_generators(1, len(PROMPTS), 0), output_type="np")
+        assert batch["label_map"][i].dtype == np.uint16 and batch["label_map"][i].shape == image.shape[:2]
+        assert _agreement(batch["label_map"][i], alone.label_maps[0]) > 0.99  # other batch, other kernels: ~ulp
+        records = json.loads(batch["segments"][i])
+        assert [r["label"] for r in records] == [s["label"] for s in alone.to_segments(0)]
+        for record in records:
+            assert decode_rle(record["segmentation"]).sum() == record["area"]
+
+
+@pytest.mark.slow
+def test_ray_data_map_batches_recipe(tmp_path):
+    """The recipe of docs/dataset_inference.md (runs only where ray[data] is installed; it is not a dependency)."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    for i in range(4):
+        Image.fromarray(generate_scene(300 + i, size=48 if i % 2 else 64).image).save(tmp_path / f"s{i}.png")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # the actor takes one, reading another
+    try:
+        ds = ray.data.read_images(str(tmp_path), include_paths=True, mode="RGB")
+        ds = ds.map_batches(
+            BatchSegmenter, fn_constructor_kwargs={"model": "digseg-demo", "prompts": PROMPTS, "device": "cpu"},
+            batch_size=4, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy",
+        )  # fmt: skip
+        rows = ds.drop_columns(["image"]).take_all()
+    finally:
+        ray.shutdown()
+    assert sorted(Path(r["path"]).name for r in rows) == [f"s{i}.png" for i in range(4)]
+    for row in rows:
+        size = 48 if int(Path(row["path"]).stem[1]) % 2 else 64
+        assert np.asarray(row["label_map"]).shape == (size, size)
+        assert all(r["label"] in PROMPTS for r in json.loads(row["segments"]))
