@@ -379,7 +379,11 @@ class DatasetRun:
         self.names: list[str] = []
 
     def open(self) -> DatasetRun:
-        self.items = _broadcast_from_main(self.state, self._lock_and_list)
+        try:
+            self.items = _broadcast_from_main(self.state, self._lock_and_list)
+        except BaseException:
+            self.close()  # e.g. no inputs: --out is free again at once
+            raise
         self.names = output_names([item.key for item in self.items])
         return self
 

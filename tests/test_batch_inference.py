@@ -137,6 +137,28 @@ def test_dataset_source_needs_the_datasets_package(tmp_path):
     assert source.open(items[1]).size == (32, 32)
 
 
+def test_command_line_input_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    Image.fromarray(generate_scene(0, size=32).image).save(image)
+    cases = [
+        (["segment", str(image), "--input_dir", str(tmp_path)], "not both"),
+        (["segment"], "give IMAGE files"),
+        (["segment", "--input_dir", str(tmp_path / "missing")], "is not a folder"),
+        (["segment", "--input_list", str(tmp_path / "missing.txt")], "is not a file"),
+        (["segment", "--input_dir", str(tmp_path / "empty_dir")], "no input images found"),
+        (["segment", "--input_dir", str(tmp_path / "empty_dir")], "no input images found"),  # --out was released
+    ]
+    (tmp_path / "empty_dir").mkdir()
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        cases.append((["segment", "--dataset", "user/photos:validation"], "pip install datasets"))
+    for argv, message in cases:
+        assert cli.main([*argv, "-p", "circle", "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"]) == 2
+        error = capsys.readouterr().err
+        assert message in error and error.count("\n") == 1, error
+
+
 # ------------------------------------------------------------------------------------------------- dataset runs
 
 
