@@ -452,8 +452,16 @@ class DatasetRun:
 
     def run(self, pipe, options: BatchOptions, describe: dict | None = None, on_image_done: Callable[[str], None] | None = None) -> dict:
         """Segment this process's share; return the run's summary (the same on every process)."""
+        from .visualization import LABEL_PNG_ENCODINGS
+
         if options.output_format not in OUTPUT_FORMATS:
             raise BatchInferenceError(f"--format must be one of {OUTPUT_FORMATS}; got {options.output_format!r}")
+        if options.label_png not in LABEL_PNG_ENCODINGS:
+            raise BatchInferenceError(f"--label_png must be one of {LABEL_PNG_ENCODINGS}; got {options.label_png!r}")
+        if not options.prompts or any(not isinstance(p, str) or not p.strip() for p in options.prompts):
+            raise BatchInferenceError(f"prompts must be non-empty strings; got {options.prompts!r}")
+        if options.label_png == "palette" and len(options.prompts) > 255:
+            raise BatchInferenceError(f"a palette PNG holds 255 labels; {len(options.prompts)} prompts need --label_png 16bit")
         settings = self.settings(pipe, options, describe or {})
         _broadcast_from_main(self.state, lambda: self._check_settings(settings))
         state = self.state

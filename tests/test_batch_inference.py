@@ -159,6 +159,21 @@ def test_command_line_input_errors_are_one_line_with_exit_code_2(tmp_path, capsy
         assert message in error and error.count("\n") == 1, error
 
 
+def test_bad_options_are_refused_before_any_image(tmp_path):
+    Image.fromarray(generate_scene(0, size=32).image).save(tmp_path / "a.png")
+    bad = [
+        ({"prompts": []}, "non-empty"), ({"prompts": ["circle", " "]}, "non-empty"),
+        ({"prompts": ["circle"], "label_png": "jpeg"}, "label_png"),
+        ({"prompts": [f"class {i}" for i in range(300)], "label_png": "palette"}, "16bit"),
+        ({"prompts": ["circle"], "output_format": "yolo"}, "--format"),
+    ]  # fmt: skip
+    with DatasetRun(FolderSource(tmp_path), tmp_path / "out") as run:
+        for options, message in bad:
+            with pytest.raises(BatchInferenceError, match=message):
+                run.run(None, BatchOptions(**options))  # refused before the pipeline is touched
+    assert not list((tmp_path / "out").glob("*.json"))
+
+
 # ------------------------------------------------------------------------------------------------- dataset runs
 
 
