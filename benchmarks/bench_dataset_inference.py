@@ -6,7 +6,7 @@
         --output benchmarks/results/dataset_inference_cpu.json
     # GPUs (one process per GPU), same script:
     python benchmarks/bench_dataset_inference.py --device cuda --processes 1 2 4 8 --num_images 2000 \
-        --batch_images 16 --output benchmarks/results/dataset_inference_cuda.json
+        --batch_images 16 --batch_size 64 --output benchmarks/results/dataset_inference_cuda.json
 
 Each variant segments the same synthetic images into a fresh --out (so nothing is skipped), running the real
 command line in fresh processes; variants run interleaved (1 2 1 2 ...) and the medians are compared, because a
@@ -44,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num_images", type=int, default=200)
     parser.add_argument("--size", type=int, default=64, help="Side of the synthetic scenes (pixels).")
     parser.add_argument("--batch_images", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8, help="Rows per U-Net call (the CLI's --batch-size).")
     parser.add_argument("--format", choices=("png", "coco"), default="coco")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per process (CPU).")
@@ -66,7 +67,7 @@ def write_images(folder: str, count: int, size: int) -> None:
 def run_once(args, processes: int, images: str, out: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     command = ["-m", "digseg_diffusers.cli", "segment", "--input_dir", images, "--out", out, "--model", args.model,
-               "--batch_images", str(args.batch_images), "--format", args.format, "--quiet",
+               "--batch_images", str(args.batch_images), "--batch-size", str(args.batch_size), "--format", args.format, "--quiet",
                "--device", "cpu" if args.device == "cpu" else "auto", *sum((["-p", p] for p in PROMPTS), [])]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if processes == 1:
