@@ -372,7 +372,7 @@ class DatasetRun:
         from accelerate.utils import parse_flag_from_env
 
         self.source, self.out = source, Path(out)
-        # `accelerate launch --cpu` (or ACCELERATE_USE_CPU=1) runs CPU processes that talk over gloo.
+        # ACCELERATE_USE_CPU=1 + `accelerate launch --multi_gpu`: CPU processes that talk over gloo.
         self.state = state if state is not None else PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
         self._lock: DirectoryLock | None = None
         self.items: list[InputItem] = []
