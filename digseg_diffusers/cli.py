@@ -9,6 +9,10 @@ map (palette PNG: pixel value = label, 0 = background, k + 1 = prompt k), a colo
 Every user error (unreadable image, missing model, bad argument, unusable --out) ends with one line on stderr and
 exit code 2.
 
+With --input_dir, --input_list or --dataset instead of IMAGE files, it segments a whole dataset, under `accelerate
+launch` on any number of processes and machines, resumably, into flat per-image outputs (label-map PNG + JSON,
+optionally COCO RLE): see `batch_inference` and docs/dataset_inference.md.
+
 Outputs are never lost or mixed: --out is checked (and locked against a second digseg process) before the model
 is loaded; each input gets its own folder, named deterministically without collisions (`output_folder_names`);
 every file is written atomically, and each folder's summary.json says whose results it holds and whether they are
@@ -32,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from .atomic_io import TEMPORARY_SUFFIX, DirectoryLock, FolderLockedError, atomic_file, atomic_write_json
+from .batch_inference import OUTPUT_FORMATS
+from .visualization import LABEL_PNG_ENCODINGS
 
 EXIT_USAGE = 2
 SUMMARY_NAME = "summary.json"
@@ -115,9 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment each IMAGE once per --prompt; writes masks, the label map, an overlay and summary.json "
         "into --out (one subfolder per image when there are several).",
     )
-    segment.add_argument("images", nargs="+", metavar="IMAGE", help="Image files (PNG, JPEG, ...).")
+    segment.add_argument("images", nargs="*", metavar="IMAGE", help="Image files (PNG, JPEG, ...).")
     segment.add_argument("--prompt", "-p", action="append", required=True, help="A class name or phrase; repeat for several.")
     segment.add_argument("--out", "-o", required=True, help="Output folder (created if needed).")
+    dataset = segment.add_argument_group(
+        "datasets (instead of IMAGE...; run under `accelerate launch` for several processes or machines)",
+        "Flat, resumable outputs: OUT/<relative path>.png (label map) + .json per image; see docs/dataset_inference.md.",
+    )
+    sources = dataset.add_mutually_exclusive_group()
+    sources.add_argument("--input_dir", "--input-dir", default=None, help="Every image file under this folder, recursively.")
+    sources.add_argument("--input_list", "--input-list", default=None, help="A text file of image paths, one per line.")
+    sources.add_argument("--dataset", default=None, metavar="HF_DATASET[:SPLIT]", help="A Hugging Face dataset (needs `pip install datasets`).")
+    dataset.add_argument(
+        "--batch_images", "--batch-images", type=_positive_int, default=1, help="Images of the same size per pipeline call (default: 1)."
+    )
+    dataset.add_argument(
+        "--format", choices=OUTPUT_FORMATS, default="png", help="png: label map + JSON per image; coco: also COCO RLE masks and OUT/annotations_coco.json."
+    )
+    dataset.add_argument(
+        "--label_png", "--label-png", choices=LABEL_PNG_ENCODINGS, default="auto", help="Label-map PNG: palette (<= 255 prompts), 16bit, or auto."
+    )
     _add_model_arguments(segment)
 
     demo = commands.add_parser(
@@ -350,7 +373,7 @@ def write_outputs(folder: ResultFolder, image: np.ndarray, prompts: list[str], o
     """Write the masks, label map and overlay of one image; return the per-prompt summary entries."""
     from PIL import Image
 
-    from .visualization import label_colors, overlay
+    from .visualization import label_map_image, overlay
 
     masks = np.asarray(output.masks[index])
     probabilities = np.asarray(output.probabilities[index])
@@ -369,9 +392,7 @@ def write_outputs(folder: ResultFolder, image: np.ndarray, prompts: list[str], o
                 "max_probability": float(probabilities[k].max()),
             }
         )
-    palette_image = Image.fromarray(label_map.astype(np.uint8), mode="P")
-    palette_image.putpalette(label_colors(len(prompts)).reshape(-1).tolist())
-    folder.save_image("label_map.png", palette_image)
+    folder.save_image("label_map.png", label_map_image(label_map, len(prompts), "palette"))
     folder.save_image("overlay.png", Image.fromarray(overlay(image, label_map, num_classes=len(prompts))))
     return {"prompts": entries, "background_area_fraction": float((label_map == 0).mean())}
 
@@ -434,6 +455,13 @@ def command_segment(args: argparse.Namespace) -> dict:
     prompts = [p.strip() for p in args.prompt]
     if any(not p for p in prompts):
         raise CLIError("--prompt must not be empty")
+    dataset_inputs = args.input_dir or args.input_list or args.dataset
+    if dataset_inputs and args.images:
+        raise CLIError("give either IMAGE files or one of --input_dir / --input_list / --dataset, not both")
+    if not dataset_inputs and not args.images:
+        raise CLIError("give IMAGE files, or one of --input_dir / --input_list / --dataset")
+    if dataset_inputs:
+        return command_segment_dataset(args, prompts)
     with lock_output_root(args.out):  # a second digseg writing into the same --out is refused, never interleaved
         return _segment_into(args, prompts, Path(args.out))
 
@@ -467,6 +495,36 @@ def _segment_into(args: argparse.Namespace, prompts: list[str], out_root: Path) 
     if len(images) > 1:
         atomic_write_json(out_root / SUMMARY_NAME, document)
     return document
+
+
+def command_segment_dataset(args: argparse.Namespace, prompts: list[str]) -> dict:
+    """`segment --input_dir | --input_list | --dataset`: a thin layer over `batch_inference.DatasetRun`."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from .batch_inference import BatchInferenceError, BatchOptions, DatasetRun, FolderSource, HFDatasetSource, ListSource
+
+    state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))  # gloo on CPUs
+    try:
+        if args.input_dir:
+            source = FolderSource(args.input_dir)
+        elif args.input_list:
+            source = ListSource(args.input_list)
+        else:
+            source = HFDatasetSource(args.dataset)
+        with DatasetRun(source, args.out, state) as run:  # the main process locks --out and lists the inputs
+            device = args.device
+            if device == "auto" or (device == "cuda" and state.device.type == "cuda"):
+                device = str(state.device)  # under accelerate launch: each process on its own GPU
+            pipe = load_pipeline(args.model, args.adapter, device)
+            options = BatchOptions(
+                prompts=prompts, batch_images=args.batch_images, seed=args.seed, label_png=args.label_png,
+                output_format=args.format, pipeline_kwargs=_pipeline_kwargs(args), progress=not args.quiet,
+            )  # fmt: skip
+            summary = run.run(pipe, options, describe={"model": args.model, "adapter": args.adapter})
+    except BatchInferenceError as error:
+        raise CLIError(str(error)) from None
+    return {"command": "segment-dataset", "is_main_process": state.is_main_process, "out": str(args.out), **summary}
 
 
 def command_demo(args: argparse.Namespace) -> dict:
@@ -507,15 +565,13 @@ def _write_demo_extras(folder: ResultFolder, scene, prompts: list[str], output, 
 
     from .evaluation import BACKGROUND_NAME, EvaluationAccumulator
     from .synthetic import SHAPE_CLASSES
-    from .visualization import label_colors
+    from .visualization import label_map_image
 
     # Ground truth in the prompts' label space (0 = background, k + 1 = prompt k), and the scene's IoU.
     truth = np.zeros_like(scene.label, dtype=np.int64)
     for k, name in enumerate(prompts):
         truth[scene.label == SHAPE_CLASSES.index(name) + 1] = k + 1
-    ground_truth = Image.fromarray(truth.astype(np.uint8), mode="P")
-    ground_truth.putpalette(label_colors(len(prompts)).reshape(-1).tolist())
-    folder.save_image("ground_truth.png", ground_truth)
+    folder.save_image("ground_truth.png", label_map_image(truth, len(prompts), "palette"))
     folder.save_image("image.png", Image.fromarray(scene.image))
     accumulator = EvaluationAccumulator(SHAPE_CLASSES, ignore_index=255, thresholds=())  # the benchmark's scoring
     accumulator.add(scene.validation_example().label, [SHAPE_CLASSES.index(p) for p in prompts], None, np.asarray(output.label_maps[0]))
@@ -559,6 +615,21 @@ def _print_summary(document: dict) -> None:
             print(f"  {entry['prompt']:<12} area {entry['mask_area_fraction']:.3f}  {iou_text}")
         print(f"  mIoU (incl. background) {document['mIoU']:.3f}; {document['timings']['segment_seconds']:.2f} s")
         return
+    if document.get("command") == "segment-dataset":
+        if not document["is_main_process"]:
+            return
+        print(
+            f"{document['images']} images: {document['segmented']} segmented, {document['skipped_complete']} already "
+            f"complete, {document['failed']} failed; {document['images_per_second']:.2f} images/s over "
+            f"{document['num_processes']} process(es)"
+        )
+        for stats in document["per_process"]:
+            print(f"  process {stats['process_index']}: {stats['segmented']} segmented in {stats['seconds']:.1f} s ({stats['images_per_second']:.2f} images/s)")
+        for failure in document["failures"][:20]:
+            print(f"  failed: {failure['image']}: {failure['reason']}")
+        if document["failed"] > 20:
+            print(f"  ... {document['failed'] - 20} more failures in {Path(document['out']) / 'digseg_summary.json'}")
+        return
     for image in document["images"]:
         areas = ", ".join(f"{e['prompt']} {e['mask_area_fraction']:.3f}" for e in image["prompts"])
         print(f"{image['image']}: {areas} -> {image['output_dir']}")
@@ -577,8 +648,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("digseg: interrupted", file=sys.stderr)
         return 130
     _print_summary(document)
-    print(f"outputs written to {args.out}")
-    return 0
+    if document.get("is_main_process", True):
+        print(f"outputs written to {args.out}")
+    return 0  # a dataset run that completes exits 0 even when some images failed: they are listed in its summary
 
 
 if __name__ == "__main__":

@@ -120,6 +120,34 @@ class DiGSegOutput(BaseOutput):
     uncertainty: list | None = None
     latents: torch.Tensor | None = None
 
+    def to_segments(self, index: int = 0, mask_format: str = "pil") -> list[dict]:
+        """Image `index`'s results as transformers' image-segmentation pipeline lists them.
+
+        One ``{"label": prompt, "score": float, "mask": PIL "L" image (0 / 255)}`` per prompt whose mask is not
+        empty, in prompt order. ``mask`` is the prompt's own binary mask (`masks`: probability > mask threshold;
+        masks of different prompts may overlap, unlike the label map's regions). ``score`` is the mean
+        probability inside that mask, in [mask threshold, 1]: how sure the model is of the pixels it claims.
+        Prompts whose mask is empty are left out, as transformers leaves out labels that do not occur. Needs
+        the call's `output_masks` and `output_probabilities` (any `probability_dtype`, any `output_type`).
+        ``mask_format="np"`` gives ``[H, W]`` bool arrays instead of PIL images.
+        """
+        if mask_format not in ("pil", "np"):
+            raise ValueError(f"`mask_format` must be 'pil' or 'np'; got {mask_format!r}.")
+        if self.masks is None or self.probabilities is None:
+            raise ValueError("to_segments needs the masks and probabilities: call with output_masks=True and output_probabilities=True.")
+        segments = []
+        for prompt, mask, probability in zip(self.prompts[index], self.masks[index], self.probabilities[index]):
+            mask = np.asarray(mask.cpu() if torch.is_tensor(mask) else mask).astype(bool)
+            if not mask.any():
+                continue
+            probability = np.asarray(probability.cpu().numpy() if torch.is_tensor(probability) else probability)
+            scale = 255.0 if probability.dtype == np.uint8 else 1.0  # "uint8" maps and "pil" images hold round(255 p)
+            score = float(probability[mask].astype(np.float64).mean() / scale)
+            if mask_format == "pil":
+                mask = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+            segments.append({"label": prompt, "score": score, "mask": mask})
+        return segments
+
 
 class DiGSegPipeline(DiffusionPipeline):
     """Text-prompted segmentation with a Stable Diffusion U-Net fine-tuned to generate mask latents (DiGSeg).

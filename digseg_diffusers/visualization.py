@@ -11,8 +11,6 @@ import colorsys
 import numpy as np
 from PIL import Image
 
-from .image_processing import to_uint8_rgb
-
 __all__ = ["BASE_COLORS", "label_colors", "colorize_label_map", "overlay"]
 
 BASE_COLORS: tuple[tuple[int, int, int], ...] = (
@@ -62,6 +60,32 @@ def label_colors(num_classes: int) -> np.ndarray:
             value = 0.65 + 0.35 * (j % 2)
             colors[k + 1] = np.round(np.array(colorsys.hsv_to_rgb(hue, saturation, value)) * 255.0)
     return colors
+
+
+LABEL_PNG_ENCODINGS = ("auto", "palette", "16bit")
+
+
+def label_map_image(label_map, num_classes: int, encoding: str = "auto") -> Image.Image:
+    """A ``[H, W]`` label map as a PIL image to save losslessly as PNG: pixel value = label.
+
+    "palette": 8-bit "P" image coloured with `label_colors` (viewers show colours, readers get the labels;
+    up to 255 prompts); "16bit": 16-bit grayscale "I;16" (up to 65535 prompts; looks black in viewers);
+    "auto": palette when the labels fit, else 16-bit.
+    """
+    if encoding not in LABEL_PNG_ENCODINGS:
+        raise ValueError(f"label PNG encoding must be one of {LABEL_PNG_ENCODINGS}; got {encoding!r}.")
+    labels = np.asarray(label_map)
+    if encoding == "auto":
+        encoding = "palette" if num_classes <= 255 else "16bit"
+    if encoding == "palette":
+        if num_classes > 255:
+            raise ValueError(f"a palette PNG holds labels up to 255; {num_classes} prompts need the 16-bit encoding.")
+        image = Image.fromarray(labels.astype(np.uint8), mode="P")
+        image.putpalette(label_colors(num_classes).reshape(-1).tolist())
+        return image
+    if num_classes > 65535:
+        raise ValueError(f"a 16-bit PNG holds labels up to 65535; got {num_classes} prompts.")
+    return Image.fromarray(labels.astype(np.uint16))
 
 
 def _as_label_array(label_map) -> np.ndarray:
@@ -125,6 +149,8 @@ def overlay(image_uint8, label_map, alpha: float = 0.5, num_classes: int | None 
     image = image_uint8 if isinstance(image_uint8, Image.Image) else np.asarray(image_uint8)
     if isinstance(image, Image.Image) or image.dtype != np.uint8:
         try:
+            from .image_processing import to_uint8_rgb  # imported here: it needs torch, the palette helpers do not
+
             image = to_uint8_rgb(image)
         except ValueError as error:
             raise ValueError(f"`image_uint8`: {error}") from None

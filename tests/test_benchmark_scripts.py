@@ -15,9 +15,8 @@ SUITE = os.path.join(ROOT, "benchmarks", "performance", "gpu_suite.sh")
 def test_gpu_suite_parses_and_runs_benchmarks_that_exist():
     subprocess.run(["bash", "-n", SUITE], check=True)
     scripts = {f"{name}.py" for name in re.findall(r"python -m benchmarks\.performance\.(\w+)", open(SUITE).read())}
-    optional = {"bench_dataset_inference.py"}  # run only when present
-    assert {"bench_throughput.py", "bench_pipeline_overhead.py", "bench_training_throughput.py"} <= scripts
-    missing = [s for s in scripts - optional if not os.path.isfile(os.path.join(ROOT, "benchmarks", "performance", s))]
+    assert {"bench_throughput.py", "bench_pipeline_overhead.py", "bench_training_throughput.py", "bench_dataset_inference.py"} <= scripts
+    missing = [s for s in scripts if not os.path.isfile(os.path.join(ROOT, "benchmarks", "performance", s))]
     assert not missing
 
 

@@ -11,7 +11,7 @@
 # reported and the suite goes on, so one broken benchmark costs its slot, not the run.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"  # the repository: benchmarks run as modules from it
 cd "$ROOT"
 SMOKE=0
 if [[ "${1:-}" == "--smoke" ]]; then SMOKE=1; fi
@@ -21,6 +21,7 @@ if [[ $SMOKE == 1 ]]; then
   OUT="${OUT_DIR:-$(mktemp -d)}"
   DEVICE=cpu; CONFIG=tiny; RES=64; TRAIN_RES=64; REPEATS=1; LIMIT_SCALE=3
   THROUGHPUT_VARIANTS=(fp32 bf16); LATENCY_VARIANTS=(bf16); IMAGES=(1 2); TRAIN_BATCHES=(1)
+  DATASET_ARGS=(--num_images 8 --batch_images 4 --batch_size 8 --repeats 1)
 else
   if ! command -v nvidia-smi >/dev/null; then echo "no nvidia-smi: run with --smoke on a machine without a GPU" >&2; exit 1; fi
   GPU="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr -c 'A-Za-z0-9\n' '_' | sed 's/_*$//')"
@@ -28,6 +29,7 @@ else
   DEVICE=cuda; CONFIG=sd2; RES=512; TRAIN_RES=512; REPEATS=5; LIMIT_SCALE=1
   THROUGHPUT_VARIANTS=(fp32 fp16 bf16 bf16+channels_last); LATENCY_VARIANTS=(bf16 bf16+cuda_graphs bf16+compile_ro)
   IMAGES=(1 8 32); TRAIN_BATCHES=(1 4)
+  DATASET_ARGS=(--num_images 1000 --batch_images 16 --batch_size 64 --repeats 1)  # one process: one GPU here
 fi
 mkdir -p "$OUT"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
@@ -66,9 +68,8 @@ run training_throughput 120 python -m benchmarks.performance.bench_training_thro
   --output "$OUT/training_throughput.json"
 
 # 5. Whole-dataset inference, when that benchmark exists in this checkout.
-if [[ -f benchmarks/performance/bench_dataset_inference.py ]]; then
-  run dataset_inference 50 python -m benchmarks.performance.bench_dataset_inference --device $DEVICE --output "$OUT/dataset_inference.json"
-fi
+run dataset_inference 50 python -m benchmarks.performance.bench_dataset_inference --device $DEVICE --processes 1 \
+  "${DATASET_ARGS[@]}" --output "$OUT/dataset_inference.json"
 
 echo "suite done in $(( SECONDS - START ))s; results in $OUT"
 if (( ${#FAILED[@]} )); then echo "failed: ${FAILED[*]}"; exit 1; fi

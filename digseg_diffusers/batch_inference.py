@@ -1,0 +1,673 @@
+"""Segment a whole dataset: any number of processes and machines (accelerate), resumable, standard outputs.
+
+    accelerate launch --multi_gpu --num_processes 8 -m digseg_diffusers.cli segment \
+        --input_dir photos/ --prompt person --prompt car --out results/ --batch_images 8 --format coco
+
+Every process lists nothing itself: the main process locks OUT, lists the inputs and broadcasts the list; each
+process takes its contiguous share (`PartialState.split_between_processes`), reads its images, groups those of
+the same size into calls of up to `batch_images` images, and writes per image, atomically:
+
+- ``OUT/<relative path without extension>.png``: the label map (pixel value = label, 0 = background, k + 1 =
+  prompt k; palette PNG, or 16-bit grayscale beyond 255 prompts);
+- ``OUT/<relative path without extension>.json``, written last: the labels, one segment per prompt with a
+  non-empty mask (score = mean probability inside the mask, area, bbox, and with ``coco`` its COCO RLE), and
+  ``"status": "complete"``.
+
+An image whose JSON is complete (and names the same input) is skipped, so a killed run resumes where it stopped,
+with any number of processes. An unreadable image or one the pipeline refuses is counted and listed, never fatal.
+With ``coco`` each process also writes a part file with the COCO records of its whole share (new and earlier
+results); the main process merges them into ``OUT/annotations_coco.json`` (pycocotools' format). The main process
+writes ``OUT/digseg_summary.json`` (images, failures with reasons, throughput per process) at the end, and
+``OUT/digseg_run.json`` (the settings) at the start: a run with other settings into the same OUT is refused.
+
+Output names mirror the input's relative path; two inputs whose names differ only in their extension (``a.png``,
+``a.jpg``; compared case-insensitively) keep the extension (``a.png.png``, ``a.jpg.png``). Dataset rows are named
+by split and index (``train/00000042``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from .atomic_io import DirectoryLock, FolderLockedError, atomic_file, atomic_write_json, remove_directory
+from .coco import encode_rle, mask_bbox
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
+RUN_RECORD_NAME = "digseg_run.json"
+SUMMARY_NAME = "digseg_summary.json"
+COCO_NAME = "annotations_coco.json"
+PARTS_DIR = ".digseg_parts"
+RESERVED_STEMS = {Path(name).stem.casefold() for name in (RUN_RECORD_NAME, SUMMARY_NAME, COCO_NAME)}
+OUTPUT_FORMATS = ("png", "coco")
+RESULT_FORMAT_VERSION = 1
+
+
+class BatchInferenceError(Exception):
+    """A user-facing error of a dataset run (bad input list, unusable OUT, settings differing from OUT's)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input: `key` names its outputs (a relative POSIX path), `source` is what `ImageSource.open` reads."""
+
+    key: str
+    source: str
+
+
+class ImageSource:
+    """A list of inputs and the way to open one; `items` runs on the main process only, `open` everywhere."""
+
+    def items(self, exclude: Path | None = None) -> list[InputItem]:
+        raise NotImplementedError
+
+    def open(self, item: InputItem):
+        """The item's image (a PIL image), or `ValueError` with the reason it cannot be read."""
+        from .image_processing import open_image
+
+        return open_image(item.source)
+
+
+class FolderSource(ImageSource):
+    """Every image file (by extension, case-insensitive) under a folder, recursively, in sorted order; hidden
+    files and folders and the output folder are left out."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise BatchInferenceError(f"--input_dir {root} is not a folder")
+
+    def items(self, exclude: Path | None = None) -> list[InputItem]:
+        excluded = exclude.resolve() if exclude is not None else None
+        found = []
+        for folder, dirs, files in os.walk(self.root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and Path(folder, d).resolve() != excluded)
+            for name in files:
+                if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                    path = Path(folder, name)
+                    found.append(InputItem(path.relative_to(self.root).as_posix(), str(path)))
+        return sorted(found, key=lambda item: item.key)
+
+
+class ListSource(ImageSource):
+    """Image paths from a text file, one per line (blank lines and lines starting with '#' ignored). Relative
+    paths are relative to the list file's folder and name their outputs as written; absolute paths (and ones
+    with '..') name theirs by the whole path ('/data/x/a.png' -> 'data/x/a'). Repeated entries count once."""
+
+    def __init__(self, list_file: str | os.PathLike):
+        self.list_file = Path(list_file)
+        if not self.list_file.is_file():
+            raise BatchInferenceError(f"--input_list {list_file} is not a file")
+
+    def items(self, exclude: Path | None = None) -> list[InputItem]:
+        base = self.list_file.resolve().parent
+        try:
+            lines = self.list_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise BatchInferenceError(f"cannot read --input_list {self.list_file}: {error}") from None
+        items: dict[str, InputItem] = {}
+        for line in lines:
+            entry = line.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            path = Path(entry) if os.path.isabs(entry) else base / entry
+            parts = [("__" if part == ".." else part) for part in PurePosixPath(Path(entry).as_posix()).parts if part not in ("/", ".")]
+            key = "/".join(part.replace(":", "_") for part in parts)  # "C:" of Windows paths
+            items.setdefault(key.casefold(), InputItem(key, str(path)))
+        return list(items.values())
+
+
+class HFDatasetSource(ImageSource):
+    """Rows of a Hugging Face dataset, ``NAME[:SPLIT]`` (a Hub id, a local data folder or a `save_to_disk`
+    folder; split default "train"); the image is the first column of type `datasets.Image` (else "image")."""
+
+    def __init__(self, spec: str):
+        try:
+            import datasets  # noqa: F401  (an optional dependency)
+        except ImportError:
+            raise BatchInferenceError("--dataset needs the `datasets` package: pip install datasets") from None
+        name, _, split = spec.partition(":")
+        if os.path.exists(spec) and not os.path.exists(name):  # a local path with ':' in it
+            name, split = spec, ""
+        self.name, self.split = name, split or "train"
+        self._dataset = None
+        self._column: str | None = None
+
+    def _load(self):
+        if self._dataset is None:
+            import datasets
+
+            try:
+                if os.path.isdir(self.name) and any(
+                    os.path.isfile(os.path.join(self.name, f)) for f in ("dataset_dict.json", "dataset_info.json", "state.json")
+                ):
+                    loaded = datasets.load_from_disk(self.name)
+                    dataset = loaded[self.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+                else:
+                    dataset = datasets.load_dataset(self.name, split=self.split)
+            except Exception as error:  # missing dataset or split, no network, bad folder: all mean "cannot load"
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise BatchInferenceError(f"cannot load --dataset {self.name}:{self.split}: {reason}") from None
+            columns = [k for k, v in dataset.features.items() if isinstance(v, datasets.Image)]
+            self._column = columns[0] if columns else ("image" if "image" in dataset.column_names else None)
+            if self._column is None:
+                raise BatchInferenceError(f"--dataset {self.name}: no image column among {dataset.column_names}")
+            self._dataset = dataset
+        return self._dataset
+
+    def items(self, exclude: Path | None = None) -> list[InputItem]:
+        count = len(self._load())
+        digits = max(8, len(str(count - 1)))
+        return [InputItem(f"{self.split}/{i:0{digits}d}", str(i)) for i in range(count)]
+
+    def open(self, item: InputItem):
+        from PIL import Image
+
+        try:
+            image = self._load()[int(item.source)][self._column]
+            if isinstance(image, Image.Image):
+                image.load()
+                return image
+            if isinstance(image, str):
+                from .image_processing import open_image
+
+                return open_image(image)
+        except (OSError, ValueError, SyntaxError, EOFError) as error:
+            raise ValueError(f"cannot read row {item.source}: {str(error).strip() or type(error).__name__}") from None
+        raise ValueError(f"row {item.source}: column {self._column!r} holds a {type(image).__name__}, not an image")
+
+
+def output_names(keys: Sequence[str]) -> list[str]:
+    """Per input key, the relative path (no extension) of its outputs: the key without its extension, unless
+    another key (case-insensitively) or a run file at the top level would get the same name."""
+    stems = [str(PurePosixPath(key).with_suffix("")) if PurePosixPath(key).suffix else key for key in keys]
+    counts: dict[str, int] = {}
+    for stem in stems:
+        counts[stem.casefold()] = counts.get(stem.casefold(), 0) + 1
+    return [
+        key if counts[stem.casefold()] > 1 or ("/" not in stem and stem.casefold() in RESERVED_STEMS) else stem
+        for key, stem in zip(keys, stems)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-image results
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_result(out: Path, name: str, item: InputItem) -> dict | None:
+    """The complete result document of `item` under `out`, or None when it must be (re)computed."""
+    try:
+        document = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(document, dict) or document.get("status") != "complete" or document.get("source") != item.key:
+        return None
+    return document if (out / document.get("label_map", "")).is_file() else None
+
+
+def segment_records(output, index: int, rle: bool) -> list[dict]:
+    """`DiGSegOutput.to_segments` of image `index` as JSON-ready records: label, label_id (k + 1), score, area,
+    bbox, and with `rle` the mask as COCO RLE."""
+    prompts = list(output.prompts[index])
+    records = []
+    for segment in output.to_segments(index, mask_format="np"):
+        mask = segment.pop("mask")
+        segment.update({"label_id": prompts.index(segment["label"]) + 1, "area": int(mask.sum()), "bbox": mask_bbox(mask)})
+        if rle:
+            segment["segmentation"] = encode_rle(mask)
+        records.append(segment)
+    return records
+
+
+def row_generators(num_images: int, num_prompts: int, seed: int, ensemble_size: int = 1) -> list:
+    """One generator per pipeline row: row r of every image (prompt-major, then ensemble member) draws its noise
+    from ``seed + r``, so an image's result never depends on the batch or the process it landed in."""
+    import torch
+
+    rows = num_prompts * ensemble_size
+    return [torch.Generator().manual_seed(seed + r) for _ in range(num_images) for r in range(rows)]
+
+
+def write_result(
+    out: Path, name: str, item: InputItem, output, index: int, label_png: str, coco: bool, extra: dict
+) -> dict:
+    """Write one image's label-map PNG, then its JSON (last: its presence means the result is complete)."""
+    from .visualization import label_map_image
+
+    prompts = list(output.prompts[index])
+    label_map = np.asarray(output.label_maps[index])
+    label_file = Path(f"{name}.png")
+    (out / label_file).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / label_file) as tmp:
+        label_map_image(label_map, len(prompts), label_png).save(tmp, format="PNG")
+    document = {
+        "status": "complete",
+        "format_version": RESULT_FORMAT_VERSION,
+        "source": item.key,
+        "image": item.source,
+        "height": int(label_map.shape[0]),
+        "width": int(label_map.shape[1]),
+        "label_map": label_file.as_posix(),
+        "labels": ["background", *prompts],
+        "segments": segment_records(output, index, coco),
+        **extra,
+    }
+    atomic_write_json(out / f"{name}.json", document)
+    return document
+
+
+def coco_records(document: dict, image_id: int) -> dict:
+    """One result document as a COCO image entry and its annotations (ids of annotations set at merge time)."""
+    image = {
+        "id": image_id,
+        "file_name": document["source"],
+        "height": document["height"],
+        "width": document["width"],
+    }
+    annotations = [
+        {
+            "image_id": image_id,
+            "category_id": segment["label_id"],
+            "segmentation": segment["segmentation"],
+            "area": segment["area"],
+            "bbox": segment["bbox"],
+            "iscrowd": 0,
+            "score": segment["score"],
+        }
+        for segment in document["segments"]
+    ]
+    return {"image": image, "annotations": annotations}
+
+
+def merge_coco_parts(parts: Sequence[Path], destination: Path, prompts: Sequence[str]) -> dict:
+    """Stream the processes' part files (JSON lines of `coco_records`) into one COCO annotations file."""
+    counts = {"images": 0, "annotations": 0}
+    categories = [{"id": k + 1, "name": prompt, "supercategory": "prompt"} for k, prompt in enumerate(prompts)]
+    with atomic_file(destination) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write('{"info": {"description": "DiGSeg predictions", "version": "1.0"}, "licenses": [], ')
+        handle.write(f'"categories": {json.dumps(categories)},\n"images": [')
+        for section in ("images", "annotations"):
+            if section == "annotations":
+                handle.write('],\n"annotations": [')
+            for part in parts:
+                with open(part, encoding="utf-8") as lines:
+                    for line in lines:
+                        record = json.loads(line)
+                        entries = [record["image"]] if section == "images" else record["annotations"]
+                        for entry in entries:
+                            if section == "annotations":
+                                entry = {"id": counts["annotations"] + 1, **entry}
+                            handle.write(("\n" if counts[section] == 0 else ",\n") + json.dumps(entry))
+                            counts[section] += 1
+        handle.write("]}\n")
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchOptions:
+    """What to compute per image. `pipeline_kwargs` go to every pipeline call (num_inference_steps,
+    ensemble_size, processing_resolution, mask_threshold, background_threshold, batch_size)."""
+
+    prompts: list[str]
+    batch_images: int = 1
+    seed: int = 0
+    label_png: str = "auto"
+    output_format: str = "png"
+    pipeline_kwargs: dict = field(default_factory=dict)
+    progress: bool = True
+    window: int = 0
+    """Images read ahead to find same-size batches (default: 4 x batch_images)."""
+
+
+def _broadcast_from_main(state, compute: Callable[[], object]):
+    """Run `compute` on the main process and hand its result (or its `BatchInferenceError`) to every process."""
+    result = None
+    if state.is_main_process:
+        try:
+            result = ("ok", compute())
+        except BatchInferenceError as error:
+            result = ("error", str(error))
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [result]
+        broadcast_object_list(box, from_process=0)
+        result = box[0]
+    if result[0] == "error":
+        raise BatchInferenceError(result[1])
+    return result[1]
+
+
+def _gather(state, value) -> list:
+    if state.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
+class DatasetRun:
+    """One dataset run into `out`: `open` (main process: lock OUT, list the inputs; every process gets the
+    list) before the model loads, then `run` with the pipeline; use as a context manager (releases the lock)."""
+
+    def __init__(self, source: ImageSource, out: str | os.PathLike, state=None):
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
+
+        self.source, self.out = source, Path(out)
+        # ACCELERATE_USE_CPU=1 + `accelerate launch --multi_gpu`: CPU processes that talk over gloo.
+        self.state = state if state is not None else PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+        self._lock: DirectoryLock | None = None
+        self.items: list[InputItem] = []
+        self.names: list[str] = []
+
+    def open(self) -> DatasetRun:
+        try:
+            self.items = _broadcast_from_main(self.state, self._lock_and_list)
+        except BaseException:
+            self.close()  # e.g. no inputs: --out is free again at once
+            raise
+        self.names = output_names([item.key for item in self.items])
+        return self
+
+    def _lock_and_list(self) -> list[InputItem]:
+        if self.out.exists() and not self.out.is_dir():
+            raise BatchInferenceError(f"--out {self.out} exists and is not a folder")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._lock = DirectoryLock(self.out).acquire()
+        except FolderLockedError as error:
+            raise BatchInferenceError(f"--out {self.out}: {error}; wait for it to finish or choose another --out") from None
+        except OSError as error:
+            raise BatchInferenceError(f"--out {self.out} is not a writable folder: {error.strerror or error}") from None
+        items = self.source.items(exclude=self.out)
+        if not items:
+            raise BatchInferenceError("no input images found")
+        remove_directory(self.out / PARTS_DIR)  # parts of a killed run; every part is rebuilt from the results
+        return items
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> DatasetRun:
+        return self.open()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def settings(self, pipe, options: BatchOptions, describe: dict) -> dict:
+        """What the results depend on (written to and checked against ``OUT/digseg_run.json``)."""
+        kwargs = options.pipeline_kwargs
+        resolved = pipe.resolve_call_defaults(
+            kwargs.get("num_inference_steps"), kwargs.get("processing_resolution"),
+            kwargs.get("mask_threshold"), kwargs.get("background_threshold"),
+        )  # fmt: skip
+        return {
+            **describe,
+            "prompts": list(options.prompts),
+            "steps": resolved["num_inference_steps"],
+            "ensemble": kwargs.get("ensemble_size", 1),
+            "processing_resolution": resolved["processing_resolution"],
+            "threshold": resolved["mask_threshold"],
+            "background_threshold": resolved["background_threshold"],
+            "seed": options.seed,
+            "label_png": options.label_png,
+            "format": options.output_format,
+        }
+
+    def _check_settings(self, settings: dict) -> None:
+        path = self.out / RUN_RECORD_NAME
+        if path.is_file():
+            try:
+                earlier = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
+            except (OSError, ValueError, AttributeError):
+                earlier = None
+            differing = sorted(k for k in set(settings) | set(earlier or {}) if (earlier or {}).get(k) != settings.get(k))
+            if earlier is None or differing:
+                what = ", ".join(differing) if earlier is not None else f"unreadable {RUN_RECORD_NAME}"
+                raise BatchInferenceError(
+                    f"--out {self.out} holds results made with other settings ({what}); use another --out, or the "
+                    "same settings to resume"
+                )
+        atomic_write_json(path, {"settings": settings})
+
+    def run(self, pipe, options: BatchOptions, describe: dict | None = None, on_image_done: Callable[[str], None] | None = None) -> dict:
+        """Segment this process's share; return the run's summary (the same on every process)."""
+        from .visualization import LABEL_PNG_ENCODINGS
+
+        if options.output_format not in OUTPUT_FORMATS:
+            raise BatchInferenceError(f"--format must be one of {OUTPUT_FORMATS}; got {options.output_format!r}")
+        if options.label_png not in LABEL_PNG_ENCODINGS:
+            raise BatchInferenceError(f"--label_png must be one of {LABEL_PNG_ENCODINGS}; got {options.label_png!r}")
+        if not options.prompts or any(not isinstance(p, str) or not p.strip() for p in options.prompts):
+            raise BatchInferenceError(f"prompts must be non-empty strings; got {options.prompts!r}")
+        if options.label_png == "palette" and len(options.prompts) > 255:
+            raise BatchInferenceError(f"a palette PNG holds 255 labels; {len(options.prompts)} prompts need --label_png 16bit")
+        settings = self.settings(pipe, options, describe or {})
+        _broadcast_from_main(self.state, lambda: self._check_settings(settings))
+        state = self.state
+        with state.split_between_processes(list(range(len(self.items)))) as positions:
+            positions = list(positions)
+        shard = _Shard(self, pipe, options, positions, on_image_done)
+        stats = shard.run()
+        state.wait_for_everyone()
+        all_stats = _gather(state, stats)
+        summary = _broadcast_from_main(state, lambda: self._finish(all_stats, settings, options))
+        state.wait_for_everyone()
+        return summary
+
+    def _finish(self, all_stats: list[dict], settings: dict, options: BatchOptions) -> dict:
+        all_stats = sorted(all_stats, key=lambda s: s["process_index"])
+        failures = sorted((f for s in all_stats for f in s.pop("failures")), key=lambda f: f["image"])
+        coco = None
+        if options.output_format == "coco":
+            parts = [self.out / PARTS_DIR / _part_name(s["process_index"], len(all_stats)) for s in all_stats]
+            counts = merge_coco_parts(parts, self.out / COCO_NAME, options.prompts)
+            remove_directory(self.out / PARTS_DIR)
+            coco = {"file": COCO_NAME, **counts}
+        segmented = sum(s["segmented"] for s in all_stats)
+        slowest = max(s["seconds"] for s in all_stats)
+        summary = {
+            "images": len(self.items),
+            "segmented": segmented,
+            "skipped_complete": sum(s["skipped"] for s in all_stats),
+            "failed": len(failures),
+            "failures": failures,
+            "num_processes": len(all_stats),
+            "seconds": slowest,
+            "images_per_second": segmented / slowest if slowest > 0 else 0.0,
+            "per_process": all_stats,
+            "coco": coco,
+            "settings": settings,
+        }
+        atomic_write_json(self.out / SUMMARY_NAME, summary)
+        return summary
+
+
+def _part_name(rank: int, world: int) -> str:
+    return f"coco-{rank:05d}-of-{world:05d}.jsonl"
+
+
+class _Shard:
+    """One process's share: skip complete results, read, batch same-size images, segment, write."""
+
+    def __init__(self, run: DatasetRun, pipe, options: BatchOptions, positions: list[int], on_image_done):
+        self.run_, self.pipe, self.options, self.positions = run, pipe, options, positions
+        self.on_image_done = on_image_done
+        self.stats = {
+            "process_index": run.state.process_index, "images": len(positions), "segmented": 0, "skipped": 0,
+            "failed": 0, "seconds": 0.0, "images_per_second": 0.0, "failures": [],
+        }  # fmt: skip
+        self.coco = options.output_format == "coco"
+        self._part = None
+        self._bar = None
+        self._done: dict[int, dict | None] = {}
+        self._next = 0
+
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        state = self.run_.state
+        start = time.perf_counter()
+        description = "digseg segment" + (f" (process 0 of {state.num_processes}: its share)" if state.num_processes > 1 else "")
+        self._bar = tqdm(
+            total=len(self.positions), desc=description, unit="img", disable=not (state.is_main_process and self.options.progress)
+        )
+        try:
+            if self.coco:
+                part = self.run_.out / PARTS_DIR / _part_name(state.process_index, state.num_processes)
+                part.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_file(part) as tmp, open(tmp, "w", encoding="utf-8") as self._part:
+                    self._segment_all()
+            else:
+                self._segment_all()
+        finally:
+            self._bar.close()
+        seconds = time.perf_counter() - start
+        self.stats.update(seconds=seconds, images_per_second=self.stats["segmented"] / seconds if seconds > 0 else 0.0)
+        return self.stats
+
+    def _segment_all(self) -> None:
+        from .image_processing import to_float_rgb
+
+        run, options = self.run_, self.options
+        batch_images = max(1, options.batch_images)
+        window = max(options.window or 4 * batch_images, batch_images)
+        pending: dict[tuple[int, int], list] = {}
+        for position in self.positions:
+            item, name = run.items[position], run.names[position]
+            document = read_result(run.out, name, item)
+            if document is not None:
+                self.stats["skipped"] += 1
+                self._record(position, document)
+                continue
+            try:
+                with run.source.open(item) as image:
+                    pixels = to_float_rgb(image)
+            except ValueError as error:
+                self._fail(position, str(error))
+                continue
+            group = pending.setdefault(tuple(pixels.shape[:2]), [])
+            group.append((position, pixels))
+            if len(group) >= batch_images:
+                self._segment(pending.pop(tuple(pixels.shape[:2])))
+            elif sum(len(g) for g in pending.values()) >= window:  # read ahead no further: run the largest group
+                self._segment(pending.pop(max(pending, key=lambda size: len(pending[size]))))
+        for size in list(pending):
+            self._segment(pending.pop(size))
+
+    def _segment(self, group: list) -> None:
+        run = self.run_
+        start = time.perf_counter()
+        try:
+            output = self.pipe(
+                [pixels for _, pixels in group], self.options.prompts, output_type="np",
+                generator=row_generators(len(group), len(self.options.prompts), self.options.seed, self.options.pipeline_kwargs.get("ensemble_size", 1)),
+                **self.options.pipeline_kwargs,
+            )  # fmt: skip
+        except (ValueError, RuntimeError) as error:  # the pipeline refused an image, or ran out of memory
+            if len(group) > 1:
+                for member in group:  # find which image it was
+                    self._segment([member])
+                return
+            self._fail(group[0][0], str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+            return
+        seconds = (time.perf_counter() - start) / len(group)
+        extra = {"written_by": {"process_index": run.state.process_index, "num_processes": run.state.num_processes}}
+        for index, (position, _) in enumerate(group):
+            item = run.items[position]
+            document = write_result(
+                run.out, run.names[position], item, output, index, self.options.label_png, self.coco,
+                {**extra, "segment_seconds": seconds},
+            )  # fmt: skip
+            self.stats["segmented"] += 1
+            self._record(position, document)
+            if self.on_image_done is not None:
+                self.on_image_done(item.key)
+
+    def _record(self, position: int, document: dict | None) -> None:
+        """Note an image as done (None: failed). Part lines go out in input order whatever the batching, so the
+        merged COCO file is the same for any batch size, number of processes or resume history; only images
+        read ahead (at most the window) wait here."""
+        self._bar.update()
+        if self._part is None:
+            return
+        self._done[position] = None if document is None else coco_records(document, position + 1)
+        while self._next < len(self.positions) and self.positions[self._next] in self._done:
+            record = self._done.pop(self.positions[self._next])
+            if record is not None:
+                self._part.write(json.dumps(record) + "\n")
+            self._next += 1
+
+    def _fail(self, position: int, reason: str) -> None:
+        self.stats["failed"] += 1
+        self.stats["failures"].append({"image": self.run_.items[position].source, "reason": reason})
+        self._bar.set_postfix(failed=self.stats["failed"], refresh=False)
+        self._record(position, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches of arrays (Ray Data `map_batches`, `datasets.Dataset.map(batched=True)`)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class BatchSegmenter:
+    """A callable over a batch ``{column: sequence}`` of decoded images, for engines that shard data themselves:
+    ``ray.data.Dataset.map_batches(BatchSegmenter, fn_constructor_kwargs=...)`` (one pipeline per actor) or
+    ``datasets.Dataset.map(BatchSegmenter(...), batched=True)``.
+
+    Adds two columns: ``label_map`` (``[H, W]`` uint16 per image) and ``segments`` (per image a JSON string of
+    `segment_records` with COCO RLE masks). Images of one batch may differ in size: each size is one pipeline
+    call. Noise as in `DatasetRun` (`row_generators`), so results match the command line's.
+    """
+
+    def __init__(self, model: str, prompts: Sequence[str], device: str | None = None, image_column: str = "image",
+                 seed: int = 0, pipeline_kwargs: dict | None = None):  # fmt: skip
+        import torch
+
+        from .pipeline_digseg import DiGSegPipeline
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipe = DiGSegPipeline.from_pretrained(model).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.prompts, self.image_column, self.seed = list(prompts), image_column, seed
+        self.pipeline_kwargs = dict(pipeline_kwargs or {})
+
+    def __call__(self, batch: dict) -> dict:
+        from .image_processing import to_float_rgb
+
+        images = [to_float_rgb(image) for image in batch[self.image_column]]
+        label_maps, segments = [None] * len(images), [None] * len(images)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            by_size.setdefault(tuple(image.shape[:2]), []).append(i)
+        ensemble = self.pipeline_kwargs.get("ensemble_size", 1)
+        for indices in by_size.values():
+            output = self.pipe(
+                [images[i] for i in indices], self.prompts, output_type="np",
+                generator=row_generators(len(indices), len(self.prompts), self.seed, ensemble), **self.pipeline_kwargs,
+            )  # fmt: skip
+            for j, i in enumerate(indices):
+                label_maps[i] = np.asarray(output.label_maps[j]).astype(np.uint16)
+                segments[i] = json.dumps(segment_records(output, j, rle=True))
+        return {**batch, "label_map": label_maps, "segments": segments}
