@@ -36,7 +36,7 @@ def scaling_factor(vae) -> float:
     return float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
 
 
-def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+def compute_dtype(model) -> torch.dtype:
     """The dtype `model` computes in: what diffusers' ``model.dtype`` answers, without its walk over every submodule.
 
     ``ModelMixin.dtype`` looks for a layerwise-casting hook in every submodule (2 ms per call for the demo U-Net,
@@ -44,6 +44,8 @@ def compute_dtype(model: torch.nn.Module) -> torch.dtype:
     every weighted layer but norms and projections named in its skip patterns, and the first layer (``conv_in``)
     is not one of those. Models with ``_keep_in_fp32_modules`` get diffusers' full answer.
     """
+    if not isinstance(model, torch.nn.Module):  # a duck-typed codec (encode / decode / dtype), as in the VAE study
+        return getattr(model, "dtype", torch.float32)
     if getattr(model, "_keep_in_fp32_modules", None):
         return model.dtype
     for module in model.modules():
