@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fidelity of the embedded demo model on held-out synthetic scenes (the project's proof that DiGSeg learns).
 
-    python -m benchmarks.quality.demo_fidelity                      # writes benchmarks/demo_fidelity.{md,png}
+    python -m benchmarks.quality.demo_fidelity                      # writes benchmarks/quality/demo_fidelity.{md,json,png}
     python -m benchmarks.quality.demo_fidelity --model runs/demo/unet/pipeline --num_scenes 50 --output_prefix /tmp/fid
     python -m benchmarks.quality.demo_fidelity --style shifted --output_prefix benchmarks/quality/demo_fidelity_shifted
 
