@@ -31,7 +31,7 @@ import torch
 
 from .data.readers import BACKGROUND_INDEX
 from .metrics import ConfusionMatrix, IoUThresholdCurve
-from .pipeline_digseg import BACKGROUND_LABEL
+from .pipeline_digseg import label_map_from_best
 
 BACKGROUND_NAME = "background"
 
@@ -45,8 +45,7 @@ def label_map_at_threshold(probabilities: torch.Tensor | np.ndarray, background_
     """The pipeline's labelling rule on ``[K, H, W]`` probabilities: 1 + the best prompt where it reaches
     `background_threshold`, else `BACKGROUND_LABEL` (ties keep the earlier prompt)."""
     probabilities = probabilities if torch.is_tensor(probabilities) else torch.from_numpy(np.asarray(probabilities))
-    best, best_index = probabilities.max(dim=0)
-    return torch.where(best >= background_threshold, best_index + 1, BACKGROUND_LABEL).long()
+    return label_map_from_best(*probabilities.max(dim=0), background_threshold)
 
 
 @torch.no_grad()
@@ -93,11 +92,12 @@ def evaluate_examples_at_thresholds(
     The probabilities do not depend on the threshold, so each threshold's label map (`label_map_at_threshold`,
     the pipeline's rule) is derived from the same call.
     """
+    class_names = list(class_names)
     accumulators = {float(t): EvaluationAccumulator(class_names, ignore_index, True, thresholds=()) for t in thresholds}
-    every_class = list(range(len(list(class_names))))
+    every_class = list(range(len(class_names)))
     for position, example in enumerate(examples):
         generator = torch.Generator().manual_seed(seed + position)
-        out = pipe(example.image, list(class_names), generator=generator, output_type="pt", output_masks=False, **pipeline_kwargs)
+        out = pipe(example.image, class_names, generator=generator, output_type="pt", output_masks=False, **pipeline_kwargs)
         for threshold, accumulator in accumulators.items():
             label_map = label_map_at_threshold(out.probabilities[0], threshold)
             accumulator.add(example.label, every_class, None, label_map)
@@ -217,7 +217,6 @@ class EvaluationAccumulator:
             [1, len(present), len(class_indices), proposed_present, int(not class_indices)], dtype=torch.int64
         )
         self.seconds += float(seconds)
-
 
     @staticmethod
     def _checked_probabilities(probabilities, num_segmented: int) -> torch.Tensor | None:

@@ -328,7 +328,6 @@ class DiGSegPipeline(DiffusionPipeline):
         one up to float32 rounding (~1e-6 on CPUs). Call `align_cpu_weights` on the components for bit-exact CPU
         reproduction at the cost of one copy of every unaligned weight.
         """
-
         pretrained_model_name_or_path = resolve_model_name(pretrained_model_name_or_path)
         has_proposer_argument = "class_proposer" in kwargs
         class_proposer = kwargs.pop("class_proposer", None)
@@ -1266,7 +1265,7 @@ class DiGSegPipeline(DiffusionPipeline):
                 if image_unc is not None:
                     image_unc[local] = _probability_values(restore(uncertainty[rows]), probs_dtype)
                 del probs
-            out_labels.append(torch.where(best >= background_threshold, best_index + 1, BACKGROUND_LABEL).long())
+            out_labels.append(label_map_from_best(best, best_index, background_threshold))
             out_masks.append(image_masks)
             out_probs.append(image_probs)
             if image_unc is not None:
@@ -1387,6 +1386,12 @@ def _load_class_proposer(pretrained_model_name_or_path: str, kwargs: dict):
     return DiGSegClassProposer.from_pretrained(
         pretrained_model_name_or_path, subfolder=CLASS_PROPOSER_SUBFOLDER, **lookup
     )
+
+
+def label_map_from_best(best: torch.Tensor, best_index: torch.Tensor, background_threshold: float) -> torch.Tensor:
+    """The labelling rule: 1 + the best prompt (`best_index`, its probability `best`) where that probability
+    reaches `background_threshold`, else `BACKGROUND_LABEL`."""
+    return torch.where(best >= background_threshold, best_index + 1, BACKGROUND_LABEL).long()
 
 
 def _vae_scale_factor(vae) -> int:

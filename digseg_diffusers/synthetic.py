@@ -233,7 +233,7 @@ class SyntheticScene:
         """Boolean ``[H, W]`` mask of the visible pixels of one class."""
         return self.label == class_index + 1
 
-    def validation_example(self):
+    def validation_example(self) -> ValidationExample:
         """The scene as the `ValidationExample` evaluation reads: class indices, ``BACKGROUND_INDEX`` (-1) for
         background, every shape class in the vocabulary."""
         label = np.where(self.label == BACKGROUND_LABEL, BACKGROUND_INDEX, self.label.astype(np.int64) - 1)
