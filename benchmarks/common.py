@@ -24,12 +24,9 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository (benchmarks run as
-# modules from it: `python -m benchmarks.performance.bench_throughput ...`)
-
-from digseg_diffusers import mask_codec  
-from digseg_diffusers.mask_decoder import DiGSegMaskDecoder, count_flops  
-from digseg_diffusers.testing_utils import (  
+from digseg_diffusers import mask_codec
+from digseg_diffusers.mask_decoder import DiGSegMaskDecoder, count_flops
+from digseg_diffusers.testing_utils import (
     SD2_DOWN_BLOCKS,
     SD2_UP_BLOCKS,
     make_ddim_scheduler,
@@ -37,6 +34,8 @@ from digseg_diffusers.testing_utils import (
     make_tiny_text_encoder,
 )
 
+# The repository: benchmarks run as modules from it (`python -m benchmarks.performance.bench_throughput ...`).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "performance", "results")
 CONFIGS = ("tiny", "demo", "sd2")
 PROMPTS = [
