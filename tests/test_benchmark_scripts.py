@@ -20,6 +20,14 @@ def test_gpu_suite_parses_and_runs_benchmarks_that_exist():
     assert not missing
 
 
+def test_gpu_demo_training_script_parses_and_calls_the_demo_recipe():
+    """training/train_demo_model_gpu.sh (run with --smoke on the CPU when it changes: ~1 min)."""
+    script = os.path.join(ROOT, "training", "train_demo_model_gpu.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    text = open(script).read()
+    assert "training/train_demo_model.py" in text and "benchmarks.quality.demo_fidelity" in text
+
+
 @pytest.mark.slow
 def test_training_throughput_benchmark_runs_the_training_step(tmp_path):
     from benchmarks.performance import bench_training_throughput  # the suite runs it as this module
