@@ -58,6 +58,16 @@ def _latents(pipe, image):
     return out.latents
 
 
+# Two pipelines that should agree run their layers through different modules (PEFT wrappers, disabled
+# adapters), and the CPU's kernels may then round differently: ~1e-6 in the weights' effect, ~3.5e-6 in these
+# latents (measured), so the comparisons below allow 1e-4, far under the >1e-3 that tells the adapters apart.
+SAME_LATENTS = dict(atol=1e-4, rtol=0)
+
+
+def _assert_same_latents(actual, expected):
+    torch.testing.assert_close(actual, expected, **SAME_LATENTS)
+
+
 def _unet_output(unet):
     generator = torch.Generator().manual_seed(0)
     sample, states = torch.randn(1, 8, 8, 8, generator=generator), torch.randn(1, 32, 32, generator=generator)
@@ -139,12 +149,13 @@ def test_pipeline_lora_methods(adapters, image):
     expected = {name: _latents(p, image) for name, p in pipes.items()}
     pipe = make_tiny_pipeline()
     base = _latents(pipe, image)
+    assert not any(torch.allclose(base, e, atol=1e-3) for e in expected.values())  # the tolerance can tell them apart
     base_state = {k: v.clone() for k, v in pipe.unet.conv_in.state_dict().items()}
     pipe.load_lora_weights(root / "a", adapter_name="a")
-    assert torch.equal(_latents(pipe, image), expected["a"])
+    _assert_same_latents(_latents(pipe, image), expected["a"])
     pipe.load_lora_weights(root / "b" / LORA_WEIGHTS_NAME, adapter_name="b")  # a file works too
     assert pipe.get_list_adapters() == {"unet": ["a", "b"]} and pipe.get_active_adapters() == ["b"]
-    assert torch.equal(_latents(pipe, image), expected["b"])
+    _assert_same_latents(_latents(pipe, image), expected["b"])
     with pytest.raises(ValueError, match="already loaded"):
         pipe.load_lora_weights(root / "a", adapter_name="a")
 
@@ -152,15 +163,15 @@ def test_pipeline_lora_methods(adapters, image):
     mixed = _latents(pipe, image)
     assert not torch.allclose(mixed, expected["a"], atol=1e-3) and not torch.allclose(mixed, expected["b"], atol=1e-3)
     pipe.disable_lora()
-    assert torch.equal(_latents(pipe, image), base)  # conv_in and the text projection too
+    _assert_same_latents(_latents(pipe, image), base)  # conv_in and the text projection too
     pipe.enable_lora()
-    assert torch.equal(_latents(pipe, image), mixed)
+    _assert_same_latents(_latents(pipe, image), mixed)
 
     pipe.set_adapters("a")
     pipe.fuse_lora()
     torch.testing.assert_close(_latents(pipe, image), expected["a"], atol=1e-5, rtol=0)
     pipe.unfuse_lora()
-    assert torch.equal(_latents(pipe, image), expected["a"])
+    _assert_same_latents(_latents(pipe, image), expected["a"])
     pipe.fuse_lora(lora_scale=0.5)
     assert not torch.allclose(_latents(pipe, image), expected["a"], atol=1e-4)
     pipe.unfuse_lora()
@@ -168,7 +179,7 @@ def test_pipeline_lora_methods(adapters, image):
     pipe.delete_adapters("b")
     assert pipe.get_list_adapters() == {"unet": ["a"]}
     pipe.unload_lora_weights()
-    assert torch.equal(_latents(pipe, image), base)
+    _assert_same_latents(_latents(pipe, image), base)
     assert all(torch.equal(v, base_state[k]) for k, v in pipe.unet.conv_in.state_dict().items())
     assert type(pipe.unet.conv_in).__name__ == "Conv2d" and not getattr(pipe.unet, "peft_config", None)
 
@@ -196,4 +207,4 @@ def test_deprecated_fuse_methods_warn_and_still_work(adapters, image):
         pipe.fuse_digseg_adapter()
     with pytest.warns(FutureWarning, match="unfuse_lora"):
         pipe.unfuse_digseg_adapter()
-    assert torch.equal(_latents(pipe, image), _latents(pipes["a"], image))
+    _assert_same_latents(_latents(pipe, image), _latents(pipes["a"], image))
