@@ -155,9 +155,10 @@ def test_demo_command_with_the_embedded_model(tmp_path, capsys):
     ).sum()
     assert summary["iou"][name] == pytest.approx(expected)
     assert summary["iou"][absent[0]] is None or summary["iou"][absent[0]] == 0.0
-    # the absent class's mask stays small: 4 % of the image on this scene when the current model was installed,
-    # against 22 % for the three present shapes together
-    assert summary["prompts"][-1]["mask_area_fraction"] < 0.1
+    # the absent class's mask stays smaller than the present shapes' together: 12.7 % of the image on this scene when
+    # the current model was installed (it labels the cross star, the confusion the demo card documents; the previous
+    # model 8.6 %), against 19.3 % for the three present classes' masks
+    assert summary["prompts"][-1]["mask_area_fraction"] < 0.15
     assert summary["prompts"][-1]["mask_area_fraction"] < sum(p["mask_area_fraction"] for p in summary["prompts"][:-1])
     assert "mIoU" in stdout
 
