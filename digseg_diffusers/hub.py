@@ -82,16 +82,11 @@ def hub_base_model(base_model: str | os.PathLike | None) -> str | None:
     """``base_model`` if it is a Hub repo id; None (with a warning) for a local path or anything else."""
     if base_model is None:
         return None
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from .hub_files import looks_like_hub_id
 
     name = str(base_model)
-    looks_local = os.path.exists(name) or name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
-    if not looks_local:
-        try:
-            validate_repo_id(name)
-            return name
-        except HFValidationError:
-            pass
+    if not os.path.exists(name) and looks_like_hub_id(name):
+        return name
     logger.warning(
         "base_model %r is not a Hugging Face Hub repo id; the card leaves `base_model` out (a local path "
         "means nothing on the Hub). Pass the base model's Hub id to record it.",

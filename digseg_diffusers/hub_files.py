@@ -8,6 +8,9 @@ policy:
   the file was optional;
 - the repo cannot be had at all (not cached and the Hub unreachable or ``HF_HUB_OFFLINE`` set, no such repo, no such
   revision, not a repo id): an `OSError` that names the source and says what to do.
+
+Loaders that hand a Hub id to diffusers / transformers call `require_hub_source` first: it settles in a few seconds
+whether the source can be had at all, where huggingface_hub would retry for about 30 s and then raise a long chain.
 """
 
 from __future__ import annotations
@@ -120,3 +123,53 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     except Exception:  # the HTTP client's transport errors (DNS, refused, timeout, TLS): no route to the Hub
         return False
     return True
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """Whether ``source`` can be a Hub repo id (``name`` or ``org/name``), not a path that merely does not exist."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1 or os.path.isabs(source):
+        return False
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return True
+
+
+def require_hub_source(source: str | os.PathLike, what: str, **hub_kwargs: Any) -> None:
+    """Return at once if ``source`` can be loaded: a local folder, a repo in the Hugging Face cache, or a Hub that
+    answers; otherwise raise a one-line `OSError` naming ``source`` and the way out.
+
+    Without it, an uncached Hub id offline costs about 30 s of huggingface_hub retries per file and then a
+    traceback that never says "offline". ``HF_HUB_OFFLINE`` or ``local_files_only=True``: cached or fail at once;
+    otherwise one short request to the configured endpoint (`hub_reachable`) decides. ``what`` names the thing
+    being loaded ("the base model"); ``hub_kwargs`` are the loader's Hub arguments (``cache_dir``,
+    ``local_files_only``; the others are accepted and ignored).
+    """
+    from huggingface_hub import constants
+
+    name = os.fspath(source)
+    if os.path.isdir(name):
+        return
+    if not looks_like_hub_id(name):
+        raise OSError(
+            f"Cannot load {what} {name!r}: no such folder, and it is not a Hugging Face Hub repo id (check the path)."
+        )
+    if repo_cached(name, hub_kwargs.get("cache_dir")):
+        return
+    if constants.HF_HUB_OFFLINE or hub_kwargs.get("local_files_only"):
+        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "local_files_only=True was passed"
+        raise OSError(
+            f"Cannot load {what} {name!r}: it is not a local folder and not in the Hugging Face cache, and {reason}. "
+            "Download it once with network access, or pass the path of a local folder."
+        )
+    if hub_reachable():
+        return
+    raise OSError(
+        f"Cannot load {what} {name!r}: it is not a local folder, not in the Hugging Face cache, and the Hub "
+        f"({constants.ENDPOINT}) does not answer. Download it once with network access (then set HF_HUB_OFFLINE=1 "
+        "to skip the Hub), or pass the path of a local folder."
+    )

@@ -8,7 +8,14 @@ import threading
 import pytest
 from huggingface_hub import constants
 
-from digseg_diffusers.hub_files import hub_kwargs, hub_reachable, is_hub_unreachable, resolve_file
+from digseg_diffusers import hub_files
+from digseg_diffusers.hub_files import (
+    hub_kwargs,
+    hub_reachable,
+    is_hub_unreachable,
+    require_hub_source,
+    resolve_file,
+)
 from digseg_diffusers.testing_utils import write_hub_cache
 
 
@@ -101,26 +108,102 @@ class _AnswerEverything404(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_hub_reachable_asks_the_configured_endpoint(monkeypatch):
+def _closed_port() -> int:
     with socket.socket() as probe:  # a port nobody listens on: connection refused
         probe.bind(("127.0.0.1", 0))
-        free_port = probe.getsockname()[1]
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port}")
-    assert hub_reachable(timeout=2.0) is False
+        return probe.getsockname()[1]
 
+
+@pytest.fixture
+def answering_endpoint():
+    """A local HTTP server that answers every request with 404 (a Hub that can be asked); yields its URL."""
+    _AnswerEverything404.requests = 0
     server = http.server.HTTPServer(("127.0.0.1", 0), _AnswerEverything404)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-        assert hub_reachable(timeout=2.0) is True  # any HTTP answer, even 404, means the Hub can be asked
-        assert _AnswerEverything404.requests == 1
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-        assert hub_reachable(timeout=2.0) is False  # offline mode: not even asked
-        assert _AnswerEverything404.requests == 1
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_hub_reachable_asks_the_configured_endpoint(monkeypatch, answering_endpoint):
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    assert hub_reachable(timeout=2.0) is False
+
+    monkeypatch.setattr(constants, "ENDPOINT", answering_endpoint)
+    assert hub_reachable(timeout=2.0) is True  # any HTTP answer, even 404, means the Hub can be asked
+    assert _AnswerEverything404.requests == 1
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_reachable(timeout=2.0) is False  # offline mode: not even asked
+    assert _AnswerEverything404.requests == 1
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def _never_ask_the_hub(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(hub_files, "hub_reachable", fail)
+
+
+def test_require_hub_source_accepts_folders_and_cached_repos_without_asking(repo, tmp_path, monkeypatch, empty_hub_cache):
+    _never_ask_the_hub(monkeypatch)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert require_hub_source(repo, "the base model") is None
+    assert require_hub_source(str(repo), "the base model", local_files_only=True) is None
+    write_hub_cache(tmp_path / "cache", "someone/cached", repo)
+    assert require_hub_source("someone/cached", "the base model", cache_dir=tmp_path / "cache") is None
+    write_hub_cache(empty_hub_cache, "someone/in-default-cache", repo)
+    assert require_hub_source("someone/in-default-cache", "the base model") is None  # the configured cache
+
+
+def _one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message.strip()
+    return message
+
+
+def test_require_hub_source_offline_fails_at_once_with_the_way_out(monkeypatch, empty_hub_cache):
+    _never_ask_the_hub(monkeypatch)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError) as error:
+        require_hub_source("someone/uncached", "the base model")
+    message = _one_line(error)
+    assert "the base model 'someone/uncached'" in message and "HF_HUB_OFFLINE" in message
+    assert "local folder" in message
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(OSError, match="'someone/uncached'.*local_files_only") as error:
+        require_hub_source("someone/uncached", "the text encoder", local_files_only=True)
+    _one_line(error)
+
+
+@pytest.mark.parametrize("path", ["/no/such/folder", "./missing", "a/b/c", "not a repo id!"])
+def test_require_hub_source_names_a_missing_folder_without_asking(monkeypatch, empty_hub_cache, path):
+    _never_ask_the_hub(monkeypatch)
+    with pytest.raises(OSError, match="no such folder") as error:
+        require_hub_source(path, "the adapter")
+    assert repr(path) in _one_line(error)
+
+
+def test_require_hub_source_asks_the_configured_endpoint_once(monkeypatch, empty_hub_cache, answering_endpoint):
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    with pytest.raises(OSError) as error:
+        require_hub_source("someone/uncached", "the base model")
+    message = _one_line(error)
+    assert "'someone/uncached'" in message and constants.ENDPOINT in message
+    assert "HF_HUB_OFFLINE=1" in message and "local folder" in message
+    monkeypatch.setattr(constants, "ENDPOINT", answering_endpoint)
+    assert require_hub_source("someone/uncached", "the base model") is None  # the Hub answers: the loader goes on
+    assert _AnswerEverything404.requests == 1
 
 
 @pytest.mark.slow
