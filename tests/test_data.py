@@ -171,6 +171,18 @@ def test_pascal_context_layout(tmp_path):
         PascalContextReader(tmp_path, "val", class_names=["a", "b"])
 
 
+def test_pascal_context_names_follow_the_converter_order(tmp_path):
+    """mmseg's converter writes the 59 classes in sorted PC-459 id order (alphabetical): raw 2 is a bag, 6 a bicycle."""
+    voc = tmp_path / "VOC2010"
+    _save(voc / "JPEGImages" / "a.jpg", np.zeros((1, 4, 3), np.uint8))
+    _save(voc / "SegmentationClassContext" / "a.png", np.array([[2, 6, 50, 59]], np.uint8))
+    (voc / "ImageSets" / "SegmentationContext").mkdir(parents=True)
+    (voc / "ImageSets" / "SegmentationContext" / "train.txt").write_text("a\n")
+    reader = PascalContextReader(tmp_path, "train")
+    names = [reader.class_names[k] for k in reader.load_label(0)[0]]
+    assert names == ["bag", "bicycle", "table", "wood"]
+
+
 # ---------------------------------------------------------------- training samples
 
 

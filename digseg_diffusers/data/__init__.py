@@ -8,7 +8,7 @@
   :func:`collate_segmentation_batch` batches them.
 """
 
-from .class_names import ADE20K_150, CITYSCAPES_19, COCO_STUFF_171, DEFAULT_CLASS_NAMES, PASCAL_CONTEXT_59
+from .class_names import ADE20K_150, CITYSCAPES_19, COCO_STUFF_171, DEFAULT_CLASS_NAMES
 from .dataset import SegmentationTrainingDataset, collate_segmentation_batch
 from .readers import (
     BACKGROUND_INDEX,
@@ -37,7 +37,6 @@ __all__ = [
     "COCO_STUFF_171",
     "DEFAULT_CLASS_NAMES",
     "IGNORE_INDEX",
-    "PASCAL_CONTEXT_59",
     "READERS",
     "ADE20KReader",
     "COCOStuffReader",

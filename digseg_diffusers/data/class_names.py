@@ -53,18 +53,8 @@ CITYSCAPES_19: tuple[str, ...] = (
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )  # fmt: skip
 
-PASCAL_CONTEXT_59: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
-    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor", "bag", "bed",
-    "bench", "book", "building", "cabinet", "ceiling", "cloth", "computer", "cup", "door", "fence", "floor",
-    "flower", "food", "grass", "ground", "keyboard", "light", "mountain", "mouse", "curtain", "platform",
-    "sign", "plate", "road", "rock", "shelves", "sidewalk", "sky", "snow", "bedclothes", "track", "tree",
-    "truck", "wall", "water", "window", "wood",
-)  # fmt: skip
-
 DEFAULT_CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "ade20k": ADE20K_150,
     "coco_stuff": COCO_STUFF_171,
     "cityscapes": CITYSCAPES_19,
-    "pascal_context": PASCAL_CONTEXT_59,
 }

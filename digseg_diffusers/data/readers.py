@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from ..image_processing import open_image, to_uint8_rgb
+from ..vocabularies import load_vocabulary
 from .class_names import DEFAULT_CLASS_NAMES
 
 logger = logging.getLogger(__name__)
@@ -456,7 +457,8 @@ class PascalContextReader(SegmentationReader):
     """Pascal Context, 59 classes, in the layout mmsegmentation uses (``VOCdevkit/VOC2010``)::
 
         JPEGImages/<stem>.jpg
-        SegmentationClassContext/<stem>.png      0 = background (ignored), 1..59 = classes 0..58
+        SegmentationClassContext/<stem>.png      0 = background (ignored), 1..59 = classes 0..58 of the
+                                                 ``pascal-context-59`` vocabulary (the converter's order)
         ImageSets/SegmentationContext/<split>.txt
 
     ``root`` may be ``VOC2010``, ``VOCdevkit`` or their parent.
@@ -491,9 +493,17 @@ class PascalContextReader(SegmentationReader):
                 f"{len(missing)} image(s) of {split_file} are missing from {image_dir}, e.g. {missing[:5]}."
             )
         examples = [SegmentationExample(str(image_dir / f"{s}.jpg"), str(label_dir / f"{s}.png")) for s in stems]
-        class_names = _check_class_names(class_names, "pascal_context")
-        mapping = {raw_id: raw_id - 1 for raw_id in range(1, 60)}
-        super().__init__(examples, class_names, mapping, ignore_ids=(0, 255))
+        vocabulary = load_vocabulary("pascal-context-59")
+        if class_names is None:
+            class_names = vocabulary.class_names
+        elif len(class_names) != len(vocabulary):
+            raise ValueError(
+                f"`class_names` for pascal_context must hold {len(vocabulary)} names (one per class, in label order), "
+                f"got {len(class_names)}."
+            )
+        mapping = {raw_id: class_index for class_index, raw_id in enumerate(vocabulary.label_ids)}
+        ignore_ids = (vocabulary.background_label, vocabulary.ignore_label)
+        super().__init__(examples, class_names, mapping, ignore_ids=ignore_ids)
         self.root, self.split = root, split
 
 
