@@ -28,6 +28,7 @@ import torch
 from digseg_diffusers import DiGSegPipeline
 from digseg_diffusers.demo import default_model_path
 from digseg_diffusers.hub_files import hub_reachable, is_hub_unreachable
+from digseg_diffusers.prompts import parse_prompts
 from digseg_diffusers.proposal import DiGSegClassProposer
 from digseg_diffusers.visualization import overlay
 from digseg_diffusers.vocabularies import list_vocabularies, load_vocabulary
@@ -44,27 +45,12 @@ PICK_KINDS = ("mask", "probability", "region")
 OVERLAY_ALPHA = 0.5
 MODEL_INDEX = "model_index.json"
 
-_PROMPT_SEPARATORS = re.compile(r"[,\n\r]+")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts and tensors
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def parse_prompts(text: str) -> list[str]:
-    """Comma- and/or newline-separated prompts -> a clean list (stripped, empties and duplicates dropped, order kept).
-
-    Duplicates are dropped because two identical prompts would give two identical masks and split the label map's
-    argmax between them.
-    """
-    if text is None:
-        return []
-    if not isinstance(text, str):
-        raise ValueError(f"prompts must be a string; got {type(text).__name__}.")
-    parts = (part.strip() for part in _PROMPT_SEPARATORS.split(text))
-    return list(dict.fromkeys(part for part in parts if part))
 
 
 def comfy_images_to_pipeline(images: torch.Tensor) -> torch.Tensor:

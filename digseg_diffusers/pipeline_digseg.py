@@ -38,6 +38,7 @@ from .demo import resolve_model_name  # the short name "digseg-demo" -> the pack
 from .image_processing import RESAMPLE_METHODS, DiGSegImageProcessor, check_unit_range, processing_size
 from .mask_decoder import DiGSegMaskDecoder  # imported so that from_pretrained can resolve a saved mask_decoder
 from .prompt_cache import PromptEmbeddingCache, text_path_fingerprint
+from .prompts import prompts_outside_vocabulary
 from .text_projection import DiGSegTextProjection
 from .unet_surgery import widen_conv_in
 
@@ -168,6 +169,9 @@ class DiGSegPipeline(DiffusionPipeline):
         base_model: name or path of the text-to-image model this pipeline was built from (for model cards).
         mask_decoder: optional light `DiGSegMaskDecoder` trained on this VAE's mask latents; when present it
             decodes the masks by default (~600x fewer FLOPs than the SD VAE decoder; see `mask_decoder.py`).
+        training_vocabulary: the class names a closed-vocabulary model was trained on (the demo model: six
+            shapes); prompts outside it still run but give a warning, since their masks mean nothing. None (the
+            default) for open-vocabulary models, e.g. those trained with a CLIP text encoder.
     """
 
     model_cpu_offload_seq = "text_encoder->text_projection->unet->vae->mask_decoder"
@@ -199,6 +203,7 @@ class DiGSegPipeline(DiffusionPipeline):
         default_background_threshold: float | None = None,
         base_model: str | None = None,
         mask_decoder: DiGSegMaskDecoder | None = None,
+        training_vocabulary: list[str] | None = None,
     ):
         super().__init__()
         self.register_modules(
@@ -216,6 +221,7 @@ class DiGSegPipeline(DiffusionPipeline):
             default_mask_threshold=default_mask_threshold,
             default_background_threshold=default_background_threshold,
             base_model=base_model,
+            training_vocabulary=_check_training_vocabulary(training_vocabulary),
         )
         self.vae_scale_factor = _vae_scale_factor(vae)
         self.image_processor = DiGSegImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -472,6 +478,26 @@ class DiGSegPipeline(DiffusionPipeline):
         """Token length every prompt is padded to; fixed so a prompt's embedding never depends on its neighbours."""
         length = getattr(self.tokenizer, "model_max_length", 77)
         return int(length) if length and length <= 4096 else 77
+
+    def prompts_outside_vocabulary(self, prompts: list[str] | str) -> list[str]:
+        """The prompts this model was not trained on (empty for an open-vocabulary model; see `training_vocabulary`).
+
+        The CLI, the ComfyUI nodes and `__call__`'s warning all ask here, so they agree on what the model knows.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return prompts_outside_vocabulary(prompts, self.config.get("training_vocabulary"))
+
+    def _warn_unknown_prompts(self, prompts: list[str]) -> None:
+        """Warn once per prompt and pipeline: a closed-vocabulary model gives confident masks for anything."""
+        warned = self.__dict__.setdefault("_warned_unknown_prompts", set())
+        unknown = [p for p in self.prompts_outside_vocabulary(prompts) if p not in warned]
+        if unknown:
+            warned.update(unknown)
+            known = ", ".join(self.config.training_vocabulary)
+            logger.warning(
+                f"Prompts outside this model's training vocabulary: {', '.join(map(repr, unknown))}. It was trained "
+                f"on: {known}; masks for other prompts are not meaningful."
+            )
 
     def encode_text_states(self, prompts: list[str]) -> torch.Tensor:
         """Token states ``[P, L, text_width]`` of the frozen text encoder (before the trainable projection)."""
@@ -1151,6 +1177,7 @@ class DiGSegPipeline(DiffusionPipeline):
 
         # 3. Prompt embeddings, once per distinct prompt.
         unique_prompts = list(dict.fromkeys(p for prompts in prompts_per_image for p in prompts))
+        self._warn_unknown_prompts(unique_prompts)
         prompt_embeds = self.encode_prompts(unique_prompts).to(device=device, dtype=dtype)  # [P,L,D]
 
         # 4. Rows: (image, prompt, member), image-major. Noise for all rows is drawn before chunking.
@@ -1291,6 +1318,14 @@ class DiGSegPipeline(DiffusionPipeline):
             uncertainty=out_unc,
             latents=returned_latents,
         )
+
+
+def _check_training_vocabulary(vocabulary) -> list[str] | None:
+    if vocabulary is None:
+        return None
+    if isinstance(vocabulary, str) or not all(isinstance(name, str) and name.strip() for name in vocabulary):
+        raise ValueError(f"`training_vocabulary` must be None or a list of class names; got {vocabulary!r}.")
+    return list(vocabulary)
 
 
 def check_scheduler(scheduler) -> None:

@@ -57,28 +57,6 @@ def test_nodes_module_needs_comfyui():
 # ------------------------------------------------------------------------------------------------ prompts, tensors
 
 
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("cat, dog", ["cat", "dog"]),
-        ("cat\ndog\r\nsky", ["cat", "dog", "sky"]),
-        ("  cat ,, \n\n dog ,", ["cat", "dog"]),
-        ("red car, cat\nred car", ["red car", "cat"]),
-        ("a man in a hat", ["a man in a hat"]),
-        ("", []),
-        (" , \n ", []),
-        (None, []),
-    ],
-)
-def test_parse_prompts(text, expected):
-    assert logic.parse_prompts(text) == expected
-
-
-def test_parse_prompts_rejects_non_strings():
-    with pytest.raises(ValueError, match="prompts"):
-        logic.parse_prompts(["cat"])
-
-
 def test_comfy_images_to_pipeline_layout():
     images = comfy_images(batch=2, height=5, width=7)
     pixels = logic.comfy_images_to_pipeline(images)

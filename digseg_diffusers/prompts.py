@@ -1,0 +1,43 @@
+"""Prompt lists: one rule for splitting text into prompts, and what a model was trained to recognise.
+
+Light on purpose (no torch import): the CLI checks its prompts with it before the heavy imports, and the ComfyUI
+nodes split their text fields with the same rule, so ``"cat, dog"`` means two prompts everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+PROMPT_SEPARATORS = re.compile(r"[,\n\r]+")
+"""Commas and line breaks separate prompts; a prompt itself never contains either."""
+
+
+def parse_prompts(text: str | None) -> list[str]:
+    """Comma- and/or newline-separated prompts -> a clean list (stripped, empties and duplicates dropped, order kept).
+
+    Duplicates are dropped because two identical prompts would give two identical masks and split the label map's
+    argmax between them.
+    """
+    if text is None:
+        return []
+    if not isinstance(text, str):
+        raise ValueError(f"prompts must be a string; got {type(text).__name__}.")
+    parts = (part.strip() for part in PROMPT_SEPARATORS.split(text))
+    return list(dict.fromkeys(part for part in parts if part))
+
+
+def normalize_prompt(prompt: str) -> str:
+    """The form prompts are compared in: lower case, single spaces (as CLIP's tokenizer sees them)."""
+    return " ".join(prompt.lower().split())
+
+
+def prompts_outside_vocabulary(prompts: Iterable[str], vocabulary: Sequence[str] | None) -> list[str]:
+    """The prompts (in order, once each) that are not names of `vocabulary`; none when it is None (open vocabulary).
+
+    A vocabulary entry may list synonyms separated by commas ("tv, television"); each of them counts.
+    """
+    if vocabulary is None:
+        return []
+    known = {normalize_prompt(name) for entry in vocabulary for name in entry.split(",") if name.strip()}
+    return list(dict.fromkeys(p for p in prompts if normalize_prompt(p) not in known))
