@@ -15,6 +15,12 @@ a gradient, or grad mode on with a parameter that requires grad (the caller want
 alone says nothing (every freshly loaded model has it), so a model trained in eval mode is caught by its version
 counters. Two writes bypass those: through ``.data``, and fused optimizers (``AdamW(fused=True)``); call
 `clear` (``pipe.clear_prompt_cache()``) after them before calling the pipeline.
+
+Weights created under ``torch.inference_mode()`` (ComfyUI loads and runs every node that way) are inference tensors:
+they have no version counter. For them the fingerprint keeps identity, storage, dtype and device, so replacing a
+module or parameter, loading or unloading adapters (the pipeline also clears the cache then), `to()` and re-loading
+the model are still detected; an in-place write into such a weight (only possible inside inference mode, e.g.
+``param.copy_(...)``) is not: call `clear` after one.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ def text_path_fingerprint(tokenizer, text_encoder: torch.nn.Module, text_project
     ):
         if tensor.grad is not None or (wants_graph and tensor.requires_grad):
             return None
-        tensors.append((id(tensor), tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device))
+        # Inference tensors track no versions (reading `_version` raises): identity and storage must do for them.
+        version = None if tensor.is_inference() else tensor._version
+        tensors.append((id(tensor), tensor.data_ptr(), version, tensor.dtype, tensor.device))
     return (id(tokenizer), int(max_length), id(text_encoder), id(text_projection), tuple(tensors))
 
 

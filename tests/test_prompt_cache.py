@@ -182,3 +182,19 @@ def test_output_is_unchanged_by_the_cache_for_every_call(pipe):
     pipe.set_prompt_cache_size(0)
     plain = pipe(image, "circle", processing_resolution=32, output_latent=True, generator=torch.Generator().manual_seed(0))
     assert_close_across_paths(cached.latents, plain.latents, what="latents")
+
+
+def test_weights_made_in_inference_mode_are_cached_and_replacements_detected():
+    """ComfyUI loads and runs models under `torch.inference_mode()`: its weights have no version counter."""
+    with torch.inference_mode():
+        pipe = make_tiny_pipeline()
+        first = pipe.encode_prompts(["cat", "dog"])
+        again = pipe.encode_prompts(["dog", "cat"])
+        assert pipe.prompt_cache_info()["hits"] == 2
+        assert torch.equal(again, first.flip(0))
+        # A replaced weight (new tensor, as loading or `to()` gives) is a new fingerprint: encoded afresh.
+        layer = next(m for m in pipe.text_projection.modules() if isinstance(m, torch.nn.Linear))
+        layer.weight = torch.nn.Parameter(layer.weight * 2, requires_grad=False)
+        changed = pipe.encode_prompts(["cat"])
+    assert pipe.prompt_cache_info()["misses"] == 3
+    assert not torch.allclose(changed, first[:1])
