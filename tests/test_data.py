@@ -8,6 +8,7 @@ from PIL import Image
 from digseg_diffusers.data import (
     BACKGROUND_INDEX,
     IGNORE_INDEX,
+    READERS,
     ADE20KReader,
     CityscapesReader,
     COCOStuffReader,
@@ -20,6 +21,7 @@ from digseg_diffusers.data import (
     random_scale_flip_crop,
 )
 from digseg_diffusers.synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene, write_dataset
+from digseg_diffusers.vocabularies import load_vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +183,81 @@ def test_pascal_context_names_follow_the_converter_order(tmp_path):
     reader = PascalContextReader(tmp_path, "train")
     names = [reader.class_names[k] for k in reader.load_label(0)[0]]
     assert names == ["bag", "bicycle", "table", "wood"]
+
+
+def _benchmark_layout(dataset_format: str, root: Path, **reader_kwargs):
+    """The smallest on-disk layout each benchmark reader accepts (one image, one label map of zeros)."""
+    image, label = np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.uint8)
+    if dataset_format == "ade20k":
+        _save(root / "images" / "training" / "a.jpg", image)
+        _save(root / "annotations" / "training" / "a.png", label)
+    elif dataset_format == "coco_stuff":
+        _save(root / "images" / "train2017" / "a.jpg", image)
+        _save(root / "stuffthingmaps_trainval2017" / "train2017" / "a.png", label)
+    elif dataset_format == "cityscapes":
+        _save(root / "leftImg8bit" / "train" / "aachen" / "a_leftImg8bit.png", image)
+        for label_type in ("labelTrainIds", "labelIds"):
+            _save(root / "gtFine" / "train" / "aachen" / f"a_gtFine_{label_type}.png", label)
+    elif dataset_format == "pascal_context":
+        _save(root / "JPEGImages" / "a.jpg", image)
+        _save(root / "SegmentationClassContext" / "a.png", label)
+        (root / "ImageSets" / "SegmentationContext").mkdir(parents=True)
+        (root / "ImageSets" / "SegmentationContext" / "train.txt").write_text("a\n")
+    return build_reader(dataset_format, root, **reader_kwargs)
+
+
+BENCHMARK_FORMATS = sorted(name for name in READERS if name != "folder")
+
+
+def test_every_benchmark_reader_names_its_vocabulary():
+    assert BENCHMARK_FORMATS == ["ade20k", "cityscapes", "coco_stuff", "pascal_context"]
+    for name in BENCHMARK_FORMATS:
+        assert load_vocabulary(READERS[name].vocabulary_name).name == READERS[name].vocabulary_name
+    assert FolderReader.vocabulary_name is None  # its names come from classes.txt
+
+
+@pytest.mark.parametrize("dataset_format", BENCHMARK_FORMATS)
+def test_reader_defaults_are_its_vocabulary(dataset_format, tmp_path):
+    """Default names and raw ids come from the vocabulary: one table, so the reader cannot drift from it."""
+    reader = _benchmark_layout(dataset_format, tmp_path)
+    vocabulary = load_vocabulary(reader.vocabulary_name)
+    assert reader.class_names == vocabulary.class_names
+    assert reader.label_mapping == {raw_id: k for k, raw_id in enumerate(vocabulary.label_ids)}
+    assert reader.ignore_index == vocabulary.ignore_index
+    unlisted = [i for i in (vocabulary.ignore_label, vocabulary.background_label) if i is not None]
+    assert (reader.map_label(np.array(unlisted, np.uint8)) == reader.ignore_index).all()
+
+
+@pytest.mark.parametrize(
+    "dataset_format,reader_kwargs,raw_ids,names",
+    [
+        ("ade20k", {}, [1, 8, 150], ["wall", "bed", "flag"]),
+        ("coco_stuff", {}, [0, 12, 181], ["person", "stop sign", "wood"]),
+        ("cityscapes", {}, [0, 13, 18], ["road", "car", "bicycle"]),
+        ("cityscapes", {"label_type": "labelIds"}, [7, 26, 33], ["road", "car", "bicycle"]),
+        ("pascal_context", {}, [1, 2, 6], ["aeroplane", "bag", "bicycle"]),
+    ],
+)
+def test_reader_raw_ids_name_the_published_classes(dataset_format, reader_kwargs, raw_ids, names, tmp_path):
+    """Spot checks against the datasets' own tools (mmseg converters, cityscapesScripts labels.py)."""
+    reader = _benchmark_layout(dataset_format, tmp_path, **reader_kwargs)
+    assert [reader.class_names[k] for k in reader.map_label(np.array(raw_ids, np.uint8))] == names
+
+
+def test_cityscapes_label_ids_come_from_the_vocabulary(tmp_path):
+    reader = _benchmark_layout("cityscapes", tmp_path, label_type="labelIds")
+    label_ids = load_vocabulary("cityscapes-19").alternate_ids["label_id"]
+    assert reader.label_mapping == {raw_id: k for k, raw_id in enumerate(label_ids)}
+    # labelIds of classes outside the 19 (0 unlabeled, 9 parking, 29 caravan) are ignored
+    assert (reader.map_label(np.array([0, 9, 29], np.uint8)) == reader.ignore_index).all()
+
+
+def test_reader_class_names_override_keeps_the_vocabulary_ids(tmp_path):
+    names = [f"a photo of {n}" for n in load_vocabulary("pc-59").class_names]
+    reader = _benchmark_layout("pascal_context", tmp_path, class_names=names)
+    assert reader.class_names[reader.map_label(np.array([2], np.uint8))[0]] == "a photo of bag"
+    with pytest.raises(ValueError, match="59 names .*'pascal-context-59' vocabulary"):
+        _benchmark_layout("pascal_context", tmp_path / "short", class_names=names[:-1])
 
 
 # ---------------------------------------------------------------- training samples

@@ -137,3 +137,30 @@ def test_vocabulary_validates_its_fields():
         Vocabulary("x", ["a", "b"], [1])
     with pytest.raises(ValueError, match="duplicates"):
         Vocabulary("x", ["a", "b"], [1, 1])
+    with pytest.raises(ValueError, match="background_label 1 of vocabulary 'x' is also the label id of a class"):
+        Vocabulary("x", ["a", "b"], [1, 2], background_label=1)
+
+
+def test_alternate_id_columns_are_loaded():
+    assert load_vocabulary("pc-59").alternate_ids["pc459_id"][:3] == [2, 9, 18]  # aeroplane, bag, bed in PC-459
+    assert load_vocabulary("a-847").alternate_ids["train_id"] == list(range(847))
+    assert load_vocabulary("ade20k-150").alternate_ids == {}
+
+
+def test_cityscapes_label_ids_follow_cityscapes_scripts():
+    vocab = load_vocabulary("cityscapes").with_alternate_ids("label_id")
+    # cityscapesScripts labels.py: road 7, car 26, bicycle 33; the trainIds stay the class indices
+    assert [vocab.label_ids[vocab.index(n)] for n in ("road", "car", "bicycle")] == [7, 26, 33]
+    np.testing.assert_array_equal(vocab.map_labels(np.array([7, 26, 33, 0, 9])), [0, 13, 18, 255, 255])
+    with pytest.raises(ValueError, match="no id column 'train_id'; its other id columns: label_id"):
+        vocab.with_alternate_ids("train_id")
+    # A-847's train_ids are contiguous, so its unlabeled value 0 would become a class: with_contiguous_ids is the way
+    with pytest.raises(ValueError, match="ignore_label 0 of vocabulary 'ade20k-847' is also the label id of a class"):
+        load_vocabulary("a-847").with_alternate_ids("train_id")
+
+
+def test_subset_keeps_alternate_ids():
+    vocab = load_vocabulary("pc-59").subset(["bag", "aeroplane"])
+    assert vocab.label_ids == [2, 1] and vocab.alternate_ids["pc459_id"] == [9, 2]
+    with pytest.raises(ValueError, match="alternate_ids\\['x'\\] \\(1\\) and class_names \\(2\\)"):
+        Vocabulary("x", ["a", "b"], [1, 2], alternate_ids={"x": [1]})

@@ -3,12 +3,12 @@
 - Readers (``readers.py``) list one split of a dataset and map its label ids to class indices:
   :class:`FolderReader` (the generic format of ``docs/data_format.md``), :class:`ADE20KReader`,
   :class:`COCOStuffReader`, :class:`CityscapesReader`, :class:`PascalContextReader`; :func:`build_reader`
-  picks one by name.
+  picks one by name. Benchmark readers take their default class names and raw label ids from the bundled
+  vocabularies (``digseg_diffusers.vocabularies``).
 - :class:`SegmentationTrainingDataset` turns any reader into augmented one-class-per-sample training items;
   :func:`collate_segmentation_batch` batches them.
 """
 
-from .class_names import ADE20K_150, CITYSCAPES_19, COCO_STUFF_171, DEFAULT_CLASS_NAMES
 from .dataset import SegmentationTrainingDataset, collate_segmentation_batch
 from .readers import (
     BACKGROUND_INDEX,
@@ -31,11 +31,7 @@ from .readers import (
 from .transforms import augmentation_is_random, crop_is_fixed, random_scale_flip_crop, resize_image, resize_label_nearest
 
 __all__ = [
-    "ADE20K_150",
     "BACKGROUND_INDEX",
-    "CITYSCAPES_19",
-    "COCO_STUFF_171",
-    "DEFAULT_CLASS_NAMES",
     "IGNORE_INDEX",
     "READERS",
     "ADE20KReader",

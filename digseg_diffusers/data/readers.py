@@ -1,7 +1,9 @@
 """Dataset readers: list the (image, label map) pairs of one split and map raw label ids to class indices.
 
 Every reader turns its dataset's own label encoding into one common form, so the training transform and the
-evaluation loop never need to know which dataset they read:
+evaluation loop never need to know which dataset they read. A benchmark reader's default class names and the raw
+label id of each class come from its bundled vocabulary (``vocabulary_name``, ``digseg_diffusers.vocabularies``),
+the one table of those facts:
 
 - class ``k`` (``0 <= k < num_classes``) is ``reader.class_names[k]``;
 - ``BACKGROUND_INDEX`` (-1) marks a valid pixel that belongs to no class (the generic folder format's
@@ -27,12 +29,10 @@ import numpy as np
 from PIL import Image
 
 from ..image_processing import open_image, to_uint8_rgb
-from ..vocabularies import load_vocabulary
-from .class_names import DEFAULT_CLASS_NAMES
+from ..vocabularies import IGNORE_INDEX, LARGE_IGNORE_INDEX, Vocabulary, load_vocabulary
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 BACKGROUND_INDEX = -1
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")
 LABEL_MODES: tuple[str, ...] = ("L", "P", "I;16", "I;16L", "I;16B", "I")
@@ -42,7 +42,7 @@ _LUT_SIZE = 65536
 
 def ignore_index_for(num_classes: int) -> int:
     """255 while it cannot collide with a class index, else 65535 (for 16-bit label maps)."""
-    return IGNORE_INDEX if num_classes < IGNORE_INDEX else 65535
+    return IGNORE_INDEX if num_classes < IGNORE_INDEX else LARGE_IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,8 @@ class SegmentationReader(Sequence):
     """
 
     name = "segmentation"
+    vocabulary_name: str | None = None
+    """The bundled vocabulary that gives a benchmark reader's default class names and raw label ids."""
 
     def __init__(
         self,
@@ -200,17 +202,28 @@ class SegmentationReader(Sequence):
         )
 
 
-def _check_class_names(class_names: Sequence[str] | None, dataset: str) -> list[str]:
-    defaults = DEFAULT_CLASS_NAMES[dataset]
+def _names_or_vocabulary(class_names: Sequence[str] | None, vocabulary: Vocabulary, dataset: str) -> list[str]:
+    """``class_names`` (other wording for the same classes, one per class) or the vocabulary's names."""
     if class_names is None:
-        return list(defaults)
+        return list(vocabulary.class_names)
     class_names = list(class_names)
-    if len(class_names) != len(defaults):
+    if len(class_names) != len(vocabulary):
         raise ValueError(
-            f"`class_names` for {dataset} must hold {len(defaults)} names (one per class, in label order), "
-            f"got {len(class_names)}."
+            f"`class_names` for {dataset} must hold {len(vocabulary)} names (one per class of the "
+            f"{vocabulary.name!r} vocabulary, in label order), got {len(class_names)}."
         )
     return class_names
+
+
+def _raw_id_mapping(vocabulary: Vocabulary) -> dict[int, int]:
+    """Raw label id -> class index, as the vocabulary lists them."""
+    return {raw_id: class_index for class_index, raw_id in enumerate(vocabulary.label_ids)}
+
+
+def _ignored_raw_ids(vocabulary: Vocabulary) -> tuple[int, ...]:
+    """The vocabulary's unlabeled and background values, and 255 (every benchmark's "ignore" value)."""
+    ids = {IGNORE_INDEX, vocabulary.ignore_label, vocabulary.background_label}
+    return tuple(sorted(i for i in ids if i is not None))
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -332,11 +345,12 @@ def _resolve_root(root: Path, marker: str, nested: str) -> Path:
 class ADE20KReader(SegmentationReader):
     """ADE20K SceneParsing (``ADEChallengeData2016``): ``images/<split>/*.jpg`` + ``annotations/<split>/*.png``.
 
-    Raw id 0 ("other") is ignored, ids 1..150 are classes 0..149. Splits ``training``/``validation`` (aliases
-    ``train``/``val``). ``root`` may be ``ADEChallengeData2016`` or its parent.
+    Raw id 0 ("other") is ignored, ids 1..150 are the classes of the ``ade20k-150`` vocabulary. Splits
+    ``training``/``validation`` (aliases ``train``/``val``). ``root`` may be ``ADEChallengeData2016`` or its parent.
     """
 
     name = "ade20k"
+    vocabulary_name = "ade20k-150"
     _SPLITS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
 
     def __init__(self, root: str | os.PathLike, split: str = "training", class_names: Sequence[str] | None = None):
@@ -349,32 +363,25 @@ class ADE20KReader(SegmentationReader):
         examples = _pair_by_stem(
             _files_by_stem(image_dir, IMAGE_EXTENSIONS), _files_by_stem(label_dir, (".png",)), image_dir, label_dir
         )
-        class_names = _check_class_names(class_names, "ade20k")
-        mapping = {raw_id: raw_id - 1 for raw_id in range(1, 151)}
-        super().__init__(examples, class_names, mapping, ignore_ids=(0, 255))
+        vocabulary = load_vocabulary(self.vocabulary_name)
+        class_names = _names_or_vocabulary(class_names, vocabulary, self.name)
+        super().__init__(examples, class_names, _raw_id_mapping(vocabulary), ignore_ids=_ignored_raw_ids(vocabulary))
         self.root, self.split = root, split
-
-
-# COCO-Stuff's 182 category ids (0-based in the stuffthingmaps PNGs) include 11 thing ids that are never used;
-# the remaining 171 in order are the benchmark's classes (the mapping of mmsegmentation's converter).
-COCO_STUFF_UNUSED_IDS: tuple[int, ...] = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
-COCO_STUFF_RAW_TO_CLASS: dict[int, int] = {
-    raw_id: class_index
-    for class_index, raw_id in enumerate(i for i in range(182) if i not in COCO_STUFF_UNUSED_IDS)
-}
 
 
 class COCOStuffReader(SegmentationReader):
     """COCO-Stuff 164k: ``images/<split>/*.jpg`` with either
 
     - ``stuffthingmaps_trainval2017/<split>/<stem>.png`` or ``annotations/<split>/<stem>.png`` (the released
-      raw maps: 0-based category ids 0..181, 255 unlabelled; mapped to the 171 classes), or
+      raw maps: 0-based category ids 0..181, 255 unlabelled; mapped to the 171 classes of the ``coco-stuff-171``
+      vocabulary, whose ids skip the 11 unused ones), or
     - ``annotations/<split>/<stem>_labelTrainIds.png`` (mmsegmentation's converted maps: ids 0..170).
 
     Splits ``train2017``/``val2017`` (aliases ``train``/``val``). 255 is ignored.
     """
 
     name = "coco_stuff"
+    vocabulary_name = "coco-stuff-171"
     _SPLITS = {"train": "train2017", "val": "val2017", "train2017": "train2017", "val2017": "val2017"}
 
     def __init__(self, root: str | os.PathLike, split: str = "train2017", class_names: Sequence[str] | None = None):
@@ -386,40 +393,38 @@ class COCOStuffReader(SegmentationReader):
         images = _files_by_stem(image_dir, IMAGE_EXTENSIONS)
         raw_dir = root / "stuffthingmaps_trainval2017" / split
         converted_dir = root / "annotations" / split
+        uses_train_ids = False
         if raw_dir.is_dir():
-            label_dir, labels, mapping = raw_dir, _files_by_stem(raw_dir, (".png",)), COCO_STUFF_RAW_TO_CLASS
+            label_dir, labels = raw_dir, _files_by_stem(raw_dir, (".png",))
         elif converted_dir.is_dir():
             label_dir = converted_dir
             labels = _files_by_stem(converted_dir, (".png",), suffix="_labelTrainIds")
-            if labels:
-                mapping = {i: i for i in range(171)}
-            else:
-                labels, mapping = _files_by_stem(converted_dir, (".png",)), COCO_STUFF_RAW_TO_CLASS
+            uses_train_ids = bool(labels)
+            if not uses_train_ids:
+                labels = _files_by_stem(converted_dir, (".png",))
         else:
             raise FileNotFoundError(f"COCO-Stuff label maps not found: expected {raw_dir} or {converted_dir}.")
         examples = _pair_by_stem(images, labels, image_dir, label_dir)
-        class_names = _check_class_names(class_names, "coco_stuff")
-        super().__init__(examples, class_names, mapping, ignore_ids=(255,))
+        vocabulary = load_vocabulary(self.vocabulary_name)
+        if uses_train_ids:
+            vocabulary = vocabulary.with_contiguous_ids()
+        class_names = _names_or_vocabulary(class_names, vocabulary, self.name)
+        super().__init__(examples, class_names, _raw_id_mapping(vocabulary), ignore_ids=_ignored_raw_ids(vocabulary))
         self.root, self.split = root, split
-        self.uses_train_ids = mapping is not COCO_STUFF_RAW_TO_CLASS
-
-
-# Official Cityscapes labelIds -> trainIds (the 19 evaluated classes); every other id is ignored.
-CITYSCAPES_LABEL_ID_TO_TRAIN_ID: dict[int, int] = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
-    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}  # fmt: skip
+        self.uses_train_ids = uses_train_ids
 
 
 class CityscapesReader(SegmentationReader):
     """Cityscapes fine annotations: ``leftImg8bit/<split>/<city>/<name>_leftImg8bit.png`` with
     ``gtFine/<split>/<city>/<name>_gtFine_labelTrainIds.png`` (19 classes, 255 ignored).
 
-    ``label_type="labelIds"`` reads the raw ``*_gtFine_labelIds.png`` instead and applies the official
-    id -> trainId table (for copies where ``createTrainIdLabelImgs`` was never run).
+    ``label_type="labelIds"`` reads the raw ``*_gtFine_labelIds.png`` instead, through the official labelId of
+    each class (the ``label_id`` column of the ``cityscapes-19`` vocabulary), for copies where
+    ``createTrainIdLabelImgs`` was never run; every other labelId is ignored.
     """
 
     name = "cityscapes"
+    vocabulary_name = "cityscapes-19"
 
     def __init__(
         self,
@@ -444,12 +449,11 @@ class CityscapesReader(SegmentationReader):
                 _files_by_stem(label_dir, (".png",), suffix=f"_gtFine_{label_type}") if label_dir.is_dir() else {}
             )
             examples.extend(_pair_by_stem(images, labels, image_dir, label_dir))
-        class_names = _check_class_names(class_names, "cityscapes")
-        if label_type == "labelTrainIds":
-            mapping = {i: i for i in range(19)}
-        else:
-            mapping = CITYSCAPES_LABEL_ID_TO_TRAIN_ID
-        super().__init__(examples, class_names, mapping, ignore_ids=(255,))
+        vocabulary = load_vocabulary(self.vocabulary_name)
+        if label_type == "labelIds":
+            vocabulary = vocabulary.with_alternate_ids("label_id")
+        class_names = _names_or_vocabulary(class_names, vocabulary, self.name)
+        super().__init__(examples, class_names, _raw_id_mapping(vocabulary), ignore_ids=_ignored_raw_ids(vocabulary))
         self.root, self.split, self.label_type = root, split, label_type
 
 
@@ -465,6 +469,7 @@ class PascalContextReader(SegmentationReader):
     """
 
     name = "pascal_context"
+    vocabulary_name = "pascal-context-59"
 
     def __init__(self, root: str | os.PathLike, split: str = "train", class_names: Sequence[str] | None = None):
         root = Path(root)
@@ -493,17 +498,9 @@ class PascalContextReader(SegmentationReader):
                 f"{len(missing)} image(s) of {split_file} are missing from {image_dir}, e.g. {missing[:5]}."
             )
         examples = [SegmentationExample(str(image_dir / f"{s}.jpg"), str(label_dir / f"{s}.png")) for s in stems]
-        vocabulary = load_vocabulary("pascal-context-59")
-        if class_names is None:
-            class_names = vocabulary.class_names
-        elif len(class_names) != len(vocabulary):
-            raise ValueError(
-                f"`class_names` for pascal_context must hold {len(vocabulary)} names (one per class, in label order), "
-                f"got {len(class_names)}."
-            )
-        mapping = {raw_id: class_index for class_index, raw_id in enumerate(vocabulary.label_ids)}
-        ignore_ids = (vocabulary.background_label, vocabulary.ignore_label)
-        super().__init__(examples, class_names, mapping, ignore_ids=ignore_ids)
+        vocabulary = load_vocabulary(self.vocabulary_name)
+        class_names = _names_or_vocabulary(class_names, vocabulary, self.name)
+        super().__init__(examples, class_names, _raw_id_mapping(vocabulary), ignore_ids=_ignored_raw_ids(vocabulary))
         self.root, self.split = root, split
 
 

@@ -84,6 +84,9 @@ class Vocabulary:
         background_label: the raw value of "background" where the dataset has one (VOC, PASCAL Context). The
             vocabulary does not contain background, so those pixels are ignored too.
         title, label_format, sources: documentation carried from the data file.
+        alternate_ids: the other id columns of the data file, one id per class: the same classes in another
+            annotation format (Cityscapes ``label_id``: raw ``*_gtFine_labelIds.png``; A-847 ``train_id``; PC-59
+            ``pc459_id``). `with_alternate_ids` reads annotations stored with one of them.
     """
 
     name: str
@@ -94,16 +97,26 @@ class Vocabulary:
     title: str = ""
     label_format: str = ""
     sources: list[str] = field(default_factory=list)
+    alternate_ids: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self):
         if len(self.class_names) != len(self.label_ids):
             raise ValueError(
                 f"class_names ({len(self.class_names)}) and label_ids ({len(self.label_ids)}) must have the same length"
             )
+        for column, ids in self.alternate_ids.items():
+            if len(ids) != len(self.class_names):
+                raise ValueError(
+                    f"alternate_ids[{column!r}] ({len(ids)}) and class_names ({len(self.class_names)}) must have the "
+                    "same length"
+                )
         if len(set(self.label_ids)) != len(self.label_ids):
             raise ValueError(f"label_ids of vocabulary {self.name!r} contain duplicates")
         if any(i < 0 for i in self.label_ids):
             raise ValueError(f"label_ids of vocabulary {self.name!r} must be non-negative")
+        for what, raw_id in (("ignore_label", self.ignore_label), ("background_label", self.background_label)):
+            if raw_id is not None and raw_id in self.label_ids:
+                raise ValueError(f"{what} {raw_id} of vocabulary {self.name!r} is also the label id of a class")
 
     def __len__(self) -> int:
         return len(self.class_names)
@@ -176,6 +189,15 @@ class Vocabulary:
             label_format=f"contiguous class indices 0..{self.num_classes - 1}",
         )
 
+    def with_alternate_ids(self, column: str) -> Vocabulary:
+        """The same classes for annotations stored with another id column of the data file (`alternate_ids`),
+        e.g. ``load_vocabulary("cityscapes-19").with_alternate_ids("label_id")`` for raw ``*_gtFine_labelIds.png``."""
+        if column not in self.alternate_ids:
+            known = ", ".join(sorted(self.alternate_ids)) or "none"
+            raise ValueError(f"vocabulary {self.name!r} has no id column {column!r}; its other id columns: {known}")
+        label_format = f"{column!r} ids of: {self.label_format}"
+        return dataclasses.replace(self, label_ids=list(self.alternate_ids[column]), label_format=label_format)
+
     def subset(self, class_names: list[str]) -> Vocabulary:
         """A vocabulary with only ``class_names`` (in that order), keeping their label ids."""
         indices = [self.index(n) for n in class_names]
@@ -184,6 +206,7 @@ class Vocabulary:
             name=f"{self.name}-subset",
             class_names=[self.class_names[i] for i in indices],
             label_ids=[self.label_ids[i] for i in indices],
+            alternate_ids={column: [ids[i] for i in indices] for column, ids in self.alternate_ids.items()},
         )
 
 
@@ -210,6 +233,7 @@ def load_vocabulary(name: str) -> Vocabulary:
     text = resources.files(__name__).joinpath(f"{key}.json").read_text(encoding="utf-8")
     data = json.loads(text)
     classes = data["classes"]
+    columns = sorted(set(classes[0]) - {"id", "name"})
     return Vocabulary(
         name=data["name"],
         class_names=[c["name"] for c in classes],
@@ -219,4 +243,5 @@ def load_vocabulary(name: str) -> Vocabulary:
         title=data.get("title", ""),
         label_format=data.get("label_format", ""),
         sources=list(data.get("sources", [])),
+        alternate_ids={column: [int(c[column]) for c in classes] for column in columns},
     )
