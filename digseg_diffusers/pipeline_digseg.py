@@ -339,7 +339,18 @@ class DiGSegPipeline(DiffusionPipeline):
         class_proposer = kwargs.pop("class_proposer", None)
         # Never unpickle weights unless asked to: a folder with only `.bin` files is refused with the file named.
         kwargs.setdefault("use_safetensors", True)
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        try:
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except OSError as error:
+            pickled = _pickled_only_weights(str(pretrained_model_name_or_path)) if kwargs["use_safetensors"] else []
+            if not pickled:
+                raise
+            raise OSError(
+                f"{pretrained_model_name_or_path}: {', '.join(pickled)} hold(s) only pickled `.bin` weights, which "
+                "are not loaded by default (unpickling can run code). For a folder you trust, pass "
+                "`use_safetensors=None` (safetensors where present, `.bin` otherwise), then `save_pretrained` it "
+                "to convert it to safetensors."
+            ) from error
         _check_loaded_components(pipe, str(pretrained_model_name_or_path))
         # The saved class proposer (if any) comes back too, unless `class_proposer=` (even None) was given.
         if not has_proposer_argument:
@@ -508,7 +519,9 @@ class DiGSegPipeline(DiffusionPipeline):
             truncation=True,
             return_tensors="pt",
         )
-        return self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
+        # The execution device, not the weights' device: with sequential CPU offload the weights sit on "meta"
+        # until accelerate's hooks move them in.
+        return self.text_encoder(tokens.input_ids.to(self._execution_device))[0]
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Encode prompts into cross-attention states ``[P, L, cross_attention_dim]`` (text encoder + projection).
@@ -525,9 +538,8 @@ class DiGSegPipeline(DiffusionPipeline):
 
     def _encode_prompts_uncached(self, prompts: list[str]) -> torch.Tensor:
         token_states = self.encode_text_states(prompts)
-        projection_param = next(self.text_projection.parameters())
-        token_states = token_states.to(device=projection_param.device, dtype=projection_param.dtype)
-        return self.text_projection(token_states)
+        dtype = next(self.text_projection.parameters()).dtype
+        return self.text_projection(token_states.to(device=self._execution_device, dtype=dtype))
 
     # Prompt-embedding cache (`digseg_diffusers.prompt_cache`): per pipeline, least recently used out first.
 
@@ -1046,6 +1058,17 @@ class DiGSegPipeline(DiffusionPipeline):
             "background_threshold": background_threshold,
         }
 
+    @property
+    def num_timesteps(self) -> int:
+        """Denoising steps per row of the current (or last) call; diffusers' step callbacks read it."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """diffusers' early stop: a step callback sets ``pipe._interrupt = True`` and the remaining steps of every
+        row are skipped (rows not denoised yet are decoded from their noise, so their maps are meaningless)."""
+        return getattr(self, "_interrupt", False)
+
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -1100,7 +1123,8 @@ class DiGSegPipeline(DiffusionPipeline):
             output_uncertainty: also return the ensemble's per-pixel standard deviation (needs
                 `ensemble_size >= 2`; decodes every member, so it costs E x more decoding).
             output_latent: also return the final latents of every row.
-            return_dict: return a `DiGSegOutput` (else a tuple in the dataclass's field order).
+            return_dict: return a `DiGSegOutput`; else the tuple of its fields that are not None, in field order
+                (diffusers' `BaseOutput.to_tuple`: outputs that were switched off leave no holes).
             progress_callback: called as ``progress_callback(done, total)`` after every U-Net call; raise from
                 it to cancel the run (ComfyUI does this for its interrupt button).
             callback_on_step_end: diffusers' step callback, ``callback_on_step_end(pipe, step_index, timestep,
@@ -1125,7 +1149,8 @@ class DiGSegPipeline(DiffusionPipeline):
         Examples:
 
         Returns:
-            `DiGSegOutput`, or a tuple ``(probabilities, masks, label_maps, prompts, uncertainty, latents)``.
+            `DiGSegOutput`, or with ``return_dict=False`` the tuple of its fields that are not None, e.g.
+            ``(probabilities, masks, label_maps, prompts)`` for a default call.
         """
         # 0. Defaults from the config.
         defaults = self.resolve_call_defaults(
@@ -1209,6 +1234,8 @@ class DiGSegPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=scheduler_device)
         timesteps = self.scheduler.timesteps
         unet_timesteps = timesteps.to(device)
+        self._num_timesteps = len(timesteps)  # read by diffusers' `PipelineCallback`s (e.g. cut-off callbacks)
+        self._interrupt = False
         num_chunks = -(-num_rows // batch_size)
         total_calls, calls_done = num_chunks * len(timesteps), 0
         final_latents = []
@@ -1221,6 +1248,8 @@ class DiGSegPipeline(DiffusionPipeline):
                 latents_chunk = noise[rows] * self.scheduler.init_noise_sigma
                 step_kwargs = {} if step_generators is None else {"generator": step_generators[rows]}
                 for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        break
                     model_input = torch.cat(
                         [image_latents_chunk, self.scheduler.scale_model_input(latents_chunk, t)], dim=1
                     )
@@ -1308,9 +1337,7 @@ class DiGSegPipeline(DiffusionPipeline):
         returned_latents = row_latents if output_latent else None
 
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (out_probs, out_masks, out_labels, prompts_per_image, out_unc, returned_latents)
-        return DiGSegOutput(
+        output = DiGSegOutput(
             probabilities=out_probs,
             masks=out_masks,
             label_maps=out_labels,
@@ -1318,6 +1345,7 @@ class DiGSegPipeline(DiffusionPipeline):
             uncertainty=out_unc,
             latents=returned_latents,
         )
+        return output if return_dict else output.to_tuple()
 
 
 def _check_training_vocabulary(vocabulary) -> list[str] | None:
@@ -1408,6 +1436,18 @@ def _check_loaded_components(pipe: "DiGSegPipeline", source: str) -> None:
             f"{source}: the tokenizer has no vocabulary (only its {len(tokenizer)} special tokens): its files are "
             "missing from the `tokenizer/` folder."
         )
+
+
+def _pickled_only_weights(folder: str) -> list[str]:
+    """The component subfolders of a local pipeline folder whose weights exist only as pickled `.bin` files."""
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in sorted(os.listdir(folder)):
+        files = os.listdir(os.path.join(folder, name)) if os.path.isdir(os.path.join(folder, name)) else []
+        if any(f.endswith(".bin") for f in files) and not any(f.endswith(".safetensors") for f in files):
+            found.append(f"{name}/")
+    return found
 
 
 def _load_class_proposer(pretrained_model_name_or_path: str, kwargs: dict):

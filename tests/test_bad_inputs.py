@@ -282,7 +282,7 @@ def _bin_only(folder):
         (lambda f: (f / "vae" / "config.json").write_text("{not json"), "config.json"),
         (lambda f: (f / "model_index.json").unlink(), "model_index.json"),
         (lambda f: [p.unlink() for p in (f / "tokenizer").iterdir()], "tokenizer"),
-        (_bin_only, "diffusion_pytorch_model.safetensors"),
+        (_bin_only, r"unet/ hold\(s\) only pickled `.bin` weights.*use_safetensors=None"),
     ],
     ids=["missing-weights", "corrupt-weights", "corrupt-config", "no-model-index", "no-tokenizer-files", "bin-only"],
 )
@@ -296,6 +296,15 @@ def test_damaged_model_folders_are_named_and_never_unpickled(saved_model, tmp_pa
     monkeypatch.setattr(torch, "load", no_pickles)
     with pytest.raises((OSError, ValueError), match=message):
         DiGSegPipeline.from_pretrained(folder)
+
+
+def test_the_refusal_of_pickled_weights_names_the_way_to_load_a_trusted_folder(saved_model, tmp_path):
+    folder = _copy(saved_model, tmp_path)
+    _bin_only(folder)
+    with pytest.raises(OSError, match="use_safetensors=None"):
+        DiGSegPipeline.from_pretrained(folder)
+    pipe = DiGSegPipeline.from_pretrained(folder, use_safetensors=None)  # the way the message names
+    assert pipe.unet.conv_in.weight.shape[1] == 2 * pipe.vae.config.latent_channels
 
 
 def test_cli_damaged_model_is_one_line(saved_model, tmp_path, capsys):

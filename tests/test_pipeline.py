@@ -162,7 +162,13 @@ def test_output_types(tiny_pipe, rgb_image):
     assert pil.masks[0][1].mode == "L" and set(np.unique(np.asarray(pil.masks[0][1]))) <= {0, 255}
     np.testing.assert_array_equal(np.asarray(pil.label_maps[0]), pt.label_maps[0].numpy())
     as_tuple = run(tiny_pipe, rgb_image, "a", return_dict=False, generator=seeded(0)[0])
-    assert isinstance(as_tuple, tuple) and len(as_tuple) == 6
+    as_dict = run(tiny_pipe, rgb_image, "a", generator=seeded(0)[0])
+    # diffusers' BaseOutput.to_tuple: the fields that are not None, in field order, without holes.
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 4
+    np.testing.assert_array_equal(as_tuple[2][0], as_dict.label_maps[0])
+    assert as_tuple[3] == [["a"]]
+    masks_only = run(tiny_pipe, rgb_image, "a", return_dict=False, output_probabilities=False, generator=seeded(0)[0])
+    assert len(masks_only) == 3 and masks_only[0][0].dtype == bool and masks_only[2] == [["a"]]
 
 
 def test_progress_callback_counts_and_cancels(tiny_pipe, rgb_image):
