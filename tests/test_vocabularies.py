@@ -70,6 +70,19 @@ def test_pascal_context_59_is_a_subset_of_459():
     assert positions == sorted(positions)
 
 
+def test_pascal_context_59_ids_are_the_converters_key():
+    """mmseg tools/dataset_converters/pascal_context.py numbers the kept PC-459 ids (0 = background) in sorted order."""
+    converter_mapping = [
+        0, 2, 259, 260, 415, 324, 9, 258, 144, 18, 19, 22, 23, 397, 25, 284, 158, 159, 416, 33, 162, 420, 454, 295,
+        296, 427, 44, 45, 46, 308, 59, 440, 445, 31, 232, 65, 354, 424, 68, 326, 72, 458, 34, 207, 80, 355, 85, 347,
+        220, 349, 360, 98, 187, 104, 105, 366, 189, 368, 113, 115,
+    ]  # fmt: skip
+    pc59, pc459 = load_vocabulary("pc-59"), load_vocabulary("pc-459")
+    key = sorted(converter_mapping)
+    assert pc59.label_ids == [key.index(i) for i in pc59.alternate_ids["pc459_id"]]
+    assert pc59.class_names == [pc459.class_names[pc459.label_ids.index(i)] for i in key[1:]]
+
+
 def test_ade847_synonyms_split_wordnet_lists():
     vocab = load_vocabulary("a-847")
     assert vocab.class_names[1] == "building, edifice"
