@@ -75,6 +75,23 @@ def test_adapter_card_from_a_saved_adapter(tmp_path):
     assert hub.read_card_metadata(path)["base_model_relation"] == "adapter"
 
 
+@pytest.mark.parametrize("name", ["out/adapter", "adapter", "missing/deeper/folder"])
+def test_adapter_card_into_a_missing_folder_fails_at_once_naming_it(tmp_path, monkeypatch, name):
+    """A missing folder whose name reads as a Hub id ("out/adapter") was looked up on the Hub (~30 s of retries),
+    then a card for no adapter was written, creating the folder."""
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="save_digseg_adapter") as error:
+        hub.write_adapter_card(name, "stabilityai/stable-diffusion-2")
+    assert repr(name) in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / name).exists()
+
+
 def test_pipeline_push_uploads_the_digseg_card_and_layout(tmp_path, monkeypatch):
     from huggingface_hub import HfApi
 
