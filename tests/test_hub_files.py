@@ -226,3 +226,27 @@ def test_the_pipelines_saved_proposer_comes_back_from_the_hub_cache(tmp_path, mo
     assert loaded.class_proposer.proposer_config() == pipe.class_proposer.proposer_config()
     bare = DiGSegPipeline.from_pretrained("someone/digseg-bare", cache_dir=str(tmp_path / "cache"))
     assert bare.class_proposer is None
+
+
+@pytest.mark.parametrize("offline_mode", [True, False], ids=["HF_HUB_OFFLINE", "hub-not-answering"])
+def test_loaders_refuse_an_uncached_hub_id_in_one_line(tmp_path, monkeypatch, empty_hub_cache, offline_mode):
+    """`from_base_model` and `from_pretrained` check their Hub ids before diffusers / transformers retry them."""
+    from digseg_diffusers import DiGSegPipeline
+    from digseg_diffusers.testing_utils import save_tiny_sd_base
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline_mode)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    way_out = "HF_HUB_OFFLINE is set" if offline_mode else "does not answer"
+    with pytest.raises(OSError, match=f"the base model 'someone/uncached-sd2'.*{way_out}") as error:
+        DiGSegPipeline.from_base_model("someone/uncached-sd2", text_encoder="someone/uncached-clip")
+    _one_line(error)
+    base = save_tiny_sd_base(tmp_path / "base")  # a local base: the text encoder is the one that cannot be had
+    with pytest.raises(OSError, match=f"the text encoder 'someone/uncached-clip'.*{way_out}") as error:
+        DiGSegPipeline.from_base_model(base, text_encoder="someone/uncached-clip")
+    _one_line(error)
+    with pytest.raises(OSError, match=f"the DiGSeg pipeline 'someone/uncached-digseg'.*{way_out}") as error:
+        DiGSegPipeline.from_pretrained("someone/uncached-digseg")
+    _one_line(error)
+    with pytest.raises(OSError, match="'missing/model/folder': no such folder") as error:
+        DiGSegPipeline.from_pretrained("missing/model/folder")
+    _one_line(error)
