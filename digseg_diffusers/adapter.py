@@ -515,8 +515,6 @@ def save_adapter(
     """
     if os.path.isfile(save_directory):
         raise ValueError(f"`save_directory` {str(save_directory)!r} is a file; give a folder.")
-    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-
     unet = _unwrap(unet)
     text_projection = None if text_projection is None else _unwrap(text_projection)
     config = resolve_config(unet, config or _recorded_config(unet) or DiGSegAdapterConfig())
@@ -529,12 +527,27 @@ def save_adapter(
             "config it was applied with as `config=`."
         )
     state = adapter_state_dict(unet, text_projection, config)
+    architecture = architecture_fingerprint(unet, text_projection if config.train_text_projection else None)
+    return write_adapter_file(save_directory, state, config, target_modules, architecture)
+
+
+def write_adapter_file(
+    save_directory: str | os.PathLike,
+    state: dict[str, torch.Tensor],
+    config: DiGSegAdapterConfig,
+    target_modules: list[str],
+    architecture: dict[str, Any],
+) -> str:
+    """Write an adapter's tensors (keys ``unet.*`` / ``text_projection.*``) with its config document; returns the
+    file's path. The one writer of the format, for `save_adapter` and for the pipeline's loaded adapters."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
     document = {
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_FORMAT_VERSION,
         **config.to_dict(),
         "target_modules": target_modules,
-        "architecture": architecture_fingerprint(unet, text_projection if config.train_text_projection else None),
+        "architecture": architecture,
         "library_versions": _library_versions(),
     }
     metadata = {"format": "pt", DIGSEG_METADATA_KEY: json.dumps(document, sort_keys=True)}
@@ -930,6 +943,34 @@ def unfuse_adapter(unet: nn.Module) -> None:
             if original is not None:
                 with torch.no_grad():
                     layer.get_base_layer().weight.copy_(original)
+
+
+def plain_state_dict(module: nn.Module, overrides: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` as a model without PEFT layers has it: each wrapped layer's base weights (merged
+    where a LoRA is fused) under the plain name, no LoRA tensors; ``overrides`` replace entries by key.
+
+    A pipeline folder saved from this loads into a stock model; the wrapped state (``...base_layer.weight``,
+    ``...lora_A.<name>.weight``) would load as uninitialised layers.
+    """
+    state = {
+        key.replace(".base_layer.", "."): value
+        for key, value in module.state_dict().items()
+        if ".lora_" not in key and "lora_magnitude_vector" not in key
+    }
+    unknown = sorted(set(overrides or {}) - set(state))
+    if unknown:
+        raise KeyError(f"overrides name no tensor of the module: {unknown[:5]}")
+    return {**state, **(overrides or {})}
+
+
+def plain_copy(module: nn.Module, overrides: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A model of ``module``'s class and config without PEFT layers, sharing `plain_state_dict`'s tensors (no copy)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        plain = type(module).from_config(module.config)
+    plain.load_state_dict(plain_state_dict(module, overrides), strict=True, assign=True)
+    return plain.eval()
 
 
 def is_adapter_fused(unet: nn.Module) -> bool:

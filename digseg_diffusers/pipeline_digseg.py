@@ -15,6 +15,8 @@ Noise is drawn for all rows before chunking, so results do not depend on `batch_
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import inspect
 import itertools
@@ -258,6 +260,13 @@ class DiGSegPipeline(DiffusionPipeline):
         """
         from transformers import AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer
 
+        from .hub_files import hub_kwargs, require_hub_source
+
+        # Fail in seconds with one line (offline, uncached) rather than after ~30 s of Hub retries per file.
+        sources = {"the base model": base_model, "the text encoder": text_encoder, "the tokenizer": tokenizer}
+        for what, source in sources.items():
+            if isinstance(source, (str, os.PathLike)):
+                require_hub_source(source, what, **hub_kwargs(kwargs))
         base_model = str(base_model)
         load_kwargs = dict(kwargs)
         if torch_dtype is not None:
@@ -334,7 +343,10 @@ class DiGSegPipeline(DiffusionPipeline):
         one up to float32 rounding (~1e-6 on CPUs). Call `align_cpu_weights` on the components for bit-exact CPU
         reproduction at the cost of one copy of every unaligned weight.
         """
+        from .hub_files import hub_kwargs, require_hub_source
+
         pretrained_model_name_or_path = resolve_model_name(pretrained_model_name_or_path)
+        require_hub_source(pretrained_model_name_or_path, "the DiGSeg pipeline", **hub_kwargs(kwargs))
         has_proposer_argument = "class_proposer" in kwargs
         class_proposer = kwargs.pop("class_proposer", None)
         # Never unpickle weights unless asked to: a folder with only `.bin` files is refused with the file named.
@@ -405,13 +417,71 @@ class DiGSegPipeline(DiffusionPipeline):
         push_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs}
         if self.class_proposer is not None:
             self.class_proposer.save_pretrained(os.path.join(save_directory, CLASS_PROPOSER_SUBFOLDER))
-        super().save_pretrained(
-            save_directory, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size, **kwargs
-        )
+        with self._components_without_lora_layers(save_directory):
+            super().save_pretrained(
+                save_directory, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size, **kwargs
+            )
         write_loader_files(save_directory)
         if push_to_hub:
             repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(str(save_directory)))
             self._upload_with_card(str(save_directory), repo_id, **push_kwargs)
+
+    @contextlib.contextmanager
+    def _components_without_lora_layers(self, save_directory: str | os.PathLike):
+        """While saving, the U-Net (and text projection) as plain models: a saved pipeline never holds PEFT keys.
+
+        - LoRA fused (`fuse_lora`), or a trainable LoRA (`apply_adapter`): the merged weights, i.e. the model
+          as it computes now;
+        - adapters loaded with `load_lora_weights` and not fused: the base weights, and each adapter as a DiGSeg
+          LoRA file in ``adapters/<name>/`` of the folder (``pipe.load_lora_weights(folder + "/adapters/<name>")``
+          puts it back).
+        """
+        from .adapter import _copy_into, _tuner_layers, fuse_adapter, plain_copy, unfuse_adapter
+
+        if not getattr(self.unet, "peft_config", None):
+            yield
+            return
+        bank = self._whole_weights()
+        trainable = self._has_trainable_lora()
+        fused = any(layer.merged_adapters for layer in _tuner_layers(self.unet))
+        unet_overrides, text_projection = {}, self.text_projection
+        if trainable and not fused:
+            fuse_adapter(self.unet)  # exact to undo (the base weights are kept), see `unfuse_adapter`
+        elif not trainable and not fused:
+            unet_overrides = {f"conv_in.{key}": value for key, value in bank.base.get("conv_in", {}).items()}
+            if "text_projection" in bank.base:
+                text_projection = copy.deepcopy(self.text_projection)
+                _copy_into(text_projection, bank.base["text_projection"])
+            self._save_loaded_adapters(os.path.join(save_directory, "adapters"))
+        try:
+            originals = {"unet": self.unet, "text_projection": self.text_projection}
+            self.__dict__.update(unet=plain_copy(self.unet, unet_overrides), text_projection=text_projection)
+            yield
+        finally:
+            self.__dict__.update(originals)
+            if trainable and not fused:
+                unfuse_adapter(self.unet)
+
+    def _save_loaded_adapters(self, folder: str) -> None:
+        """Each adapter loaded with `load_lora_weights` as a DiGSeg LoRA file in ``folder/<name>/``."""
+        from peft import get_peft_model_state_dict
+
+        from .adapter import UNET_PREFIX, TEXT_PROJECTION_PREFIX, architecture_fingerprint, write_adapter_file
+
+        bank = self._whole_weights()
+        for name, (config, target_modules) in self._digseg_adapter_layouts.items():
+            state = {UNET_PREFIX + k: v for k, v in get_peft_model_state_dict(self.unet, adapter_name=name).items()}
+            whole = bank.adapters.get(name, {})
+            state.update({f"{UNET_PREFIX}conv_in.{k}": v for k, v in whole.get("conv_in", {}).items()})
+            state.update({TEXT_PROJECTION_PREFIX + k: v for k, v in whole.get("text_projection", {}).items()})
+            state = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+            architecture = architecture_fingerprint(self.unet, self.text_projection if config.train_text_projection else None)
+            write_adapter_file(os.path.join(folder, name), state, config, target_modules, architecture)
+        logger.warning(
+            f"The pipeline is saved with its base weights; its unfused LoRA adapter(s) {list(self._digseg_adapter_layouts)} "
+            f"are in {folder}/<name> (load them with `pipe.load_lora_weights`). Call `fuse_lora()` first to save the "
+            "merged weights instead."
+        )
 
     def push_to_hub(
         self,
@@ -662,6 +732,7 @@ class DiGSegPipeline(DiffusionPipeline):
             logging.set_verbosity(verbosity)
         conv_in = {key.removeprefix("conv_in."): value for key, value in adapter.conv_in.items()}
         self._whole_weights().add(adapter_name, self._whole_weight_modules(), {"conv_in": conv_in, "text_projection": adapter.text_projection})
+        self._digseg_adapter_layouts[adapter_name] = (adapter.config, adapter.target_modules)
         self.set_adapters([adapter_name])
 
     def _has_trainable_lora(self) -> bool:
@@ -676,6 +747,7 @@ class DiGSegPipeline(DiffusionPipeline):
         if getattr(self, "_digseg_whole_weights", None) is None:
             self._digseg_whole_weights = WholeWeightAdapters()
             self._digseg_adapter_weights: dict[str, float] = {}
+            self._digseg_adapter_layouts: dict[str, tuple] = {}  # name -> (config, target modules), for saving
             self._digseg_lora_enabled = True
         return self._digseg_whole_weights
 
@@ -733,18 +805,27 @@ class DiGSegPipeline(DiffusionPipeline):
         self._whole_weights().remove(names)
         for name in names:
             self._digseg_adapter_weights.pop(name, None)
+            self._digseg_adapter_layouts.pop(name, None)
         self._apply_whole_weights()
 
     def unload_lora_weights(self) -> None:
-        """Remove every adapter: the U-Net loses its LoRA layers, conv_in and the text projection get their base
-        weights back exactly."""
+        """Remove every adapter: the U-Net loses its LoRA layers; conv_in and the text projection get their base
+        weights back exactly. After `fuse_lora` the fused weights stay, as in diffusers: fuse, unload, then
+        `save_pretrained` saves the merged model."""
+        from .adapter import _tuner_layers
+
+        fused = any(layer.merged_adapters for layer in _tuner_layers(self.unet))
         if getattr(self.unet, "peft_config", None):
             self.unet.unload_lora()
         bank = self._whole_weights()
-        bank.apply(self._whole_weight_modules(), None)
+        if not fused:
+            bank.apply(self._whole_weight_modules(), None)
+        bank.base.clear()  # the weights now in the modules are the base of any adapter loaded next
         bank.adapters.clear()
         self.clear_prompt_cache()
         self._digseg_adapter_weights = {}
+        self._digseg_adapter_layouts = {}
+        self._digseg_unfused_weights = None
         self.adapter_config = None
 
     def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: list[str] | None = None) -> None:
