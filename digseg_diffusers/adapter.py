@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -606,7 +607,7 @@ def _check_document(document: Any, source: str) -> dict[str, Any]:
 
 
 def read_adapter(
-    directory_or_hub_id: str | os.PathLike | dict,
+    directory_or_hub_id: str | os.PathLike,
     subfolder: str | None = None,
     weight_name: str | None = None,
     **hub_kwargs,
@@ -648,6 +649,49 @@ def read_adapter(
             "and text projection weights) in the file; this one cannot be loaded as a DiGSeg adapter."
         )
     return _check_document(document, source), load_file(weights_path, device="cpu"), source
+
+
+def _document_of_state_dict(unet: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """The config document of a LoRA state dict (the tensors of a DiGSeg LoRA file, without its metadata).
+
+    Rank, targets, levels and the whole-weight parts follow from the keys and shapes. The LoRA alpha does not: as
+    diffusers does for a state dict without alphas, it is taken to be the rank (scale 1), with a warning, since a
+    file keeps its alpha and a dict does not.
+    """
+    stray = sorted(key for key, value in state.items() if not isinstance(key, str) or not torch.is_tensor(value))
+    if stray:
+        raise ValueError(f"A LoRA state dict maps names to tensors; these entries are not: {stray[:5]}.")
+    suffix = ".lora_A.weight"
+    lora_a = {key[len(UNET_PREFIX) : -len(suffix)]: value for key, value in state.items() if key.startswith(UNET_PREFIX) and key.endswith(suffix)}
+    if not lora_a:
+        raise ValueError(
+            f"The state dict holds no DiGSeg LoRA tensors (keys '{UNET_PREFIX}<module>{suffix}'); load 'full' "
+            "adapters and other formats from their file or folder."
+        )
+    ranks = sorted({int(value.shape[0]) for value in lora_a.values()})
+    if len(ranks) != 1:
+        raise ValueError(f"The LoRA state dict mixes ranks {ranks}; a DiGSeg adapter has one rank.")
+    targets = sorted(lora_a)
+    count = len(_level_blocks(unet))
+    levels = sorted(
+        {level for level in range(count) for name in targets
+         if name.startswith((f"down_blocks.{level}.", f"up_blocks.{count - 1 - level}."))}
+    )  # fmt: skip
+    mid = [name for name in targets if name.startswith("mid_block.")]
+    logger.warning("The LoRA state dict carries no alpha: using alpha = rank = %d (scale 1), as diffusers does.", ranks[0])
+    config = DiGSegAdapterConfig(
+        levels=tuple(levels),
+        rank=ranks[0],
+        alpha=float(ranks[0]),
+        include_mid_block=bool(mid),
+        mid_block_self_attention=any(".attn1." in name for name in mid),
+        train_conv_in=any(key.startswith(f"{UNET_PREFIX}conv_in.") for key in state),
+        train_text_projection=any(key.startswith(TEXT_PROJECTION_PREFIX) for key in state),
+    )
+    selected = select_adapter_modules(unet, config)
+    if sorted(selected) == targets:
+        targets = selected  # the selection's order, so that `prepare_adapter` compares like with like
+    return {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION, **config.to_dict(), "target_modules": targets}
 
 
 def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any] | None:
@@ -757,7 +801,11 @@ def prepare_adapter(
     """
     unet = _unwrap(unet)
     text_projection = None if text_projection is None else _unwrap(text_projection)
-    document, state, source = read_adapter(directory_or_hub_id, subfolder, weight_name, **hub_kwargs)
+    if isinstance(directory_or_hub_id, Mapping):
+        state, source = dict(directory_or_hub_id), "the given state dict"
+        document = _document_of_state_dict(unet, state)
+    else:
+        document, state, source = read_adapter(directory_or_hub_id, subfolder, weight_name, **hub_kwargs)
     config = DiGSegAdapterConfig.from_dict(
         {key: value for key, value in document.items() if key in {f.name for f in fields(DiGSegAdapterConfig)}}
     )

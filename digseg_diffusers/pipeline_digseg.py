@@ -693,11 +693,16 @@ class DiGSegPipeline(DiffusionPipeline):
     # LoRA through diffusers' PEFT integration and to the whole-weight parts (conv_in, text projection) alongside.
 
     def load_lora_weights(
-        self, pretrained_model_name_or_path_or_dict: str | os.PathLike, adapter_name: str | None = None, **kwargs
+        self,
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+        adapter_name: str | None = None,
+        **kwargs,
     ) -> None:
-        """Load a DiGSeg LoRA adapter (folder, ``.safetensors`` file or Hub id) under ``adapter_name``, and make it
-        the active adapter. ``kwargs``: ``weight_name``, ``subfolder``, ``cache_dir``, ``revision``, ``token``,
-        ``local_files_only``. Everything is checked before the model changes: it loads whole or not at all.
+        """Load a DiGSeg LoRA adapter (folder, ``.safetensors`` file, Hub id, or the file's tensors as a state dict)
+        under ``adapter_name``, and make it the active adapter. ``kwargs``: ``weight_name``, ``subfolder``,
+        ``cache_dir``, ``revision``, ``token``, ``local_files_only``. Everything is checked before the model
+        changes: it loads whole or not at all. A state dict has no metadata, so its LoRA alpha is taken to be its
+        rank (as diffusers does); load the file to keep the saved alpha.
         """
         from .adapter import prepare_adapter
 

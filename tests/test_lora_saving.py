@@ -97,3 +97,26 @@ def test_a_trainable_lora_is_saved_merged_and_stays_trainable(tmp_path):
     layers = [m for m in pipe.unet.modules() if hasattr(m, "merged_adapters")]
     assert layers and not any(layer.merged_adapters for layer in layers)  # unfused again after saving
     assert all(p.requires_grad for p in parameters)
+
+
+def test_a_state_dict_loads_like_its_file_with_alpha_equal_to_rank(tmp_path, caplog):
+    """diffusers' `load_lora_weights` accepts a dict; it was taken for a Hub id (a confusing OSError)."""
+    from safetensors.torch import load_file
+
+    from digseg_diffusers.adapter import DiGSegAdapterConfig, LORA_WEIGHTS_NAME
+
+    config = DiGSegAdapterConfig(rank=4, alpha=4, levels=(2,))  # alpha = rank: what a state dict implies
+    _trained_pipe(3, config).save_digseg_adapter(tmp_path / "adapter")
+    image = np.random.default_rng(2).random((32, 32, 3)).astype(np.float32)
+    from_file = make_tiny_pipeline()
+    from_file.load_lora_weights(tmp_path / "adapter")
+    from_dict = make_tiny_pipeline()
+    with caplog.at_level("WARNING"):
+        from_dict.load_lora_weights(load_file(tmp_path / "adapter" / LORA_WEIGHTS_NAME), adapter_name="mine")
+    assert "alpha = rank = 4" in caplog.text
+    assert from_dict.get_list_adapters() == {"unet": ["mine"]}
+    assert_close_across_paths(_latents(from_dict, image), _latents(from_file, image), what="latents")
+    with pytest.raises(ValueError, match="no DiGSeg LoRA tensors"):
+        make_tiny_pipeline().load_lora_weights({"unet.conv_in.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="not"):
+        make_tiny_pipeline().load_lora_weights({"unet.x.lora_A.weight": "not a tensor"})
