@@ -246,13 +246,13 @@ def adapter_card(
     ``folder`` must be a local folder: a missing one is refused at once (the adapter reader would otherwise take
     its name for a Hub id, retry the Hub for ~30 s, then write a card for an adapter that does not exist).
     """
-    from .adapter import read_adapter_config
-
     if not os.path.isdir(folder):
         raise FileNotFoundError(
             f"Cannot write the adapter card into {os.fspath(folder)!r}: no such folder. Save the adapter there first "
             "(`pipe.save_digseg_adapter(folder)`), then write its card."
         )
+    from .adapter import read_adapter_config
+
     adapter_config = read_adapter_config(folder) or {}
     training_args = public_training_config(training_args or {})
     data = card_data(base_model, repo_id, dataset_name, metrics, adapter=True, license=license)

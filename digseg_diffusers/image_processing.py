@@ -8,11 +8,17 @@ whose short side would shrink below one pixel are kept at one pixel (then padded
 This is the one place that turns images into pixels: the pipeline, the CLI (`open_image`), the dataset readers
 and the visualisation (`to_uint8_rgb`) all go through it, so a 16-bit file gives the same masks as its 8-bit
 version everywhere (PIL's own ``.convert("RGB")`` clips 16-bit values to 0 / 255).
+
+Integer pixels are read by their dtype, as diffusers' image processors read them (value / the dtype's maximum):
+``uint8`` as value / 255 and ``uint16`` as value / 65535, in numpy arrays and torch tensors alike; floats must lie
+in [0, 1]. Other integer dtypes are refused: a ``uint32`` array holding 0..255 would read as black (value /
+4294967295) and give other masks than the same picture as ``uint8``, without any error.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 
 import numpy as np
 import torch
@@ -22,8 +28,34 @@ from PIL import Image, UnidentifiedImageError
 RESAMPLE_METHODS = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
 
 
+INTEGER_SCALES = {"uint8": 255, "uint16": 65535}
+"""Integer pixel dtypes that are read, and the value that reads as 1.0 (the dtype's maximum)."""
+
+
+def _check_integer_dtype(dtype: np.dtype | torch.dtype) -> None:
+    """Refuse integer pixels of a dtype other than `INTEGER_SCALES`' (see the module docstring)."""
+    name = str(dtype).removeprefix("torch.")
+    signed = (dtype.is_signed if isinstance(dtype, torch.dtype) else np.dtype(dtype).kind == "i") and name != "bool"
+    refused = "signed " if signed else ""
+    raise ValueError(
+        f"integer pixels are read as uint8 (value / 255) or uint16 (value / 65535); got {refused}{name}. Convert the "
+        "image (e.g. `.astype(np.uint8)` for values 0..255) or pass floats in [0, 1]."
+    )
+
+
+def _decode(image: Image.Image) -> None:
+    """Decode a lazily opened PIL image now, so a truncated or corrupt file is a `ValueError` naming it."""
+    try:
+        image.load()
+    except (OSError, SyntaxError, EOFError, ValueError, zlib.error) as error:
+        name = getattr(image, "filename", "") or f"the {image.format or 'PIL'} image"
+        reason = str(error).strip() or type(error).__name__
+        raise ValueError(f"cannot read image {name}: {reason} (the file is truncated or corrupt)") from None
+
+
 def _pil_to_array(image: Image.Image) -> np.ndarray:
     """PIL image -> HxW or HxWxC array with an unsigned or float dtype that says its value range."""
+    _decode(image)
     mode = image.mode
     if mode in ("RGB", "L"):
         return np.asarray(image)
@@ -70,9 +102,15 @@ class DiGSegImageProcessor(MarigoldImageProcessor):
                 image = image[..., : image.shape[-1] - 1]
             if image.dtype.kind == "f" and image.dtype != np.float32:
                 image = image.astype(np.float32)
+            elif image.dtype.kind in "iu" and image.dtype.name not in INTEGER_SCALES:
+                _check_integer_dtype(image.dtype)
         elif torch.is_tensor(image):
             if image.ndim in (3, 4) and image.shape[-3] in (2, 4):  # CHW / NCHW with alpha: drop it
                 image = image[..., : image.shape[-3] - 1, :, :]
+            if image.dtype == torch.uint16:  # Marigold reads only uint8 tensors; same rule as for arrays
+                image = image.to(torch.float32) / INTEGER_SCALES["uint16"]
+            elif not image.is_floating_point() and not image.is_complex() and image.dtype != torch.uint8:
+                _check_integer_dtype(image.dtype)
         return MarigoldImageProcessor.load_image_canonical(image, device=device, dtype=dtype)
 
 

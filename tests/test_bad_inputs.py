@@ -97,6 +97,20 @@ def test_float_tiff_in_unit_range_works_and_out_of_range_is_named(tiny_pipe, tmp
         segment(tiny_pipe, Image.fromarray(grey.astype(np.float32)))  # 0..255 floats
 
 
+def test_integer_images_are_read_by_dtype_and_wider_ones_refused(tiny_pipe):
+    """uint8 is value / 255 and uint16 value / 65535, numpy or torch; a uint32 array of 0..255 used to read as
+    almost black (value / 4294967295, diffusers' rule) and gave other masks than the same picture as uint8."""
+    rgb = rgb8()
+    eight = segment(tiny_pipe, rgb)
+    sixteen = rgb.astype(np.uint16) * 257
+    assert_same_segmentation(segment(tiny_pipe, sixteen), eight, tiny_pipe)
+    assert_same_segmentation(segment(tiny_pipe, torch.from_numpy(sixteen).permute(2, 0, 1).to(torch.uint16)), eight,
+                             tiny_pipe)  # fmt: skip
+    assert_same_segmentation(segment(tiny_pipe, torch.from_numpy(rgb).permute(2, 0, 1)), eight, tiny_pipe)
+    with pytest.raises(ValueError, match=r"`image\[0\]`: integer pixels are read as uint8 .* or uint16 .*got uint32"):
+        segment(tiny_pipe, rgb.astype(np.uint32))
+
+
 @pytest.mark.parametrize("size", [(1, 1), (3, 4097), (4097, 3), (2, 700)])
 def test_tiny_and_extreme_aspect_images_are_padded_and_processed(tiny_pipe, size):
     image = np.random.RandomState(0).randint(0, 256, (*size, 3), dtype=np.uint8)
@@ -114,7 +128,11 @@ def test_tiny_and_extreme_aspect_images_are_padded_and_processed(tiny_pipe, size
         (torch.full((3, 8, 8), float("nan")), r"image\[0\].*\[0, 1\]"),
         (torch.full((3, 8, 8), float("inf")), r"image\[0\].*\[0, 1\]"),
         (np.full((8, 8, 3), -np.inf, dtype=np.float32), r"image\[0\].*\[0, 1\]"),
-        (np.zeros((8, 8, 3), dtype=np.int32), r"image\[0\].*signed"),
+        (np.zeros((8, 8, 3), dtype=np.int32), r"image\[0\].*got signed int32"),
+        (np.zeros((8, 8, 3), dtype=np.uint32), r"image\[0\].*uint8 .*uint16 .*got uint32"),
+        (np.zeros((8, 8, 3), dtype=np.uint64), r"image\[0\].*uint8 .*uint16 .*got uint64"),
+        (torch.zeros((3, 8, 8), dtype=torch.int64), r"image\[0\].*uint8 .*uint16 .*got signed int64"),
+        (torch.zeros((3, 8, 8), dtype=torch.uint32), r"image\[0\].*uint8 .*uint16 .*got uint32"),
         (np.zeros((8, 8, 5), dtype=np.uint8), r"image\[0\]"),
         (np.zeros((0, 8, 8, 3), dtype=np.uint8), r"image\[0\].*empty"),
         (np.zeros((8, 0, 3), dtype=np.uint8), r"image\[0\].*empty"),
@@ -181,6 +199,22 @@ def test_unreadable_files_are_named_by_every_loader(bad_files, name, message):
         with pytest.raises(ValueError, match=message) as info:
             load(path)
         assert name in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_lazily_opened_broken_files_are_named_by_the_pipeline(tiny_pipe, bad_files, damage):
+    """`Image.open` reads only the header; the pixels are decoded inside the call, where PIL's OSError used to
+    escape as a bare traceback."""
+    path = bad_files / f"{damage}-lazy.png"
+    data = bytearray((bad_files / "good.png").read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[100:140] = bytes(40)  # inside the pixel data: "broken data stream"
+    path.write_bytes(bytes(data))
+    with Image.open(path) as image:  # opens: the header is intact
+        with pytest.raises(ValueError, match=rf"`image\[1\]`: cannot read image .*{path.name}.*truncated or corrupt"):
+            segment(tiny_pipe, [Image.fromarray(rgb8()), image])
 
 
 def test_decompression_bomb_is_a_named_error(bad_files, monkeypatch):
