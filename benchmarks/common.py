@@ -377,10 +377,12 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# How far two mathematically equal computations (rows batched differently) may differ in each precision. The
-# half-precision bounds are loose because a *random* SD VAE decoder amplifies rounding (a trained one does not;
-# the light decoder's differences stay ~5e-3): they catch wrong rows, not rounding.
-OUTPUT_TOLERANCE = {torch.float32: 1e-5, torch.float16: 0.15, torch.bfloat16: 0.15}
+# How far two mathematically equal computations (rows batched differently) may differ in each precision: bounds that
+# catch wrong rows (off by > 1e-2), not rounding, on any CPU. In float32 the tiny models stay below the tests'
+# 1e-5 (`testing_utils.CROSS_PATH_ATOL`), but SD2-size layers sum 1024-wide and reached 1.26e-5 on an Intel
+# Sapphire Rapids CPU. The half-precision bounds are loose because a *random* SD VAE decoder amplifies rounding (a
+# trained one does not; the light decoder's differences stay ~5e-3).
+OUTPUT_TOLERANCE = {torch.float32: 1e-4, torch.float16: 0.15, torch.bfloat16: 0.15}
 
 
 def setup(args) -> None:

@@ -46,6 +46,16 @@ from .unet_surgery import widen_conv_in
 
 logger = logging.get_logger(__name__)
 
+
+def _drop_empty_fp32_warning(record) -> bool:
+    """diffusers (0.42) warns on every ``model.to(dtype)`` that modules "should be kept in float32: []" even when
+    that list is empty, so ``pipe.to(torch.bfloat16)`` printed it once per component. Only that empty form is
+    dropped; the warning with modules named still shows."""
+    return "should be kept in float32: []." not in record.getMessage()
+
+
+logging.get_logger("diffusers.models.modeling_utils").addFilter(_drop_empty_fp32_warning)
+
 BACKGROUND_LABEL = 0
 """Label-map value of pixels where no prompt scores above `background_threshold`; prompt k is labelled k + 1."""
 
@@ -1516,6 +1526,7 @@ def _check_loaded_components(pipe: "DiGSegPipeline", source: str) -> None:
     missing = [name for name in required if getattr(pipe, name, None) is None]
     if missing:
         raise OSError(f"{source}: the DiGSeg pipeline is missing its {', '.join(missing)} component(s).")
+    pipe.text_projection.check_widths(pipe.text_encoder.config.hidden_size, pipe.unet.config.cross_attention_dim, source)
     tokenizer = pipe.tokenizer
     if hasattr(tokenizer, "all_special_tokens") and len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
         raise OSError(

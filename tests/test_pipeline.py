@@ -318,3 +318,24 @@ def test_label_map_only_and_compact_probabilities(tiny_pipe, rgb_image):
     np.testing.assert_array_equal(np.asarray(pil.probabilities[0][1]), compact.probabilities[0][1])
     with pytest.raises(ValueError, match="probability_dtype"):
         run(tiny_pipe, rgb_image, prompts, probability_dtype="int8")
+
+
+def test_casting_prints_no_empty_keep_in_fp32_warning():
+    """diffusers warned "should be kept in float32: []" once per component on every `pipe.to(dtype)`."""
+    import logging
+
+    from diffusers.models.modeling_utils import logger as modeling_logger
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    modeling_logger.addHandler(handler)
+    try:
+        pipe = make_tiny_pipeline()
+        pipe.to(torch.bfloat16)
+        assert not [r for r in records if "float32" in r.getMessage()]
+        pipe.unet._keep_in_fp32_modules = ["conv_in"]  # a real list is still reported
+        pipe.unet.to(torch.float32)
+        assert any("should be kept in float32: ['conv_in']" in r.getMessage() for r in records)
+    finally:
+        modeling_logger.removeHandler(handler)

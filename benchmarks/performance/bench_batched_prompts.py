@@ -1,7 +1,7 @@
 """Batched K prompts (one pipeline call) vs the paper's per-class loop (one call per prompt), side by side.
 
-For each K the outputs of both are checked equal (atol 1e-5 in fp32, more in fp16/bf16; rows batched differently
-sum in another order),
+For each K the outputs of both are checked equal (`OUTPUT_TOLERANCE`: 1e-4 in fp32, more in fp16/bf16; rows batched
+differently sum in another order),
 then the two (and the batched call with the light mask decoder, when asked) are timed interleaved. The FLOP
 model predicts the speed-up: loop = K (E + U + D), batched = E + K (U + D), light = E + K (U + L).
 
