@@ -1526,7 +1526,8 @@ def _check_loaded_components(pipe: "DiGSegPipeline", source: str) -> None:
     missing = [name for name in required if getattr(pipe, name, None) is None]
     if missing:
         raise OSError(f"{source}: the DiGSeg pipeline is missing its {', '.join(missing)} component(s).")
-    pipe.text_projection.check_widths(pipe.text_encoder.config.hidden_size, pipe.unet.config.cross_attention_dim, source)
+    if isinstance(pipe.text_projection, DiGSegTextProjection):  # one of another model: refused now, not mid-call
+        pipe.text_projection.check_widths(pipe.text_encoder.config.hidden_size, pipe.unet.config.cross_attention_dim, source)
     tokenizer = pipe.tokenizer
     if hasattr(tokenizer, "all_special_tokens") and len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
         raise OSError(

@@ -5,6 +5,7 @@ input; never a bare traceback from deep inside torch, and never a pickle load.
 """
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -293,8 +294,6 @@ def saved_model(tmp_path_factory):
 
 
 def _copy(saved_model, tmp_path):
-    import shutil
-
     target = tmp_path / "model"
     shutil.copytree(saved_model, target)
     return target
@@ -339,6 +338,37 @@ def test_the_refusal_of_pickled_weights_names_the_way_to_load_a_trusted_folder(s
         DiGSegPipeline.from_pretrained(folder)
     pipe = DiGSegPipeline.from_pretrained(folder, use_safetensors=None)  # the way the message names
     assert pipe.unet.conv_in.weight.shape[1] == 2 * pipe.vae.config.latent_channels
+
+
+def _text_projection_of_another_model(folder, extra_in=0, extra_out=0):
+    from digseg_diffusers.text_projection import DiGSegTextProjection
+
+    config = json.loads((folder / "text_projection" / "config.json").read_text())
+    shutil.rmtree(folder / "text_projection")
+    projection = DiGSegTextProjection(config["in_features"] + extra_in, config["out_features"] + extra_out)
+    projection.save_pretrained(folder / "text_projection")
+    return config["in_features"], config["out_features"]
+
+
+@pytest.mark.parametrize("extra_in, extra_out", [(8, 0), (0, 8)], ids=["text-width", "cross-attention-width"])
+def test_text_projection_of_another_model_is_refused_at_load_naming_the_widths(saved_model, tmp_path, extra_in,
+                                                                               extra_out):  # fmt: skip
+    """It loaded, then failed at the first call inside LayerNorm ("normalized_shape") or cross-attention ("mat1 and
+    mat2 shapes cannot be multiplied")."""
+    folder = _copy(saved_model, tmp_path)
+    text_width, attention_width = _text_projection_of_another_model(folder, extra_in, extra_out)
+    expected = (rf"{folder}: the text_projection maps {text_width + extra_in} -> {attention_width + extra_out} features, "
+                rf"but this pipeline needs {text_width} \(text_encoder hidden_size\) -> {attention_width} \(unet")  # fmt: skip
+    with pytest.raises(ValueError, match=expected):
+        DiGSegPipeline.from_pretrained(folder)
+
+
+def test_text_projection_refuses_text_states_of_another_width(tiny_pipe):
+    projection = tiny_pipe.text_projection
+    width = projection.config.in_features
+    with pytest.raises(ValueError, match=f"text_projection takes {width}-wide text states; got {width + 8}"):
+        projection(torch.zeros(1, 3, width + 8))
+    assert projection(torch.zeros(1, 3, width)).shape == (1, 3, projection.config.out_features)
 
 
 def test_cli_damaged_model_is_one_line(saved_model, tmp_path, capsys):
