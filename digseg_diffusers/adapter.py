@@ -619,12 +619,19 @@ def read_adapter(
     Adapters of the first format (``digseg_adapter.safetensors`` + ``digseg_adapter_config.json``) load with a
     deprecation warning; re-save them with `save_adapter` (or ``pipe.save_digseg_adapter``).
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     source = repr(str(directory_or_hub_id))
     weights_path, legacy_config = _resolve_adapter_files(directory_or_hub_id, subfolder, weight_name, **hub_kwargs)
-    with safe_open(weights_path, framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    try:
+        with safe_open(weights_path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(weights_path, device="cpu")
+    except (SafetensorError, OSError) as error:  # truncated, corrupt or not a safetensors file
+        raise ValueError(
+            f"Cannot read the DiGSeg adapter {source}: its weights file {weights_path} is truncated or corrupt "
+            f"({error}). Save or download the adapter again."
+        ) from None
     if DIGSEG_METADATA_KEY in metadata:
         try:
             document = json.loads(metadata[DIGSEG_METADATA_KEY])
@@ -648,7 +655,7 @@ def read_adapter(
             f"{source} holds a LoRA without DiGSeg metadata: DiGSeg adapters carry their config (and the conv_in "
             "and text projection weights) in the file; this one cannot be loaded as a DiGSeg adapter."
         )
-    return _check_document(document, source), load_file(weights_path, device="cpu"), source
+    return _check_document(document, source), tensors, source
 
 
 def _document_of_state_dict(unet: nn.Module, state: dict[str, Any]) -> dict[str, Any]:

@@ -391,3 +391,30 @@ def test_comfy_segment_handles_odd_image_batches(tiny_pipe):
     assert torch.isfinite(result.probabilities).all()
     with pytest.raises(ValueError, match="IMAGE"):
         logic.segment(tiny_pipe, torch.rand(16, 16), ["a"])
+
+
+# ------------------------------------------------------------------------------------------ adapter files
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    from digseg_diffusers.adapter import DiGSegAdapterConfig, apply_adapter
+
+    pipe = make_tiny_pipeline(seed=0)
+    apply_adapter(pipe.unet, pipe.text_projection, DiGSegAdapterConfig(rank=4, alpha=16))
+    folder = tmp_path_factory.mktemp("adapter")
+    return Path(pipe.save_digseg_adapter(folder))
+
+
+@pytest.mark.parametrize("keep", [5, 100, 0.5, -3], ids=["in-length", "in-header", "in-tensors", "last-bytes"])
+@pytest.mark.parametrize("loader", ["load_digseg_adapter", "load_lora_weights"])
+def test_truncated_adapter_file_is_named(saved_adapter, tmp_path, keep, loader):
+    """safetensors' SafetensorError ("Error while deserializing header") used to escape without the file's name."""
+    folder = tmp_path / "adapter"
+    shutil.copytree(saved_adapter.parent, folder)
+    weights = folder / saved_adapter.name
+    data = weights.read_bytes()
+    weights.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
+    with pytest.raises(ValueError, match=f"DiGSeg adapter .*{saved_adapter.name} is truncated or corrupt") as error:
+        getattr(make_tiny_pipeline(seed=0), loader)(folder)
+    assert str(weights) in str(error.value) and "\n" not in str(error.value)
