@@ -11,7 +11,7 @@ diffusers resolves a pipeline whose class is not part of diffusers through code 
 Those files are loaded as standalone modules (no package around them, so no relative imports). Ours are short
 *loader stubs* that import the classes from the installed ``digseg_diffusers`` package: the code that runs is the
 package's, versioned and installed by the user, not a copy frozen into every saved model. Without the package, the
-stub raises an ``ImportError`` that says to ``pip install digseg-diffusers``.
+stub raises an ``ImportError`` that says how to install the package (`INSTALL_HINT`).
 
 So a saved folder or Hub repo loads with::
 
@@ -35,7 +35,10 @@ PIPELINE_MODULE = "pipeline_digseg"
 """Stem of the loader stub at the root of a saved pipeline (``pipeline_digseg.py``)."""
 
 PACKAGE = "digseg_diffusers"
-INSTALL_HINT = "pip install digseg-diffusers"
+REPOSITORY_URL = "https://github.com/digseg-diffusers/digseg-diffusers"
+INSTALL_HINT = f"pip install git+{REPOSITORY_URL}"
+"""How to install the package: it is on no package index yet, so from its repository (or `pip install -e .` in a
+clone)."""
 
 # component name -> (stub module in the component's folder, the package module that defines the class)
 CUSTOM_COMPONENT_MODULES: dict[str, tuple[str, str]] = {

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from digseg_diffusers import DiGSegPipeline
-from digseg_diffusers.hub_layout import hub_model_index, package_model_index, write_loader_files
+from digseg_diffusers.hub_layout import INSTALL_HINT, hub_model_index, package_model_index, write_loader_files
 from digseg_diffusers.mask_decoder import DiGSegMaskDecoder
 from digseg_diffusers.testing_utils import make_tiny_pipeline, write_hub_cache
 
@@ -39,7 +39,7 @@ def test_saved_folder_has_the_custom_pipeline_layout(saved):
     assert index["mask_decoder"] == ["digseg_mask_decoder", "DiGSegMaskDecoder"]
     for stub in ("pipeline_digseg.py", "text_projection/digseg_text_projection.py", "mask_decoder/digseg_mask_decoder.py"):
         text = (saved / stub).read_text()
-        assert "from digseg_diffusers." in text and "pip install digseg-diffusers" in text
+        assert "from digseg_diffusers." in text and INSTALL_HINT in text
         assert not any(line.startswith("from .") for line in text.splitlines())  # loaded standalone: no relative import
     # diffusers' Hub download accepts every component entry (it refuses modules that are neither files nor libraries).
     from diffusers.pipelines.pipeline_loading_utils import _get_custom_components_and_folders
@@ -167,4 +167,4 @@ def test_without_the_package_the_error_says_what_to_install(saved, tmp_path):
     result = _run(script, saved, tmp_path=tmp_path, block_package=True)
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("ImportError: This model is a DiGSeg pipeline") and "pip install digseg-diffusers" in last_line
+    assert last_line.startswith("ImportError: This model is a DiGSeg pipeline") and INSTALL_HINT in last_line
