@@ -297,6 +297,7 @@ def pipeline_card(pipeline, repo_id: str | None = None, metrics: Mapping[str, An
         base_model=data.base_model,
         components=components,
         config={key: value for key, value in pipeline.config.items() if key.startswith("default_")},
+        training_vocabulary=pipeline.config.get("training_vocabulary"),
         metrics_table=_metrics_table(metrics),
     )
 

@@ -147,3 +147,12 @@ def test_demo_card_model_index_is_the_measured_benchmark(tmp_path):
     (tmp_path / "fidelity.json").write_text(json.dumps(fidelity))
     assert hub.update_demo_card(card, tmp_path / "fidelity.json")
     assert {r.metric_type: r.metric_value for r in ModelCard.load(card).data.eval_results}["mean_iou"] == 0.9
+
+
+def test_pipeline_card_says_what_the_model_can_segment():
+    from digseg_diffusers.hub import pipeline_card
+
+    closed = str(pipeline_card(make_tiny_pipeline(training_vocabulary=["cat", "traffic light"]), repo_id="me/x"))
+    assert "trained on 2 classes only" in closed and "`cat`, `traffic light`" in closed
+    opened = str(pipeline_card(make_tiny_pipeline(), repo_id="me/x"))
+    assert "An open vocabulary" in opened and "classes only" not in opened
