@@ -1,18 +1,33 @@
 """ComfyUI custom nodes for DiGSeg: text-prompted segmentation masks inside ComfyUI graphs.
 
-Install: put (or symlink) this folder into ``ComfyUI/custom_nodes/`` and ``pip install digseg-diffusers`` into
-ComfyUI's Python. The nodes use ComfyUI's V3 schema (``comfy_entrypoint``), pinned to ``comfy_api.v0_0_2``
-(ComfyUI 0.3.64 and later). Importing this package outside ComfyUI works and registers nothing; the ComfyUI
-imports happen only when ComfyUI calls `comfy_entrypoint`.
+Install: clone the whole repository into ``ComfyUI/custom_nodes/`` and run ``pip install -r requirements.txt`` in
+the clone with ComfyUI's Python (what ComfyUI-Manager does); the root ``__init__.py`` forwards here and brings the
+clone's ``digseg_diffusers``. The nodes use ComfyUI's V3 schema (``comfy_entrypoint``), pinned to
+``comfy_api.v0_0_2`` (ComfyUI 0.3.64 and later). Importing this package outside ComfyUI works and registers nothing;
+the ComfyUI imports happen only when ComfyUI calls `comfy_entrypoint`.
 """
 
 from __future__ import annotations
 
 __all__ = ["comfy_entrypoint"]
 
+INSTALL_ADVICE = (
+    "clone the digseg-diffusers repository into ComfyUI/custom_nodes/ and run `pip install -r requirements.txt` "
+    "in the clone with ComfyUI's Python (ComfyUI-Manager's 'Install via Git URL' does both), or `pip install "
+    "/path/to/digseg-diffusers` (a clone) into ComfyUI's Python when linking comfy_nodes/ on its own"
+)
+
+
+def missing_module_message(module_name: str | None) -> str:
+    """One line for ComfyUI's log when the nodes cannot import a module: which one, and how to install it."""
+    return f"DiGSeg nodes: the Python module {module_name!r} is missing; {INSTALL_ADVICE}."
+
 
 async def comfy_entrypoint():
     """ComfyUI's V3 entry point: the extension that lists the DiGSeg nodes."""
-    from .nodes import DiGSegExtension
+    try:
+        from .nodes import DiGSegExtension
+    except ModuleNotFoundError as error:  # ComfyUI logs this one line instead of a traceback from deep inside
+        raise ImportError(missing_module_message(error.name)) from error
 
     return DiGSegExtension()

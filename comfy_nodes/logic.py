@@ -44,6 +44,8 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 PICK_KINDS = ("mask", "probability", "region")
 OVERLAY_ALPHA = 0.5
 MODEL_INDEX = "model_index.json"
+DEFAULT_PROMPTS = "circle, square, star"
+"""The Segment node's default text: classes the embedded demo model was trained on (see `demo_model_vocabulary`)."""
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -315,6 +317,28 @@ def list_model_folders(search_paths: list[str], max_depth: int = 2, marker: str 
                 elif depth + 1 < max_depth:
                     pending.append((name, depth + 1))
     return sorted(dict.fromkeys(found))
+
+
+def demo_model_vocabulary() -> list[str] | None:
+    """The class names the embedded demo model was trained on (its config's ``training_vocabulary``), or None.
+
+    Read from the config alone (no weights), so the node schemas can tell users what the demo model segments.
+    """
+    folder = demo_model_path()
+    if folder is None:
+        return None
+    return DiGSegPipeline.load_config(folder).get("training_vocabulary")
+
+
+def demo_vocabulary_note() -> str:
+    """One sentence for the node tooltips: what the embedded demo model segments (empty when none is embedded)."""
+    vocabulary = demo_model_vocabulary()
+    if not vocabulary:
+        return ""
+    return (
+        f"The embedded demo model segments only: {', '.join(vocabulary)}; other prompts give meaningless masks "
+        "(ComfyUI's log warns about them)."
+    )
 
 
 def model_choices(search_paths: list[str]) -> list[str]:

@@ -116,7 +116,10 @@ class DiGSegModelLoader(io.ComfyNode):
                 io.Combo.Input(
                     "model",
                     options=logic.model_choices(model_search_paths()),
-                    tooltip="A folder under models/digseg with a model_index.json, or the embedded demo model.",
+                    tooltip=(
+                        "A folder under models/digseg with a model_index.json, or the embedded demo model. "
+                        + logic.demo_vocabulary_note()
+                    ).strip(),
                 ),
                 io.Combo.Input(
                     "precision",
@@ -176,16 +179,19 @@ class DiGSegSegment(io.ComfyNode):
                 "Segments every image of the batch once per prompt. masks: MASK [B*K, H, W], image-major "
                 "(image b, prompt k at index b*K + k). label_map: [B, H, W] integer labels as floats "
                 "(0 = background, k + 1 = prompt k). overlay: the label map coloured over the images. "
-                "A prompt that matches nothing gives an all-zero mask."
-            ),
+                "A prompt that matches nothing gives an all-zero mask. " + logic.demo_vocabulary_note()
+            ).strip(),
             inputs=[
                 DiGSegModelType.Input("digseg_model"),
                 io.Image.Input("image"),
                 io.String.Input(
                     "prompts",
                     multiline=True,
-                    default="person, sky",
-                    tooltip="Class names or phrases, separated by commas or new lines; duplicates are dropped.",
+                    default=logic.DEFAULT_PROMPTS,
+                    tooltip=(
+                        "Class names or phrases, separated by commas or new lines; duplicates are dropped. "
+                        + logic.demo_vocabulary_note()
+                    ).strip(),
                 ),
                 io.Int.Input(
                     "steps",

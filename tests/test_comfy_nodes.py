@@ -3,10 +3,12 @@
 import asyncio
 import importlib
 import json
+import logging
 import math
 import os
 import sys
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -756,16 +758,190 @@ def test_proposal_node(comfy):
     assert logic.parse_prompts(classes) == classes.split("\n")  # chains into Segment unchanged
 
 
+# ------------------------------------------------------------------------------------------------ as ComfyUI runs them
+
+
+class ComfyPromptWorker:
+    """Runs prompts the way ComfyUI's executor does (`PromptExecutor.execute_async` in ComfyUI's execution.py).
+
+    Every prompt runs on ComfyUI's one prompt-worker thread, the whole of it inside ``torch.inference_mode()``: the
+    weights the loader node loads are inference tensors (no version counter, no autograd), and so is everything the
+    nodes compute. ComfyUI keeps node outputs between prompts and re-runs only the nodes whose inputs changed, so a
+    later prompt gets the earlier prompt's model (and segmentation) objects back; the test passes them on the same way.
+    """
+
+    def __init__(self):
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt_worker")
+
+    def run(self, prompt):
+        def execute():
+            with torch.inference_mode():
+                return prompt()
+
+        return self._thread.submit(execute).result()
+
+    def close(self) -> None:
+        self._thread.shutdown()
+
+
+ADAPTER_CONFIG = dict(rank=4, alpha=16, levels=(2,), base_model="tiny/sd2")
+
+
+@pytest.fixture
+def comfy_host(comfy):
+    """The fake ComfyUI with a saved tiny model in models/digseg (plus an adapter next to it), and a prompt worker."""
+    from digseg_diffusers import DiGSegAdapterConfig
+    from digseg_diffusers.adapter import apply_adapter
+
+    fake, nodes = comfy
+    folder = Path(fake.modules["folder_paths"].models_dir) / "digseg" / "tiny"
+    make_tiny_pipeline(seed=0, training_vocabulary=["circle", "square", "star"]).save_pretrained(str(folder))
+    adapted = make_tiny_pipeline(seed=0)
+    trainable = apply_adapter(adapted.unet, adapted.text_projection, DiGSegAdapterConfig(**ADAPTER_CONFIG))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in trainable:  # move the adapter away from its zero start, so that it changes the masks
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    adapted.save_digseg_adapter(folder / "adapter")
+    worker = ComfyPromptWorker()
+    yield fake, nodes, worker
+    worker.close()
+
+
+def load_node(nodes, precision="auto", adapter=""):
+    return nodes.DiGSegModelLoader.execute(model="tiny", precision=precision, adapter=adapter).args[0]
+
+
+def segment_node(nodes, model, images, prompts="circle, star", seed=0):
+    return nodes.DiGSegSegment.execute(
+        digseg_model=model, image=images, prompts=prompts, steps=1, ensemble_size=1, processing_resolution=32,
+        mask_threshold=-1.0, background_threshold=-1.0, seed=seed, batch_size=4,
+    ).args  # fmt: skip
+
+
+def test_nodes_run_as_comfyui_runs_them_repeatedly_and_after_model_changes(comfy_host):
+    """Loader -> Segment -> Pick Mask inside inference mode, prompt after prompt (the shipped workflow failed on every
+    run in ComfyUI: the prompt cache read the version counter of the inference-tensor weights)."""
+    fake, nodes, worker = comfy_host
+    images = comfy_images(batch=1, height=32, width=32)
+
+    def first_prompt():
+        model = load_node(nodes)
+        masks, label_map, overlay, segmentation = segment_node(nodes, model, images)
+        star = nodes.DiGSegPickMask.execute(segmentation=segmentation, select="star", kind="mask").args[0]
+        return model, masks, label_map, overlay, segmentation, star
+
+    model, masks, label_map, overlay, segmentation, star = worker.run(first_prompt)
+    assert model.pipeline.unet.conv_in.weight.is_inference()  # what ComfyUI hands the pipeline
+    assert masks.shape == (2, 32, 32) and label_map.shape == (1, 32, 32) and overlay.shape == (1, 32, 32, 3)
+    assert torch.equal(star, masks[1:2])
+    assert model.pipeline.prompt_cache_info()["misses"] == 2
+
+    # Next prompt, only Pick Mask's widget changed: ComfyUI re-runs it on the cached segmentation.
+    circle = worker.run(lambda: nodes.DiGSegPickMask.execute(segmentation=segmentation, select="circle", kind="region"))
+    assert torch.equal(circle.args[0], (label_map == 1).float())
+
+    # Next prompts, Segment's seed changed and back: the cached model, and the prompts from the prompt cache.
+    worker.run(lambda: segment_node(nodes, model, images, seed=1))
+    again = worker.run(lambda: segment_node(nodes, model, images, seed=0))[3]
+    assert model.pipeline.prompt_cache_info()["hits"] == 4  # two prompts, two runs served from the cache
+    assert_close_across_paths(again.probabilities, segmentation.probabilities, what="probabilities after cache hits")
+    assert worker.run(lambda: load_node(nodes)) is model  # the loader re-run (e.g. after a model switch back) reuses it
+
+    # Another model in the loader: half precision, an adapter; each one runs, and the adapter changes the masks.
+    for precision, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        half = worker.run(lambda: load_node(nodes, precision=precision))
+        assert half is not model and half.dtype == dtype and half.pipeline.unet.dtype == dtype
+        half_result = worker.run(lambda: segment_node(nodes, half, images))
+        assert half_result[0].dtype == torch.float32 and half_result[0].shape == (2, 32, 32)
+        assert torch.isfinite(half_result[3].probabilities).all()
+    adapted = worker.run(lambda: load_node(nodes, adapter="adapter"))
+    assert adapted is not model and adapted.pipeline.get_active_adapters() == ["digseg"]
+    adapted_result = worker.run(lambda: segment_node(nodes, adapted, images))[3]
+    assert float((adapted_result.probabilities - segmentation.probabilities).abs().max()) > 1e-4
+
+    # And back to the first settings: evicted from the loader's two-model cache meanwhile, so loaded again.
+    reloaded = worker.run(lambda: load_node(nodes))
+    assert reloaded is not model and model.patcher.detached
+    result = worker.run(lambda: segment_node(nodes, reloaded, images))[3]
+    assert_close_across_paths(result.probabilities, segmentation.probabilities, what="probabilities after a reload")
+
+
+def test_prompts_outside_the_training_vocabulary_are_named_in_the_log(comfy_host, caplog):
+    """ComfyUI's log is the root logger: the warning names the unknown prompts and what the model knows."""
+    fake, nodes, worker = comfy_host
+    images = comfy_images(batch=1, height=32, width=32)
+    model = worker.run(lambda: load_node(nodes))
+    with caplog.at_level(logging.WARNING):
+        worker.run(lambda: segment_node(nodes, model, images, prompts="circle, star"))
+    assert not [r for r in caplog.records if "vocabulary" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):
+        worker.run(lambda: segment_node(nodes, model, images, prompts="person, star, sky"))
+    warnings = [r.getMessage() for r in caplog.records if "vocabulary" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "'person'" in warnings[0] and "'sky'" in warnings[0] and "'star'" not in warnings[0]
+    assert "circle, square, star" in warnings[0]  # what the model was trained on
+
+
+def test_proposal_node_runs_as_comfyui_runs_it(comfy_host):
+    fake, nodes, worker = comfy_host
+    folder = Path(fake.modules["folder_paths"].models_dir) / "digseg" / "tiny-proposer"
+    make_tiny_proposer().save_pretrained(str(folder))
+
+    def propose():
+        return nodes.DiGSegClassProposal.execute(
+            image=comfy_images(batch=1), proposer="tiny-proposer", vocabulary="custom", global_threshold=-1.0,
+            patch_threshold=-1.0, top_k=2, custom_classes="cat, dog, bird",
+        ).args[0]  # fmt: skip
+
+    first = worker.run(propose)
+    assert len(first.split("\n")) == 2
+    assert worker.run(propose) == first  # the cached proposer and its cached vocabulary embeddings
+
+
+# ------------------------------------------------------------------------------------------------ defaults, messages
+
+
+def test_segment_defaults_to_prompts_the_demo_model_knows(comfy):
+    fake, nodes = comfy
+    vocabulary = logic.demo_model_vocabulary()
+    assert vocabulary == ["circle", "square", "triangle", "star", "ring", "cross"]
+    prompts_input = next(i for i in nodes.DiGSegSegment.define_schema().inputs if i.id == "prompts")
+    defaults = logic.parse_prompts(prompts_input.kwargs["default"])
+    assert len(defaults) >= 2 and set(defaults) <= set(vocabulary)
+    assert ", ".join(vocabulary) in prompts_input.kwargs["tooltip"]
+    model_input = nodes.DiGSegModelLoader.define_schema().inputs[0]
+    assert ", ".join(vocabulary) in model_input.kwargs["tooltip"]
+
+
+def test_a_missing_library_is_one_line_with_the_install_from_a_clone(comfy, monkeypatch):
+    """ComfyUI logs what `comfy_entrypoint` raises: the missing module and the install that works today."""
+    import comfy_nodes
+
+    for name in ("comfy_nodes.nodes", "comfy_nodes.logic"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.delattr(comfy_nodes, "logic")  # else `from . import logic` takes the attribute
+    monkeypatch.setitem(sys.modules, "digseg_diffusers", None)  # importing it raises ModuleNotFoundError
+    with pytest.raises(ImportError) as raised:
+        asyncio.run(comfy_nodes.comfy_entrypoint())
+    message = str(raised.value)
+    assert "'digseg_diffusers' is missing" in message and "\n" not in message
+    assert "pip install -r requirements.txt" in message and "pip install digseg-diffusers" not in message
+
+
 def test_example_workflows_use_only_known_nodes_and_valid_links():
     folder = REPO_ROOT / "comfy_nodes" / "workflows"
-    api = json.loads((folder / "digseg_segment_api.json").read_text())
     ours = {"DiGSegModelLoader", "DiGSegSegment", "DiGSegPickMask", "DiGSegClassProposal"}
     core = {"LoadImage", "PreviewImage", "SaveImage", "MaskToImage"}
-    for node_id, node in api.items():
-        assert node["class_type"] in ours | core
-        for value in node["inputs"].values():
-            if isinstance(value, list):
-                assert value[0] in api, f"node {node_id} links to missing node {value[0]}"
+    api_files = sorted(folder.glob("*_api.json"))
+    assert [path.name for path in api_files] == ["digseg_propose_and_segment_api.json", "digseg_segment_api.json"]
+    for path in api_files:
+        api = json.loads(path.read_text())
+        for node_id, node in api.items():
+            assert node["class_type"] in ours | core
+            for value in node["inputs"].values():
+                if isinstance(value, list):
+                    assert value[0] in api, f"{path.name}: node {node_id} links to missing node {value[0]}"
     ui_files = sorted(folder.glob("*_ui.json"))
     assert ui_files
     for path in ui_files:
