@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -33,6 +34,15 @@ def _clean_hub_constants() -> dict:
 
 
 CLEAN_HUB_CONSTANTS = _clean_hub_constants()
+SHELL_HUB_CONSTANTS = {
+    name: getattr(hub_constants, name)
+    for name, value in CLEAN_HUB_CONSTANTS.items()
+    if getattr(hub_constants, name, None) != value
+}
+"""The constants the caller's shell changed (usually none), with the shell's values."""
+COPYING_PACKAGES = ("huggingface_hub.", "diffusers.", "transformers.", "peft.", "accelerate.", "digseg_diffusers.")
+"""Packages whose modules copy constants at import (diffusers: ``from huggingface_hub.constants import
+HF_HUB_OFFLINE`` in its LoRA loader and telemetry)."""
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +56,13 @@ def no_hub_environment(monkeypatch):
     for name, value in CLEAN_HUB_CONSTANTS.items():
         if getattr(hub_constants, name, None) != value:
             monkeypatch.setattr(hub_constants, name, value)
+    if SHELL_HUB_CONSTANTS:
+        for module_name, module in list(sys.modules.items()):
+            if module is hub_constants or not module_name.startswith(COPYING_PACKAGES):
+                continue
+            for name, shell_value in SHELL_HUB_CONSTANTS.items():
+                if name in vars(module) and vars(module)[name] is shell_value:
+                    monkeypatch.setattr(module, name, CLEAN_HUB_CONSTANTS[name])
 
 
 @pytest.fixture(scope="session")

@@ -250,3 +250,15 @@ def test_loaders_refuse_an_uncached_hub_id_in_one_line(tmp_path, monkeypatch, em
     with pytest.raises(OSError, match="'missing/model/folder': no such folder") as error:
         DiGSegPipeline.from_pretrained("missing/model/folder")
     _one_line(error)
+
+
+def test_tests_see_no_hub_environment_of_the_caller():
+    """tests/conftest.py's autouse fixture: without it, ``HF_HUB_OFFLINE=1`` in the shell made the endpoint test fail
+    (and a token or another endpoint would reach every test and subprocess)."""
+    import os
+
+    import diffusers.loaders.lora_base  # copies HF_HUB_OFFLINE at import
+
+    assert not [name for name in os.environ if name.startswith(("HF_", "HUGGINGFACE_")) or name == "TRANSFORMERS_OFFLINE"]
+    assert constants.HF_HUB_OFFLINE is False and diffusers.loaders.lora_base.HF_HUB_OFFLINE is False
+    assert constants.ENDPOINT == "https://huggingface.co"
