@@ -38,8 +38,7 @@ An adapter folder holds one safetensors file in the ecosystem's formats:
 Both carry the DiGSeg config document in the metadata key ``digseg_adapter`` (the config, the selected module
 names, and an architecture fingerprint that is checked before anything is loaded, so a wrong base model gives a
 clear ``ValueError``). DiGSeg's loaders (`load_adapter`, the pipeline's ``load_lora_weights``) read the whole
-file or nothing; a LoRA file without that document is refused. The first format (``digseg_adapter.safetensors``
-+ ``digseg_adapter_config.json``) still loads, with a deprecation warning.
+file or nothing; a LoRA file without that document is refused.
 """
 
 from __future__ import annotations
@@ -47,7 +46,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -66,10 +64,6 @@ FULL_WEIGHTS_NAME = "digseg_full_weights.safetensors"
 """A "full" adapter (attention weights themselves, not a LoRA)."""
 DIGSEG_METADATA_KEY = "digseg_adapter"
 """Safetensors metadata key of the adapter's config document (JSON)."""
-LEGACY_WEIGHTS_NAME = "digseg_adapter.safetensors"
-LEGACY_CONFIG_NAME = "digseg_adapter_config.json"
-ADAPTER_WEIGHTS_NAME = LEGACY_WEIGHTS_NAME  # deprecated names of the first format, kept for importers
-ADAPTER_CONFIG_NAME = LEGACY_CONFIG_NAME
 ADAPTER_FORMAT = "digseg-adapter"
 ADAPTER_FORMAT_VERSION = 2
 APPLIED_CONFIG_ATTRIBUTE = "_digseg_adapter_config"
@@ -568,24 +562,21 @@ def _library_versions() -> dict[str, str]:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__}
 
 
-def _resolve_adapter_files(
+def _resolve_adapter_file(
     directory_or_hub_id: str | os.PathLike, subfolder: str | None, weight_name: str | None = None, **hub_kwargs
-) -> tuple[str, str | None]:
-    """``(weights file, legacy JSON config or None)`` from a folder, a weights file, or a Hub repo id."""
+) -> str:
+    """The adapter's weights file from a folder, a weights file, or a Hub repo id."""
     source = str(directory_or_hub_id)
     folder = os.path.join(source, subfolder) if subfolder else source
-    candidates = [weight_name] if weight_name else [LORA_WEIGHTS_NAME, FULL_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME]
+    candidates = [weight_name] if weight_name else [LORA_WEIGHTS_NAME, FULL_WEIGHTS_NAME]
     if os.path.isfile(folder):
         if folder.endswith(".safetensors"):
-            return folder, None
+            return folder
         raise ValueError(f"{folder!r} is a file but not a .safetensors adapter; give the adapter's folder or Hub id.")
     for name in candidates:
         path = resolve_file(source, name, subfolder, what="the DiGSeg adapter", **hub_kwargs)
         if path is not None:
-            legacy = None
-            if name == LEGACY_WEIGHTS_NAME:
-                legacy = resolve_file(source, LEGACY_CONFIG_NAME, subfolder, what="the DiGSeg adapter", **hub_kwargs)
-            return path, legacy
+            return path
     if os.path.isdir(source):
         raise ValueError(f"{folder!r} is not a DiGSeg adapter folder: none of {', '.join(candidates)} is in it.")
     raise OSError(
@@ -612,17 +603,15 @@ def read_adapter(
     weight_name: str | None = None,
     **hub_kwargs,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
-    """``(config document, tensors, source)`` of a saved adapter, in this format or the deprecated one.
+    """``(config document, tensors, source)`` of a saved adapter.
 
     The config document lives in the weights file's metadata (key ``digseg_adapter``), so the file alone says
     what it needs: a loader handed only the LoRA file still finds out that a text projection comes with it.
-    Adapters of the first format (``digseg_adapter.safetensors`` + ``digseg_adapter_config.json``) load with a
-    deprecation warning; re-save them with `save_adapter` (or ``pipe.save_digseg_adapter``).
     """
     from safetensors import SafetensorError, safe_open
 
     source = repr(str(directory_or_hub_id))
-    weights_path, legacy_config = _resolve_adapter_files(directory_or_hub_id, subfolder, weight_name, **hub_kwargs)
+    weights_path = _resolve_adapter_file(directory_or_hub_id, subfolder, weight_name, **hub_kwargs)
     try:
         with safe_open(weights_path, framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -632,29 +621,15 @@ def read_adapter(
             f"Cannot read the DiGSeg adapter {source}: its weights file {weights_path} is truncated or corrupt "
             f"({error}). Save or download the adapter again."
         ) from None
-    if DIGSEG_METADATA_KEY in metadata:
-        try:
-            document = json.loads(metadata[DIGSEG_METADATA_KEY])
-        except json.JSONDecodeError as error:
-            raise ValueError(f"The DiGSeg adapter config in {source} is not valid JSON: {error}") from error
-    elif legacy_config is not None:
-        warnings.warn(
-            f"The adapter {source} is in the first DiGSeg adapter format ({LEGACY_WEIGHTS_NAME} + "
-            f"{LEGACY_CONFIG_NAME}), which will not be read after the next release. Re-save it with "
-            "`pipe.save_digseg_adapter(folder)` (a diffusers/PEFT LoRA file).",
-            FutureWarning,
-            stacklevel=3,
-        )
-        try:
-            with open(legacy_config, encoding="utf-8") as handle:
-                document = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{LEGACY_CONFIG_NAME} of the adapter {source} is not valid JSON: {error}") from error
-    else:
+    if DIGSEG_METADATA_KEY not in metadata:
         raise ValueError(
             f"{source} holds a LoRA without DiGSeg metadata: DiGSeg adapters carry their config (and the conv_in "
             "and text projection weights) in the file; this one cannot be loaded as a DiGSeg adapter."
         )
+    try:
+        document = json.loads(metadata[DIGSEG_METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"The DiGSeg adapter config in {source} is not valid JSON: {error}") from error
     return _check_document(document, source), tensors, source
 
 

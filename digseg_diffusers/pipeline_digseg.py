@@ -875,20 +875,6 @@ class DiGSegPipeline(DiffusionPipeline):
                 layer.get_base_layer().weight.copy_(weight)
         self._digseg_unfused_weights = None
 
-    def fuse_digseg_adapter(self) -> None:
-        """Deprecated alias of `fuse_lora`."""
-        import warnings
-
-        warnings.warn("`fuse_digseg_adapter` is deprecated; use `fuse_lora`.", FutureWarning, stacklevel=2)
-        self.fuse_lora()
-
-    def unfuse_digseg_adapter(self) -> None:
-        """Deprecated alias of `unfuse_lora`."""
-        import warnings
-
-        warnings.warn("`unfuse_digseg_adapter` is deprecated; use `unfuse_lora`.", FutureWarning, stacklevel=2)
-        self.unfuse_lora()
-
     def encode_images(
         self, pixels: torch.Tensor, batch_size: int | None = None, device: torch.device | None = None
     ) -> torch.Tensor:

@@ -10,8 +10,6 @@ from safetensors.torch import load_file, save_file
 
 from digseg_diffusers.adapter import (
     DIGSEG_METADATA_KEY,
-    LEGACY_CONFIG_NAME,
-    LEGACY_WEIGHTS_NAME,
     LORA_WEIGHTS_NAME,
     DiGSegAdapterConfig,
     adapter_state_dict,
@@ -180,27 +178,3 @@ def test_pipeline_lora_methods(adapters, image):
     assert type(pipe.unet.conv_in).__name__ == "Conv2d" and not getattr(pipe.unet, "peft_config", None)
 
 
-def test_adapters_of_the_first_format_load_with_a_deprecation_warning(adapters, tmp_path):
-    root, pipes = adapters
-    unet, projection = pipes["a"].unet, pipes["a"].text_projection
-    save_file(adapter_state_dict(unet, projection, CONFIG), tmp_path / LEGACY_WEIGHTS_NAME, metadata={"format": "pt"})
-    document = {"format": "digseg-adapter", "format_version": 1, **CONFIG.to_dict(), "levels": [2],
-                "target_modules": select_adapter_modules(unet, CONFIG), "architecture": architecture_fingerprint(unet, projection)}  # fmt: skip
-    (tmp_path / LEGACY_CONFIG_NAME).write_text(json.dumps(document))
-    fresh = make_tiny_unet().eval()
-    from digseg_diffusers.text_projection import DiGSegTextProjection
-
-    with pytest.warns(FutureWarning, match="first DiGSeg adapter format"):
-        load_adapter(fresh, DiGSegTextProjection(24, 32), tmp_path)
-    torch.testing.assert_close(_unet_output(fresh), _unet_output(unet), atol=1e-6, rtol=0)
-
-
-def test_deprecated_fuse_methods_warn_and_still_work(adapters, image):
-    root, pipes = adapters
-    pipe = make_tiny_pipeline()
-    pipe.load_digseg_adapter(root / "a")
-    with pytest.warns(FutureWarning, match="fuse_lora"):
-        pipe.fuse_digseg_adapter()
-    with pytest.warns(FutureWarning, match="unfuse_lora"):
-        pipe.unfuse_digseg_adapter()
-    _assert_same_latents(_latents(pipe, image), _latents(pipes["a"], image))
