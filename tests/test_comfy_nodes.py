@@ -9,6 +9,7 @@ import os
 import sys
 import types
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -822,7 +823,7 @@ def segment_node(nodes, model, images, prompts="circle, star", seed=0):
 def test_nodes_run_as_comfyui_runs_them_repeatedly_and_after_model_changes(comfy_host):
     """Loader -> Segment -> Pick Mask inside inference mode, prompt after prompt (the shipped workflow failed on every
     run in ComfyUI: the prompt cache read the version counter of the inference-tensor weights)."""
-    fake, nodes, worker = comfy_host
+    _, nodes, worker = comfy_host
     images = comfy_images(batch=1, height=32, width=32)
 
     def first_prompt():
@@ -850,9 +851,9 @@ def test_nodes_run_as_comfyui_runs_them_repeatedly_and_after_model_changes(comfy
 
     # Another model in the loader: half precision, an adapter; each one runs, and the adapter changes the masks.
     for precision, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        half = worker.run(lambda: load_node(nodes, precision=precision))
+        half = worker.run(partial(load_node, nodes, precision=precision))
         assert half is not model and half.dtype == dtype and half.pipeline.unet.dtype == dtype
-        half_result = worker.run(lambda: segment_node(nodes, half, images))
+        half_result = worker.run(partial(segment_node, nodes, half, images))
         assert half_result[0].dtype == torch.float32 and half_result[0].shape == (2, 32, 32)
         assert torch.isfinite(half_result[3].probabilities).all()
     adapted = worker.run(lambda: load_node(nodes, adapter="adapter"))
@@ -869,7 +870,7 @@ def test_nodes_run_as_comfyui_runs_them_repeatedly_and_after_model_changes(comfy
 
 def test_prompts_outside_the_training_vocabulary_are_named_in_the_log(comfy_host, caplog):
     """ComfyUI's log is the root logger: the warning names the unknown prompts and what the model knows."""
-    fake, nodes, worker = comfy_host
+    _, nodes, worker = comfy_host
     images = comfy_images(batch=1, height=32, width=32)
     model = worker.run(lambda: load_node(nodes))
     with caplog.at_level(logging.WARNING):
@@ -903,7 +904,7 @@ def test_proposal_node_runs_as_comfyui_runs_it(comfy_host):
 
 
 def test_segment_defaults_to_prompts_the_demo_model_knows(comfy):
-    fake, nodes = comfy
+    _, nodes = comfy
     vocabulary = logic.demo_model_vocabulary()
     assert vocabulary == ["circle", "square", "triangle", "star", "ring", "cross"]
     prompts_input = next(i for i in nodes.DiGSegSegment.define_schema().inputs if i.id == "prompts")

@@ -35,7 +35,6 @@ class _NotInstalled(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname == LIBRARY:
             raise ModuleNotFoundError(f"No module named {LIBRARY!r}", name=LIBRARY)
-        return None
 
 
 @pytest.fixture
