@@ -944,6 +944,23 @@ class WholeWeightAdapters:
 _UNFUSED_WEIGHT_BUFFER = "digseg_unfused_weight"
 
 
+def stash_base_weights(layers: list[nn.Module]) -> None:
+    """Keep a copy of each LoRA layer's base weight before it is merged (a non-persistent buffer: it follows
+    ``.to()`` and is never saved), so that `restore_base_weights` gives it back bit for bit: PEFT's ``unmerge``
+    subtracts the delta again, which leaves rounding errors. The one stash for every fuse in this package."""
+    for layer in layers:
+        layer.register_buffer(_UNFUSED_WEIGHT_BUFFER, layer.get_base_layer().weight.detach().clone(), persistent=False)
+
+
+def restore_base_weights(layers: list[nn.Module]) -> None:
+    """After ``unmerge``: put back the base weights `stash_base_weights` kept, and drop the copies."""
+    with torch.no_grad():
+        for layer in layers:
+            original = layer._buffers.pop(_UNFUSED_WEIGHT_BUFFER, None)
+            if original is not None:
+                layer.get_base_layer().weight.copy_(original)
+
+
 def fuse_adapter(unet: nn.Module, safe_merge: bool = False) -> None:
     """Merge the DiGSeg LoRA into the base weights for faster inference (no-op for 'full' adapters).
 
@@ -954,25 +971,24 @@ def fuse_adapter(unet: nn.Module, safe_merge: bool = False) -> None:
     if not _has_lora(unet):
         logger.info("No DiGSeg LoRA in this U-Net: nothing to fuse ('full' adapters are already in the weights).")
         return
-    for layer in _tuner_layers(unet):
-        if PEFT_ADAPTER_NAME in getattr(layer, "lora_A", {}) and PEFT_ADAPTER_NAME not in layer.merged_adapters:
-            if layer.merged_adapters:
-                raise ValueError("Another adapter is fused into this U-Net; unfuse it before fusing the DiGSeg one.")
-            weight = layer.get_base_layer().weight
-            layer.register_buffer(_UNFUSED_WEIGHT_BUFFER, weight.detach().clone(), persistent=False)
-            layer.merge(safe_merge=safe_merge, adapter_names=[PEFT_ADAPTER_NAME])
+    layers = [
+        layer
+        for layer in _tuner_layers(unet)
+        if PEFT_ADAPTER_NAME in getattr(layer, "lora_A", {}) and PEFT_ADAPTER_NAME not in layer.merged_adapters
+    ]
+    if any(layer.merged_adapters for layer in layers):
+        raise ValueError("Another adapter is fused into this U-Net; unfuse it before fusing the DiGSeg one.")
+    stash_base_weights(layers)
+    for layer in layers:
+        layer.merge(safe_merge=safe_merge, adapter_names=[PEFT_ADAPTER_NAME])
 
 
 def unfuse_adapter(unet: nn.Module) -> None:
     """Undo ``fuse_adapter``: restore the original base weights exactly and apply the LoRA on the fly again."""
-    unet = _unwrap(unet)
-    for layer in _tuner_layers(unet):
-        if PEFT_ADAPTER_NAME in getattr(layer, "merged_adapters", []):
-            layer.unmerge()
-            original = layer._buffers.pop(_UNFUSED_WEIGHT_BUFFER, None)
-            if original is not None:
-                with torch.no_grad():
-                    layer.get_base_layer().weight.copy_(original)
+    layers = [layer for layer in _tuner_layers(_unwrap(unet)) if PEFT_ADAPTER_NAME in getattr(layer, "merged_adapters", [])]
+    for layer in layers:
+        layer.unmerge()
+    restore_base_weights(layers)
 
 
 def plain_state_dict(module: nn.Module, overrides: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

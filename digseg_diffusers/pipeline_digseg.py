@@ -15,8 +15,6 @@ Noise is drawn for all rows before chunking, so results do not depend on `batch_
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import functools
 import inspect
 import itertools
@@ -38,6 +36,7 @@ from transformers import PreTrainedModel
 from . import mask_codec
 from .demo import resolve_model_name  # the short name "digseg-demo" -> the packaged demo model
 from .image_processing import RESAMPLE_METHODS, DiGSegImageProcessor, check_unit_range, processing_size
+from .lora_loader import DiGSegLoraLoaderMixin
 from .mask_decoder import DiGSegMaskDecoder  # imported so that from_pretrained can resolve a saved mask_decoder
 from .prompt_cache import PromptEmbeddingCache, text_path_fingerprint
 from .prompts import prompts_outside_vocabulary
@@ -162,7 +161,7 @@ class DiGSegOutput(BaseOutput):
         return segments
 
 
-class DiGSegPipeline(DiffusionPipeline):
+class DiGSegPipeline(DiffusionPipeline, DiGSegLoraLoaderMixin):
     """Text-prompted segmentation with a Stable Diffusion U-Net fine-tuned to generate mask latents (DiGSeg).
 
     Args:
@@ -427,7 +426,7 @@ class DiGSegPipeline(DiffusionPipeline):
         push_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs}
         if self.class_proposer is not None:
             self.class_proposer.save_pretrained(os.path.join(save_directory, CLASS_PROPOSER_SUBFOLDER))
-        with self._components_without_lora_layers(save_directory):
+        with self.components_for_saving(save_directory):
             super().save_pretrained(
                 save_directory, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size, **kwargs
             )
@@ -435,63 +434,6 @@ class DiGSegPipeline(DiffusionPipeline):
         if push_to_hub:
             repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(str(save_directory)))
             self._upload_with_card(str(save_directory), repo_id, **push_kwargs)
-
-    @contextlib.contextmanager
-    def _components_without_lora_layers(self, save_directory: str | os.PathLike):
-        """While saving, the U-Net (and text projection) as plain models: a saved pipeline never holds PEFT keys.
-
-        - LoRA fused (`fuse_lora`), or a trainable LoRA (`apply_adapter`): the merged weights, i.e. the model
-          as it computes now;
-        - adapters loaded with `load_lora_weights` and not fused: the base weights, and each adapter as a DiGSeg
-          LoRA file in ``adapters/<name>/`` of the folder (``pipe.load_lora_weights(folder + "/adapters/<name>")``
-          puts it back).
-        """
-        from .adapter import _copy_into, _tuner_layers, fuse_adapter, plain_copy, unfuse_adapter
-
-        if not getattr(self.unet, "peft_config", None):
-            yield
-            return
-        bank = self._whole_weights()
-        trainable = self._has_trainable_lora()
-        fused = any(layer.merged_adapters for layer in _tuner_layers(self.unet))
-        unet_overrides, text_projection = {}, self.text_projection
-        if trainable and not fused:
-            fuse_adapter(self.unet)  # exact to undo (the base weights are kept), see `unfuse_adapter`
-        elif not trainable and not fused:
-            unet_overrides = {f"conv_in.{key}": value for key, value in bank.base.get("conv_in", {}).items()}
-            if "text_projection" in bank.base:
-                text_projection = copy.deepcopy(self.text_projection)
-                _copy_into(text_projection, bank.base["text_projection"])
-            self._save_loaded_adapters(os.path.join(save_directory, "adapters"))
-        try:
-            originals = {"unet": self.unet, "text_projection": self.text_projection}
-            self.__dict__.update(unet=plain_copy(self.unet, unet_overrides), text_projection=text_projection)
-            yield
-        finally:
-            self.__dict__.update(originals)
-            if trainable and not fused:
-                unfuse_adapter(self.unet)
-
-    def _save_loaded_adapters(self, folder: str) -> None:
-        """Each adapter loaded with `load_lora_weights` as a DiGSeg LoRA file in ``folder/<name>/``."""
-        from peft import get_peft_model_state_dict
-
-        from .adapter import UNET_PREFIX, TEXT_PROJECTION_PREFIX, architecture_fingerprint, write_adapter_file
-
-        bank = self._whole_weights()
-        for name, (config, target_modules) in self._digseg_adapter_layouts.items():
-            state = {UNET_PREFIX + k: v for k, v in get_peft_model_state_dict(self.unet, adapter_name=name).items()}
-            whole = bank.adapters.get(name, {})
-            state.update({f"{UNET_PREFIX}conv_in.{k}": v for k, v in whole.get("conv_in", {}).items()})
-            state.update({TEXT_PROJECTION_PREFIX + k: v for k, v in whole.get("text_projection", {}).items()})
-            state = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
-            architecture = architecture_fingerprint(self.unet, self.text_projection if config.train_text_projection else None)
-            write_adapter_file(os.path.join(folder, name), state, config, target_modules, architecture)
-        logger.warning(
-            f"The pipeline is saved with its base weights; its unfused LoRA adapter(s) {list(self._digseg_adapter_layouts)} "
-            f"are in {folder}/<name> (load them with `pipe.load_lora_weights`). Call `fuse_lora()` first to save the "
-            "merged weights instead."
-        )
 
     def push_to_hub(
         self,
@@ -667,213 +609,6 @@ class DiGSegPipeline(DiffusionPipeline):
     def prompt_cache_info(self) -> dict:
         """``{"size", "max_size", "hits", "misses"}`` of the prompt-embedding cache."""
         return self._prompt_embedding_cache().info()
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Adapters (the trainable DiGSeg parts; see `digseg_diffusers.adapter`)
-    # ------------------------------------------------------------------------------------------------------------
-
-    def save_digseg_adapter(self, save_directory: str | os.PathLike, config=None) -> str:
-        """Save the adapter (LoRA or full attention weights, `conv_in`, `text_projection`) into one safetensors
-        file: a diffusers LoRA file for "lora" adapters (see `digseg_diffusers.adapter`). Returns its path.
-
-        ``config=None`` uses the config the adapter was applied or loaded with.
-        """
-        from .adapter import save_adapter
-
-        return save_adapter(save_directory, self.unet, self.text_projection, config or getattr(self, "adapter_config", None))
-
-    def load_digseg_adapter(self, directory_or_hub_id: str | os.PathLike, **kwargs):
-        """Load an adapter from a folder, file or Hub id as the adapter "digseg" (replacing one loaded before);
-        returns its config. A "lora" adapter goes through `load_lora_weights` (so it can be unloaded again); a
-        "full" adapter overwrites the attention weights in place."""
-        from .adapter import PEFT_ADAPTER_NAME, load_adapter, prepare_adapter
-
-        if PEFT_ADAPTER_NAME in self.get_list_adapters().get("unet", []):
-            self.delete_adapters(PEFT_ADAPTER_NAME)
-        adapter = prepare_adapter(self.unet, self.text_projection, directory_or_hub_id, **kwargs)
-        if adapter.config.mode == "lora":
-            self._add_lora(adapter, PEFT_ADAPTER_NAME)
-        else:
-            load_adapter(self.unet, self.text_projection, directory_or_hub_id, **kwargs)
-        self.clear_prompt_cache()  # the text projection may have changed
-        self.adapter_config = adapter.config
-        return self.adapter_config
-
-    # diffusers' LoRA loader conventions (`load_lora_weights`, `set_adapters`, `fuse_lora`, ...), applied to the U-Net's
-    # LoRA through diffusers' PEFT integration and to the whole-weight parts (conv_in, text projection) alongside.
-
-    def load_lora_weights(
-        self,
-        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
-        adapter_name: str | None = None,
-        **kwargs,
-    ) -> None:
-        """Load a DiGSeg LoRA adapter (folder, ``.safetensors`` file, Hub id, or the file's tensors as a state dict)
-        under ``adapter_name``, and make it the active adapter. ``kwargs``: ``weight_name``, ``subfolder``,
-        ``cache_dir``, ``revision``, ``token``, ``local_files_only``. Everything is checked before the model
-        changes: it loads whole or not at all. A state dict has no metadata, so its LoRA alpha is taken to be its
-        rank (as diffusers does); load the file to keep the saved alpha.
-        """
-        from .adapter import prepare_adapter
-
-        names = self.get_list_adapters().get("unet", [])
-        if adapter_name is None:
-            adapter_name = next(n for n in (f"digseg_{i}" if i else "digseg" for i in range(len(names) + 1)) if n not in names)
-        if adapter_name in names:
-            raise ValueError(f"An adapter named {adapter_name!r} is already loaded; choose another `adapter_name`.")
-        adapter = prepare_adapter(self.unet, self.text_projection, pretrained_model_name_or_path_or_dict, **kwargs)
-        if adapter.config.mode != "lora":
-            raise ValueError(
-                f"The adapter {adapter.source} is a 'full' adapter (attention weights, not a LoRA); load it with "
-                "`load_digseg_adapter`."
-            )
-        self._add_lora(adapter, adapter_name)
-
-    def _add_lora(self, adapter, adapter_name: str) -> None:
-        from .adapter import peft_lora_config_dict
-
-        if self._has_trainable_lora():
-            raise ValueError("The U-Net carries a trainable DiGSeg LoRA (`apply_adapter`); save it, then load it here.")
-        if any(getattr(layer, "merged_adapters", None) for layer in self.unet.modules()):
-            raise ValueError("A LoRA is fused into the U-Net; call `unfuse_lora()` before loading another adapter.")
-        metadata = peft_lora_config_dict(adapter.config, adapter.target_modules, conv_in=False)
-        # `prepare_adapter` has matched every tensor to the model: diffusers' warning about the *other* adapters'
-        # keys (which it lists as "missing" when a second adapter is loaded) would only mislead.
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()
-        try:
-            self.unet.load_lora_adapter(dict(adapter.attention), prefix=None, adapter_name=adapter_name, metadata=metadata)
-        finally:
-            logging.set_verbosity(verbosity)
-        conv_in = {key.removeprefix("conv_in."): value for key, value in adapter.conv_in.items()}
-        self._whole_weights().add(adapter_name, self._whole_weight_modules(), {"conv_in": conv_in, "text_projection": adapter.text_projection})
-        self._digseg_adapter_layouts[adapter_name] = (adapter.config, adapter.target_modules)
-        self.set_adapters([adapter_name])
-
-    def _has_trainable_lora(self) -> bool:
-        """Whether the U-Net carries the LoRA `apply_adapter` injects for training (not one loaded here)."""
-        from .adapter import PEFT_ADAPTER_NAME, _has_lora
-
-        return _has_lora(self.unet) and PEFT_ADAPTER_NAME not in self._whole_weights().adapters
-
-    def _whole_weights(self):
-        from .adapter import WholeWeightAdapters
-
-        if getattr(self, "_digseg_whole_weights", None) is None:
-            self._digseg_whole_weights = WholeWeightAdapters()
-            self._digseg_adapter_weights: dict[str, float] = {}
-            self._digseg_adapter_layouts: dict[str, tuple] = {}  # name -> (config, target modules), for saving
-            self._digseg_lora_enabled = True
-        return self._digseg_whole_weights
-
-    def _whole_weight_modules(self) -> dict[str, torch.nn.Module]:
-        return {"conv_in": self.unet.conv_in, "text_projection": self.text_projection}
-
-    def _apply_whole_weights(self) -> None:
-        weights = self._digseg_adapter_weights if self._digseg_lora_enabled else None
-        self._whole_weights().apply(self._whole_weight_modules(), weights)
-        self.clear_prompt_cache()  # the text projection holds another adapter mix now
-
-    def get_list_adapters(self) -> dict[str, list[str]]:
-        """The loaded adapters, by component (as diffusers' `get_list_adapters`)."""
-        return {"unet": list(getattr(self.unet, "peft_config", None) or {})} if getattr(self.unet, "peft_config", None) else {}
-
-    def get_active_adapters(self) -> list[str]:
-        """The names of the active adapters (empty while disabled)."""
-        self._whole_weights()
-        return list(self._digseg_adapter_weights) if self._digseg_lora_enabled else []
-
-    def set_adapters(self, adapter_names: list[str] | str, adapter_weights: float | list[float] | None = None) -> None:
-        """Activate ``adapter_names`` with ``adapter_weights`` (default 1 each): LoRA deltas and conv_in / text
-        projection deltas are scaled by the weights and summed."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        weights = [1.0] * len(names) if adapter_weights is None else adapter_weights
-        weights = [weights] * len(names) if isinstance(weights, (int, float)) else list(weights)
-        if len(weights) != len(names):
-            raise ValueError(f"`adapter_weights` has {len(weights)} entries for {len(names)} adapters.")
-        missing = [n for n in names if n not in self.get_list_adapters().get("unet", [])]
-        if missing:
-            raise ValueError(f"No adapter named {missing}; loaded: {self.get_list_adapters().get('unet', [])}.")
-        self.unet.set_adapters(names, weights)
-        self._whole_weights()
-        self._digseg_adapter_weights = {n: float(w) for n, w in zip(names, weights)}
-        self._digseg_lora_enabled = True
-        self._apply_whole_weights()
-
-    def disable_lora(self) -> None:
-        """Run the base model (LoRA off, base conv_in and text projection) until `enable_lora`."""
-        self.unet.disable_adapters()
-        self._whole_weights()
-        self._digseg_lora_enabled = False
-        self._apply_whole_weights()
-
-    def enable_lora(self) -> None:
-        self.unet.enable_adapters()
-        self._whole_weights()
-        self._digseg_lora_enabled = True
-        self._apply_whole_weights()
-
-    def delete_adapters(self, adapter_names: list[str] | str) -> None:
-        """Remove adapters; the others stay active with their weights."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self.unet.delete_adapters(names)
-        self._whole_weights().remove(names)
-        for name in names:
-            self._digseg_adapter_weights.pop(name, None)
-            self._digseg_adapter_layouts.pop(name, None)
-        self._apply_whole_weights()
-
-    def unload_lora_weights(self) -> None:
-        """Remove every adapter: the U-Net loses its LoRA layers; conv_in and the text projection get their base
-        weights back exactly. After `fuse_lora` the fused weights stay, as in diffusers: fuse, unload, then
-        `save_pretrained` saves the merged model."""
-        from .adapter import _tuner_layers
-
-        fused = any(layer.merged_adapters for layer in _tuner_layers(self.unet))
-        if getattr(self.unet, "peft_config", None):
-            self.unet.unload_lora()
-        bank = self._whole_weights()
-        if not fused:
-            bank.apply(self._whole_weight_modules(), None)
-        bank.base.clear()  # the weights now in the modules are the base of any adapter loaded next
-        bank.adapters.clear()
-        self.clear_prompt_cache()
-        self._digseg_adapter_weights = {}
-        self._digseg_adapter_layouts = {}
-        self._digseg_unfused_weights = None
-        self.adapter_config = None
-
-    def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Merge the active LoRA (scaled by ``lora_scale``) into the U-Net weights for faster inference; conv_in
-        and the text projection already hold the active adapters' weights. Undo with `unfuse_lora`."""
-        from .adapter import _tuner_layers, fuse_adapter
-
-        if self._has_trainable_lora():  # the LoRA `apply_adapter` injected (training, benchmarks)
-            if lora_scale != 1.0 or adapter_names:
-                raise ValueError("The trainable DiGSeg LoRA fuses at scale 1 only; save and load it to use a scale.")
-            fuse_adapter(self.unet, safe_merge=safe_fusing)
-            return
-        # Keep the base weights of the layers being merged: PEFT's unmerge subtracts the delta again, which
-        # leaves rounding errors; `unfuse_lora` restores these copies, so unloading later is exact.
-        self._digseg_unfused_weights = {
-            layer: layer.get_base_layer().weight.detach().clone()
-            for layer in _tuner_layers(self.unet)
-            if not layer.merged_adapters
-        }
-        self.unet.fuse_lora(lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names)
-
-    def unfuse_lora(self) -> None:
-        """Undo `fuse_lora`: the LoRA is applied on the fly again and the base weights are restored exactly."""
-        from .adapter import unfuse_adapter
-
-        if self._has_trainable_lora():
-            unfuse_adapter(self.unet)
-            return
-        self.unet.unfuse_lora()
-        with torch.no_grad():
-            for layer, weight in (getattr(self, "_digseg_unfused_weights", None) or {}).items():
-                layer.get_base_layer().weight.copy_(weight)
-        self._digseg_unfused_weights = None
 
     def encode_images(
         self, pixels: torch.Tensor, batch_size: int | None = None, device: torch.device | None = None
