@@ -12,16 +12,23 @@ naming deletes old checkpoints *before* writing the new one), so a process kille
 
 A ``checkpoint-N`` folder counts as complete when its manifest is there and every file it lists has the recorded
 size. ``latest`` is the newest complete one; incomplete ones are named in a warning and skipped.
+
+The manifest also records the run's settings, so that a resume can tell a checkpoint of *this* run from one of
+another run left in the same folder (`settings_differences`). A save that fails (a full disk above all) removes
+its staging folder and raises `DiskFullError` when the disk is full: what was complete before stays as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import re
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .atomic_io import TEMPORARY_SUFFIX, atomic_write_json, publish_directory, remove_directory, temporary_sibling
 
@@ -37,6 +44,14 @@ _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 class CheckpointError(ValueError):
     """A checkpoint that was asked for by path does not exist or is incomplete."""
+
+
+class DiskFullError(OSError):
+    """The disk filled up while a checkpoint or a run's outputs were written; its message is one line for the user."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -62,15 +77,49 @@ def interrupted_saves(output_dir: str | Path) -> list[Path]:
     return sorted(p for p in folder.glob(f".{CHECKPOINT_PREFIX}*{TEMPORARY_SUFFIX}") if p.is_dir())
 
 
-def write_manifest(folder: str | Path, step: int) -> None:
-    """Record every file under `folder` with its size; written last, it marks the checkpoint complete."""
+def write_manifest(folder: str | Path, step: int, settings: Mapping[str, Any] | None = None) -> None:
+    """Record every file under `folder` with its size (and the run's `settings`, JSON); written last, it marks the
+    checkpoint complete."""
     folder = Path(folder)
     files = {
         path.relative_to(folder).as_posix(): path.stat().st_size
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != MANIFEST_NAME
     }
-    atomic_write_json(folder / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "step": int(step), "files": files})
+    manifest = {"format": MANIFEST_FORMAT, "step": int(step), "files": files}
+    if settings is not None:
+        manifest["settings"] = dict(settings)
+    atomic_write_json(folder / MANIFEST_NAME, manifest)
+
+
+def checkpoint_settings(folder: str | Path) -> dict | None:
+    """The run settings a checkpoint's manifest records (None: no manifest, or written before settings were kept)."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    settings = manifest.get("settings") if isinstance(manifest, dict) else None
+    return dict(settings) if isinstance(settings, dict) else None
+
+
+def settings_differences(
+    recorded: Mapping[str, Any], current: Mapping[str, Any], may_change: Collection[str] = ()
+) -> list[str]:
+    """``"name: VALUE in the checkpoint, VALUE now"`` for every setting that differs, apart from `may_change`.
+
+    Values are compared as JSON (a tuple equals the list it was saved as). A setting only one side knows (an option
+    added or removed by another version of the script) cannot be compared and is left out.
+    """
+    differences = []
+    for name in sorted(set(recorded) & set(current) - set(may_change)):
+        before, now = _as_json(recorded[name]), _as_json(current[name])
+        if before != now:
+            differences.append(f"{name}: {json.dumps(before)} in the checkpoint, {json.dumps(now)} now")
+    return differences
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
 
 
 def checkpoint_problem(folder: str | Path) -> str | None:
@@ -166,29 +215,105 @@ def save_checkpoint(
     step: int,
     training_state: dict | None = None,
     total_limit: int | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> Path:
     """`accelerator.save_state` into ``output_dir/checkpoint-{step}``, so that it appears only when complete.
 
     Every process must call this (they all write their RNG state). `training_state` (JSON) is stored beside
-    accelerate's files. With `total_limit`, the oldest complete checkpoints beyond it are removed, after the new
-    one is in place.
+    accelerate's files, `settings` (JSON) in the manifest. With `total_limit`, the oldest complete checkpoints
+    beyond it are removed, after the new one is in place. A save that fails leaves nothing behind (its staging
+    folder is removed, which also gives back the space it took); a full disk raises `DiskFullError`.
     """
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
     staging = temporary_sibling(final, "incomplete")
+    try:
+        with reporting_full_disk(staging, f"{final.name} in {output_dir}"):
+            if accelerator.is_main_process:
+                if staging.exists():
+                    shutil.rmtree(staging)
+                staging.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(staging))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                atomic_write_json(staging / TRAINING_STATE_NAME, {"global_step": int(step), **(training_state or {})})
+                write_manifest(staging, step, settings)
+                publish_directory(staging, final)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_json(staging / TRAINING_STATE_NAME, {"global_step": int(step), **(training_state or {})})
-        write_manifest(staging, step)
-        publish_directory(staging, final)
         rotate_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+LOW_SPACE_BYTES = 1 << 20
+"""Free space below which a failed write is put down to a full disk (torch's writer does not say why it failed)."""
+
+
+def is_out_of_space(error: BaseException, path: str | Path) -> bool:
+    """Whether `error`, raised while writing under `path`, means that the disk (or the user's quota) is full.
+
+    Python's writes raise ``OSError(ENOSPC)`` and safetensors says "os error 28", but torch's zip writer only says
+    "unexpected pos" or "file write failed": so any error counts when almost no space is left where it wrote.
+    """
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, OSError) and link.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return True
+        if "No space left on device" in str(link) or "os error 28" in str(link):
+            return True
+        link = link.__cause__ or link.__context__
+    return free_bytes(path) < LOW_SPACE_BYTES
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free space (for this user) on the file system of `path` or of its nearest existing parent."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return LOW_SPACE_BYTES  # cannot tell: do not call it full
+
+
+@contextlib.contextmanager
+def reporting_full_disk(path: str | Path, what: str) -> Iterator[None]:
+    """Turn any error of the block that comes from a full disk into a one-line `DiskFullError` naming `what`."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as error:
+        if not is_out_of_space(error, path):
+            raise
+        free = free_bytes(path)
+        raise DiskFullError(f"the disk is full: no space left to write {what} ({free / 2**20:.1f} MB free)") from error
+
+
+def previous_run(output_dir: str | Path, output_names: Iterable[str] = ()) -> list[Path]:
+    """What an earlier run left in `output_dir`: its ``checkpoint-N`` folders and those of `output_names` (the
+    run's final outputs) that exist. Interrupted saves (hidden) do not count: they are cleaned up anyway."""
+    folder = Path(output_dir)
+    found = checkpoint_dirs(folder)
+    found += [folder / name for name in output_names if (folder / name).exists()]
+    return found
+
+
+def clear_previous_run(output_dir: str | Path, output_names: Iterable[str] = ()) -> list[Path]:
+    """Remove what `previous_run` finds, and leftovers of interrupted saves; nothing else in `output_dir`."""
+    removed = previous_run(output_dir, output_names) + interrupted_saves(output_dir)
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            remove_directory(path)
+        else:
+            path.unlink()
+    return removed
 
 
 def rotate_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[Path]:

@@ -1,5 +1,6 @@
 """Crash-safe training checkpoints: complete-or-invisible saves, `latest`, rotation, resume errors, kills."""
 
+import errno
 import json
 import logging
 import os
@@ -17,11 +18,17 @@ from digseg_diffusers.adapter import LORA_WEIGHTS_NAME
 from digseg_diffusers.checkpointing import (
     MANIFEST_NAME,
     CheckpointError,
+    DiskFullError,
     TrainingRecord,
     checkpoint_problem,
+    checkpoint_settings,
+    clear_previous_run,
     find_latest_checkpoint,
+    previous_run,
     resolve_resume_checkpoint,
     rotate_checkpoints,
+    save_checkpoint,
+    settings_differences,
 )
 from digseg_diffusers.synthetic import write_dataset
 from digseg_diffusers.testing_utils import make_tiny_pipeline
@@ -147,7 +154,7 @@ def test_training_record_counts_skipped_files_not_skip_events():
     assert restored.skipped_paths == {"bad_a.png", "bad_b.png", "bad_c.png"}
 
 
-def test_train_adapter_refuses_a_resume_path_that_does_not_exist(tmp_path):
+def test_train_adapter_refuses_a_resume_path_that_does_not_exist(tmp_path, capsys):
     sys.path.insert(0, str(REPO / "training"))
     try:
         import train_adapter
@@ -158,8 +165,83 @@ def test_train_adapter_refuses_a_resume_path_that_does_not_exist(tmp_path):
         "--output_dir", str(tmp_path / "out"), "--report_to", "none",
         "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-12"),
     ]  # fmt: skip
-    with pytest.raises(SystemExit, match="checkpoint-12: no such folder"):  # before any model is loaded
+    with pytest.raises(SystemExit) as exit_info:  # before any model is loaded
         train_adapter.main(argv)
+    assert exit_info.value.code == 2
+    assert "checkpoint-12: no such folder" in capsys.readouterr().err
+
+
+def test_manifest_records_the_run_settings_and_differences_name_them(tmp_path):
+    settings = {"seed": 0, "scale_range": (0.8, 1.2), "learning_rate": 1e-4, "max_train_steps": 20, "old_option": 1}
+    folder = fake_checkpoint(tmp_path, 5, manifest=False)
+    checkpointing.write_manifest(folder, 5, settings)
+    assert checkpoint_problem(folder) is None
+    recorded = checkpoint_settings(folder)
+    now = {"seed": 1, "scale_range": [0.8, 1.2], "learning_rate": 1e-4, "max_train_steps": 40, "new_option": 2}
+    # A tuple equals the list JSON made of it; an option only one side knows is not compared; may_change is skipped.
+    assert settings_differences(recorded, now, may_change={"max_train_steps"}) == ["seed: 0 in the checkpoint, 1 now"]
+    assert settings_differences(recorded, dict(recorded, max_train_steps=40), may_change={"max_train_steps"}) == []
+    assert checkpoint_settings(fake_checkpoint(tmp_path, 6)) is None  # written without settings (older version)
+
+
+def test_previous_run_and_clearing_it_touch_only_the_runs_outputs(tmp_path):
+    assert previous_run(tmp_path, ["adapter", "train_summary.json"]) == []
+    fake_checkpoint(tmp_path, 10)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "train_summary.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    atomic_io.temporary_sibling(tmp_path / "checkpoint-11", "incomplete").mkdir()
+    found = previous_run(tmp_path, ["adapter", "pipeline", "train_summary.json"])
+    assert [p.name for p in found] == ["checkpoint-10", "adapter", "train_summary.json"]
+    clear_previous_run(tmp_path, ["adapter", "pipeline", "train_summary.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+class FakeAccelerator:
+    """What `save_checkpoint` uses of an Accelerator (one process); `save_state` writes like accelerate's does."""
+
+    is_main_process = True
+
+    def __init__(self, write=None):
+        self.write = write or (lambda path, data: Path(path).write_bytes(data))
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder):
+        self.write(Path(folder) / "model.bin", b"w" * 1000)
+        self.write(Path(folder) / "optimizer.bin", b"o" * 3000)
+
+
+def _out_of_space_on_optimizer(path, data):
+    if path.name == "optimizer.bin":
+        path.write_bytes(data[:100])  # the writer got part of the way
+        raise OSError(errno.ENOSPC, "No space left on device")
+    path.write_bytes(data)
+
+
+def test_a_full_disk_during_a_checkpoint_save_keeps_the_earlier_ones_and_leaves_nothing(tmp_path):
+    save_checkpoint(FakeAccelerator(), tmp_path, 1, {"losses": [[1, 0.5]]})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoint-1").iterdir()}
+    with pytest.raises(DiskFullError, match=r"the disk is full: no space left to write checkpoint-2 in .*MB free"):
+        save_checkpoint(FakeAccelerator(_out_of_space_on_optimizer), tmp_path, 2, {"losses": []})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]  # no staging folder left taking space
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoint-1").iterdir()} == before
+
+
+def test_a_writer_error_is_put_down_to_a_full_disk_only_when_the_disk_is_full(tmp_path, monkeypatch):
+    # torch's zip writer says only this when the disk fills up: the free space decides.
+    def torch_style_failure(path, data):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 114560 vs 114452")
+
+    with pytest.raises(RuntimeError, match="unexpected pos") as plenty:
+        save_checkpoint(FakeAccelerator(torch_style_failure), tmp_path, 1)
+    assert not isinstance(plenty.value, DiskFullError)
+    monkeypatch.setattr(checkpointing, "free_bytes", lambda path: 0)
+    with pytest.raises(DiskFullError, match="the disk is full"):
+        save_checkpoint(FakeAccelerator(torch_style_failure), tmp_path, 1)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,78 +18,193 @@ the newest complete checkpoint; old checkpoints are removed only after the new o
 finished run does nothing. (accelerate's `ProjectConfiguration(automatic_checkpoint_naming=True)` is not used for
 this: it writes `save_state` straight into the final folder and rotates old checkpoints out before the new one is
 complete, so a kill at the wrong moment leaves no resumable checkpoint.)
+
+Before any model is loaded (`main`): an `--output_dir` that holds another run (checkpoints, adapter, pipeline or
+summary) is refused unless `--resume_from_checkpoint` continues it or `--overwrite_output_dir` replaces it (its
+outputs removed first, so two runs never mix); a resumed checkpoint must come from a run with the same settings
+(its manifest records them; `SETTINGS_THAT_MAY_CHANGE_ON_RESUME` lists those a resume may change); the dataset is
+read and every model source is checked (a Hub id that is neither cached nor reachable fails at once). Each of
+these ends with one line and exit code 2. A full disk while writing a checkpoint or the final outputs ends with one
+line and exit code 1, everything written before intact and no partial checkpoint left.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
-import torch
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
-
-from digseg_diffusers import DiGSegPipeline, mask_codec
+# Only light modules (the standard library, the package's file helpers) are imported here: `--help` and every
+# argument or input error answer before torch, diffusers and transformers are imported (`train` imports them).
 from digseg_diffusers.atomic_io import atomic_write_json, staged_directory
 from digseg_diffusers.checkpointing import (
     CheckpointError,
+    DiskFullError,
     TrainingRecord,
+    checkpoint_settings,
+    clear_previous_run,
+    find_latest_checkpoint,
+    previous_run,
     read_training_state,
+    reporting_full_disk,
     resolve_resume_checkpoint,
     save_checkpoint,
     saved_step,
-)
-from digseg_diffusers.adapter import (
-    ADAPTER_MODES,
-    DiGSegAdapterConfig,
-    apply_adapter,
-    load_adapter,
-    save_adapter,
-)
-from digseg_diffusers.data import (
-    SegmentationTrainingDataset,
-    augmentation_is_random,
-    build_reader,
-    collate_segmentation_batch,
-)
-from digseg_diffusers.data.readers import READERS, read_class_names_file
-from digseg_diffusers.evaluation import evaluate_examples
-from digseg_diffusers.hub import public_training_config
-from digseg_diffusers.noise import NOISE_VARIANTS, TIMESTEP_BIAS_STRATEGIES, check_timestep_bias
-from digseg_diffusers.training_step import (
-    LOSSES,
-    LatentCache,
-    TrainingLoss,
-    TrainingLossConfig,
-    batch_seed,
-    compute_training_loss,
-    encode_batch_images,
+    settings_differences,
 )
 
-logger = get_logger(__name__, log_level="INFO")
+if TYPE_CHECKING:
+    import torch
 
+    from digseg_diffusers.training_step import TrainingLossConfig
+
+PROG = "train_adapter.py"
 ADAPTER_SUBFOLDER = "adapter"
 ENTIRE_UNET_WEIGHTS = "unet.safetensors"
 DECODER_WEIGHTS = "task_decoder.safetensors"  # the co-trained decoder (--train_decoder) in checkpoints
+SUMMARY_NAME = "train_summary.json"
+PIPELINE_SUBFOLDER = "pipeline"
+RUN_OUTPUTS = (ADAPTER_SUBFOLDER, PIPELINE_SUBFOLDER, SUMMARY_NAME)
+"""A run's final outputs in --output_dir (with its checkpoint-N folders: what marks a folder as holding a run)."""
+
+# The choices of the library's options, written out so that `--help` needs no torch import;
+# tests/test_training_cli.py checks them against digseg_diffusers (adapter.ADAPTER_MODES, data.READERS,
+# noise.NOISE_VARIANTS / TIMESTEP_BIAS_STRATEGIES, training_step.LOSSES).
+ADAPTER_MODES = ("lora", "full")
+DATASET_FORMATS = ("ade20k", "cityscapes", "coco_stuff", "folder", "pascal_context")
+NOISE_VARIANTS = ("gaussian", "annealed", "multires", "multires_annealed")
+TIMESTEP_BIAS_STRATEGIES = ("none", "later", "earlier")
+LOSSES = ("latent", "e2e", "latent+e2e")
+
+TRACKER_PACKAGES = {  # accelerate's trackers and the packages each needs (accelerate.utils.imports)
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "comet_ml": ("comet_ml",),
+    "mlflow": ("mlflow",),
+    "clearml": ("clearml",),
+    "dvclive": ("dvclive",),
+    "aim": ("aim",),
+    "swanlab": ("swanlab",),
+    "trackio": ("trackio",),
+}
+
+SETTINGS_THAT_MAY_CHANGE_ON_RESUME = frozenset({
+    # where and what is written, and how it is reported
+    "output_dir", "logging_dir", "report_to", "save_pipeline", "push_to_hub", "hub_model_id", "hub_token",
+    "dataset_name", "resume_from_checkpoint", "overwrite_output_dir",
+    # how long and how often: extending a finished run, saving more or less often
+    "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
+    # validation only measures
+    "validation_split", "validation_steps", "num_validation_images", "validation_inference_steps",
+    "validation_resolution",
+    # how the same computation is run (speed, memory, the hardware): not what is trained
+    "mixed_precision", "gradient_checkpointing", "cache_latents", "dataloader_num_workers",
+})
+"""Options a resume may change. Every other recorded option (the model, the adapter's shape, the data, the loss,
+the optimizer and schedule, the seed, the batch) must equal the checkpoint's, or the resume is refused: a run
+continued with other settings is another run mixed into the first."""
+
+LOCAL_INPUTS = ("pretrained_model_name_or_path", "base_model", "text_encoder", "resume_adapter", "train_data_dir",
+                "class_names_file")
+"""Options that may name local files or folders: recorded as absolute paths, so that resuming from another working
+folder compares the same inputs (moving the data to another path counts as a change)."""
+
+EXAMPLE = """\
+example (the model ids are downloaded once, then read from the Hugging Face cache):
+  accelerate launch training/train_adapter.py \\
+    --base_model stabilityai/stable-diffusion-2 --text_encoder openai/clip-vit-large-patch14 \\
+    --dataset_format ade20k --train_data_dir /data/ADEChallengeData2016 --validation_split validation \\
+    --output_dir digseg-ade20k
+  continue it where it stopped (same arguments):  ... --resume_from_checkpoint latest
+
+Every option also answers to its dashed spelling (--output-dir for --output_dir). Offline, set HF_HUB_OFFLINE=1
+with the models in the Hugging Face cache, or pass local folders.
+"""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a DiGSeg adapter.")
+def fail(message: str, code: int = 2, every_process: bool = False) -> NoReturn:
+    """End the run with one line on stderr: `code` 2 for a command that cannot run, 1 for a run that failed.
+
+    Under `accelerate launch` every process meets the same setup error; only each machine's first one prints it.
+    """
+    if every_process or os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def note(message: str, level: int = logging.INFO) -> None:
+    """Log before the Accelerator exists (accelerate's logger needs it), once per machine."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        logging.getLogger(PROG).log(level, message)
+
+
+def installed_trackers() -> list[str]:
+    """The trackers `--report_to` can use here: those whose package is installed (found without importing it)."""
+    return [name for name, packages in TRACKER_PACKAGES.items() if any(importlib.util.find_spec(p) for p in packages)]
+
+
+def default_tracker() -> str:
+    """TensorBoard when it is installed (local files, no account), else "none". Trackers that need an account or a
+    server (wandb, ...) are only used when asked for: a first run should not stop at a login prompt."""
+    return "tensorboard" if "tensorboard" in installed_trackers() else "none"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default, the epilog as written, and an option's two spellings sharing one metavar."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        metavar = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return f"{', '.join(action.option_strings)} {metavar}"
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.required:
+            return f"{help_text} (required)"
+        if "default" in help_text:  # the help says it in words ("default: the base's own")
+            return help_text
+        return super()._get_help_string(action)
+
+
+def _with_dashed_spelling(add_argument):
+    """Wrap a parser's or group's `add_argument` so that every `--snake_case` option also answers to `--snake-case`."""
+
+    def add(*names: str, **kwargs):
+        dashed = [name.replace("_", "-") for name in names if name.startswith("--") and "_" in name]
+        return add_argument(*names, *dashed, **kwargs)
+
+    return add
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train a DiGSeg adapter (run it with `accelerate launch`, or plain python for one process).",
+        usage=f"{PROG} (--pretrained_model_name_or_path ID | --base_model ID) --train_data_dir DIR --output_dir DIR "
+        "[options]",
+        epilog=EXAMPLE,
+        formatter_class=HelpFormatter,
+    )
     model = parser.add_argument_group("model")
-    model.add_argument("--pretrained_model_name_or_path", help="A DiGSeg pipeline folder or Hub id to start from.")
-    model.add_argument("--base_model", help="A Stable Diffusion (SD2-family) folder or Hub id to build DiGSeg from.")
-    model.add_argument("--text_encoder", help="Text encoder for --base_model (default: the base's own).")
-    model.add_argument("--revision", default=None, help='Hub revision (branch, tag or commit) of the model to load.')
+    model.add_argument = _with_dashed_spelling(model.add_argument)
+    model.add_argument(
+        "--pretrained_model_name_or_path", metavar="ID",
+        help="A DiGSeg pipeline folder or Hub id to start from (this or --base_model).",
+    )
+    model.add_argument(
+        "--base_model", metavar="ID",
+        help="A Stable Diffusion (SD2-family) folder or Hub id to build DiGSeg from (this or "
+        "--pretrained_model_name_or_path).",
+    )
+    model.add_argument("--text_encoder", metavar="ID", help="Text encoder for --base_model (default: the base's own).")
+    model.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model to load.")
     model.add_argument(
         "--adapter_mode", choices=ADAPTER_MODES, default="lora",
         help="'lora': low-rank updates of the selected weights (PEFT); 'full': train those weights themselves.",
@@ -98,15 +213,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--levels", type=int, nargs="*", default=None,
         help="Resolution levels to adapt (default: the two middle cross-attention levels).",
     )
-    model.add_argument("--rank", type=int, default=8, help='LoRA rank r.')
-    model.add_argument(
-        "--lora_alpha", type=float, default=8.0,
-        help='LoRA alpha (the update is scaled by alpha / rank).',
-    )
+    model.add_argument("--rank", type=int, default=8, help="LoRA rank r.")
+    model.add_argument("--lora_alpha", type=float, default=8.0, help="LoRA alpha (the update is scaled by alpha / rank).")
     model.add_argument("--no_mid_block", action="store_true", help="Leave the mid-block attention frozen.")
     model.add_argument("--no_conv_in", action="store_true", help="Leave conv_in frozen.")
     model.add_argument(
-        "--resume_adapter", default=None,
+        "--resume_adapter", default=None, metavar="ID",
         help="Start from the weights of a saved adapter (folder or Hub id).",
     )
     model.add_argument(
@@ -117,25 +229,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
 
     data = parser.add_argument_group("data")
+    data.add_argument = _with_dashed_spelling(data.add_argument)
     data.add_argument(
-        "--dataset_format", choices=sorted(READERS), default="folder",
+        "--dataset_format", choices=DATASET_FORMATS, default="folder",
         help="Dataset layout: 'folder' (docs/data_format.md) or a benchmark's own layout.",
     )
-    data.add_argument("--train_data_dir", required=True, help='Root folder of the dataset.')
+    data.add_argument("--train_data_dir", required=True, metavar="DIR", help="Root folder of the dataset.")
     data.add_argument("--train_split", default=None, help="Split name (default: the reader's training split).")
     data.add_argument("--validation_split", default=None, help="Split for periodic validation (default: none).")
-    data.add_argument("--class_names_file", default=None, help="Override the dataset's class names (one per line).")
+    data.add_argument(
+        "--class_names_file", default=None, metavar="FILE",
+        help="Override the dataset's class names (one per line; default: the dataset's own).",
+    )
     data.add_argument(
         "--resolution", type=int, default=512,
-        help='Side of the square training crops in pixels (the VAE and U-Net must divide it).',
+        help="Side of the square training crops in pixels (the VAE and U-Net must divide it).",
     )
     data.add_argument(
         "--negative_prob", type=float, default=0.1,
-        help='Share of queries for a class absent from the image (target: the empty mask).',
+        help="Share of queries for a class absent from the image (target: the empty mask).",
     )
     data.add_argument(
         "--dataloader_num_workers", type=int, default=0,
-        help='Data-loading worker processes (0: load in the training process).',
+        help="Data-loading worker processes (0: load in the training process).",
     )
     data.add_argument(
         "--scale_range", type=float, nargs=2, default=(0.8, 1.2), metavar=("LOW", "HIGH"),
@@ -150,41 +266,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
 
     train = parser.add_argument_group("training")
+    train.add_argument = _with_dashed_spelling(train.add_argument)
     train.add_argument(
-        "--output_dir", required=True,
-        help='Checkpoints, the adapter, the pipeline and train_summary.json go here.',
+        "--output_dir", required=True, metavar="DIR",
+        help="Checkpoints, the adapter, the pipeline and train_summary.json go here. A folder that holds another "
+        "run is refused unless --resume_from_checkpoint or --overwrite_output_dir.",
+    )
+    train.add_argument(
+        "--overwrite_output_dir", action="store_true",
+        help="Start a new run in an --output_dir that holds another: its checkpoints, adapter, pipeline, summary and "
+        "logs are removed first (nothing else in the folder is touched).",
     )
     train.add_argument(
         "--seed", type=int, default=0,
         help="Seed of the weights' initialisation, the data order and every step's noise.",
     )
-    train.add_argument("--train_batch_size", type=int, default=2, help="Per device.")
+    train.add_argument("--train_batch_size", type=int, default=2, help="Queries per device and micro-batch.")
     train.add_argument(
         "--gradient_accumulation_steps", type=int, default=1,
-        help='Micro-batches per optimizer step (the logged loss is their mean).',
+        help="Micro-batches per optimizer step (the logged loss is their mean).",
     )
     train.add_argument(
         "--max_train_steps", type=int, default=30000,
-        help='Optimizer steps of the whole run (across resumes).',
+        help="Optimizer steps of the whole run (across resumes; raise it on a resume to extend a run).",
     )
-    train.add_argument("--learning_rate", type=float, default=1e-4, help='Peak learning rate of AdamW.')
+    train.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate of AdamW.")
     train.add_argument(
         "--lr_scheduler", default="constant_with_warmup",
-        help='diffusers.optimization schedule: constant_with_warmup, cosine, linear, ...',
+        help="diffusers.optimization schedule: constant_with_warmup, cosine, linear, ...",
     )
-    train.add_argument("--lr_warmup_steps", type=int, default=500, help='Steps of linear warm-up.')
-    train.add_argument("--adam_beta1", type=float, default=0.9, help='AdamW beta1.')
-    train.add_argument("--adam_beta2", type=float, default=0.999, help='AdamW beta2.')
-    train.add_argument("--adam_weight_decay", type=float, default=1e-2, help='AdamW weight decay.')
-    train.add_argument("--adam_epsilon", type=float, default=1e-8, help='AdamW epsilon.')
-    train.add_argument("--max_grad_norm", type=float, default=1.0, help='Gradient-norm clipping.')
+    train.add_argument("--lr_warmup_steps", type=int, default=500, help="Steps of linear warm-up.")
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    train.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient-norm clipping.")
     train.add_argument(
         "--noise_variant", choices=NOISE_VARIANTS, default="multires_annealed",
-        help='Training noise (method.md section 3): multi-resolution annealed by default.',
+        help="Training noise (method.md section 3): multi-resolution annealed by default.",
     )
     train.add_argument(
         "--noise_strength", type=float, default=0.9,
-        help='Strength of the coarse components of the multi-resolution noise.',
+        help="Strength of the coarse components of the multi-resolution noise.",
     )
     train.add_argument(
         "--timestep_bias_strategy",
@@ -226,40 +349,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     train.add_argument(
         "--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-        help="Frozen weights in fp16 / bf16 with autocast (trainable ones and saved files stay fp32); default: accelerate's config.",
+        help="Frozen weights in fp16 / bf16 with autocast (trainable ones and saved files stay fp32); "
+        "default: accelerate's config.",
     )
     train.add_argument(
         "--gradient_checkpointing", action="store_true",
-        help='Recompute U-Net activations in the backward pass: less memory, ~30 %% more time.',
+        help="Recompute U-Net activations in the backward pass: less memory, ~30 %% more time.",
     )
     train.add_argument(
         "--checkpointing_steps", type=int, default=500,
-        help='Save a resumable checkpoint every N steps (and at the last step).',
+        help="Save a resumable checkpoint every N steps (and at the last step).",
     )
     train.add_argument(
         "--checkpoints_total_limit", type=int, default=None,
-        help='Keep at most this many checkpoints (older ones removed once the new one is complete).',
+        help="Keep at most this many checkpoints (older ones removed once the new one is complete; default: all).",
     )
     train.add_argument(
-        "--resume_from_checkpoint", default=None,
+        "--resume_from_checkpoint", default=None, metavar="PATH|latest",
         help='A checkpoint folder (must exist and be complete), or "latest": the newest complete checkpoint in '
-        "--output_dir (a new run when there is none; a finished run is left as it is).",
+        "--output_dir (a new run when the folder holds none; a finished run is left as it is). The checkpoint must "
+        "come from a run with the same settings; output, logging, validation, step-count and checkpointing "
+        "options may change.",
     )
 
     report = parser.add_argument_group("logging, validation and publishing")
-    report.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
-    report.add_argument("--logging_dir", default="logs", help='TensorBoard / tracker logs, under --output_dir.')
+    report.add_argument = _with_dashed_spelling(report.add_argument)
+    report.add_argument(
+        "--report_to", choices=["none", "all", *TRACKER_PACKAGES], default=default_tracker(),
+        help='Experiment tracker; "all": every installed one. The default is tensorboard when it is installed, '
+        'else "none" (default here: %(default)s).',
+    )
+    report.add_argument("--logging_dir", default="logs", help="TensorBoard / tracker logs, under --output_dir.")
     report.add_argument(
         "--validation_steps", type=int, default=1000,
-        help='Validate on --validation_split every N steps.',
+        help="Validate on --validation_split every N steps.",
     )
     report.add_argument(
         "--num_validation_images", type=int, default=4,
-        help='Images of the validation split scored each time (the first N).',
+        help="Images of the validation split scored each time (the first N).",
     )
     report.add_argument(
         "--validation_inference_steps", type=int, default=1,
-        help='Denoising steps of the validation segmentation.',
+        help="Denoising steps of the validation segmentation.",
     )
     report.add_argument(
         "--validation_resolution", type=int, default=None,
@@ -271,7 +402,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     report.add_argument(
         "--push_to_hub", action="store_true",
-        help='Upload the adapter with its model card to --hub_model_id at the end (needs network).',
+        help="Upload the adapter with its model card to --hub_model_id at the end (needs network).",
     )
     report.add_argument(
         "--hub_model_id", default=None,
@@ -279,17 +410,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     report.add_argument(
         "--hub_token", default=None,
-        help='Hub token (default: the cached login); never written to logs or cards.',
+        help="Hub token (default: the cached login); never written to logs or cards.",
     )
     report.add_argument("--dataset_name", default=None, help="Dataset id for the model card (e.g. 'ade20k').")
+    return parser
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if bool(args.pretrained_model_name_or_path) == bool(args.base_model):
         parser.error("give exactly one of --pretrained_model_name_or_path (DiGSeg) or --base_model (Stable Diffusion)")
-    try:
-        check_timestep_bias(args.timestep_bias_strategy, args.timestep_bias_multiplier, args.timestep_bias_portion)
-    except ValueError as error:
-        parser.error(f"--timestep_bias_*: {error}")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error("--overwrite_output_dir starts a new run: it cannot be combined with --resume_from_checkpoint")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
     if not 0.0 < args.scale_range[0] <= args.scale_range[1]:
@@ -308,18 +441,128 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps", "validation_steps", "resolution"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive")
+    from digseg_diffusers.noise import check_timestep_bias  # imports torch: after the cheap checks
+
+    try:
+        check_timestep_bias(args.timestep_bias_strategy, args.timestep_bias_multiplier, args.timestep_bias_portion)
+    except ValueError as error:
+        parser.error(f"--timestep_bias_*: {error}")
     return args
 
 
-def load_pipeline(args: argparse.Namespace) -> DiGSegPipeline:
+def run_settings(args: argparse.Namespace) -> dict:
+    """The run's settings as its checkpoints record them: every public option (never the Hub token), local inputs
+    as absolute paths."""
+    from digseg_diffusers.hub import public_training_config
+
+    settings = public_training_config(vars(args))
+    for name in LOCAL_INPUTS:
+        value = settings.get(name)
+        if value and os.path.exists(value):
+            settings[name] = os.path.abspath(value)
+    return settings
+
+
+def choose_resume_checkpoint(args: argparse.Namespace, settings: dict) -> Path | None:
+    """The checkpoint to resume from (None: a new run), after checking that --output_dir holds no other run.
+
+    Reads only: nothing is written or removed here (`--overwrite_output_dir` clears the folder later, on the main
+    process). A checkpoint recorded with other settings is refused with the differing ones named.
+    """
+    output_dir = Path(args.output_dir)
+    earlier = previous_run(output_dir, RUN_OUTPUTS)
+    found = ", ".join(path.name for path in earlier)
+    if args.overwrite_output_dir:
+        return None
+    if not args.resume_from_checkpoint:
+        if earlier:
+            fail(
+                f"--output_dir {output_dir} holds another run ({found}): continue it with --resume_from_checkpoint "
+                "latest, replace it with --overwrite_output_dir, or choose another --output_dir"
+            )
+        return None
+    try:
+        resume_path = resolve_resume_checkpoint(
+            args.resume_from_checkpoint, output_dir, checkpoint_required_files(args),
+            warn=lambda message: note(message, logging.WARNING),
+        )  # fmt: skip
+    except CheckpointError as error:
+        fail(str(error))
+    if resume_path is None:
+        if earlier:
+            fail(
+                f"--resume_from_checkpoint latest: --output_dir {output_dir} holds a run ({found}) but no complete "
+                "checkpoint of it: replace it with --overwrite_output_dir, or choose another --output_dir"
+            )
+        note(f"No checkpoint in {output_dir}; starting a new run.")
+        return None
+    if earlier and resume_path.resolve().parent != output_dir.resolve():
+        fail(
+            f"--output_dir {output_dir} holds another run ({found}): resume {resume_path} into an empty "
+            "--output_dir, or resume a checkpoint of the run in it"
+        )
+    recorded = checkpoint_settings(resume_path)
+    if recorded is None:
+        note(f"{resume_path} records no run settings (saved by an older version): resuming without checking that "
+             "they match this command's.", logging.WARNING)
+        return resume_path
+    differences = settings_differences(recorded, settings, SETTINGS_THAT_MAY_CHANGE_ON_RESUME)
+    if differences:
+        fail(
+            f"--resume_from_checkpoint: {resume_path} belongs to a run with other settings ({'; '.join(differences)}): "
+            "resume with the checkpoint's values, or start a new run (another --output_dir, or --overwrite_output_dir)"
+        )
+    return resume_path
+
+
+def check_inputs(args: argparse.Namespace):
+    """Read the dataset's index and class names and check that each model can be had, before any model loads.
+
+    Returns (training reader, validation reader or None). A Hub id that is neither cached nor reachable fails at once
+    (`hub_files.require_hub_source`) instead of after huggingface_hub's retries.
+    """
+    from digseg_diffusers.data import build_reader
+    from digseg_diffusers.data.readers import read_class_names_file
+    from digseg_diffusers.hub_files import require_hub_source
+
+    reader_kwargs = {}
+    if args.class_names_file:
+        try:
+            reader_kwargs["class_names"] = read_class_names_file(args.class_names_file)
+        except (OSError, ValueError) as error:
+            fail(f"--class_names_file: {error}")
+    try:
+        train_reader = build_reader(args.dataset_format, args.train_data_dir, args.train_split, **reader_kwargs)
+    except (OSError, ValueError) as error:
+        fail(f"--train_data_dir: {error}")
+    validation_reader = None
+    if args.validation_split:
+        try:
+            validation_reader = build_reader(args.dataset_format, args.train_data_dir, args.validation_split, **reader_kwargs)
+        except (OSError, ValueError) as error:
+            fail(f"--validation_split {args.validation_split}: {error}")
+    models = (
+        ("pretrained_model_name_or_path", "the DiGSeg pipeline"),
+        ("base_model", "the base model"),
+        ("text_encoder", "the text encoder"),
+        ("resume_adapter", "the adapter"),
+    )
+    for option, what in models:
+        if getattr(args, option):
+            try:
+                require_hub_source(getattr(args, option), what)
+            except OSError as error:
+                fail(f"--{option}: {error}")
+    return train_reader, validation_reader
+
+
+def load_pipeline(args: argparse.Namespace):
     """The pipeline to train: an existing DiGSeg model, or a fresh one built from an SD base (+ text encoder)."""
+    from digseg_diffusers import DiGSegPipeline
+
     if args.pretrained_model_name_or_path:
         return DiGSegPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision)
     return DiGSegPipeline.from_base_model(args.base_model, text_encoder=args.text_encoder, revision=args.revision)
-
-
-SUMMARY_NAME = "train_summary.json"
-PIPELINE_SUBFOLDER = "pipeline"
 
 
 def checkpoint_required_files(args: argparse.Namespace) -> list[str]:
@@ -384,34 +627,70 @@ def trained_decoder_state(pipeline, light_decoder, keep_vars: bool = False) -> d
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Check the command, the output folder and every input (reading only, no model loaded), then train."""
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     args = parse_args(argv)
+    settings = run_settings(args)
+    resume_path = choose_resume_checkpoint(args, settings)
+    train_reader, validation_reader = check_inputs(args)
+    return train(args, settings, resume_path, train_reader, validation_reader)
+
+
+logger = None  # accelerate's multi-process logger, made by `train` (accelerate imports torch)
+
+
+def train(args: argparse.Namespace, settings: dict, resume_path: Path | None, train_reader, validation_reader) -> dict:
+    """The training run; returns the summary (also written to train_summary.json)."""
+    global logger
+    import torch
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    from digseg_diffusers import mask_codec
+    from digseg_diffusers.adapter import DiGSegAdapterConfig, apply_adapter, load_adapter, save_adapter
+    from digseg_diffusers.data import SegmentationTrainingDataset, augmentation_is_random, collate_segmentation_batch
+    from digseg_diffusers.hub import public_training_config
+    from digseg_diffusers.training_step import (
+        LatentCache,
+        TrainingLoss,
+        TrainingLossConfig,
+        batch_seed,
+        compute_training_loss,
+        encode_batch_images,
+    )
+
+    logger = get_logger(__name__, log_level="INFO")
+    log_with = None if args.report_to == "none" else args.report_to
+    if log_with not in (None, "all") and log_with not in installed_trackers():
+        note(f"--report_to {log_with}: {' or '.join(TRACKER_PACKAGES[log_with])} is not installed, so nothing is "
+             f"tracked (pip install {TRACKER_PACKAGES[log_with][0]}, or pass --report_to none).", logging.WARNING)
+        log_with = None
 
     # Accelerator: one object for every launch mode (CPU, processes, GPUs, machines).
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=log_with,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
         # Each epoch's shuffle is a function of (seed, epoch), so a resumed run sees the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     set_seed(args.seed)
     if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            logs = [args.logging_dir] if not os.path.isabs(args.logging_dir) else []
+            removed = clear_previous_run(args.output_dir, RUN_OUTPUTS + tuple(logs))
+            if removed:
+                logger.info(f"--overwrite_output_dir: removed the previous run's {', '.join(p.name for p in removed)}")
         os.makedirs(args.output_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
 
-    # Which checkpoint to resume from: decided before any model is loaded, so a wrong path fails at once.
-    resume_path = None
-    if args.resume_from_checkpoint:
-        try:
-            resume_path = resolve_resume_checkpoint(
-                args.resume_from_checkpoint, args.output_dir, checkpoint_required_files(args), warn=logger.warning
-            )
-        except CheckpointError as error:
-            raise SystemExit(f"train_adapter.py: error: {error}") from None
-        if resume_path is None:
-            logger.info(f"No complete checkpoint in {args.output_dir}; starting a new run.")
     resume_step = saved_step(resume_path) if resume_path is not None else 0
     if resume_path is not None and resume_step >= args.max_train_steps:
         summary = finished_summary(args, resume_step)
@@ -515,10 +794,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    # Data.
-    class_names = read_class_names_file(args.class_names_file) if args.class_names_file else None
-    reader_kwargs = {"class_names": class_names} if class_names else {}
-    train_reader = build_reader(args.dataset_format, args.train_data_dir, args.train_split, **reader_kwargs)
+    # Data (the readers were built by `check_inputs`).
     train_dataset = SegmentationTrainingDataset(
         train_reader,
         resolution=args.resolution,
@@ -540,9 +816,6 @@ def main(argv: list[str] | None = None) -> dict:
         num_workers=args.dataloader_num_workers,
         drop_last=len(train_dataset) >= args.train_batch_size // args.prompts_per_image * accelerator.num_processes,
     )
-    validation_reader = None
-    if args.validation_split:
-        validation_reader = build_reader(args.dataset_format, args.train_data_dir, args.validation_split, **reader_kwargs)
     with torch.no_grad():  # the text encoder is frozen: each class name is encoded once for the whole run
         class_token_states = pipeline.encode_text_states(train_dataset.class_names).to(accelerator.device, weight_dtype)
 
@@ -672,7 +945,13 @@ def main(argv: list[str] | None = None) -> dict:
             # After validation, so the checkpoint holds the state the run continues from (and the step's metrics).
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                 record.synchronize(accelerator)
-                save_checkpoint(accelerator, args.output_dir, global_step, record.state_dict(), args.checkpoints_total_limit)
+                try:
+                    save_checkpoint(
+                        accelerator, args.output_dir, global_step, record.state_dict(), args.checkpoints_total_limit,
+                        settings=settings,
+                    )  # fmt: skip
+                except DiskFullError as error:
+                    fail(disk_full_advice(args, error), code=1, every_process=True)
 
             if global_step >= args.max_train_steps:
                 break
@@ -692,14 +971,8 @@ def main(argv: list[str] | None = None) -> dict:
         unet_trained = accelerator.unwrap_model(unet)
         projection_trained = accelerator.unwrap_model(text_projection)
         adapter_dir = os.path.join(args.output_dir, ADAPTER_SUBFOLDER)
-        with staged_directory(adapter_dir) as staging:
-            save_adapter(staging, unet_trained, projection_trained, adapter_config)
-            write_card(args, staging, adapter_config, train_dataset.class_names, record.validation)
-        if args.save_pipeline:
-            for module in (unet_trained, vae, text_encoder):  # a saved pipeline is fp32 whatever the training dtype
-                module.to(torch.float32)
-            with staged_directory(os.path.join(args.output_dir, PIPELINE_SUBFOLDER)) as staging:
-                save_trained_pipeline(pipeline, unet_trained, projection_trained, adapter_config, staging)
+        pipeline_dir = os.path.join(args.output_dir, PIPELINE_SUBFOLDER)
+        summary_path = os.path.join(args.output_dir, SUMMARY_NAME)
         losses = record.losses
         summary = {
             "global_step": global_step,
@@ -712,11 +985,34 @@ def main(argv: list[str] | None = None) -> dict:
             "num_processes": accelerator.num_processes,
             "adapter": adapter_config.to_dict(),
         }
-        atomic_write_json(os.path.join(args.output_dir, SUMMARY_NAME), summary)
+        try:
+            with reporting_full_disk(adapter_dir, f"the adapter {adapter_dir}"), staged_directory(adapter_dir) as staging:
+                save_adapter(staging, unet_trained, projection_trained, adapter_config)
+                write_card(args, staging, adapter_config, train_dataset.class_names, record.validation)
+            if args.save_pipeline:
+                for module in (unet_trained, vae, text_encoder):  # a saved pipeline is fp32 whatever the training dtype
+                    module.to(torch.float32)
+                with reporting_full_disk(pipeline_dir, f"the pipeline {pipeline_dir}"), staged_directory(pipeline_dir) as staging:
+                    save_trained_pipeline(pipeline, unet_trained, projection_trained, adapter_config, staging)
+            with reporting_full_disk(summary_path, summary_path):
+                atomic_write_json(summary_path, summary)
+        except DiskFullError as error:
+            fail(disk_full_advice(args, error), code=1, every_process=True)
         if args.push_to_hub:  # after everything is saved locally: a network error loses nothing
             push_adapter(args)
     accelerator.end_training()
     return summary
+
+
+def disk_full_advice(args: argparse.Namespace, error: DiskFullError) -> str:
+    """The one line for a full disk: what failed, what is kept, how to go on."""
+    latest = find_latest_checkpoint(args.output_dir, warn=lambda message: None)
+    if latest is None:
+        return f"{error}. No checkpoint was complete yet: free some space (or choose another --output_dir) and run again"
+    return (
+        f"{error}. Everything written before is kept (newest complete checkpoint: {latest.name}): free some space, "
+        "then rerun the same command with --resume_from_checkpoint latest"
+    )
 
 
 def save_trained_pipeline(pipeline, unet, text_projection, adapter_config, path: str) -> None:
@@ -728,33 +1024,37 @@ def save_trained_pipeline(pipeline, unet, text_projection, adapter_config, path:
     pipeline.save_pretrained(path)
 
 
-@torch.no_grad()
 def run_validation(args, accelerator, pipeline, reader, unet, text_projection) -> dict | None:
     """mIoU of the current weights on the first `--num_validation_images` validation images (main process)."""
     if not accelerator.is_main_process:
         return None
-    unet_eval, projection_eval = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_projection)
-    was_training = unet_eval.training
-    unet_eval.eval()
-    projection_eval.eval()
-    pipeline.register_modules(unet=unet_eval, text_projection=projection_eval)
-    pipeline.clear_prompt_cache()  # the projection trained since the last validation (fused optimizers leave no trace)
-    examples = (reader.load_validation_example(i) for i in range(min(args.num_validation_images, len(reader))))
-    with accelerator.autocast():  # the frozen weights are fp16 / bf16 under --mixed_precision
-        confusion = evaluate_examples(
-            pipeline,
-            examples,
-            reader.class_names,
-            ignore_index=reader.ignore_index,
-            num_inference_steps=args.validation_inference_steps,
-            processing_resolution=args.validation_resolution or args.resolution,
-        )
-    metrics = confusion.compute()
-    logger.info(f"validation mIoU {metrics['mIoU']:.4f}, pixel accuracy {metrics['pixel_accuracy']:.4f}")
-    if was_training:
-        unet_eval.train()
-        projection_eval.train()
-    return {"mIoU": metrics["mIoU"], "pixel_accuracy": metrics["pixel_accuracy"]}
+    import torch
+
+    from digseg_diffusers.evaluation import evaluate_examples
+
+    with torch.no_grad():
+        unet_eval, projection_eval = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_projection)
+        was_training = unet_eval.training
+        unet_eval.eval()
+        projection_eval.eval()
+        pipeline.register_modules(unet=unet_eval, text_projection=projection_eval)
+        pipeline.clear_prompt_cache()  # the projection trained since the last validation (fused optimizers leave no trace)
+        examples = (reader.load_validation_example(i) for i in range(min(args.num_validation_images, len(reader))))
+        with accelerator.autocast():  # the frozen weights are fp16 / bf16 under --mixed_precision
+            confusion = evaluate_examples(
+                pipeline,
+                examples,
+                reader.class_names,
+                ignore_index=reader.ignore_index,
+                num_inference_steps=args.validation_inference_steps,
+                processing_resolution=args.validation_resolution or args.resolution,
+            )
+        metrics = confusion.compute()
+        logger.info(f"validation mIoU {metrics['mIoU']:.4f}, pixel accuracy {metrics['pixel_accuracy']:.4f}")
+        if was_training:
+            unet_eval.train()
+            projection_eval.train()
+        return {"mIoU": metrics["mIoU"], "pixel_accuracy": metrics["pixel_accuracy"]}
 
 
 def push_adapter(args: argparse.Namespace) -> None:
@@ -766,7 +1066,7 @@ def push_adapter(args: argparse.Namespace) -> None:
 
 def write_card(args, adapter_dir: str | os.PathLike, adapter_config, class_names, validation_history) -> None:
     """Write the model card next to the adapter."""
-    from digseg_diffusers.hub import write_adapter_card
+    from digseg_diffusers.hub import public_training_config, write_adapter_card
 
     metrics = validation_history[-1] if validation_history else None
     write_adapter_card(
