@@ -173,6 +173,7 @@ def segment(
         if not prompts:
             logger.warning("DiGSeg Segment: no prompts given; returning empty masks and an all-background label map.")
         return empty_result(num_images, height, width, prompts)
+
     def model_default_if_negative(value, zero_means_default: bool = False):
         return None if value is None or value < 0 or (zero_means_default and value == 0) else value
 
@@ -610,6 +611,7 @@ def propose_classes(
         class_names,
         global_threshold=float(global_threshold),
         patch_threshold=math.inf if patch_threshold is None or patch_threshold < 0 else float(patch_threshold),
-        top_k=int(top_k) if top_k else max(1, len(class_names)),  # every class: no cap, whatever the proposer's own top_k
+        # top_k 0: every class, no cap, whatever the proposer's own top_k
+        top_k=int(top_k) if top_k else max(1, len(class_names)),
     )
     return list(dict.fromkeys(prompt_names[i] for indices in scores.selected for i in indices))
