@@ -16,6 +16,7 @@ one, never a half-written one:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 TEMPORARY_SUFFIX = ".tmp"
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -69,9 +71,12 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(error, OSError) and error.errno in _DISK_FULL and not error.filename:
+            # writers (PIL, json) report a full disk without a file name: say which file could not be written
+            raise OSError(error.errno, os.strerror(error.errno), str(path)) from error
         raise
     fsync_path(path.parent)
 
@@ -170,9 +175,13 @@ class DirectoryLock:
             if same_file:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        except OSError:  # e.g. a full disk: leave no lock file behind
+            self.release()
+            raise
         return self
 
     def release(self) -> None:

@@ -13,22 +13,32 @@ the same size into calls of up to `batch_images` images, and writes per image, a
   non-empty mask (score = mean probability inside the mask, area, bbox, and with ``coco`` its COCO RLE), and
   ``"status": "complete"``.
 
-An image whose JSON is complete (and names the same input) is skipped, so a killed run resumes where it stopped,
-with any number of processes. An unreadable image or one the pipeline refuses is counted and listed, never fatal.
+An image whose JSON is complete (and names the same input and settings) is skipped, so a killed run resumes where
+it stopped, with any number of processes. An unreadable image or one the pipeline refuses is counted and listed,
+never fatal. The command line's IMAGE files run through the same engine (`PathsSource`, with `MasksAndOverlay`
+writing each image's masks and overlay next to its label map).
+
+Nothing a run did not write for the same input and settings is deleted or overwritten: OUT must be new, empty or a
+folder of earlier results (``digseg_run.json``), other settings are refused, and so is an IMAGE file whose name
+holds another file's results, unless ``overwrite`` (``--overwrite``). Hidden temporaries that a killed run left
+(`LEFTOVER_TEMPORARY`) are removed at the start of the next run into the same OUT.
 With ``coco`` each process also writes a part file with the COCO records of its whole share (new and earlier
 results); the main process merges them into ``OUT/annotations_coco.json`` (pycocotools' format). The main process
 writes ``OUT/digseg_summary.json`` (images, failures with reasons, throughput per process) at the end, and
 ``OUT/digseg_run.json`` (the settings) at the start: a run with other settings into the same OUT is refused.
 
-Output names mirror the input's relative path; two inputs whose names differ only in their extension (``a.png``,
-``a.jpg``; compared case-insensitively) keep the extension (``a.png.png``, ``a.jpg.png``). Dataset rows are named
-by split and index (``train/00000042``).
+Output names mirror the input's relative path; inputs whose outputs would meet (names that differ only in their
+extension, ``a.png``, ``a.jpg``, compared case-insensitively) keep the extension (``a.png.png``, ``a.jpg.png``);
+see `output_names`. Dataset rows are named by split and index (``train/00000042``).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +46,14 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .atomic_io import DirectoryLock, FolderLockedError, atomic_file, atomic_write_json, remove_directory
+from .atomic_io import (
+    TEMPORARY_SUFFIX,
+    DirectoryLock,
+    FolderLockedError,
+    atomic_file,
+    atomic_write_json,
+    remove_directory,
+)
 from .coco import encode_rle, mask_bbox
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
@@ -44,9 +61,12 @@ RUN_RECORD_NAME = "digseg_run.json"
 SUMMARY_NAME = "digseg_summary.json"
 COCO_NAME = "annotations_coco.json"
 PARTS_DIR = ".digseg_parts"
-RESERVED_STEMS = {Path(name).stem.casefold() for name in (RUN_RECORD_NAME, SUMMARY_NAME, COCO_NAME)}
+LOCK_NAME = ".digseg.lock"
+RESERVED_NAMES = (RUN_RECORD_NAME, SUMMARY_NAME, COCO_NAME, LOCK_NAME, PARTS_DIR)
 OUTPUT_FORMATS = ("png", "coco")
-RESULT_FORMAT_VERSION = 1
+RESULT_FORMAT_VERSION = 2
+LEFTOVER_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}" + re.escape(TEMPORARY_SUFFIX) + "$")
+"""What `atomic_io.atomic_file` names its temporary files: a killed run can leave them; the next run removes them."""
 
 
 class BatchInferenceError(Exception):
@@ -78,6 +98,13 @@ class ImageSource:
 
         return open_image(item.source)
 
+    def same_input(self, document: dict, item: InputItem) -> bool:
+        """Does an earlier result document belong to this input? (Its key names the input.)"""
+        return document.get("source") == item.key
+
+    def check_outputs(self, out: Path, items: Sequence[InputItem], names: Sequence[str]) -> None:
+        """Raise `BatchInferenceError` if writing these outputs would replace results that are not these inputs'."""
+
 
 class FolderSource(ImageSource):
     """Every image file (by extension, case-insensitive) under a folder, recursively, in sorted order; hidden
@@ -98,6 +125,13 @@ class FolderSource(ImageSource):
                     path = Path(folder, name)
                     found.append(InputItem(path.relative_to(self.root).as_posix(), str(path)))
         return sorted(found, key=lambda item: item.key)
+
+
+def _key_of_path(entry: str) -> str:
+    """The output key of a path as written: relative paths as they are ('..' -> '__'), absolute ones by the whole
+    path ('/data/x/a.png' -> 'data/x/a.png'; 'C:' -> 'C_')."""
+    parts = [("__" if part == ".." else part) for part in PurePosixPath(Path(entry).as_posix()).parts if part not in ("/", ".")]
+    return "/".join(part.replace(":", "_") for part in parts)
 
 
 class ListSource(ImageSource):
@@ -122,10 +156,52 @@ class ListSource(ImageSource):
             if not entry or entry.startswith("#"):
                 continue
             path = Path(entry) if os.path.isabs(entry) else base / entry
-            parts = [("__" if part == ".." else part) for part in PurePosixPath(Path(entry).as_posix()).parts if part not in ("/", ".")]
-            key = "/".join(part.replace(":", "_") for part in parts)  # "C:" of Windows paths
+            key = _key_of_path(entry)
             items.setdefault(key.casefold(), InputItem(key, str(path)))
         return list(items.values())
+
+
+class PathsSource(ImageSource):
+    """Image files named one by one (the command line's IMAGE arguments), keyed by their path relative to the
+    folder that holds them all: ``photo.jpg`` -> ``OUT/photo.*``; ``x/a.png y/a.png`` -> ``OUT/x/a.*``, ``OUT/y/a.*``.
+
+    The user named these files, so each is decoded when listed and one that cannot be read stops the run (before
+    the model loads) instead of being listed as a failure. Since the key does not say which folder a file came
+    from, a result is this input's only if it names the same file (`same_input`), and `check_outputs` refuses a run
+    that would replace the results of another file of the same name.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        self.paths = [os.fspath(path) for path in paths]
+
+    def items(self, exclude: Path | None = None) -> list[InputItem]:
+        from .image_processing import open_image
+
+        for entry in self.paths:
+            try:
+                with open_image(entry):
+                    pass
+            except ValueError as error:
+                raise BatchInferenceError(str(error)) from None
+        files = list(dict.fromkeys(Path(entry).resolve() for entry in self.paths))
+        try:
+            base = Path(os.path.commonpath([file.parent for file in files]))
+            keys = [file.relative_to(base).as_posix() for file in files]
+        except ValueError:  # different drives
+            keys = [_key_of_path(str(file)) for file in files]
+        return [InputItem(key, str(file)) for key, file in zip(keys, files)]
+
+    def same_input(self, document: dict, item: InputItem) -> bool:
+        return super().same_input(document, item) and document.get("image") == item.source
+
+    def check_outputs(self, out: Path, items: Sequence[InputItem], names: Sequence[str]) -> None:
+        for item, name in zip(items, names):
+            earlier = _read_json(out / f"{name}.json")
+            if earlier is not None and earlier.get("image") not in (None, item.source):
+                raise BatchInferenceError(
+                    f"--out {out} holds the results of another image named {item.key} ({earlier.get('image')}); "
+                    "choose another --out, or pass --overwrite to replace them"
+                )
 
 
 class HFDatasetSource(ImageSource):
@@ -188,17 +264,48 @@ class HFDatasetSource(ImageSource):
         raise ValueError(f"row {item.source}: column {self._column!r} holds a {type(image).__name__}, not an image")
 
 
-def output_names(keys: Sequence[str]) -> list[str]:
-    """Per input key, the relative path (no extension) of its outputs: the key without its extension, unless
-    another key (case-insensitively) or a run file at the top level would get the same name."""
-    stems = [str(PurePosixPath(key).with_suffix("")) if PurePosixPath(key).suffix else key for key in keys]
-    counts: dict[str, int] = {}
-    for stem in stems:
-        counts[stem.casefold()] = counts.get(stem.casefold(), 0) + 1
-    return [
-        key if counts[stem.casefold()] > 1 or ("/" not in stem and stem.casefold() in RESERVED_STEMS) else stem
-        for key, stem in zip(keys, stems)
-    ]
+def output_names(keys: Sequence[str], extra_suffixes: Sequence[str] = ()) -> list[str]:
+    """Per input key, the relative path (no extension) NAME of its outputs: ``NAME.png``, ``NAME.json`` and
+    ``NAME + suffix`` for each of `extra_suffixes` (files or folders of per-image extras).
+
+    NAME is the key without its extension, unless one of those paths would be (compared case-insensitively) a path
+    of another input's outputs, lie inside one, or be one of the run's own files at the top level; such inputs keep
+    their extension (``a.png``, ``a.jpg`` -> ``a.png.png``, ``a.jpg.png``), and if that still clashes, add a hash
+    of the key. So no output of one input ever overwrites another's.
+    """
+    reserved = {name.casefold() for name in RESERVED_NAMES}
+
+    def candidate(key: str, level: int) -> str:
+        if level == 0:
+            return str(PurePosixPath(key).with_suffix("")) if PurePosixPath(key).suffix else key
+        if level == 1:
+            return key
+        return f"{key}~{hashlib.sha1(key.encode('utf-8')).hexdigest()[:8]}"
+
+    def paths_of(name: str) -> list[str]:
+        return [path.casefold() for path in (f"{name}.png", f"{name}.json", *(name + suffix for suffix in extra_suffixes))]
+
+    levels = [0] * len(keys)
+    while True:
+        names = [candidate(key, level) for key, level in zip(keys, levels)]
+        owners: dict[str, set[int]] = {}
+        for i, name in enumerate(names):
+            for path in paths_of(name):
+                owners.setdefault(path, set()).add(i)
+        clashing = set()
+        for path, holders in owners.items():
+            if len(holders) > 1 or path in reserved:
+                clashing |= holders
+            parts = path.split("/")
+            for depth in range(1, len(parts)):  # a path inside another input's output (e.g. its masks folder)
+                outer = owners.get("/".join(parts[:depth]))
+                if outer is not None and outer != holders:
+                    clashing |= holders | outer
+        clashing = {i for i in clashing if levels[i] < 2}
+        if not clashing:
+            return names
+        for i in clashing:
+            levels[i] += 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,15 +313,32 @@ def output_names(keys: Sequence[str]) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def read_result(out: Path, name: str, item: InputItem) -> dict | None:
-    """The complete result document of `item` under `out`, or None when it must be (re)computed."""
+def settings_fingerprint(settings: dict) -> str:
+    """A short id of a run's settings, stored in each result: a result counts as done only for the same settings."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict | None:
     try:
-        document = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(document, dict) or document.get("status") != "complete" or document.get("source") != item.key:
+    return document if isinstance(document, dict) else None
+
+
+def read_result(out: Path, name: str, item: InputItem, source: ImageSource | None = None, settings_id: str | None = None) -> dict | None:
+    """The complete result document of `item` under `out` (made with the settings `settings_id`, when given), or
+    None when it must be (re)computed."""
+    document = _read_json(out / f"{name}.json")
+    if document is None or document.get("status") != "complete":
         return None
-    return document if (out / document.get("label_map", "")).is_file() else None
+    if not (source.same_input(document, item) if source is not None else document.get("source") == item.key):
+        return None
+    if settings_id is not None and document.get("settings_id") != settings_id:
+        return None
+    extras = document.get("files", [])
+    files = [document.get("label_map", ""), *(extras if isinstance(extras, list) else [None])]
+    return document if all(isinstance(f, str) and f and (out / f).is_file() for f in files) else None
 
 
 def segment_records(output, index: int, rle: bool) -> list[dict]:
@@ -240,16 +364,79 @@ def row_generators(num_images: int, num_prompts: int, seed: int, ensemble_size: 
     return [torch.Generator().manual_seed(seed + r) for _ in range(num_images) for r in range(rows)]
 
 
+class MasksAndOverlay:
+    """Per-image extras of the command line's IMAGE mode, next to the label map: one mask PNG per prompt in
+    ``NAME.masks/`` (``mask_<k>_<prompt>.png``, 255 = inside) and a coloured overlay ``NAME.overlay.png``. The
+    result JSON lists them (``files``) and, per prompt, its mask area, label-map area and largest probability."""
+
+    suffixes = (".overlay.png", ".masks")
+    description = "label map, masks, overlay"
+
+    def write(self, out: Path, name: str, output, index: int, pixels) -> dict:
+        from PIL import Image
+
+        from .visualization import overlay
+
+        prompts = list(output.prompts[index])
+        masks = np.asarray(output.masks[index])
+        probabilities = np.asarray(output.probabilities[index])
+        label_map = np.asarray(output.label_maps[index])
+        masks_dir = Path(f"{name}.masks")
+        (out / masks_dir).mkdir(parents=True, exist_ok=True)
+        files = [(masks_dir / mask_file_name(k, prompt, len(prompts))).as_posix() for k, prompt in enumerate(prompts)]
+        for k, file in enumerate(files):
+            with atomic_file(out / file) as tmp:
+                Image.fromarray(masks[k].astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
+        entries = prompt_statistics(prompts, masks, probabilities, label_map, files)
+        overlay_file = f"{name}.overlay.png"
+        with atomic_file(out / overlay_file) as tmp:
+            Image.fromarray(overlay(pixels, label_map, num_classes=len(prompts))).save(tmp, format="PNG")
+        files.append(overlay_file)
+        return {"files": files, "overlay": overlay_file, "prompts": entries, "background_area_fraction": float((label_map == 0).mean())}
+
+
+def _safe_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()).strip("._")
+    return name[:60] or "prompt"
+
+
+def mask_file_name(k: int, prompt: str, num_prompts: int) -> str:
+    """``mask_<k>_<prompt>.png``: k zero-padded (at least 2 digits) so that the files sort in prompt order."""
+    return f"mask_{k:0{max(2, len(str(num_prompts - 1)))}d}_{_safe_name(prompt)}.png"
+
+
+def prompt_statistics(prompts: Sequence[str], masks, probabilities, label_map, mask_files: Sequence[str]) -> list[dict]:
+    """Per prompt: its label, mask file, the fraction of the image its mask covers, the fraction the label map
+    gives it (masks overlap, the label map does not), and its largest probability."""
+    return [
+        {
+            "prompt": prompt,
+            "label": k + 1,
+            "mask_file": file,
+            "mask_area_fraction": float(np.asarray(masks[k]).mean()),
+            "label_area_fraction": float((np.asarray(label_map) == k + 1).mean()),
+            "max_probability": float(np.asarray(probabilities[k]).max()),
+        }
+        for k, (prompt, file) in enumerate(zip(prompts, mask_files))
+    ]
+
+
 def write_result(
-    out: Path, name: str, item: InputItem, output, index: int, label_png: str, coco: bool, extra: dict
-) -> dict:
-    """Write one image's label-map PNG, then its JSON (last: its presence means the result is complete)."""
+    out: Path, name: str, item: InputItem, output, index: int, label_png: str, coco: bool, extra: dict,
+    extras: MasksAndOverlay | None = None, pixels=None,
+) -> dict:  # fmt: skip
+    """Write one image's label-map PNG (and `extras`' files), then its JSON (last: its presence means the result is
+    complete). Files that an earlier result of this input listed and this one does not (masks of other prompts,
+    after ``--overwrite``) are removed once the new JSON is in place: they were this input's own outputs."""
     from .visualization import label_map_image
 
     prompts = list(output.prompts[index])
     label_map = np.asarray(output.label_maps[index])
     label_file = Path(f"{name}.png")
     (out / label_file).parent.mkdir(parents=True, exist_ok=True)
+    earlier = _read_json(out / f"{name}.json") or {}
+    if earlier:  # being replaced (other settings, --overwrite): never "complete" over files that are half new
+        atomic_write_json(out / f"{name}.json", {"status": "incomplete", "source": item.key, "files": earlier.get("files", [])})
     with atomic_file(out / label_file) as tmp:
         label_map_image(label_map, len(prompts), label_png).save(tmp, format="PNG")
     document = {
@@ -264,7 +451,14 @@ def write_result(
         "segments": segment_records(output, index, coco),
         **extra,
     }
+    if extras is not None:
+        document.update(extras.write(out, name, output, index, pixels))
     atomic_write_json(out / f"{name}.json", document)
+    own_paths = {f"{name}{suffix}" for suffix in (extras.suffixes if extras is not None else ())}
+    earlier_files = earlier.get("files") if isinstance(earlier.get("files"), list) else []
+    for stale in {f for f in earlier_files if isinstance(f, str)} - set(document.get("files", [])):
+        if any(stale == p or stale.startswith(p + "/") for p in own_paths):
+            (out / stale).unlink(missing_ok=True)
     return document
 
 
@@ -334,6 +528,8 @@ class BatchOptions:
     progress: bool = True
     window: int = 0
     """Images read ahead to find same-size batches (default: 4 x batch_images)."""
+    extras: MasksAndOverlay | None = None
+    """Per-image files written next to the label map (the command line's IMAGE mode: masks and overlay)."""
 
 
 def _broadcast_from_main(state, compute: Callable[[], object]):
@@ -363,18 +559,33 @@ def _gather(state, value) -> list:
     return gather_object([value])
 
 
+def remove_leftover_temporaries(out: Path) -> list[Path]:
+    """Delete the hidden temporary files (`LEFTOVER_TEMPORARY`) that killed runs left under `out`: never read,
+    always incomplete. Called with OUT locked, so no live writer owns them."""
+    removed = []
+    for folder, _, files in os.walk(out):
+        for name in files:
+            if LEFTOVER_TEMPORARY.match(name):
+                path = Path(folder, name)
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
 class DatasetRun:
     """One dataset run into `out`: `open` (main process: lock OUT, list the inputs; every process gets the
     list) before the model loads, then `run` with the pipeline; use as a context manager (releases the lock)."""
 
-    def __init__(self, source: ImageSource, out: str | os.PathLike, state=None):
+    def __init__(self, source: ImageSource, out: str | os.PathLike, state=None, overwrite: bool = False):
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env
 
-        self.source, self.out = source, Path(out)
+        self.source, self.out, self.overwrite = source, Path(out), overwrite
         # ACCELERATE_USE_CPU=1 + `accelerate launch --multi_gpu`: CPU processes that talk over gloo.
         self.state = state if state is not None else PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
         self._lock: DirectoryLock | None = None
+        self.settings_used: dict = {}
+        self._outside_vocabulary: list[str] = []
         self.items: list[InputItem] = []
         self.names: list[str] = []
 
@@ -384,24 +595,43 @@ class DatasetRun:
         except BaseException:
             self.close()  # e.g. no inputs: --out is free again at once
             raise
-        self.names = output_names([item.key for item in self.items])
         return self
+
+    def name_outputs(self, extras: MasksAndOverlay | None) -> None:
+        self.names = output_names([item.key for item in self.items], extras.suffixes if extras is not None else ())
 
     def _lock_and_list(self) -> list[InputItem]:
         if self.out.exists() and not self.out.is_dir():
             raise BatchInferenceError(f"--out {self.out} exists and is not a folder")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            self._lock = DirectoryLock(self.out).acquire()
+            self._lock = DirectoryLock(self.out, LOCK_NAME).acquire()
         except FolderLockedError as error:
             raise BatchInferenceError(f"--out {self.out}: {error}; wait for it to finish or choose another --out") from None
         except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise BatchInferenceError(f"--out {self.out}: the disk is full ({error.strerror}); free some space or choose an --out on another disk") from None
             raise BatchInferenceError(f"--out {self.out} is not a writable folder: {error.strerror or error}") from None
+        ours = (self.out / RUN_RECORD_NAME).is_file()
+        if not ours and not self.overwrite:
+            self._refuse_other_content()
+        if ours:
+            remove_leftover_temporaries(self.out)
         items = self.source.items(exclude=self.out)
         if not items:
             raise BatchInferenceError("no input images found")
         remove_directory(self.out / PARTS_DIR)  # parts of a killed run; every part is rebuilt from the results
         return items
+
+    def _refuse_other_content(self) -> None:
+        """OUT must be new, empty, or a folder of earlier digseg results: never someone's own files."""
+        others = sorted(p.name for p in self.out.iterdir() if p.name not in (LOCK_NAME, PARTS_DIR) and not LEFTOVER_TEMPORARY.match(p.name))
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise BatchInferenceError(
+                f"--out {self.out} already holds files that are not digseg results ({shown}); choose another --out, "
+                "or pass --overwrite to write into it (files named like this run's outputs are replaced)"
+            )
 
     def close(self) -> None:
         if self._lock is not None:
@@ -432,6 +662,7 @@ class DatasetRun:
             "seed": options.seed,
             "label_png": options.label_png,
             "format": options.output_format,
+            "outputs": options.extras.description if options.extras is not None else "label map",
         }
 
     def _check_settings(self, settings: dict) -> None:
@@ -442,16 +673,20 @@ class DatasetRun:
             except (OSError, ValueError, AttributeError):
                 earlier = None
             differing = sorted(k for k in set(settings) | set(earlier or {}) if (earlier or {}).get(k) != settings.get(k))
-            if earlier is None or differing:
+            if (earlier is None or differing) and not self.overwrite:
                 what = ", ".join(differing) if earlier is not None else f"unreadable {RUN_RECORD_NAME}"
                 raise BatchInferenceError(
-                    f"--out {self.out} holds results made with other settings ({what}); use another --out, or the "
-                    "same settings to resume"
+                    f"--out {self.out} holds results made with other settings ({what}); use another --out, the "
+                    "same settings to resume, or --overwrite to replace the results of this run's inputs"
                 )
         atomic_write_json(path, {"settings": settings})
 
-    def run(self, pipe, options: BatchOptions, describe: dict | None = None, on_image_done: Callable[[str], None] | None = None) -> dict:
-        """Segment this process's share; return the run's summary (the same on every process)."""
+    def run(self, pipe, options: BatchOptions, describe: dict | None = None, on_image_done: Callable[[dict], None] | None = None) -> dict:
+        """Segment this process's share; return the run's summary (the same on every process).
+
+        `on_image_done` is called on this process as each of its images is done, with ``{"key", "image", "status"
+        ("segmented", "skipped": complete from an earlier run, or "failed"), "document" (the result JSON) or
+        "reason"}``."""
         from .visualization import LABEL_PNG_ENCODINGS
 
         if options.output_format not in OUTPUT_FORMATS:
@@ -463,6 +698,10 @@ class DatasetRun:
         if options.label_png == "palette" and len(options.prompts) > 255:
             raise BatchInferenceError(f"a palette PNG holds 255 labels; {len(options.prompts)} prompts need --label_png 16bit")
         settings = self.settings(pipe, options, describe or {})
+        self.settings_used = settings
+        self.name_outputs(options.extras)
+        if not self.overwrite:
+            _broadcast_from_main(self.state, lambda: self.source.check_outputs(self.out, self.items, self.names))
         _broadcast_from_main(self.state, lambda: self._check_settings(settings))
         state = self.state
         with state.split_between_processes(list(range(len(self.items)))) as positions:
@@ -471,6 +710,8 @@ class DatasetRun:
         stats = shard.run()
         state.wait_for_everyone()
         all_stats = _gather(state, stats)
+        check = getattr(pipe, "prompts_outside_vocabulary", None)
+        self._outside_vocabulary = check(list(options.prompts)) if check is not None else []
         summary = _broadcast_from_main(state, lambda: self._finish(all_stats, settings, options))
         state.wait_for_everyone()
         return summary
@@ -498,6 +739,7 @@ class DatasetRun:
             "per_process": all_stats,
             "coco": coco,
             "settings": settings,
+            "prompts_outside_training_vocabulary": self._outside_vocabulary,
         }
         atomic_write_json(self.out / SUMMARY_NAME, summary)
         return summary
@@ -518,6 +760,7 @@ class _Shard:
             "failed": 0, "seconds": 0.0, "images_per_second": 0.0, "failures": [],
         }  # fmt: skip
         self.coco = options.output_format == "coco"
+        self.settings_id = settings_fingerprint(run.settings_used)
         self._part = None
         self._bar = None
         self._done: dict[int, dict | None] = {}
@@ -555,10 +798,11 @@ class _Shard:
         pending: dict[tuple[int, int], list] = {}
         for position in self.positions:
             item, name = run.items[position], run.names[position]
-            document = read_result(run.out, name, item)
+            document = read_result(run.out, name, item, run.source, self.settings_id)
             if document is not None:
                 self.stats["skipped"] += 1
                 self._record(position, document)
+                self._announce(position, "skipped", document=document)
                 continue
             try:
                 with run.source.open(item) as image:
@@ -592,17 +836,25 @@ class _Shard:
             self._fail(group[0][0], str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
             return
         seconds = (time.perf_counter() - start) / len(group)
-        extra = {"written_by": {"process_index": run.state.process_index, "num_processes": run.state.num_processes}}
-        for index, (position, _) in enumerate(group):
+        extra = {
+            "settings_id": self.settings_id,
+            "written_by": {"process_index": run.state.process_index, "num_processes": run.state.num_processes},
+        }
+        for index, (position, pixels) in enumerate(group):
             item = run.items[position]
             document = write_result(
                 run.out, run.names[position], item, output, index, self.options.label_png, self.coco,
-                {**extra, "segment_seconds": seconds},
+                {**extra, "segment_seconds": seconds}, self.options.extras, pixels,
             )  # fmt: skip
             self.stats["segmented"] += 1
             self._record(position, document)
-            if self.on_image_done is not None:
-                self.on_image_done(item.key)
+            self._announce(position, "segmented", document=document)
+
+    def _announce(self, position: int, status: str, document: dict | None = None, reason: str | None = None) -> None:
+        if self.on_image_done is not None:
+            item = self.run_.items[position]
+            self.on_image_done({"key": item.key, "image": item.source, "name": self.run_.names[position],
+                                "status": status, "document": document, "reason": reason})  # fmt: skip
 
     def _record(self, position: int, document: dict | None) -> None:
         """Note an image as done (None: failed). Part lines go out in input order whatever the batching, so the
@@ -623,6 +875,7 @@ class _Shard:
         self.stats["failures"].append({"image": self.run_.items[position].source, "reason": reason})
         self._bar.set_postfix(failed=self.stats["failed"], refresh=False)
         self._record(position, None)
+        self._announce(position, "failed", reason=reason)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,46 +2,47 @@
 
     digseg demo --out demo_out
     digseg segment photo.png --prompt circle --prompt star --out results/
+    digseg segment --input_dir photos/ -p @prompts.txt --out results/
 
-A thin layer over `DiGSegPipeline`: it parses arguments, loads the model, runs the pipeline once per image
-(images of different sizes never share a call) and writes what comes out: one mask PNG per prompt, the label
-map (palette PNG: pixel value = label, 0 = background, k + 1 = prompt k), a coloured overlay and a JSON summary.
-Every user error (unreadable image, missing model, bad argument, unusable --out) ends with one line on stderr and
-exit code 2.
+A thin layer over `DiGSegPipeline` and the dataset engine `batch_inference.DatasetRun`: IMAGE files and whole
+datasets (--input_dir, --input_list, --dataset) go through the same engine, with one output naming scheme, one lock
+on --out and the same guarantees: per image ``OUT/<name>.png`` (label map: pixel value = label, 0 = background,
+k + 1 = prompt k; palette PNG, 16-bit beyond 255 prompts) and ``OUT/<name>.json`` (written last: the result is
+complete); IMAGE files also get ``OUT/<name>.overlay.png`` and one mask PNG per prompt in ``OUT/<name>.masks/``.
 
-With --input_dir, --input_list or --dataset instead of IMAGE files, it segments a whole dataset, under `accelerate
-launch` on any number of processes and machines, resumably, into flat per-image outputs (label-map PNG + JSON,
-optionally COCO RLE): see `batch_inference` and docs/dataset_inference.md.
-
-Outputs are never lost or mixed: --out is checked (and locked against a second digseg process) before the model
-is loaded; each input gets its own folder, named deterministically without collisions (`output_folder_names`);
-every file is written atomically, and each folder's summary.json says whose results it holds and whether they are
-complete.
+Nothing is lost: --out must be new, empty or a folder of earlier digseg results (else --overwrite); a folder of
+results made with other settings is refused (else --overwrite); a result already complete for the same input and
+settings is kept and skipped (a killed run resumes); no two inputs share an output name; every file is written
+atomically. Every user error (bad argument, unreadable image, missing model, unusable --out) ends with one line
+on stderr and exit code 2, decided before the model loads where it can be; the arguments and the input files are
+checked before the heavy imports (torch, diffusers), so a wrong path fails at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import errno
 import json
 import logging
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
-from .atomic_io import TEMPORARY_SUFFIX, DirectoryLock, FolderLockedError, atomic_file, atomic_write_json
-from .batch_inference import OUTPUT_FORMATS
+from .atomic_io import DirectoryLock, FolderLockedError, atomic_file, atomic_write_json
+from .batch_inference import LEFTOVER_TEMPORARY, LOCK_NAME, OUTPUT_FORMATS
+from .demo import DEMO_MODEL_NAME, demo_model_summary
+from .prompts import parse_prompts
 from .visualization import LABEL_PNG_ENCODINGS
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
 SUMMARY_NAME = "summary.json"
-LOCK_NAME = ".digseg.lock"
+"""The demo's summary (`digseg demo`); segment runs write `batch_inference.SUMMARY_NAME`."""
+MAX_PROMPT_LINES = 20
+"""Per-image console lines list at most this many prompts (all of them are in the image's JSON)."""
 
 logger = logging.getLogger(__name__)
 
@@ -84,33 +85,61 @@ def _probability(text: str) -> float:
     return value
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    from .demo import DEMO_MODEL_NAME
+def _spellings(option: str) -> list[str]:
+    """``--batch_images`` -> both ``--batch_images`` and ``--batch-images``: users type either."""
+    body = option[2:]
+    return list(dict.fromkeys([option, "--" + body.replace("-", "_"), "--" + body.replace("_", "-")]))
 
+
+def _option(group, option: str, *short: str, **kwargs):
+    return group.add_argument(*_spellings(option), *short, **kwargs)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help (unless the help already says it, or there is none); descriptions and
+    examples keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "default" in help_text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and inference")
-    group.add_argument(
-        "--model", default=DEMO_MODEL_NAME, help=f"DiGSeg pipeline folder or Hub id (default: {DEMO_MODEL_NAME!r}, the embedded demo model)."
-    )
-    group.add_argument("--adapter", default=None, help="A DiGSeg adapter folder or Hub id to load onto the model.")
-    group.add_argument("--steps", type=_positive_int, default=None, help="Denoising steps per query (default: the model's, 1).")
-    group.add_argument("--ensemble", type=_positive_int, default=1, help="Noise seeds averaged per query (default: 1).")
-    group.add_argument(
-        "--resolution", type=_non_negative_int, default=None, help="Processing resolution, longest side (default: the model's; 0 = native)."
-    )
-    group.add_argument("--threshold", type=_probability, default=None, help="Mask threshold tau (default: the model's).")
-    group.add_argument(
-        "--background-threshold", type=_probability, default=None, help="Label-map background threshold (default: --threshold)."
-    )
-    group.add_argument("--seed", type=_non_negative_int, default=0, help="Noise seed (default: 0).")
-    group.add_argument("--batch-size", type=_positive_int, default=8, help="Queries per U-Net call (memory only; default: 8).")
-    group.add_argument("--device", default="auto", help='"auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:1", "mps".')
-    group.add_argument("--quiet", action="store_true", help="No progress bar.")
+    _option(group, "--model", default=DEMO_MODEL_NAME, help=f"DiGSeg pipeline folder or Hub id ({DEMO_MODEL_NAME!r}: the embedded demo model).")
+    _option(group, "--adapter", default=None, help="A DiGSeg adapter folder or Hub id to load onto the model.")
+    _option(group, "--steps", type=_positive_int, default=None, help="Denoising steps per query (default: the model's, 1).")
+    _option(group, "--ensemble", type=_positive_int, default=1, help="Noise seeds averaged per query.")
+    _option(group, "--resolution", type=_non_negative_int, default=None, help="Processing resolution, longest side (default: the model's; 0 = native).")
+    _option(group, "--threshold", type=_probability, default=None, help="Mask threshold tau (default: the model's).")
+    _option(group, "--background_threshold", type=_probability, default=None, help="Label-map background threshold (default: --threshold).")
+    _option(group, "--seed", type=_non_negative_int, default=0, help="Noise seed.")
+    _option(group, "--batch_size", type=_positive_int, default=8, help="Queries per U-Net call (memory only).")
+    _option(group, "--device", default="auto", help='"auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:1", "mps".')
+    _option(group, "--overwrite", action="store_true", help="Write into an --out that holds other files or results of other settings: files named like this run's outputs are replaced, others are left alone.")
+    _option(group, "--quiet", action="store_true", help="No progress bar.")
+
+
+SEGMENT_EXAMPLES = """examples:
+  digseg segment photo.png -p circle -p star --out results/
+  digseg segment photo.png -p "circle, star" --out results/          # commas separate prompts
+  digseg segment photo.png -p @prompts.txt --out results/            # prompts from a file (commas or lines)
+  digseg segment --input_dir photos/ -p circle --out results/ --format coco
+
+outputs per image (OUT/<name> mirrors the image's path): <name>.png (label map: pixel value = label, 0 = background,
+k + 1 = prompt k), <name>.json (prompts, areas, scores; written last), <name>.overlay.png and <name>.masks/ (IMAGE
+files only); OUT/digseg_summary.json for the run. A rerun with the same settings skips finished images.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="digseg",
-        description="DiGSeg: text-prompted segmentation with a diffusion U-Net that generates mask latents.",
+        description="DiGSeg: text-prompted segmentation with a diffusion U-Net that generates mask latents.\n"
+        + demo_model_summary(),
+        formatter_class=_HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -118,47 +147,100 @@ def build_parser() -> argparse.ArgumentParser:
     segment = commands.add_parser(
         "segment",
         help="Segment images with text prompts.",
-        description="Segment each IMAGE once per --prompt; writes masks, the label map, an overlay and summary.json "
-        "into --out (one subfolder per image when there are several).",
+        description="Segment each IMAGE (or each image of a dataset) once per prompt.\n" + demo_model_summary(),
+        epilog=SEGMENT_EXAMPLES,
+        formatter_class=_HelpFormatter,
     )
-    segment.add_argument("images", nargs="*", metavar="IMAGE", help="Image files (PNG, JPEG, ...).")
-    segment.add_argument("--prompt", "-p", action="append", required=True, help="A class name or phrase; repeat for several.")
-    segment.add_argument("--out", "-o", required=True, help="Output folder (created if needed).")
+    segment.add_argument("images", nargs="*", metavar="IMAGE", help="Image files (PNG, JPEG, ...); for a folder use --input_dir.")
+    _option(segment, "--prompt", "-p", action="append", default=None, metavar="PROMPT",
+            help='A class name or phrase; repeat for several. Commas separate prompts ("cat, dog" = 2); @FILE reads them from FILE.')  # fmt: skip
+    _option(segment, "--prompts_file", action="append", default=None, metavar="FILE", help="A text file of prompts (one per line, or comma-separated).")
+    _option(segment, "--out", "-o", required=True, help="Output folder (created if needed; new, empty, or one of earlier digseg results).")
     dataset = segment.add_argument_group(
         "datasets (instead of IMAGE...; run under `accelerate launch` for several processes or machines)",
-        "Flat, resumable outputs: OUT/<relative path>.png (label map) + .json per image; see docs/dataset_inference.md.",
+        "Label map + JSON per image, resumable; see docs/dataset_inference.md.",
     )
     sources = dataset.add_mutually_exclusive_group()
-    sources.add_argument("--input_dir", "--input-dir", default=None, help="Every image file under this folder, recursively.")
-    sources.add_argument("--input_list", "--input-list", default=None, help="A text file of image paths, one per line.")
-    sources.add_argument("--dataset", default=None, metavar="HF_DATASET[:SPLIT]", help="A Hugging Face dataset (needs `pip install datasets`).")
-    dataset.add_argument(
-        "--batch_images", "--batch-images", type=_positive_int, default=1, help="Images of the same size per pipeline call (default: 1)."
-    )
-    dataset.add_argument(
-        "--format", choices=OUTPUT_FORMATS, default="png", help="png: label map + JSON per image; coco: also COCO RLE masks and OUT/annotations_coco.json."
-    )
-    dataset.add_argument(
-        "--label_png", "--label-png", choices=LABEL_PNG_ENCODINGS, default="auto", help="Label-map PNG: palette (<= 255 prompts), 16bit, or auto."
-    )
+    _option(sources, "--input_dir", default=None, help="Every image file under this folder, recursively.")
+    _option(sources, "--input_list", default=None, help="A text file of image paths, one per line.")
+    _option(sources, "--dataset", default=None, metavar="HF_DATASET[:SPLIT]", help="A Hugging Face dataset (needs `pip install datasets`).")
+    _option(dataset, "--batch_images", type=_positive_int, default=1, help="Images of the same size per pipeline call.")
+    _option(dataset, "--format", choices=OUTPUT_FORMATS, default="png", help="png: label map + JSON per image; coco: also COCO RLE masks and OUT/annotations_coco.json.")
+    _option(dataset, "--label_png", choices=LABEL_PNG_ENCODINGS, default="auto", help="Label-map PNG: palette (<= 255 prompts), 16bit, or auto (palette up to 255 prompts, else 16bit).")
     _add_model_arguments(segment)
 
     demo = commands.add_parser(
         "demo",
         help="Generate a synthetic scene and segment it with the embedded demo model.",
         description="Draws a held-out scene of the synthetic shape world (test-split seeds, never trained on), "
-        "segments it with its true classes plus one absent class, and writes the outputs, the ground truth and the "
-        "scene's IoU into --out.",
+        "segments it with its true classes plus one absent class, and writes the outputs, the ground truth, a "
+        "panel (image | truth | prediction, with a colour legend) and the scene's IoU into --out.\n" + demo_model_summary(),
+        epilog="example:\n  digseg demo --out demo_out --scene 3",
+        formatter_class=_HelpFormatter,
     )
-    demo.add_argument("--out", "-o", required=True, help="Output folder (created if needed).")
-    demo.add_argument("--scene", type=_non_negative_int, default=0, help="Which test scene to draw (default: 0).")
-    demo.add_argument("--no-absent-class", action="store_true", help="Do not add a class that is absent from the scene.")
+    _option(demo, "--out", "-o", required=True, help="Output folder (created if needed).")
+    _option(demo, "--scene", type=_non_negative_int, default=0, help="Which test scene to draw.")
+    _option(demo, "--no_absent_class", action="store_true", help="Do not add a class that is absent from the scene.")
     _add_model_arguments(demo)
     return parser
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Helpers
+# Checks before the heavy imports (standard library only)
+# ----------------------------------------------------------------------------------------------------------------
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _read_prompts_file(path: str, how: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CLIError(f"{how}: prompts file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise CLIError(f"{how}: cannot read prompts file {path}: {getattr(error, 'strerror', None) or error}") from None
+    prompts = parse_prompts(text)
+    if not prompts:
+        raise CLIError(f"{how}: prompts file {path} holds no prompts (one per line, or comma-separated)")
+    return prompts
+
+
+def collect_prompts(values: Sequence[str] | None, files: Sequence[str] | None = None) -> list[str]:
+    """The prompts of ``-p`` values (split with the shared comma/newline rule, `prompts.parse_prompts`), ``-p @FILE``
+    and ``--prompts_file FILE``, in order, each once; `CLIError` for an empty value or a prompt that is a file name."""
+    prompts: list[str] = []
+    for value in values or []:
+        if value.startswith("@") and len(value) > 1:
+            prompts += _read_prompts_file(value[1:], f"--prompt {value}")
+            continue
+        if os.path.isfile(value):
+            raise CLIError(f"--prompt {value!r} names a file; to read prompts from it use -p @{value} or --prompts_file {value}")
+        parsed = parse_prompts(value)
+        if not parsed:
+            raise CLIError(f"--prompt must not be empty (got {value!r})")
+        prompts += parsed
+    for path in files or []:
+        prompts += _read_prompts_file(path, f"--prompts_file {path}")
+    if not prompts:
+        raise CLIError("give at least one prompt: -p NAME (repeatable, or comma-separated), -p @FILE or --prompts_file FILE")
+    return list(dict.fromkeys(prompts))
+
+
+def check_image_paths(paths: Sequence[str]) -> None:
+    """Fail at once, with the way out, on IMAGE arguments that cannot be image files (no heavy import needed)."""
+    for path in paths:
+        if _URL.match(path):
+            raise CLIError(f"{path}: URLs are not downloaded; save the image and give its file path")
+        if os.path.isdir(path):
+            raise CLIError(f"{path} is a folder, not an image; to segment every image in it use --input_dir {path}")
+        if not os.path.exists(path):
+            raise CLIError(f"image not found: {path} (no such file; the current folder is {os.getcwd()})")
+        if not os.path.isfile(path):
+            raise CLIError(f"{path} is not a regular file")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -214,87 +296,16 @@ def load_pipeline(model: str, adapter: str | None, device_name: str, quiet_loadi
     return pipe.to(device)
 
 
-def read_image(path: str) -> np.ndarray:
-    """``[H, W, 3]`` float32 RGB in [0, 1] of an image file (16-bit precision kept), or `CLIError` naming the file."""
-    from .image_processing import open_image, to_float_rgb
-
-    try:
-        with open_image(path) as image:
-            return to_float_rgb(image)
-    except ValueError as error:
-        raise CLIError(str(error)) from None
-
-
-def _safe_name(text: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()).strip("._")
-    return name[:60] or "prompt"
-
-
-def _name_candidate(path: str, position: int, level: int) -> str:
-    """Ever more specific folder names for one input: its stem; file name; parent folder and file name; file
-    name and a hash of its absolute path; then that and its position on the command line."""
-    file = Path(path)
-    if level == 0:
-        return _safe_name(file.stem)
-    if level == 1:
-        return _safe_name(file.name)
-    if level == 2:
-        return _safe_name(f"{file.resolve().parent.name}_{file.name}")
-    digest = hashlib.sha1(str(file.resolve()).encode("utf-8")).hexdigest()[:8]
-    name = f"{_safe_name(file.name)}-{digest}"
-    return name if level == 3 else f"{name}-{position + 1}" + (f"-{level - 4}" if level > 4 else "")
-
-
-def _read_summary(folder: Path) -> dict | None:
-    try:
-        document = json.loads((folder / SUMMARY_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return document if isinstance(document, dict) else None
-
-
-def _is_temporary(path: Path) -> bool:
-    return path.name.startswith(".") and path.name.endswith(TEMPORARY_SUFFIX)
-
-
-def _folder_is_free_for(folder: Path, source: str) -> bool:
-    """May the results of `source` go into `folder`? Yes if it is absent, empty, or already holds them."""
-    if not folder.exists():
-        return True
-    if not folder.is_dir():
-        return False
-    if not [p for p in folder.iterdir() if p.name != LOCK_NAME and not _is_temporary(p)]:
-        return True
-    summary = _read_summary(folder)
-    return summary is not None and summary.get("source") == source
-
-
-def output_folder_names(paths: Sequence[str], out_root: str | os.PathLike | None = None) -> list[str]:
-    """One distinct subfolder name per input, the same for the same inputs and the same --out.
-
-    An input's name is its file stem while that is unambiguous; inputs whose names collide (``a.png`` and
-    ``a.jpg``; ``x/a.png`` and ``y/a.png``; ``A.png`` and ``a.png``, for case-insensitive disks) all move on to
-    a more specific name: the file name with its extension (``a.png``), then with its folder's name
-    (``x_a.png``), then with a hash of its absolute path, then with its position.
-    A folder already in `out_root` is reused only if it is empty or holds this same input's results (its
-    summary.json names the input); otherwise the input takes its next name, so earlier results are never
-    overwritten by another image's.
-    """
-    root = Path(out_root) if out_root is not None else None
-    sources = [str(Path(path).resolve()) for path in paths]
-    levels = [0] * len(paths)
-    reserved = {SUMMARY_NAME, LOCK_NAME}
-    while True:
-        names = [_name_candidate(path, i, level) for i, (path, level) in enumerate(zip(paths, levels))]
-        keys = [name.casefold() for name in names]
-        counts = {key: keys.count(key) for key in keys}
-        clashing = [
-            counts[key] > 1 or name in reserved or (root is not None and not _folder_is_free_for(root / name, source))
-            for name, key, source in zip(names, keys, sources)
-        ]
-        if not any(clashing):
-            return names
-        levels = [level + 1 if clash else level for level, clash in zip(levels, clashing)]
+def _note_prompts_outside_vocabulary(pipe, prompts: Sequence[str], model: str, announce: bool) -> list[str]:
+    """Say once, before any compute, which prompts the model was not trained on; return them (for the summaries)."""
+    outside = pipe.prompts_outside_vocabulary(list(prompts))
+    if outside and announce:
+        shown = ", ".join(map(repr, outside[:10])) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
+        known = ", ".join(pipe.config.training_vocabulary)
+        print(f"digseg: note: prompts outside what --model {model} was trained on ({known}): {shown}; their masks are not meaningful", file=sys.stderr)
+    # The pipeline would log the same warning at its first call; the line above has said it.
+    pipe.__dict__.setdefault("_warned_unknown_prompts", set()).update(outside)
+    return outside
 
 
 def _pipeline_kwargs(args: argparse.Namespace) -> dict:
@@ -327,12 +338,104 @@ def run_pipeline(pipe, image: np.ndarray, prompts: list[str], args: argparse.Nam
         raise CLIError(str(error).strip().splitlines()[0]) from None
 
 
-def _mask_file_name(k: int, prompt: str) -> str:
-    return f"mask_{k:02d}_{_safe_name(prompt)}.png"
+# ----------------------------------------------------------------------------------------------------------------
+# segment: IMAGE files and datasets, one engine
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def command_segment(args: argparse.Namespace) -> dict:
+    prompts = collect_prompts(args.prompt, args.prompts_file)
+    dataset_inputs = args.input_dir or args.input_list or args.dataset
+    if dataset_inputs and args.images:
+        raise CLIError("give either IMAGE files or one of --input_dir / --input_list / --dataset, not both")
+    if not dataset_inputs and not args.images:
+        raise CLIError("give IMAGE files, or one of --input_dir / --input_list / --dataset")
+    if args.label_png == "palette" and len(prompts) > 255:
+        raise CLIError(f"a palette PNG holds 255 labels; {len(prompts)} prompts need --label_png 16bit (or auto)")
+    if args.images:
+        check_image_paths(args.images)
+    return _run_engine(args, prompts)
+
+
+def _run_engine(args: argparse.Namespace, prompts: list[str]) -> dict:
+    """`batch_inference.DatasetRun` over the IMAGE files (with masks and overlay per image) or the dataset."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from .batch_inference import (
+        BatchInferenceError, BatchOptions, DatasetRun, FolderSource, HFDatasetSource, ListSource, MasksAndOverlay,
+        PathsSource,
+    )  # fmt: skip
+
+    images_mode = bool(args.images)
+    state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))  # gloo on CPUs
+    try:
+        if images_mode:
+            source = PathsSource(args.images)
+        elif args.input_dir:
+            source = FolderSource(args.input_dir)
+        elif args.input_list:
+            source = ListSource(args.input_list)
+        else:
+            source = HFDatasetSource(args.dataset)
+        with DatasetRun(source, args.out, state, overwrite=args.overwrite) as run:  # locks --out, lists the inputs
+            device = args.device
+            if device == "auto" or (device == "cuda" and state.device.type == "cuda"):
+                device = str(state.device)  # under accelerate launch: each process on its own GPU
+            start = time.perf_counter()
+            pipe = load_pipeline(args.model, args.adapter, device)
+            load_seconds = time.perf_counter() - start
+            _note_prompts_outside_vocabulary(pipe, prompts, args.model, state.is_main_process)
+            options = BatchOptions(
+                prompts=prompts, batch_images=args.batch_images, seed=args.seed, label_png=args.label_png,
+                output_format=args.format, pipeline_kwargs=_pipeline_kwargs(args),
+                progress=not args.quiet and not images_mode, extras=MasksAndOverlay() if images_mode else None,
+            )  # fmt: skip
+            report = _ImageLines(Path(args.out), len(run.items), state.num_processes) if images_mode else None
+            summary = run.run(pipe, options, describe={"model": args.model, "adapter": args.adapter}, on_image_done=report)
+    except BatchInferenceError as error:
+        raise CLIError(str(error)) from None
+    return {
+        "command": "segment-images" if images_mode else "segment-dataset", "is_main_process": state.is_main_process,
+        "out": str(args.out), "load_model_seconds": load_seconds, **summary,
+    }  # fmt: skip
+
+
+class _ImageLines:
+    """Prints each image's result as it finishes: where its files are and, per prompt, labelled numbers."""
+
+    def __init__(self, out: Path, total: int, num_processes: int):
+        self.out, self.total, self.done = out, total, 0
+        self.of = f"/{total}" if num_processes == 1 else f" (this process; {total} in all)"
+
+    def __call__(self, event: dict) -> None:
+        self.done += 1
+        where = f"[{self.done}{self.of}] {event['key']}"
+        if event["status"] == "failed":
+            print(f"{where}: failed: {event['reason']}", flush=True)
+            return
+        document = event["document"]
+        state = "already complete (same input and settings), kept" if event["status"] == "skipped" else f"{document['segment_seconds']:.2f} s"
+        print(f"{where}: {state} -> {self.out / document['label_map']} (label map), {self.out / document['overlay']}, "
+              f"masks in {self.out / (event['name'] + '.masks')}", flush=True)  # fmt: skip
+        entries = document.get("prompts", [])
+        for entry in entries[:MAX_PROMPT_LINES]:
+            print(
+                f"    {entry['prompt']:<16} mask covers {100 * entry['mask_area_fraction']:5.1f} % of the image, "
+                f"label map {100 * entry['label_area_fraction']:5.1f} %, max probability {entry['max_probability']:.2f}",
+                flush=True,
+            )
+        if len(entries) > MAX_PROMPT_LINES:
+            print(f"    ... {len(entries) - MAX_PROMPT_LINES} more prompts in {self.out / (event['name'] + '.json')}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# demo
+# ----------------------------------------------------------------------------------------------------------------
 
 
 class ResultFolder:
-    """One image's output folder, written so that a kill or a rerun never leaves it mixing two runs.
+    """The demo's output folder, written so that a kill or a rerun never leaves it mixing two runs.
 
     `begin` claims the folder with a provisional summary.json (``"status": "incomplete"``, the input it is for,
     the files about to be written and the previous run's files); every file is then written atomically; files of
@@ -346,10 +449,12 @@ class ResultFolder:
 
     def begin(self, planned_files: Sequence[str]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        for leftover in self.folder.glob(f".*{TEMPORARY_SUFFIX}"):  # from a killed writer (we hold the lock)
-            if leftover.is_file():
+        for leftover in self.folder.iterdir():  # from a killed writer (we hold the lock)
+            if LEFTOVER_TEMPORARY.match(leftover.name) and leftover.is_file():
                 leftover.unlink()
         previous = _read_summary(self.folder) or {}
+        if not str(previous.get("source", "")).startswith("digseg demo"):  # not ours: name no file to remove
+            previous = {}
         earlier = [entry.get("mask_file") for entry in previous.get("prompts", []) if isinstance(entry, dict)]
         earlier += previous.get("stale_files", []) + previous.get("files_being_written", [])
         self._stale = {name for name in earlier if isinstance(name, str) and Path(name).name == name} - set(planned_files)
@@ -369,38 +474,6 @@ class ResultFolder:
         atomic_write_json(self.folder / SUMMARY_NAME, {"status": "complete", "source": self.source, **summary})
 
 
-def write_outputs(folder: ResultFolder, image: np.ndarray, prompts: list[str], output, index: int = 0) -> dict:
-    """Write the masks, label map and overlay of one image; return the per-prompt summary entries."""
-    from PIL import Image
-
-    from .visualization import label_map_image, overlay
-
-    masks = np.asarray(output.masks[index])
-    probabilities = np.asarray(output.probabilities[index])
-    label_map = np.asarray(output.label_maps[index])
-    entries = []
-    for k, prompt in enumerate(prompts):
-        file_name = _mask_file_name(k, prompt)
-        folder.save_image(file_name, Image.fromarray(masks[k].astype(np.uint8) * 255, mode="L"))
-        entries.append(
-            {
-                "prompt": prompt,
-                "label": k + 1,
-                "mask_file": file_name,
-                "mask_area_fraction": float(masks[k].mean()),
-                "label_area_fraction": float((label_map == k + 1).mean()),
-                "max_probability": float(probabilities[k].max()),
-            }
-        )
-    folder.save_image("label_map.png", label_map_image(label_map, len(prompts), "palette"))
-    folder.save_image("overlay.png", Image.fromarray(overlay(image, label_map, num_classes=len(prompts))))
-    return {"prompts": entries, "background_area_fraction": float((label_map == 0).mean())}
-
-
-def _output_files(prompts: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
-    return [_mask_file_name(k, prompt) for k, prompt in enumerate(prompts)] + ["label_map.png", "overlay.png", *extra]
-
-
 def lock_output_root(out: str) -> DirectoryLock:
     """Create and lock --out before any model work, or raise `CLIError` saying why it cannot be used."""
     root = Path(out)
@@ -415,14 +488,100 @@ def lock_output_root(out: str) -> DirectoryLock:
         raise CLIError(f"--out {out} is not a writable folder: {error.strerror or error}") from None
 
 
-def _check_writable(folder: Path, out: str) -> None:
-    """An existing result folder must take new files (checked before the model runs)."""
-    if not folder.is_dir():
+def _check_demo_folder(out: Path, source: str, arguments: dict, overwrite: bool) -> None:
+    """The demo writes into --out only if it is new, empty, or holds this same demo (scene and settings)."""
+    if overwrite or not out.is_dir():
         return
+    if not [p for p in out.iterdir() if p.name != LOCK_NAME and not LEFTOVER_TEMPORARY.match(p.name)]:
+        return
+    earlier = _read_summary(out)
+    if earlier is None or earlier.get("source") != source or earlier.get("arguments") != arguments:
+        what = "the results of another demo scene or other settings" if earlier and str(earlier.get("source", "")).startswith("digseg demo") else "other files"
+        raise CLIError(f"--out {out} already holds {what}; choose another --out, or pass --overwrite to replace them")
+
+
+def _read_summary(folder: Path) -> dict | None:
     try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as error:
-        raise CLIError(f"--out {out}: cannot write into {folder}: {error.strerror or error}") from None
+        document = json.loads((folder / SUMMARY_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _demo_prompts(scene, seed: int, with_absent_class: bool) -> list[str]:
+    import numpy as np
+
+    from .synthetic import SHAPE_CLASSES
+
+    prompts = list(scene.class_names)
+    absent = [name for name in SHAPE_CLASSES if name not in prompts]
+    if absent and with_absent_class:
+        prompts.append(absent[int(np.random.default_rng(seed).integers(len(absent)))])
+    return prompts
+
+
+def command_demo(args: argparse.Namespace) -> dict:
+    from .synthetic import SPLIT_SEED_OFFSETS, generate_scene
+
+    seed = SPLIT_SEED_OFFSETS["test"] + args.scene
+    source = f"digseg demo scene {seed}"
+    arguments = {name: getattr(args, name) for name in DEMO_ARGUMENTS}
+    with lock_output_root(args.out):
+        _check_demo_folder(Path(args.out), source, arguments, args.overwrite)  # before the model loads
+        scene = generate_scene(seed, size=64)
+        prompts = _demo_prompts(scene, seed, not args.no_absent_class)
+        start = time.perf_counter()
+        pipe = load_pipeline(args.model, args.adapter, args.device)
+        load_seconds = time.perf_counter() - start
+        outside = _note_prompts_outside_vocabulary(pipe, prompts, args.model, announce=True)
+        with _progress_bar(args, "digseg demo") as progress:
+            segment_start = time.perf_counter()
+            output = run_pipeline(pipe, scene.image, prompts, args, progress)
+            segment_seconds = time.perf_counter() - segment_start
+        folder = ResultFolder(Path(args.out), source=source, image=f"synthetic test scene {args.scene}")
+        folder.begin(_demo_files(prompts))
+        summary = _write_demo_outputs(folder, scene.image, prompts, output)
+        summary.update(_write_demo_extras(folder, scene, prompts, output, seed))
+        summary.update(
+            {
+                "arguments": arguments,
+                "settings": _inference_settings(pipe, args),
+                "prompts_outside_training_vocabulary": outside,
+                "timings": {"load_model_seconds": load_seconds, "segment_seconds": segment_seconds},
+            }
+        )
+        folder.finish(summary)
+    return summary
+
+
+DEMO_ARGUMENTS = ("scene", "no_absent_class", "model", "adapter", "steps", "ensemble", "resolution", "threshold",
+                  "background_threshold", "seed")  # fmt: skip
+"""What the demo's outputs depend on: a rerun with the same values may replace them, others are refused."""
+
+
+def _demo_files(prompts: Sequence[str]) -> list[str]:
+    from .batch_inference import mask_file_name
+
+    masks = [mask_file_name(k, prompt, len(prompts)) for k, prompt in enumerate(prompts)]
+    return masks + ["label_map.png", "overlay.png", "ground_truth.png", "image.png", "panel.png"]
+
+
+def _write_demo_outputs(folder: ResultFolder, image, prompts: list[str], output) -> dict:
+    """The masks, label map and overlay of the demo scene, and the per-prompt numbers (`prompt_statistics`)."""
+    import numpy as np
+    from PIL import Image
+
+    from .batch_inference import prompt_statistics
+    from .visualization import label_map_image, overlay
+
+    masks, label_map = np.asarray(output.masks[0]), np.asarray(output.label_maps[0])
+    files = _demo_files(prompts)[: len(prompts)]
+    for k, file in enumerate(files):
+        folder.save_image(file, Image.fromarray(masks[k].astype(np.uint8) * 255, mode="L"))
+    folder.save_image("label_map.png", label_map_image(label_map, len(prompts), "auto"))
+    folder.save_image("overlay.png", Image.fromarray(overlay(image, label_map, num_classes=len(prompts))))
+    entries = prompt_statistics(prompts, masks, np.asarray(output.probabilities[0]), label_map, files)
+    return {"prompts": entries, "background_area_fraction": float((label_map == 0).mean())}
 
 
 def _progress_bar(args: argparse.Namespace, description: str):
@@ -446,121 +605,9 @@ def _inference_settings(pipe, args: argparse.Namespace) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Commands
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def command_segment(args: argparse.Namespace) -> dict:
-    prompts = [p.strip() for p in args.prompt]
-    if any(not p for p in prompts):
-        raise CLIError("--prompt must not be empty")
-    dataset_inputs = args.input_dir or args.input_list or args.dataset
-    if dataset_inputs and args.images:
-        raise CLIError("give either IMAGE files or one of --input_dir / --input_list / --dataset, not both")
-    if not dataset_inputs and not args.images:
-        raise CLIError("give IMAGE files, or one of --input_dir / --input_list / --dataset")
-    if dataset_inputs:
-        return command_segment_dataset(args, prompts)
-    with lock_output_root(args.out):  # a second digseg writing into the same --out is refused, never interleaved
-        return _segment_into(args, prompts, Path(args.out))
-
-
-def _segment_into(args: argparse.Namespace, prompts: list[str], out_root: Path) -> dict:
-    images = [read_image(path) for path in args.images]  # fail on a bad file before loading the model
-    out_dirs = [out_root] if len(images) == 1 else [out_root / name for name in output_folder_names(args.images, out_root)]
-    for folder in out_dirs:
-        _check_writable(folder, args.out)
-    start = time.perf_counter()
-    pipe = load_pipeline(args.model, args.adapter, args.device)
-    load_seconds = time.perf_counter() - start
-    results = []
-    with _progress_bar(args, "digseg segment") as progress:
-        for path, out_dir, image in zip(args.images, out_dirs, images):
-            image_start = time.perf_counter()
-            output = run_pipeline(pipe, image, prompts, args, progress)
-            seconds = time.perf_counter() - image_start
-            folder = ResultFolder(out_dir, source=str(Path(path).resolve()), image=str(path))
-            folder.begin(_output_files(prompts))
-            summary = write_outputs(folder, image, prompts, output)
-            summary.update({"image": str(path), "height": int(image.shape[0]), "width": int(image.shape[1]), "segment_seconds": seconds})
-            folder.finish(summary)
-            results.append({**summary, "output_dir": str(out_dir)})
-    document = {
-        "command": "segment",
-        "settings": _inference_settings(pipe, args),
-        "timings": {"load_model_seconds": load_seconds, "total_seconds": time.perf_counter() - start},
-        "images": results,
-    }
-    if len(images) > 1:
-        atomic_write_json(out_root / SUMMARY_NAME, document)
-    return document
-
-
-def command_segment_dataset(args: argparse.Namespace, prompts: list[str]) -> dict:
-    """`segment --input_dir | --input_list | --dataset`: a thin layer over `batch_inference.DatasetRun`."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    from .batch_inference import BatchInferenceError, BatchOptions, DatasetRun, FolderSource, HFDatasetSource, ListSource
-
-    state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))  # gloo on CPUs
-    try:
-        if args.input_dir:
-            source = FolderSource(args.input_dir)
-        elif args.input_list:
-            source = ListSource(args.input_list)
-        else:
-            source = HFDatasetSource(args.dataset)
-        with DatasetRun(source, args.out, state) as run:  # the main process locks --out and lists the inputs
-            device = args.device
-            if device == "auto" or (device == "cuda" and state.device.type == "cuda"):
-                device = str(state.device)  # under accelerate launch: each process on its own GPU
-            pipe = load_pipeline(args.model, args.adapter, device)
-            options = BatchOptions(
-                prompts=prompts, batch_images=args.batch_images, seed=args.seed, label_png=args.label_png,
-                output_format=args.format, pipeline_kwargs=_pipeline_kwargs(args), progress=not args.quiet,
-            )  # fmt: skip
-            summary = run.run(pipe, options, describe={"model": args.model, "adapter": args.adapter})
-    except BatchInferenceError as error:
-        raise CLIError(str(error)) from None
-    return {"command": "segment-dataset", "is_main_process": state.is_main_process, "out": str(args.out), **summary}
-
-
-def command_demo(args: argparse.Namespace) -> dict:
-    from .synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene
-
-    seed = SPLIT_SEED_OFFSETS["test"] + args.scene
-    scene = generate_scene(seed, size=64)
-    prompts = list(scene.class_names)
-    absent = [name for name in SHAPE_CLASSES if name not in prompts]
-    if absent and not args.no_absent_class:
-        prompts.append(absent[int(np.random.default_rng(seed).integers(len(absent)))])
-
-    with lock_output_root(args.out):
-        start = time.perf_counter()
-        pipe = load_pipeline(args.model, args.adapter, args.device)
-        load_seconds = time.perf_counter() - start
-        with _progress_bar(args, "digseg demo") as progress:
-            segment_start = time.perf_counter()
-            output = run_pipeline(pipe, scene.image, prompts, args, progress)
-            segment_seconds = time.perf_counter() - segment_start
-        folder = ResultFolder(Path(args.out), source=f"digseg demo scene {seed}", image=f"synthetic test scene {args.scene}")
-        folder.begin(_output_files(prompts, ["ground_truth.png", "image.png", "panel.png"]))
-        summary = write_outputs(folder, scene.image, prompts, output)
-        summary.update(_write_demo_extras(folder, scene, prompts, output, seed))
-        summary.update(
-            {
-                "settings": _inference_settings(pipe, args),
-                "timings": {"load_model_seconds": load_seconds, "segment_seconds": segment_seconds},
-            }
-        )
-        folder.finish(summary)
-    return summary
-
-
 def _write_demo_extras(folder: ResultFolder, scene, prompts: list[str], output, seed: int) -> dict:
     """The demo's ground truth, input and comparison panel, and its scores."""
+    import numpy as np
     from PIL import Image
 
     from .evaluation import BACKGROUND_NAME, EvaluationAccumulator
@@ -577,7 +624,8 @@ def _write_demo_extras(folder: ResultFolder, scene, prompts: list[str], output, 
     accumulator.add(scene.validation_example().label, [SHAPE_CLASSES.index(p) for p in prompts], None, np.asarray(output.label_maps[0]))
     metrics = accumulator.compute()
     per_class = {name: metrics["per_class"][name]["iou"] for name in [BACKGROUND_NAME] + prompts}
-    folder.save_image("panel.png", _panel(scene.image, truth, np.asarray(output.label_maps[0]), len(prompts)))
+    names = [p if p in scene.class_names else f"{p} (not in the scene)" for p in prompts]
+    folder.save_image("panel.png", _panel(scene.image, truth, np.asarray(output.label_maps[0]), names))
     return {
         "command": "demo",
         "scene_seed": seed,
@@ -589,50 +637,69 @@ def _write_demo_extras(folder: ResultFolder, scene, prompts: list[str], output, 
     }
 
 
-def _panel(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, num_classes: int, scale: int = 4):
-    """Image | ground truth | prediction side by side, enlarged (nearest) so 64 px scenes are easy to see."""
+def _panel(image, truth, prediction, prompts: Sequence[str], scale: int = 4):
+    """Image | ground truth | prediction side by side, enlarged (nearest) so 64 px scenes are easy to see, with a
+    title over each tile and a legend (each class name next to its colour) below."""
+    import numpy as np
     from PIL import Image
 
-    from .visualization import colorize_label_map
+    from .visualization import colorize_label_map, legend_image, titled_row
 
+    num_classes = len(prompts)
     tiles = [image, colorize_label_map(truth, num_classes, None), colorize_label_map(prediction, num_classes, None)]
     height, width = image.shape[:2]
-    gap = 4
-    panel = np.full((height * scale, 3 * width * scale + 2 * gap, 3), 255, dtype=np.uint8)
-    for i, tile in enumerate(tiles):
-        big = np.asarray(Image.fromarray(tile).resize((width * scale, height * scale), Image.NEAREST))
-        left = i * (width * scale + gap)
-        panel[:, left : left + width * scale] = big
-    return Image.fromarray(panel)
+    big = [np.asarray(Image.fromarray(tile).resize((width * scale, height * scale), Image.NEAREST)) for tile in tiles]
+    row = titled_row(big, ["image", "ground truth", "prediction"], gap=4)
+    legend = legend_image(["background", *prompts], width=row.width)
+    panel = Image.new("RGB", (row.width, row.height + legend.height), (255, 255, 255))
+    panel.paste(row, (0, 0))
+    panel.paste(legend, (0, row.height))
+    return panel
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Console
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def _print_summary(document: dict) -> None:
     if document.get("command") == "demo":
+        if document["arguments"]["model"] == DEMO_MODEL_NAME:
+            print(demo_model_summary())
         print(f"scene {document['scene_seed']}: classes {', '.join(document['classes_present'])}")
         for entry in document["prompts"]:
             iou = document["iou"].get(entry["prompt"])
-            iou_text = f"IoU {iou:.3f}" if iou is not None else "absent (IoU undefined)"
-            print(f"  {entry['prompt']:<12} area {entry['mask_area_fraction']:.3f}  {iou_text}")
+            iou_text = f"IoU {iou:.3f}" if iou is not None else "absent from the scene (IoU undefined)"
+            print(f"  {entry['prompt']:<12} mask covers {100 * entry['mask_area_fraction']:5.1f} % of the image  {iou_text}")
         print(f"  mIoU (incl. background) {document['mIoU']:.3f}; {document['timings']['segment_seconds']:.2f} s")
         return
-    if document.get("command") == "segment-dataset":
-        if not document["is_main_process"]:
-            return
-        print(
-            f"{document['images']} images: {document['segmented']} segmented, {document['skipped_complete']} already "
-            f"complete, {document['failed']} failed; {document['images_per_second']:.2f} images/s over "
-            f"{document['num_processes']} process(es)"
-        )
-        for stats in document["per_process"]:
-            print(f"  process {stats['process_index']}: {stats['segmented']} segmented in {stats['seconds']:.1f} s ({stats['images_per_second']:.2f} images/s)")
-        for failure in document["failures"][:20]:
-            print(f"  failed: {failure['image']}: {failure['reason']}")
-        if document["failed"] > 20:
-            print(f"  ... {document['failed'] - 20} more failures in {Path(document['out']) / 'digseg_summary.json'}")
+    if not document["is_main_process"]:
         return
-    for image in document["images"]:
-        areas = ", ".join(f"{e['prompt']} {e['mask_area_fraction']:.3f}" for e in image["prompts"])
-        print(f"{image['image']}: {areas} -> {image['output_dir']}")
+    if document["command"] == "segment-images":
+        print(
+            f"{document['images']} image(s): {document['segmented']} segmented, {document['skipped_complete']} already "
+            f"complete; run summary in {Path(document['out']) / 'digseg_summary.json'}"
+        )
+        return
+    print(
+        f"{document['images']} images: {document['segmented']} segmented, {document['skipped_complete']} already "
+        f"complete, {document['failed']} failed; {document['images_per_second']:.2f} images/s over "
+        f"{document['num_processes']} process(es)"
+    )
+    for stats in document["per_process"]:
+        print(f"  process {stats['process_index']}: {stats['segmented']} segmented in {stats['seconds']:.1f} s ({stats['images_per_second']:.2f} images/s)")
+    for failure in document["failures"][:20]:
+        print(f"  failed: {failure['image']}: {failure['reason']}")
+    if document["failed"] > 20:
+        print(f"  ... {document['failed'] - 20} more failures in {Path(document['out']) / 'digseg_summary.json'}")
+
+
+def _disk_full_message(error: OSError, out: str) -> str:
+    where = error.filename or out
+    return (
+        f"the disk is full: cannot write {where} ({error.strerror or 'no space left'}); free some space or choose an "
+        "--out on another disk, then run the same command again: finished results are kept and skipped"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -647,6 +714,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("digseg: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        print(f"digseg: error: {_disk_full_message(error, args.out)}", file=sys.stderr)
+        return EXIT_FAILURE
     _print_summary(document)
     if document.get("is_main_process", True):
         print(f"outputs written to {args.out}")

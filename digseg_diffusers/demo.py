@@ -14,6 +14,7 @@ It is loadable by path (`default_model_path()`) or by its short name::
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -32,10 +33,25 @@ def default_model_path() -> str:
     path = Path(__file__).resolve().parent / "models" / "demo"
     if not (path / MODEL_INDEX).is_file():
         raise FileNotFoundError(
-            f"The embedded demo model is missing: {path} has no {MODEL_INDEX}. Reinstall digseg-diffusers, or "
-            "rebuild it with `python training/train_demo_model.py`."
+            f"The embedded demo model is missing: {path} has no {MODEL_INDEX}. Reinstall from a clone of "
+            "the repository (`pip install -e .`), or rebuild it with `python training/train_demo_model.py`."
         )
     return str(path)
+
+
+def demo_model_summary() -> str:
+    """One sentence on what the embedded demo model can segment (for `--help` and `digseg demo`), read from its
+    recorded training vocabulary without loading it."""
+    try:
+        index = json.loads((Path(__file__).resolve().parent / "models" / "demo" / MODEL_INDEX).read_text(encoding="utf-8"))
+        classes = list(index["training_vocabulary"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"The embedded demo model ({DEMO_MODEL_NAME}) segments only the shapes of its synthetic training world."
+    return (
+        f"The embedded demo model (--model {DEMO_MODEL_NAME}, the default) segments only {len(classes)} synthetic "
+        f"shapes ({', '.join(classes)}) in small drawn scenes; for photos and other classes give --model a trained "
+        "DiGSeg pipeline."
+    )
 
 
 def resolve_model_name(name_or_path: str | os.PathLike) -> str | os.PathLike:

@@ -11,7 +11,7 @@ import colorsys
 import numpy as np
 from PIL import Image
 
-__all__ = ["BASE_COLORS", "label_colors", "colorize_label_map", "overlay"]
+__all__ = ["BASE_COLORS", "label_colors", "colorize_label_map", "overlay", "legend_image", "titled_row"]
 
 BASE_COLORS: tuple[tuple[int, int, int], ...] = (
     (230, 25, 75),  # red
@@ -170,3 +170,58 @@ def overlay(image_uint8, label_map, alpha: float = 0.5, num_classes: int | None 
     blended = image.astype(np.float32) * (1.0 - alpha) + colors * alpha
     foreground = (labels != 0)[:, :, None]
     return np.where(foreground, np.round(blended), image).astype(np.uint8)
+
+
+def _text_size(draw, text: str, font) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def legend_image(names, width: int, swatch: int = 14, padding: int = 6) -> Image.Image:
+    """A white strip naming each label's colour: ``names[0]`` is label 0 (background), ``names[k]`` label k,
+    coloured as in `label_colors`; entries wrap onto new rows to fit `width` pixels. PIL's default font."""
+    from PIL import ImageDraw, ImageFont
+
+    names = [str(name) for name in names]
+    colors = label_colors(max(len(names) - 1, 0))
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    entries = [(swatch + 4 + _text_size(measure, name, font)[0], name) for name in names]
+    line = max([swatch] + [_text_size(measure, name, font)[1] for name in names]) + padding
+    rows, x = [[]], padding
+    for entry_width, name in entries:
+        if rows[-1] and x + entry_width > width - padding:
+            rows.append([])
+            x = padding
+        rows[-1].append((x, name))
+        x += entry_width + 2 * padding
+    legend = Image.new("RGB", (max(width, 1), len(rows) * line + padding), (255, 255, 255))
+    draw = ImageDraw.Draw(legend)
+    k = 0
+    for r, row in enumerate(rows):
+        top = padding + r * line
+        for x, name in row:
+            draw.rectangle([x, top, x + swatch - 1, top + swatch - 1], fill=tuple(int(c) for c in colors[k]), outline=(0, 0, 0))
+            draw.text((x + swatch + 4, top + (swatch - _text_size(measure, name, font)[1]) // 2), name, fill=(0, 0, 0), font=font)
+            k += 1
+    return legend
+
+
+def titled_row(tiles, titles, gap: int = 4, padding: int = 4) -> Image.Image:
+    """``[H, W, 3]`` uint8 tiles of one height side by side on white, each with its title above it."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_height = max(_text_size(measure, title, font)[1] for title in titles) + 2 * padding
+    height = max(np.asarray(tile).shape[0] for tile in tiles)
+    width = sum(np.asarray(tile).shape[1] for tile in tiles) + gap * (len(tiles) - 1)
+    row = Image.new("RGB", (width, height + title_height), (255, 255, 255))
+    draw = ImageDraw.Draw(row)
+    left = 0
+    for tile, title in zip(tiles, titles):
+        tile = np.asarray(tile)
+        draw.text((left + (tile.shape[1] - _text_size(measure, title, font)[0]) // 2, padding), title, fill=(0, 0, 0), font=font)
+        row.paste(Image.fromarray(tile), (left, title_height))
+        left += tile.shape[1] + gap
+    return row

@@ -252,6 +252,30 @@ def test_dataset_run_writes_results_lists_failures_and_resumes(image_folder, tmp
     assert "threshold" in capsys.readouterr().err
 
 
+def test_leftover_temporaries_of_a_killed_run_are_removed_and_other_files_refused(image_folder, tmp_path, capsys):
+    """Issue 31: a run killed mid-write left hidden `.<name>.png.<hex>.tmp` files that no later run removed; and an
+    --out that holds someone's files (here: the input folder itself) was written into."""
+    out = tmp_path / "out"
+    argv = _segment_argv(image_folder, out)
+    argv[argv.index("coco")] = "png"
+    assert cli.main(argv) == 0
+    leftovers = [out / ".scene00.png.0123456789ab.tmp", out / "sub" / ".scene01.json.abcdef012345.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half written")
+    (out / ".my_notes.tmp").write_text("not a digseg temporary")
+    assert cli.main(argv) == 0
+    assert not any(path.exists() for path in leftovers) and (out / ".my_notes.tmp").read_text() == "not a digseg temporary"
+
+    copy = tmp_path / "photos"
+    copy.mkdir()
+    Image.fromarray(generate_scene(0, size=32).image).save(copy / "a.png")
+    before = (copy / "a.png").read_bytes()
+    assert cli.main(["segment", "--input_dir", str(copy), "-p", "circle", "--out", str(copy), "--device", "cpu", "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "not digseg results (a.png)" in error and "--overwrite" in error and error.count("\n") == 1
+    assert (copy / "a.png").read_bytes() == before and sorted(p.name for p in copy.iterdir()) == ["a.png"]
+
+
 def test_coco_file_loads_with_pycocotools(image_folder, tmp_path):
     coco_api = pytest.importorskip("pycocotools.coco")
     from digseg_diffusers.pipeline_digseg import DiGSegPipeline

@@ -109,3 +109,18 @@ def test_overlay_accepts_grey_rgba_and_pil():
 def test_overlay_rejects_bad_inputs(image, labels, alpha, message):
     with pytest.raises(ValueError, match=message):
         overlay(image, labels, alpha=alpha)
+
+
+def test_legend_names_each_colour_and_wraps():
+    from digseg_diffusers.visualization import legend_image, titled_row
+
+    names = ["background", "circle", "square", "star"]
+    legend = np.asarray(legend_image(names, width=400))
+    colors = label_colors(3)
+    for color in colors:  # every class's swatch is drawn in its label colour (background: black)
+        assert (legend == color).all(axis=-1).sum() >= 100
+    narrow = legend_image([f"class {i}" for i in range(12)], width=120)
+    wide = legend_image([f"class {i}" for i in range(12)], width=2000)
+    assert narrow.width == 120 and narrow.height > wide.height  # wraps onto more rows
+    row = titled_row([np.zeros((10, 20, 3), np.uint8), np.full((10, 30, 3), 255, np.uint8)], ["a", "b"], gap=4)
+    assert row.width == 54 and row.height > 10
