@@ -41,7 +41,6 @@ from .mask_decoder import DiGSegMaskDecoder  # imported so that from_pretrained 
 from .prompt_cache import PromptEmbeddingCache, text_path_fingerprint
 from .prompts import prompts_outside_vocabulary
 from .text_projection import DiGSegTextProjection
-from .unet_surgery import widen_conv_in
 
 logger = logging.get_logger(__name__)
 
@@ -267,81 +266,12 @@ class DiGSegPipeline(DiffusionPipeline, DiGSegLoraLoaderMixin):
             torch_dtype: dtype to load the weights in.
             kwargs: passed to every `from_pretrained` (`cache_dir`, `revision`, `local_files_only`, `token`, ...).
         """
-        from transformers import AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer
+        from .conversion import components_from_base_model
 
-        from .hub_files import hub_kwargs, require_hub_source
-
-        # Fail in seconds with one line (offline, uncached) rather than after ~30 s of Hub retries per file.
-        sources = {"the base model": base_model, "the text encoder": text_encoder, "the tokenizer": tokenizer}
-        for what, source in sources.items():
-            if isinstance(source, (str, os.PathLike)):
-                require_hub_source(source, what, **hub_kwargs(kwargs))
-        base_model = str(base_model)
-        load_kwargs = dict(kwargs)
-        if torch_dtype is not None:
-            load_kwargs["torch_dtype"] = torch_dtype
-        unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **load_kwargs)
-        vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae", **load_kwargs)
-        scheduler = DDIMScheduler.from_pretrained(
-            base_model,
-            subfolder="scheduler",
-            timestep_spacing="trailing",
-            set_alpha_to_one=True,
-            clip_sample=False,
-            **kwargs,
-        )
-        if scheduler.config.get("rescale_betas_zero_snr", False) and scheduler.config.prediction_type == "epsilon":
-            logger.warning(
-                "The base scheduler uses zero terminal SNR with epsilon prediction: the first DDIM step at t=999 is "
-                "not finite. Use a v-prediction base or set `rescale_betas_zero_snr=False`."
-            )
-
-        def load_text_model(source: str, subfolder: str | None):
-            extra = {"subfolder": subfolder} if subfolder else {}
-            try:
-                return CLIPTextModel.from_pretrained(source, **extra, **load_kwargs)
-            except (ValueError, TypeError, OSError, KeyError) as clip_error:
-                try:
-                    return AutoModel.from_pretrained(source, **extra, **load_kwargs)
-                except Exception:
-                    raise clip_error from None
-
-        def load_tokenizer(source: str, subfolder: str | None, model: PreTrainedModel):
-            # CLIP tokenizers are loaded by class: AutoTokenizer would look for a root config.json that SD-layout
-            # repos do not have, which fails offline.
-            extra = {"subfolder": subfolder} if subfolder else {}
-            tokenizer_class = CLIPTokenizer if isinstance(model, CLIPTextModel) else AutoTokenizer
-            return tokenizer_class.from_pretrained(source, **extra, **kwargs)
-
-        if text_encoder is None:
-            text_encoder = load_text_model(base_model, "text_encoder")
-            if tokenizer is None:
-                tokenizer = load_tokenizer(base_model, "tokenizer", text_encoder)
-        elif isinstance(text_encoder, (str, os.PathLike)):
-            source = str(text_encoder)
-            text_encoder = load_text_model(source, None)
-            if tokenizer is None:
-                tokenizer = load_tokenizer(source, None, text_encoder)
-        if tokenizer is None:
-            raise ValueError("`tokenizer` is required when `text_encoder` is given as a model instance.")
-        if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = load_tokenizer(str(tokenizer), None, text_encoder)
-
-        latent_channels = vae.config.latent_channels
-        widen_conv_in(unet, latent_channels=latent_channels)
-        text_projection = DiGSegTextProjection(
-            in_features=text_encoder.config.hidden_size,
-            out_features=unet.config.cross_attention_dim,
-            hidden_features=text_projection_hidden_features,
-        ).to(dtype=unet.dtype)
         return cls(
-            unet=unet,
-            vae=vae,
-            scheduler=scheduler,
-            text_encoder=text_encoder.eval(),
-            tokenizer=tokenizer,
-            text_projection=text_projection,
-            base_model=base_model,
+            **components_from_base_model(
+                base_model, text_encoder, tokenizer, text_projection_hidden_features, torch_dtype, **kwargs
+            )
         )
 
     @classmethod

@@ -14,7 +14,7 @@ from diffusers import UNet2DConditionModel
 from digseg_diffusers import DiGSegPipeline
 from digseg_diffusers.testing_utils import CROSS_PATH_ATOL, make_tiny_text_encoder, save_tiny_sd_base
 from digseg_diffusers.tokenization import build_char_clip_tokenizer
-from digseg_diffusers.unet_surgery import widen_conv_in
+from digseg_diffusers.conversion import widen_conv_in
 
 
 @pytest.fixture(scope="module")
