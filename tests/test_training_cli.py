@@ -245,6 +245,22 @@ def test_a_full_disk_during_training_ends_with_one_line_and_loses_nothing(train_
     assert "newest complete checkpoint: checkpoint-1" in errors[0] and "--resume_from_checkpoint latest" in errors[0]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["checkpoint-1"]  # no partial checkpoint-2 anywhere
     assert checkpointing.find_latest_checkpoint(tmp_path / "out") == tmp_path / "out" / "checkpoint-1"
-    monkeypatch.setattr(torch, "save", real_save)  # space freed: the same command resumes and finishes
-    summary = train_adapter.main(tiny_run + ["--max_train_steps", "3", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest"])
+    monkeypatch.setattr(torch, "save", real_save)  # space freed: the same command resumes...
+    resume = tiny_run + ["--max_train_steps", "3", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest"]
+
+    def summary_finds_the_disk_full(path, document):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_atomic_write_json = train_adapter.atomic_write_json
+    monkeypatch.setattr(train_adapter, "atomic_write_json", summary_finds_the_disk_full)  # ...until the summary
+    with pytest.raises(SystemExit) as exit_info:
+        train_adapter.main(resume)
+    assert exit_info.value.code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and f"no space left to write {tmp_path / 'out' / 'train_summary.json'}" in errors[0]
+    assert "newest complete checkpoint: checkpoint-3" in errors[0]
+    assert not (tmp_path / "out" / "train_summary.json").exists() and (tmp_path / "out" / "adapter").is_dir()
+    monkeypatch.setattr(train_adapter, "atomic_write_json", real_atomic_write_json)
+    summary = train_adapter.main(resume)  # the finished run's outputs are written, without training again
     assert [step for step, _ in summary["losses"]] == [1, 2, 3]
+    assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["global_step"] == 3
