@@ -214,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Resolution levels to adapt (default: the two middle cross-attention levels).",
     )
     model.add_argument("--rank", type=int, default=8, help="LoRA rank r.")
-    model.add_argument("--lora_alpha", type=float, default=8.0, help="LoRA alpha (the update is scaled by alpha / rank).")
+    model.add_argument(
+        "--lora_alpha", type=float, default=8.0, help="LoRA alpha (the update is scaled by alpha / rank).",
+    )
     model.add_argument("--no_mid_block", action="store_true", help="Leave the mid-block attention frozen.")
     model.add_argument("--no_conv_in", action="store_true", help="Leave conv_in frozen.")
     model.add_argument(
@@ -538,7 +540,9 @@ def check_inputs(args: argparse.Namespace):
     validation_reader = None
     if args.validation_split:
         try:
-            validation_reader = build_reader(args.dataset_format, args.train_data_dir, args.validation_split, **reader_kwargs)
+            validation_reader = build_reader(
+                args.dataset_format, args.train_data_dir, args.validation_split, **reader_kwargs
+            )
         except (OSError, ValueError) as error:
             fail(f"--validation_split {args.validation_split}: {error}")
     models = (
@@ -986,13 +990,19 @@ def train(args: argparse.Namespace, settings: dict, resume_path: Path | None, tr
             "adapter": adapter_config.to_dict(),
         }
         try:
-            with reporting_full_disk(adapter_dir, f"the adapter {adapter_dir}"), staged_directory(adapter_dir) as staging:
+            with (
+                reporting_full_disk(adapter_dir, f"the adapter {adapter_dir}"),
+                staged_directory(adapter_dir) as staging,
+            ):
                 save_adapter(staging, unet_trained, projection_trained, adapter_config)
                 write_card(args, staging, adapter_config, train_dataset.class_names, record.validation)
             if args.save_pipeline:
                 for module in (unet_trained, vae, text_encoder):  # a saved pipeline is fp32 whatever the training dtype
                     module.to(torch.float32)
-                with reporting_full_disk(pipeline_dir, f"the pipeline {pipeline_dir}"), staged_directory(pipeline_dir) as staging:
+                with (
+                    reporting_full_disk(pipeline_dir, f"the pipeline {pipeline_dir}"),
+                    staged_directory(pipeline_dir) as staging,
+                ):
                     save_trained_pipeline(pipeline, unet_trained, projection_trained, adapter_config, staging)
             with reporting_full_disk(summary_path, summary_path):
                 atomic_write_json(summary_path, summary)
@@ -1008,7 +1018,7 @@ def disk_full_advice(args: argparse.Namespace, error: DiskFullError) -> str:
     """The one line for a full disk: what failed, what is kept, how to go on."""
     latest = find_latest_checkpoint(args.output_dir, warn=lambda message: None)
     if latest is None:
-        return f"{error}. No checkpoint was complete yet: free some space (or choose another --output_dir) and run again"
+        return f"{error}. No checkpoint was complete yet: free some space (or choose another --output_dir), run again"
     return (
         f"{error}. Everything written before is kept (newest complete checkpoint: {latest.name}): free some space, "
         "then rerun the same command with --resume_from_checkpoint latest"
