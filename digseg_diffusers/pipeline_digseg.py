@@ -708,9 +708,14 @@ class DiGSegPipeline(DiffusionPipeline, DiGSegLoraLoaderMixin):
         output_uncertainty: bool,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        mask_decoder: str | None = None,
+        probability_dtype: str = "float32",
     ) -> tuple[int, int]:
         """Validate the arguments; returns the latent size ``(h, w)``. Every error names its argument."""
         check_scheduler(self.scheduler)
+        self._light_mask_decoder(mask_decoder)
+        if not isinstance(probability_dtype, str) or probability_dtype not in PROBABILITY_DTYPES:
+            raise ValueError(f"`probability_dtype` must be one of {tuple(PROBABILITY_DTYPES)}; got {probability_dtype!r}.")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise ValueError(f"`callback_on_step_end` must be callable; got {type(callback_on_step_end).__name__}.")
         unknown = [n for n in callback_on_step_end_tensor_inputs or [] if n not in self._callback_tensor_inputs]
@@ -899,42 +904,19 @@ class DiGSegPipeline(DiffusionPipeline, DiGSegLoraLoaderMixin):
             `DiGSegOutput`, or with ``return_dict=False`` the tuple of its fields that are not None, e.g.
             ``(probabilities, masks, label_maps, prompts)`` for a default call.
         """
-        # 0. Defaults from the config.
-        defaults = self.resolve_call_defaults(
-            num_inference_steps, processing_resolution, mask_threshold, background_threshold
-        )
-        num_inference_steps = defaults["num_inference_steps"]
-        processing_resolution = defaults["processing_resolution"]
-        mask_threshold = defaults["mask_threshold"]
-        background_threshold = defaults["background_threshold"]
-
-        self._light_mask_decoder(mask_decoder)  # validate before any heavy work
-        if not isinstance(probability_dtype, str) or probability_dtype not in PROBABILITY_DTYPES:
-            raise ValueError(f"`probability_dtype` must be one of {tuple(PROBABILITY_DTYPES)}; got {probability_dtype!r}.")
-
-        # 1. Inputs.
+        # 0-1. Defaults from the config; inputs, checked before any heavy work.
+        defaults = self.resolve_call_defaults(num_inference_steps, processing_resolution, mask_threshold, background_threshold)
+        num_inference_steps, processing_resolution = defaults["num_inference_steps"], defaults["processing_resolution"]
+        mask_threshold, background_threshold = defaults["mask_threshold"], defaults["background_threshold"]
         pixels01 = self._canonical_images(image)  # [N,3,H,W] in [0,1]
-        num_images = pixels01.shape[0]
         prompts_per_image = self._candidate_prompts(pixels01, prompt, vocabulary)
         num_rows = sum(len(p) for p in prompts_per_image) * ensemble_size
         latent_size = self.check_inputs(
-            num_images,
-            tuple(pixels01.shape[-2:]),
-            num_rows,
-            num_inference_steps,
-            ensemble_size,
-            processing_resolution,
-            resample_method_input,
-            batch_size,
-            mask_threshold,
-            background_threshold,
-            latents,
-            generator,
-            output_type,
-            output_uncertainty,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
+            pixels01.shape[0], tuple(pixels01.shape[-2:]), num_rows, num_inference_steps, ensemble_size,
+            processing_resolution, resample_method_input, batch_size, mask_threshold, background_threshold, latents,
+            generator, output_type, output_uncertainty, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            mask_decoder, probability_dtype,
+        )  # fmt: skip
         device = self._execution_device
         dtype = mask_codec.compute_dtype(self.unet)
 
@@ -953,22 +935,54 @@ class DiGSegPipeline(DiffusionPipeline, DiGSegLoraLoaderMixin):
         prompt_embeds = self.encode_prompts(unique_prompts).to(device=device, dtype=dtype)  # [P,L,D]
 
         # 4. Rows: (image, prompt, member), image-major. Noise for all rows is drawn before chunking.
-        row_image, row_prompt = [], []
-        for n, prompts in enumerate(prompts_per_image):
-            for p in prompts:
-                row_image += [n] * ensemble_size
-                row_prompt += [unique_prompts.index(p)] * ensemble_size
-        row_image = torch.tensor(row_image, device=device)
-        row_prompt = torch.tensor(row_prompt, device=device)
+        row_image, row_prompt = _row_indices(prompts_per_image, unique_prompts, ensemble_size, device)
         shape = (num_rows, self.vae.config.latent_channels, *latent_size)
         if latents is None:
             noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         else:
             noise = latents.to(device=device, dtype=dtype)
 
-        # 5. Denoise in chunks of `batch_size` rows. The scheduler restarts for every chunk (multistep schedulers
-        # keep state between steps). Stochastic schedulers get one generator per row, derived from `generator`,
-        # so their noise does not depend on `batch_size` either.
+        # 5. Denoise in chunks of `batch_size` rows.
+        row_latents = self._denoise(
+            image_latents, prompt_embeds, row_image, row_prompt, noise, num_inference_steps, batch_size, generator,
+            progress_callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+
+        # 6-8. Decode (ensemble averaged in latent space) and restore the input geometry.
+        out_probs, out_masks, out_labels, out_unc = self._postprocess(
+            row_latents, prompts_per_image, ensemble_size, batch_size, mask_decoder, padding, original_size,
+            match_input_resolution, resample_method_input, mask_threshold, background_threshold, output_type,
+            output_probabilities, output_masks, output_uncertainty, probability_dtype,
+        )  # fmt: skip
+        self.maybe_free_model_hooks()
+        output = DiGSegOutput(
+            probabilities=out_probs, masks=out_masks, label_maps=out_labels, prompts=prompts_per_image,
+            uncertainty=out_unc, latents=row_latents if output_latent else None,
+        )  # fmt: skip
+        return output if return_dict else output.to_tuple()
+
+    def _denoise(
+        self,
+        image_latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        row_image: torch.Tensor,
+        row_prompt: torch.Tensor,
+        noise: torch.Tensor,
+        num_inference_steps: int,
+        batch_size: int,
+        generator,
+        progress_callback,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs: list[str] | None,
+    ) -> torch.Tensor:
+        """The final latents ``[R, 4, h, w]`` of every row (``image_latents[row_image]`` with
+        ``prompt_embeds[row_prompt]``, starting from `noise`), denoised in chunks of `batch_size` rows.
+
+        The scheduler restarts for every chunk (multistep schedulers keep state between steps). Stochastic
+        schedulers get one generator per row, derived from `generator`, so their noise does not depend on
+        `batch_size` either.
+        """
+        num_rows, device = noise.shape[0], noise.device
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         elif callback_on_step_end_tensor_inputs is None:
@@ -1017,8 +1031,28 @@ class DiGSegPipeline(DiffusionPipeline, DiGSegLoraLoaderMixin):
                     if progress_callback is not None:
                         progress_callback(calls_done, total_calls)
                 final_latents.append(latents_chunk)
-        row_latents = torch.cat(final_latents, dim=0)  # [R,4,h,w]
+        return torch.cat(final_latents, dim=0)
 
+    def _postprocess(
+        self,
+        row_latents: torch.Tensor,
+        prompts_per_image: list[list[str]],
+        ensemble_size: int,
+        batch_size: int,
+        mask_decoder: str | None,
+        padding: tuple[int, int],
+        original_size: tuple[int, int],
+        match_input_resolution: bool,
+        resample_method_input: str,
+        mask_threshold: float,
+        background_threshold: float,
+        output_type: str,
+        output_probabilities: bool,
+        output_masks: bool,
+        output_uncertainty: bool,
+        probability_dtype: str,
+    ) -> tuple:
+        """``(probabilities, masks, label_maps, uncertainty)`` in `output_type`, each None when not asked for."""
         # 6. Average the ensemble in latent space, then decode once per (image, prompt).
         member_latents = row_latents.reshape(-1, ensemble_size, *row_latents.shape[1:])  # [Q,E,4,h,w]
         probabilities = self.decode_latents(member_latents.mean(dim=1), batch_size, mask_decoder)  # [Q,1,PH',PW']
@@ -1075,24 +1109,23 @@ class DiGSegPipeline(DiffusionPipeline, DiGSegLoraLoaderMixin):
                 out_unc.append(image_unc)
             start += count
 
-        out_probs, out_masks, out_labels, out_unc = (
+        return (
             _convert(out_probs, output_type, "probability") if output_probabilities else None,
             _convert(out_masks, output_type, "mask") if output_masks else None,
             _convert(out_labels, output_type, "label"),
             _convert(out_unc, output_type, "probability") if uncertainty is not None else None,
         )
-        returned_latents = row_latents if output_latent else None
 
-        self.maybe_free_model_hooks()
-        output = DiGSegOutput(
-            probabilities=out_probs,
-            masks=out_masks,
-            label_maps=out_labels,
-            prompts=prompts_per_image,
-            uncertainty=out_unc,
-            latents=returned_latents,
-        )
-        return output if return_dict else output.to_tuple()
+def _row_indices(
+    prompts_per_image: list[list[str]], unique_prompts: list[str], ensemble_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row (image, prompt, ensemble member; image-major): its image index and its prompt's index."""
+    row_image, row_prompt = [], []
+    for n, prompts in enumerate(prompts_per_image):
+        for p in prompts:
+            row_image += [n] * ensemble_size
+            row_prompt += [unique_prompts.index(p)] * ensemble_size
+    return torch.tensor(row_image, device=device), torch.tensor(row_prompt, device=device)
 
 
 def _check_training_vocabulary(vocabulary) -> list[str] | None:
