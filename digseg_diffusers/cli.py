@@ -30,12 +30,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .atomic_io import DirectoryLock, FolderLockedError, atomic_file, atomic_write_json
 from .batch_inference import LEFTOVER_TEMPORARY, LOCK_NAME, OUTPUT_FORMATS
 from .demo import DEMO_MODEL_NAME, demo_model_summary
 from .prompts import parse_prompts
 from .visualization import LABEL_PNG_ENCODINGS
+
+if TYPE_CHECKING:  # numpy is imported with the heavy modules, after the inputs are checked
+    import numpy as np
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -298,13 +302,12 @@ def load_pipeline(model: str, adapter: str | None, device_name: str, quiet_loadi
 
 def _note_prompts_outside_vocabulary(pipe, prompts: Sequence[str], model: str, announce: bool) -> list[str]:
     """Say once, before any compute, which prompts the model was not trained on; return them (for the summaries)."""
-    outside = pipe.prompts_outside_vocabulary(list(prompts))
+    # The line below says it, so the pipeline does not log the same warning at its first call.
+    outside = pipe.prompts_outside_vocabulary(list(prompts), mark_reported=True)
     if outside and announce:
         shown = ", ".join(map(repr, outside[:10])) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
         known = ", ".join(pipe.config.training_vocabulary)
         print(f"digseg: note: prompts outside what --model {model} was trained on ({known}): {shown}; their masks are not meaningful", file=sys.stderr)
-    # The pipeline would log the same warning at its first call; the line above has said it.
-    pipe.__dict__.setdefault("_warned_unknown_prompts", set()).update(outside)
     return outside
 
 

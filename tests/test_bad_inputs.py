@@ -268,8 +268,9 @@ def test_cli_sixteen_bit_png_gives_the_masks_of_its_eight_bit_version(tmp_path, 
                 "-o", str(out), "--seed", "0", "--threshold", "0.5", "--quiet"]  # fmt: skip
         code, err = run_cli(argv, capsys)
         assert code == 0, err
-        results[name] = [np.asarray(Image.open(out / f)) for f in ("mask_00_circle.png", "mask_01_star.png", "label_map.png")]
-        summary = json.loads((out / "summary.json").read_text())
+        files = (f"{name}.masks/mask_00_circle.png", f"{name}.masks/mask_01_star.png", f"{name}.png")
+        results[name] = [np.asarray(Image.open(out / f)) for f in files]
+        summary = json.loads((out / f"{name}.json").read_text())
         assert (summary["height"], summary["width"]) == (32, 32)
     for eight, sixteen in zip(results["eight"], results["sixteen"]):
         # Probabilities agree to float32 rounding; a pixel may flip only at the threshold itself.
@@ -280,7 +281,7 @@ def test_cli_extreme_aspect_image(tmp_path, model_dir, capsys):
     Image.fromarray(rgb8(size=(3, 600))).save(tmp_path / "strip.png")
     code, err = run_cli(["segment", str(tmp_path / "strip.png"), "-p", "a", "--model", str(model_dir), "-o", str(tmp_path / "o"), "--quiet"], capsys)
     assert code == 0, err
-    assert np.asarray(Image.open(tmp_path / "o" / "label_map.png")).shape == (3, 600)
+    assert np.asarray(Image.open(tmp_path / "o" / "strip.png")).shape == (3, 600)
 
 
 # ------------------------------------------------------------------------------------------ model folders

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from digseg_diffusers.pipeline_digseg import CLASS_PROPOSER_SUBFOLDER, DiGSegPipeline
+from digseg_diffusers.pipeline_digseg import DiGSegPipeline
+from digseg_diffusers.pipeline_hub import CLASS_PROPOSER_SUBFOLDER
 from digseg_diffusers.proposal import DiGSegClassProposer
 from digseg_diffusers.testing_utils import make_tiny_pipeline
 from digseg_diffusers.testing_utils import make_tiny_clip_model as make_tiny_clip

@@ -53,6 +53,12 @@ def test_demo_model_records_its_training_vocabulary(caplog):
     with caplog.at_level(logging.WARNING):  # once per prompt and pipeline, not on every call
         pipe(torch.rand(1, 3, 32, 32), prompt=["person"], processing_resolution=32)
     assert not [r for r in caplog.records if "training vocabulary" in r.getMessage()]
+    # A caller that tells the user itself (the CLI) marks them reported: no second warning from the call.
+    assert pipe.prompts_outside_vocabulary(["cup"], mark_reported=True) == ["cup"]
+    with caplog.at_level(logging.WARNING):
+        pipe(torch.rand(1, 3, 32, 32), prompt=["cup", "dog"], processing_resolution=32)
+    warnings = [r.getMessage() for r in caplog.records if "training vocabulary" in r.getMessage()]
+    assert len(warnings) == 1 and "'dog'" in warnings[0] and "'cup'" not in warnings[0]
 
 
 def test_training_vocabulary_round_trips_and_is_validated(tmp_path):
