@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "DiGSegPipeline": "pipeline_digseg",
     "DiGSegOutput": "pipeline_digseg",
-    "BACKGROUND_LABEL": "pipeline_digseg",
+    "BACKGROUND_LABEL": "image_processing",
     "DiGSegTextProjection": "text_projection",
     "build_char_clip_tokenizer": "tokenization",
     "DiGSegAdapterConfig": "adapter",
@@ -30,7 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .adapter import DiGSegAdapterConfig
     from .mask_decoder import DiGSegMaskDecoder
     from .metrics import ConfusionMatrix
-    from .pipeline_digseg import BACKGROUND_LABEL, DiGSegOutput, DiGSegPipeline
+    from .image_processing import BACKGROUND_LABEL
+    from .pipeline_digseg import DiGSegOutput, DiGSegPipeline
     from .proposal import DiGSegClassProposer
     from .vocabularies import list_vocabularies, load_vocabulary
     from .text_projection import DiGSegTextProjection

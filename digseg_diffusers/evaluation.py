@@ -31,7 +31,7 @@ import torch
 
 from .data.readers import BACKGROUND_INDEX
 from .metrics import ConfusionMatrix, IoUThresholdCurve
-from .pipeline_digseg import label_map_from_best
+from .image_processing import label_map_from_best
 
 BACKGROUND_NAME = "background"
 

@@ -22,6 +22,7 @@ import zlib
 
 import numpy as np
 import torch
+from diffusers import AutoencoderTiny
 from diffusers.pipelines.marigold.marigold_image_processing import MarigoldImageProcessor
 from PIL import Image, UnidentifiedImageError
 
@@ -75,6 +76,35 @@ def _pil_to_array(image: Image.Image) -> np.ndarray:
 
 class DiGSegImageProcessor(MarigoldImageProcessor):
     """Marigold's image processor, accepting more image kinds and extreme aspect ratios (see module docstring)."""
+
+    def canonical_batch(self, image) -> torch.Tensor:
+        """Any supported image input -> float ``[N, 3, H, W]`` in [0, 1]; ValueErrors name the offending image."""
+        if image is None:
+            raise ValueError("`image` is required.")
+        images = image if isinstance(image, list) else [image]
+        if len(images) == 0:
+            raise ValueError("`image` is an empty list.")
+        tensors = []
+        for i, img in enumerate(images):
+            if not isinstance(img, (Image.Image, np.ndarray, torch.Tensor)):
+                raise ValueError(f"`image[{i}]` has unsupported type {type(img).__name__}; use PIL, numpy or torch.")
+            try:
+                tensor = self.load_image_canonical(img)
+            except ValueError as error:
+                raise ValueError(f"`image[{i}]`: {error}") from None
+            if tensor.numel() == 0:
+                raise ValueError(f"`image[{i}]` is empty: shape {tuple(tensor.shape)}.")
+            try:
+                check_unit_range(tensor)
+            except ValueError as error:
+                raise ValueError(f"`image[{i}]`: {error}.") from None
+            if tensors and tensor.shape[-2:] != tensors[0].shape[-2:]:
+                raise ValueError(
+                    f"`image[{i}]` is {tuple(tensor.shape[-2:])} (H, W) but `image[0]` is "
+                    f"{tuple(tensors[0].shape[-2:])}: images of one call must share a size; call once per size."
+                )
+            tensors.append(tensor)
+        return torch.cat(tensors, dim=0)
 
     @staticmethod
     def resize_to_max_edge(image: torch.Tensor, max_edge_sz: int, mode: str) -> torch.Tensor:
@@ -164,3 +194,54 @@ def to_uint8_rgb(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
     pixels = to_float_rgb(image)
     check_unit_range(torch.from_numpy(pixels))
     return np.round(pixels * 255.0).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- post-processing
+
+BACKGROUND_LABEL = 0
+"""Label-map value of pixels where no prompt scores above `background_threshold`; prompt k is labelled k + 1."""
+
+
+def label_map_from_best(best: torch.Tensor, best_index: torch.Tensor, background_threshold: float) -> torch.Tensor:
+    """The labelling rule: 1 + the best prompt (`best_index`, its probability `best`) where that probability
+    reaches `background_threshold`, else `BACKGROUND_LABEL`."""
+    return torch.where(best >= background_threshold, best_index + 1, BACKGROUND_LABEL).long()
+
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent pixel: 2 ** (number of VAE blocks - 1); 8 for Stable Diffusion's VAEs."""
+    if vae is None:
+        return 8
+    if isinstance(vae, AutoencoderTiny):
+        return 2 ** (len(vae.config.encoder_block_out_channels) - 1)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+
+PROBABILITY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
+
+
+def probability_values(probs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Probabilities in [0, 1] as float32, float16, or uint8 ``round(255 p)`` (4x less memory than float32)."""
+    if dtype == torch.uint8:
+        return (probs * 255.0).round_().to(torch.uint8)
+    return probs.to(dtype)
+
+
+def uint8_probabilities(probs: np.ndarray) -> np.ndarray:
+    return probs if probs.dtype == np.uint8 else (probs.astype(np.float32) * 255.0).round().astype(np.uint8)
+
+
+def convert_outputs(items: list[torch.Tensor], output_type: str, kind: str) -> list:
+    """Per-image tensors -> the requested output type."""
+    if output_type == "pt":
+        return [item.cpu() for item in items]
+    arrays = [item.cpu().numpy() for item in items]
+    if output_type == "np":
+        return arrays
+    if kind == "probability":  # uint8 maps already are round(255 p)
+        return [[Image.fromarray(uint8_probabilities(m), mode="L") for m in a] for a in arrays]
+    if kind == "mask":
+        return [[Image.fromarray(m.astype(np.uint8) * 255, mode="L") for m in a] for a in arrays]
+    return [Image.fromarray(a.astype(np.uint8 if a.max(initial=0) < 256 else np.uint16)) for a in arrays]

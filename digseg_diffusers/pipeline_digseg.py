@@ -16,7 +16,6 @@ Noise is drawn for all rows before chunking, so results do not depend on `batch_
 from __future__ import annotations
 
 import functools
-import inspect
 import itertools
 import os
 from dataclasses import dataclass
@@ -34,12 +33,23 @@ from PIL import Image
 from transformers import PreTrainedModel
 
 from . import mask_codec
-from .image_processing import RESAMPLE_METHODS, DiGSegImageProcessor, check_unit_range, processing_size
+from .image_processing import (
+    PROBABILITY_DTYPES,
+    RESAMPLE_METHODS,
+    DiGSegImageProcessor,
+    convert_outputs,
+    label_map_from_best,
+    probability_values,
+    processing_size,
+    vae_scale_factor,
+)
 from .lora_loader import DiGSegLoraLoaderMixin
 from .pipeline_hub import DiGSegPipelineHubMixin
 from .mask_decoder import DiGSegMaskDecoder  # imported so that from_pretrained can resolve a saved mask_decoder
-from .prompt_cache import PromptEmbeddingCache, text_path_fingerprint
-from .prompts import prompts_outside_vocabulary
+from .prompt_cache import PromptCacheMixin, text_path_fingerprint
+from .prompts import check_training_vocabulary, prompts_outside_vocabulary
+from .proposal import candidate_prompts
+from .scheduling import check_scheduler, next_latents, row_generators, step_accepts_generator
 from .text_projection import DiGSegTextProjection
 
 logger = logging.get_logger(__name__)
@@ -54,32 +64,8 @@ def _drop_empty_fp32_warning(record) -> bool:
 
 logging.get_logger("diffusers.models.modeling_utils").addFilter(_drop_empty_fp32_warning)
 
-BACKGROUND_LABEL = 0
-"""Label-map value of pixels where no prompt scores above `background_threshold`; prompt k is labelled k + 1."""
 
 OUTPUT_TYPES = ("np", "pt", "pil")
-
-SUPPORTED_SCHEDULERS = (
-    "DDIMScheduler",
-    "DDPMScheduler",
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "HeunDiscreteScheduler",
-    "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler",
-    "DPMSolverSinglestepScheduler",
-    "DEISMultistepScheduler",
-    "UniPCMultistepScheduler",
-    "SASolverScheduler",
-    "LCMScheduler",
-    "TCDScheduler",
-)
-"""diffusers schedulers (and their subclasses) that `DiGSegPipeline` runs, each tested from 1 step
-(tests/test_schedulers.py); `check_inputs` refuses others before any work. Left out: schedulers of other noise
-processes than the DDPM one DiGSeg is trained with (flow matching, EDM, VE-SDE, consistency models, inversion),
-PNDM (its PRK warm-up fails below 4 steps), and those needing packages that are not dependencies (LMS: scipy,
-DPM-Solver SDE: torchsde)."""
 
 EXAMPLE_DOC_STRING = """
         Examples:
@@ -156,7 +142,7 @@ class DiGSegOutput(BaseOutput):
         return segments
 
 
-class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoaderMixin):
+class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoaderMixin, PromptCacheMixin):
     """Text-prompted segmentation with a Stable Diffusion U-Net fine-tuned to generate mask latents (DiGSeg).
 
     Args:
@@ -227,9 +213,9 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
             default_mask_threshold=default_mask_threshold,
             default_background_threshold=default_background_threshold,
             base_model=base_model,
-            training_vocabulary=_check_training_vocabulary(training_vocabulary),
+            training_vocabulary=check_training_vocabulary(training_vocabulary),
         )
-        self.vae_scale_factor = _vae_scale_factor(vae)
+        self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = DiGSegImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -375,53 +361,6 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
         dtype = next(self.text_projection.parameters()).dtype
         return self.text_projection(token_states.to(device=self._execution_device, dtype=dtype))
 
-    # Prompt-embedding cache (`digseg_diffusers.prompt_cache`): per pipeline, least recently used out first.
-
-    def _prompt_embedding_cache(self) -> PromptEmbeddingCache:
-        cache = self.__dict__.get("_prompt_cache")
-        if cache is None:
-            cache = PromptEmbeddingCache()
-            self.__dict__["_prompt_cache"] = cache
-        return cache
-
-    def cache_prompt_embeddings(self, prompts: list[str] | str | Any) -> int:
-        """Encode `prompts` now (a list, a bundled vocabulary name such as ``"ade20k-150"``, or a `Vocabulary`) so
-        that later calls with any of them skip the text encoder; grows the cache to hold them all. Returns how
-        many prompts the cache holds.
-
-        Embeddings stay valid until the text encoder or projection changes (adapters, `to()`, weights written in
-        place); then they are encoded again on first use.
-        """
-        from .vocabularies import Vocabulary, load_vocabulary
-
-        if isinstance(prompts, Vocabulary):
-            names = list(prompts.class_names)
-        elif isinstance(prompts, str):
-            names = list(load_vocabulary(prompts).class_names)
-        else:
-            names = list(prompts)
-        if not names or not all(isinstance(n, str) and n.strip() for n in names):
-            raise ValueError("`cache_prompt_embeddings` needs a non-empty list of non-empty prompt strings.")
-        names = list(dict.fromkeys(names))
-        cache = self._prompt_embedding_cache()
-        if cache.max_size < len(names):
-            cache.resize(len(names))
-        with torch.no_grad():
-            self.encode_prompts(names)
-        return len(cache)
-
-    def set_prompt_cache_size(self, max_size: int) -> None:
-        """Keep at most `max_size` prompt embeddings (least recently used out first); 0 turns the cache off."""
-        self._prompt_embedding_cache().resize(max_size)
-
-    def clear_prompt_cache(self) -> None:
-        """Forget every cached prompt embedding (needed only after writing text weights through ``.data``)."""
-        self._prompt_embedding_cache().clear()
-
-    def prompt_cache_info(self) -> dict:
-        """``{"size", "max_size", "hits", "misses"}`` of the prompt-embedding cache."""
-        return self._prompt_embedding_cache().info()
-
     def encode_images(
         self, pixels: torch.Tensor, batch_size: int | None = None, device: torch.device | None = None
     ) -> torch.Tensor:
@@ -477,100 +416,6 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
     # ------------------------------------------------------------------------------------------------------------
     # Input handling
     # ------------------------------------------------------------------------------------------------------------
-
-    def _canonical_images(self, image: PipelineImageInput) -> torch.Tensor:
-        """Any supported image input -> float ``[N, 3, H, W]`` in [0, 1]; ValueErrors name the offending image."""
-        if image is None:
-            raise ValueError("`image` is required.")
-        images = image if isinstance(image, list) else [image]
-        if len(images) == 0:
-            raise ValueError("`image` is an empty list.")
-        tensors = []
-        for i, img in enumerate(images):
-            if not isinstance(img, (Image.Image, np.ndarray, torch.Tensor)):
-                raise ValueError(f"`image[{i}]` has unsupported type {type(img).__name__}; use PIL, numpy or torch.")
-            try:
-                tensor = self.image_processor.load_image_canonical(img)
-            except ValueError as error:
-                raise ValueError(f"`image[{i}]`: {error}") from None
-            if tensor.numel() == 0:
-                raise ValueError(f"`image[{i}]` is empty: shape {tuple(tensor.shape)}.")
-            try:
-                check_unit_range(tensor)
-            except ValueError as error:
-                raise ValueError(f"`image[{i}]`: {error}.") from None
-            if tensors and tensor.shape[-2:] != tensors[0].shape[-2:]:
-                raise ValueError(
-                    f"`image[{i}]` is {tuple(tensor.shape[-2:])} (H, W) but `image[0]` is "
-                    f"{tuple(tensors[0].shape[-2:])}: images of one call must share a size; call once per size."
-                )
-            tensors.append(tensor)
-        return torch.cat(tensors, dim=0)
-
-    @staticmethod
-    def _prompts_per_image(prompt: str | list[str] | list[list[str]] | None, num_images: int) -> list[list[str]]:
-        if prompt is None:
-            raise ValueError("`prompt` is required: a string, a list of strings, or one list of strings per image.")
-        if isinstance(prompt, str):
-            per_image = [[prompt]] * num_images
-        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, (list, tuple)) for p in prompt):
-            if len(prompt) != num_images:
-                raise ValueError(
-                    f"`prompt` has {len(prompt)} per-image lists but there are {num_images} images."
-                )
-            per_image = [list(p) for p in prompt]
-        elif isinstance(prompt, (list, tuple)):
-            per_image = [list(prompt)] * num_images
-        else:
-            raise ValueError(f"`prompt` must be a string or a list of strings; got {type(prompt).__name__}.")
-        for i, prompts in enumerate(per_image):
-            if not prompts:
-                raise ValueError(f"`prompt` for image {i} is empty; give at least one prompt.")
-            for p in prompts:
-                if not isinstance(p, str):
-                    raise ValueError(f"`prompt` entries must be strings; got {type(p).__name__} ({p!r}).")
-                if not p.strip():
-                    raise ValueError("`prompt` contains an empty string.")
-        return per_image
-
-    def _candidate_prompts(self, pixels01: torch.Tensor, prompt, vocabulary) -> list[list[str]]:
-        """Per-image prompts: `prompt` as given, or the `vocabulary` classes (all, or those the proposer picks)."""
-        num_images = pixels01.shape[0]
-        if (prompt is None) == (vocabulary is None):
-            raise ValueError(
-                "Give either `prompt` (the phrases to segment) or `vocabulary` (class names, a bundled vocabulary "
-                "name, or a `Vocabulary`, from which candidates are picked), "
-                + ("not both." if prompt is not None else "one of them is required.")
-            )
-        if prompt is not None:
-            return self._prompts_per_image(prompt, num_images)
-        from .vocabularies import Vocabulary, load_vocabulary
-
-        if isinstance(vocabulary, Vocabulary):
-            names = list(vocabulary.class_names)
-        elif isinstance(vocabulary, str):
-            names = list(load_vocabulary(vocabulary).class_names)
-        elif isinstance(vocabulary, (list, tuple)) and vocabulary:
-            names = list(vocabulary)
-        else:
-            raise ValueError(
-                "`vocabulary` must be a non-empty list of class names, a bundled vocabulary name (e.g. "
-                f"'ade20k-150') or a `Vocabulary`; got {vocabulary!r}."
-            )
-        if not all(isinstance(n, str) and n.strip() for n in names):
-            raise ValueError("`vocabulary` entries must be non-empty strings.")
-        if self.class_proposer is None:
-            return self._prompts_per_image(names, num_images)
-        proposals = [list(p) for p in self.class_proposer.propose(pixels01, names)]
-        if len(proposals) != num_images:
-            raise ValueError(f"the class proposer returned {len(proposals)} proposal lists for {num_images} images.")
-        empty = [i for i, p in enumerate(proposals) if not p]
-        if empty:
-            raise ValueError(
-                f"the class proposer proposed no class for image(s) {empty}; lower its thresholds or set "
-                "`min_classes >= 1` so that every image gets at least one candidate."
-            )
-        return self._prompts_per_image(proposals, num_images)
 
     def check_inputs(
         self,
@@ -790,8 +635,8 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
         defaults = self.resolve_call_defaults(num_inference_steps, processing_resolution, mask_threshold, background_threshold)
         num_inference_steps, processing_resolution = defaults["num_inference_steps"], defaults["processing_resolution"]
         mask_threshold, background_threshold = defaults["mask_threshold"], defaults["background_threshold"]
-        pixels01 = self._canonical_images(image)  # [N,3,H,W] in [0,1]
-        prompts_per_image = self._candidate_prompts(pixels01, prompt, vocabulary)
+        pixels01 = self.image_processor.canonical_batch(image)  # [N,3,H,W] in [0,1]
+        prompts_per_image = candidate_prompts(pixels01, prompt, vocabulary, self.class_proposer)
         num_rows = sum(len(p) for p in prompts_per_image) * ensemble_size
         latent_size = self.check_inputs(
             pixels01.shape[0], tuple(pixels01.shape[-2:]), num_rows, num_inference_steps, ensemble_size,
@@ -869,7 +714,7 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         elif callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
-        step_generators = _row_generators(generator, num_rows, device) if _step_accepts_generator(self.scheduler) else None
+        step_generators = row_generators(generator, num_rows, device) if step_accepts_generator(self.scheduler) else None
         # DDIM's step does its arithmetic on the timestep (`alphas_cumprod[t]`, `prev_t >= 0`): with timesteps on
         # the host it reads them without waiting for the GPU; the U-Net gets a copy on the device (one transfer
         # per call, and no CPU input that would keep CUDA graphs from capturing a compiled U-Net).
@@ -900,7 +745,7 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
                         model_input, unet_timesteps[i], encoder_hidden_states=prompt_embeds_chunk, return_dict=False
                     )[0]
                     step = self.scheduler.step(model_output, t, latents_chunk, **step_kwargs)
-                    latents_chunk = _next_latents(step, last=i == len(timesteps) - 1)
+                    latents_chunk = next_latents(step, last=i == len(timesteps) - 1)
                     if callback_on_step_end is not None:
                         names = {"latents": latents_chunk, "image_latents": image_latents_chunk, "prompt_embeds": prompt_embeds_chunk}
                         callback_kwargs = {name: names[name] for name in callback_on_step_end_tensor_inputs}
@@ -980,9 +825,9 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
                 if image_masks is not None:
                     image_masks[local] = probs > mask_threshold
                 if image_probs is not None:
-                    image_probs[local] = _probability_values(probs, probs_dtype)
+                    image_probs[local] = probability_values(probs, probs_dtype)
                 if image_unc is not None:
-                    image_unc[local] = _probability_values(restore(uncertainty[rows]), probs_dtype)
+                    image_unc[local] = probability_values(restore(uncertainty[rows]), probs_dtype)
                 del probs
             out_labels.append(label_map_from_best(best, best_index, background_threshold))
             out_masks.append(image_masks)
@@ -992,10 +837,10 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
             start += count
 
         return (
-            _convert(out_probs, output_type, "probability") if output_probabilities else None,
-            _convert(out_masks, output_type, "mask") if output_masks else None,
-            _convert(out_labels, output_type, "label"),
-            _convert(out_unc, output_type, "probability") if uncertainty is not None else None,
+            convert_outputs(out_probs, output_type, "probability") if output_probabilities else None,
+            convert_outputs(out_masks, output_type, "mask") if output_masks else None,
+            convert_outputs(out_labels, output_type, "label"),
+            convert_outputs(out_unc, output_type, "probability") if uncertainty is not None else None,
         )
 
 def _row_indices(
@@ -1010,115 +855,9 @@ def _row_indices(
     return torch.tensor(row_image, device=device), torch.tensor(row_prompt, device=device)
 
 
-def _check_training_vocabulary(vocabulary) -> list[str] | None:
-    if vocabulary is None:
-        return None
-    if isinstance(vocabulary, str) or not all(isinstance(name, str) and name.strip() for name in vocabulary):
-        raise ValueError(f"`training_vocabulary` must be None or a list of class names; got {vocabulary!r}.")
-    return list(vocabulary)
-
-
-def check_scheduler(scheduler) -> None:
-    """Refuse a scheduler that `DiGSegPipeline` does not run (see `SUPPORTED_SCHEDULERS`), naming those it does."""
-    names = {cls.__name__ for cls in type(scheduler).__mro__}
-    if not names & set(SUPPORTED_SCHEDULERS):
-        raise ValueError(
-            f"`scheduler` is a {type(scheduler).__name__}, which DiGSegPipeline does not support; use one of "
-            f"{', '.join(SUPPORTED_SCHEDULERS)} (e.g. `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`)."
-        )
-
-
 @functools.lru_cache(maxsize=None)
 def _component_names(pipeline_class: type) -> tuple[str, ...]:
     """The pipeline's component names (`_get_signature_keys` inspects `__init__`: once per class, not per call)."""
     return tuple(pipeline_class._get_signature_keys(pipeline_class)[0])
 
 
-@functools.lru_cache(maxsize=None)
-def _step_signature_has_generator(scheduler_class: type) -> bool:
-    return "generator" in inspect.signature(scheduler_class.step).parameters
-
-
-def _step_accepts_generator(scheduler) -> bool:
-    """Whether the scheduler's `step` draws noise (takes a `generator`); looked up once per scheduler class."""
-    return _step_signature_has_generator(type(scheduler))
-
-
-def _row_generators(generator, num_rows: int, device: torch.device) -> list | None:
-    """One generator per row for a stochastic scheduler's step noise: the given list, or seeds drawn from one."""
-    if generator is None or isinstance(generator, list):
-        return generator
-    seeds = torch.randint(2**62, (num_rows,), generator=generator, device=generator.device).tolist()
-    return [torch.Generator(device=generator.device).manual_seed(seed) for seed in seeds]
-
-
-def _next_latents(step, last: bool) -> torch.Tensor:
-    """The latents after a scheduler step; the last step keeps the x0 estimate where the scheduler gives one.
-
-    DDIM's last step would otherwise land on ``alphas_cumprod[0]`` rather than x0 when `set_alpha_to_one` is
-    False; LCM names its estimate `denoised`; multistep solvers (DPM-Solver, UniPC, DEIS) end at sigma 0, so
-    their `prev_sample` already is x0.
-    """
-    if last:
-        for name in ("pred_original_sample", "denoised"):
-            estimate = getattr(step, name, None)
-            if estimate is not None:
-                return estimate
-    return step.prev_sample
-
-
-def align_cpu_weights(module: torch.nn.Module, alignment: int = 64) -> torch.nn.Module:
-    """Copy CPU parameters and buffers that sit at unaligned addresses into freshly allocated memory (opt-in).
-
-    Weights memory-mapped from a safetensors file can start at any byte offset; CPU kernels then take another
-    (equally valid) summation order, and a reloaded model differs from the saved one by ~1e-6. Realigning makes
-    a loaded model reproduce the saved one bit for bit on the same CPU, but copies those weights (no more
-    memory-mapping), so `from_pretrained` does not do it: call it yourself where bit-exactness matters.
-    """
-    with torch.no_grad():
-        for tensor in list(module.parameters()) + list(module.buffers()):
-            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
-                tensor.data = tensor.data.clone()
-    return module
-
-
-def label_map_from_best(best: torch.Tensor, best_index: torch.Tensor, background_threshold: float) -> torch.Tensor:
-    """The labelling rule: 1 + the best prompt (`best_index`, its probability `best`) where that probability
-    reaches `background_threshold`, else `BACKGROUND_LABEL`."""
-    return torch.where(best >= background_threshold, best_index + 1, BACKGROUND_LABEL).long()
-
-
-def _vae_scale_factor(vae) -> int:
-    if vae is None:
-        return 8
-    if isinstance(vae, AutoencoderTiny):
-        return 2 ** (len(vae.config.encoder_block_out_channels) - 1)
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-PROBABILITY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
-
-
-def _probability_values(probs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Probabilities in [0, 1] as float32, float16, or uint8 ``round(255 p)`` (4x less memory than float32)."""
-    if dtype == torch.uint8:
-        return (probs * 255.0).round_().to(torch.uint8)
-    return probs.to(dtype)
-
-
-def _uint8_probabilities(probs: np.ndarray) -> np.ndarray:
-    return probs if probs.dtype == np.uint8 else (probs.astype(np.float32) * 255.0).round().astype(np.uint8)
-
-
-def _convert(items: list[torch.Tensor], output_type: str, kind: str) -> list:
-    """Per-image tensors -> the requested output type."""
-    if output_type == "pt":
-        return [item.cpu() for item in items]
-    arrays = [item.cpu().numpy() for item in items]
-    if output_type == "np":
-        return arrays
-    if kind == "probability":  # uint8 maps already are round(255 p)
-        return [[Image.fromarray(_uint8_probabilities(m), mode="L") for m in a] for a in arrays]
-    if kind == "mask":
-        return [[Image.fromarray(m.astype(np.uint8) * 255, mode="L") for m in a] for a in arrays]
-    return [Image.fromarray(a.astype(np.uint8 if a.max(initial=0) < 256 else np.uint16)) for a in arrays]

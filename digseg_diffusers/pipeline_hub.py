@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from .demo import resolve_model_name  # the short name "digseg-demo" -> the packaged demo model
 from .hub_files import hub_kwargs, require_hub_source, resolve_file
 from .text_projection import DiGSegTextProjection
@@ -185,3 +187,18 @@ def _load_class_proposer(pretrained_model_name_or_path: str, kwargs: dict):
     return DiGSegClassProposer.from_pretrained(
         pretrained_model_name_or_path, subfolder=CLASS_PROPOSER_SUBFOLDER, **lookup
     )
+
+
+def align_cpu_weights(module: torch.nn.Module, alignment: int = 64) -> torch.nn.Module:
+    """Copy CPU parameters and buffers that sit at unaligned addresses into freshly allocated memory (opt-in).
+
+    Weights memory-mapped from a safetensors file can start at any byte offset; CPU kernels then take another
+    (equally valid) summation order, and a reloaded model differs from the saved one by ~1e-6. Realigning makes
+    a loaded model reproduce the saved one bit for bit on the same CPU, but copies those weights (no more
+    memory-mapping), so `from_pretrained` does not do it: call it yourself where bit-exactness matters.
+    """
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
+                tensor.data = tensor.data.clone()
+    return module

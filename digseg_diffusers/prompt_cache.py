@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -115,6 +115,55 @@ class PromptEmbeddingCache:
     def _evict(self) -> None:
         while len(self._entries) > self.max_size:
             self._entries.popitem(last=False)
+
+
+class PromptCacheMixin:
+    """The pipeline's prompt-cache methods (its `encode_prompts` serves embeddings from this cache)."""
+
+    def _prompt_embedding_cache(self) -> PromptEmbeddingCache:
+        cache = self.__dict__.get("_prompt_cache")
+        if cache is None:
+            cache = PromptEmbeddingCache()
+            self.__dict__["_prompt_cache"] = cache
+        return cache
+
+    def cache_prompt_embeddings(self, prompts: list[str] | str | Any) -> int:
+        """Encode `prompts` now (a list, a bundled vocabulary name such as ``"ade20k-150"``, or a `Vocabulary`) so
+        that later calls with any of them skip the text encoder; grows the cache to hold them all. Returns how
+        many prompts the cache holds.
+
+        Embeddings stay valid until the text encoder or projection changes (adapters, `to()`, weights written in
+        place); then they are encoded again on first use.
+        """
+        from .vocabularies import Vocabulary, load_vocabulary
+
+        if isinstance(prompts, Vocabulary):
+            names = list(prompts.class_names)
+        elif isinstance(prompts, str):
+            names = list(load_vocabulary(prompts).class_names)
+        else:
+            names = list(prompts)
+        if not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise ValueError("`cache_prompt_embeddings` needs a non-empty list of non-empty prompt strings.")
+        names = list(dict.fromkeys(names))
+        cache = self._prompt_embedding_cache()
+        if cache.max_size < len(names):
+            cache.resize(len(names))
+        with torch.no_grad():
+            self.encode_prompts(names)
+        return len(cache)
+
+    def set_prompt_cache_size(self, max_size: int) -> None:
+        """Keep at most `max_size` prompt embeddings (least recently used out first); 0 turns the cache off."""
+        self._prompt_embedding_cache().resize(max_size)
+
+    def clear_prompt_cache(self) -> None:
+        """Forget every cached prompt embedding (needed only after writing text weights through ``.data``)."""
+        self._prompt_embedding_cache().clear()
+
+    def prompt_cache_info(self) -> dict:
+        """``{"size", "max_size", "hits", "misses"}`` of the prompt-embedding cache."""
+        return self._prompt_embedding_cache().info()
 
 
 def _check_size(max_size) -> int:

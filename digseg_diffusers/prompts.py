@@ -41,3 +41,39 @@ def prompts_outside_vocabulary(prompts: Iterable[str], vocabulary: Sequence[str]
         return []
     known = {normalize_prompt(name) for entry in vocabulary for name in entry.split(",") if name.strip()}
     return list(dict.fromkeys(p for p in prompts if normalize_prompt(p) not in known))
+
+
+def prompts_per_image(prompt: str | list[str] | list[list[str]] | None, num_images: int) -> list[list[str]]:
+    """`prompt` as one list of prompts per image, checked: a string or a list is shared by every image."""
+    if prompt is None:
+        raise ValueError("`prompt` is required: a string, a list of strings, or one list of strings per image.")
+    if isinstance(prompt, str):
+        per_image = [[prompt]] * num_images
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, (list, tuple)) for p in prompt):
+        if len(prompt) != num_images:
+            raise ValueError(
+                f"`prompt` has {len(prompt)} per-image lists but there are {num_images} images."
+            )
+        per_image = [list(p) for p in prompt]
+    elif isinstance(prompt, (list, tuple)):
+        per_image = [list(prompt)] * num_images
+    else:
+        raise ValueError(f"`prompt` must be a string or a list of strings; got {type(prompt).__name__}.")
+    for i, prompts in enumerate(per_image):
+        if not prompts:
+            raise ValueError(f"`prompt` for image {i} is empty; give at least one prompt.")
+        for p in prompts:
+            if not isinstance(p, str):
+                raise ValueError(f"`prompt` entries must be strings; got {type(p).__name__} ({p!r}).")
+            if not p.strip():
+                raise ValueError("`prompt` contains an empty string.")
+    return per_image
+
+
+def check_training_vocabulary(vocabulary) -> list[str] | None:
+    """The pipeline config's `training_vocabulary`, checked: None (open vocabulary) or a list of class names."""
+    if vocabulary is None:
+        return None
+    if isinstance(vocabulary, str) or not all(isinstance(name, str) and name.strip() for name in vocabulary):
+        raise ValueError(f"`training_vocabulary` must be None or a list of class names; got {vocabulary!r}.")
+    return list(vocabulary)

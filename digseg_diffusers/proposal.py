@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from .hub_files import hub_kwargs, resolve_file
 from .image_processing import DiGSegImageProcessor, check_unit_range
+from .prompts import prompts_per_image
 from .vocabularies import Vocabulary, load_vocabulary
 
 if TYPE_CHECKING:
@@ -369,3 +370,42 @@ class DiGSegClassProposer(torch.nn.Module):
         clip_model = CLIPModel.from_pretrained(path, **sub, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **sub, **lookup)
         return cls(clip_model, tokenizer, **settings)
+
+
+def candidate_prompts(pixels01: torch.Tensor, prompt, vocabulary, class_proposer=None) -> list[list[str]]:
+    """Per-image prompts of a pipeline call: `prompt` as given, or the `vocabulary` classes (all of them, or
+    those `class_proposer` picks for each image)."""
+    num_images = pixels01.shape[0]
+    if (prompt is None) == (vocabulary is None):
+        raise ValueError(
+            "Give either `prompt` (the phrases to segment) or `vocabulary` (class names, a bundled vocabulary "
+            "name, or a `Vocabulary`, from which candidates are picked), "
+            + ("not both." if prompt is not None else "one of them is required.")
+        )
+    if prompt is not None:
+        return prompts_per_image(prompt, num_images)
+    if isinstance(vocabulary, Vocabulary):
+        names = list(vocabulary.class_names)
+    elif isinstance(vocabulary, str):
+        names = list(load_vocabulary(vocabulary).class_names)
+    elif isinstance(vocabulary, (list, tuple)) and vocabulary:
+        names = list(vocabulary)
+    else:
+        raise ValueError(
+            "`vocabulary` must be a non-empty list of class names, a bundled vocabulary name (e.g. "
+            f"'ade20k-150') or a `Vocabulary`; got {vocabulary!r}."
+        )
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError("`vocabulary` entries must be non-empty strings.")
+    if class_proposer is None:
+        return prompts_per_image(names, num_images)
+    proposals = [list(p) for p in class_proposer.propose(pixels01, names)]
+    if len(proposals) != num_images:
+        raise ValueError(f"the class proposer returned {len(proposals)} proposal lists for {num_images} images.")
+    empty = [i for i, p in enumerate(proposals) if not p]
+    if empty:
+        raise ValueError(
+            f"the class proposer proposed no class for image(s) {empty}; lower its thresholds or set "
+            "`min_classes >= 1` so that every image gets at least one candidate."
+        )
+    return prompts_per_image(proposals, num_images)

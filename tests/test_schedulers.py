@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers.callbacks import PipelineCallback
 
-from digseg_diffusers.pipeline_digseg import SUPPORTED_SCHEDULERS
+from digseg_diffusers.scheduling import SUPPORTED_SCHEDULERS
 from digseg_diffusers.testing_utils import make_tiny_pipeline
 
 STOCHASTIC = ("DDPMScheduler", "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LCMScheduler",
