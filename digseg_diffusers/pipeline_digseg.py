@@ -276,13 +276,20 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
 
     def to(self, *args, **kwargs) -> "DiGSegPipeline":
         """`DiffusionPipeline.to`, and the class proposer (not a registered component) follows the same device."""
+        before = self._text_path_placement()
         pipe = super().to(*args, **kwargs)
-        self.clear_prompt_cache()  # cached embeddings live on the old device / dtype
+        if self._text_path_placement() != before:  # cached embeddings live on the old device / dtype
+            self.clear_prompt_cache()  # (model offload re-arms itself with `to()` after every call: no move, kept)
         if isinstance(self.class_proposer, torch.nn.Module):
             device = next((a for a in args if isinstance(a, (str, torch.device))), kwargs.get("device"))
             if device is not None:
                 self.class_proposer.to(device)
         return pipe
+
+    def _text_path_placement(self) -> tuple:
+        modules = (self.text_encoder, self.text_projection)
+        firsts = [next(m.parameters(), None) if isinstance(m, torch.nn.Module) else None for m in modules]
+        return tuple((t.device, t.dtype) if t is not None else None for t in firsts)
 
     def set_class_proposer(self, class_proposer) -> None:
         """Use `class_proposer` (e.g. a `DiGSegClassProposer`, anything with ``propose(images, names)``) to pick

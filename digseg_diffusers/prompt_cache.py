@@ -6,10 +6,13 @@ ade20k-150). `PromptEmbeddingCache` is a least-recently-used map prompt -> ``[L,
 
 Staleness is the danger of such a cache: an embedding returned after the weights changed is a silent bug. So an
 entry is only valid for the *fingerprint* of the text path it was computed with: the identity of the tokenizer,
-text encoder and text projection, the padded token length, and, for every parameter and buffer of the two
-modules, its identity, storage address, dtype, device and version counter (which every in-place write bumps:
-``copy_``, ``load_state_dict``, optimizer steps, adapter loading; moving a module gives new storage). A changed
-fingerprint empties the cache. The pipeline also empties it explicitly whenever it changes adapters or moves.
+text encoder and text projection, the padded token length, and, for every parameter of the two modules, its
+identity, dtype, device and version counter (which every in-place write bumps: ``copy_``,
+``load_state_dict``, optimizer steps, adapter loading). A changed fingerprint empties the cache. The pipeline also
+empties it explicitly whenever it changes adapters or moves the text path to another device or dtype. The storage
+address is left out on purpose: accelerate's CPU-offload hooks re-place unchanged weights at every call, and the
+cache must serve offloaded pipelines; buffers (CLIP's position ids), which every move replaces, count by name,
+shape, dtype and device.
 While the text path trains the cache is bypassed (no read, no write): a module in train mode, a parameter holding
 a gradient, or grad mode on with a parameter that requires grad (the caller wants a graph). ``requires_grad``
 alone says nothing (every freshly loaded model has it), so a model trained in eval mode is caught by its version
@@ -17,10 +20,12 @@ counters. Two writes bypass those: through ``.data``, and fused optimizers (``Ad
 `clear` (``pipe.clear_prompt_cache()``) after them before calling the pipeline.
 
 Weights created under ``torch.inference_mode()`` (ComfyUI loads and runs every node that way) are inference tensors:
-they have no version counter. For them the fingerprint keeps identity, storage, dtype and device, so replacing a
-module or parameter, loading or unloading adapters (the pipeline also clears the cache then), `to()` and re-loading
-the model are still detected; an in-place write into such a weight (only possible inside inference mode, e.g.
-``param.copy_(...)``) is not: call `clear` after one.
+they have no version counter. For them the fingerprint keeps identity, dtype and device, so replacing a module or
+parameter, loading or unloading adapters (the pipeline also clears the cache then), `to()` and re-loading the model
+are still detected; an in-place write into such a weight (only possible inside inference mode, e.g.
+``param.copy_(...)``) is not: call `clear` after one. Weights offloaded by accelerate (sequential CPU offload) sit
+on the "meta" device between calls and come back as new tensors at every forward: they are known by name, shape
+and dtype, so the cache serves offloaded pipelines too; a change written into the offloaded copy is not seen.
 """
 
 from __future__ import annotations
@@ -43,14 +48,19 @@ def text_path_fingerprint(tokenizer, text_encoder: torch.nn.Module, text_project
         return None
     wants_graph = torch.is_grad_enabled()
     tensors = []
-    for tensor in itertools.chain.from_iterable(
-        itertools.chain(module.parameters(), module.buffers()) for module in modules
-    ):
-        if tensor.grad is not None or (wants_graph and tensor.requires_grad):
-            return None
-        # Inference tensors track no versions (reading `_version` raises): identity and storage must do for them.
-        version = None if tensor.is_inference() else tensor._version
-        tensors.append((id(tensor), tensor.data_ptr(), version, tensor.dtype, tensor.device))
+    for index, module in enumerate(modules):
+        for name, tensor in module.named_buffers():  # moving a module replaces its buffers: known by name
+            tensors.append((index, name, tuple(tensor.shape), tensor.dtype, tensor.device))
+        for name, tensor in module.named_parameters():
+            if tensor.grad is not None or (wants_graph and tensor.requires_grad):
+                return None
+            if tensor.is_meta:  # offloaded: accelerate swaps in a new tensor at every forward; the name must do
+                tensors.append((index, name, tuple(tensor.shape), tensor.dtype, "meta"))
+                continue
+            # Not the storage address: accelerate's offload hooks re-place unchanged weights at every call.
+            # Inference tensors have no version counter (reading `_version` raises): their identity must do.
+            version = None if tensor.is_inference() else tensor._version
+            tensors.append((id(tensor), version, tensor.dtype, tensor.device))
     return (id(tokenizer), int(max_length), id(text_encoder), id(text_projection), tuple(tensors))
 
 
