@@ -1010,6 +1010,9 @@ def train(args: argparse.Namespace, settings: dict, resume_path: Path | None, tr
             fail(disk_full_advice(args, error), code=1, every_process=True)
         if args.push_to_hub:  # after everything is saved locally: a network error loses nothing
             push_adapter(args)
+    # Every process tears the process group down together: one leaving while the main one still writes the outputs
+    # was seen to abort (gloo, "terminate called without an active exception") on a loaded 2-core machine.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
