@@ -171,3 +171,24 @@ def test_local_and_embedded_models_load_and_run_without_the_network(offline, tin
     demo = load("digseg-demo")
     assert run(demo, image=generate_scene(20_000_000).image, prompt="circle").probabilities[0].shape == (1, 64, 64)
     assert attempts == []
+
+
+@pytest.mark.parametrize("offload", list(OFFLOADS))
+@pytest.mark.parametrize("grad_mode", ["inference_mode", "no_grad"])
+def test_prompt_cache_serves_repeated_calls_under_cpu_offload(offload, grad_mode):
+    """Offloading is where skipping the text encoder saves most; built in the grad mode it runs in, as hosts do."""
+    with GRAD_MODES[grad_mode]():
+        pipe = make_tiny_pipeline(seed=0)
+        OFFLOADS[offload](pipe)
+        run(pipe)
+        run(pipe)
+    assert pipe.prompt_cache_info()["hits"] == len(PROMPTS), pipe.prompt_cache_info()
+
+
+def test_to_the_device_the_pipeline_is_on_keeps_the_prompt_cache():
+    pipe = make_tiny_pipeline(seed=0)
+    run(pipe)
+    pipe.to("cpu")
+    pipe.to(torch.device("cpu"))
+    run(pipe)
+    assert pipe.prompt_cache_info()["hits"] == len(PROMPTS), pipe.prompt_cache_info()
