@@ -117,7 +117,7 @@ def make_pipeline(config: str, light_decoder: bool = False, device: str = "cpu",
 
 def scene_image(resolution: int, seed: int = 0) -> np.ndarray:
     """A synthetic scene (uint8 HWC) at `resolution`, so every run sees the same pixels."""
-    from digseg_diffusers.synthetic import generate_scene
+    from digseg_diffusers.data.synthetic import generate_scene
 
     return generate_scene(seed, size=resolution).image
 

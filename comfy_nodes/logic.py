@@ -27,10 +27,10 @@ import torch
 
 from digseg_diffusers import DiGSegPipeline
 from digseg_diffusers.demo import default_model_path
-from digseg_diffusers.hub_files import hub_reachable, is_hub_unreachable
+from digseg_diffusers.hub.files import hub_reachable, is_hub_unreachable
 from digseg_diffusers.prompts import parse_prompts
 from digseg_diffusers.proposal import DiGSegClassProposer
-from digseg_diffusers.visualization import overlay
+from digseg_diffusers.inference.visualization import overlay
 from digseg_diffusers.vocabularies import list_vocabularies, load_vocabulary
 
 logger = logging.getLogger(__name__)

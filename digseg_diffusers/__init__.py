@@ -19,7 +19,7 @@ _LAZY = {
     "DiGSegAdapterConfig": "adapter",
     "DiGSegClassProposer": "proposal",
     "DiGSegMaskDecoder": "mask_decoder",
-    "ConfusionMatrix": "metrics",
+    "ConfusionMatrix": "evaluation.metrics",
     "load_vocabulary": "vocabularies",
     "list_vocabularies": "vocabularies",
 }
@@ -29,7 +29,7 @@ __all__ = sorted(_LAZY)
 if TYPE_CHECKING:  # pragma: no cover
     from .adapter import DiGSegAdapterConfig
     from .mask_decoder import DiGSegMaskDecoder
-    from .metrics import ConfusionMatrix
+    from .evaluation.metrics import ConfusionMatrix
     from .image_processing import BACKGROUND_LABEL
     from .pipeline_digseg import DiGSegOutput, DiGSegPipeline
     from .proposal import DiGSegClassProposer

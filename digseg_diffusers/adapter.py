@@ -54,7 +54,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .hub_files import resolve_file
+from .hub.files import resolve_file
 
 logger = logging.getLogger(__name__)
 

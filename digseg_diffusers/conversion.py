@@ -15,7 +15,7 @@ from diffusers.utils import logging
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer, PreTrainedModel
 
-from .hub_files import hub_kwargs, require_hub_source
+from .hub.files import hub_kwargs, require_hub_source
 from .text_projection import DiGSegTextProjection
 
 logger = logging.get_logger(__name__)

@@ -3,7 +3,7 @@
 No Stable Diffusion or CLIP weights can be downloaded on the project's machines, and a new user should see the
 method segment something in the first minute. So the package ships a few-MB DiGSeg model (its own small VAE,
 a frozen character-level CLIP text encoder, a small SD2-layout U-Net trained from scratch with
-`training/train_adapter.py`) that segments the classes of `digseg_diffusers.synthetic.SHAPE_CLASSES` in 64 px
+`training/train_adapter.py`) that segments the classes of `digseg_diffusers.data.synthetic.SHAPE_CLASSES` in 64 px
 scenes. `training/train_demo_model.py` reproduces it; `hub_cards/demo_model_card.md` documents it.
 
 It is loadable by path (`default_model_path()`) or by its short name::

@@ -21,7 +21,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.nn import functional as F
 
-from .metrics import binary_segmentation_metrics
+from .evaluation.metrics import binary_segmentation_metrics
 
 __all__ = [
     "DiGSegMaskDecoder",

@@ -72,7 +72,7 @@ EXAMPLE_DOC_STRING = """
             ```py
             >>> import torch
             >>> from digseg_diffusers import DiGSegPipeline
-            >>> from digseg_diffusers.synthetic import generate_scene
+            >>> from digseg_diffusers.data.synthetic import generate_scene
 
             >>> pipe = DiGSegPipeline.from_pretrained("digseg-demo")  # the embedded demo model; or a folder / Hub id
             >>> image = generate_scene(20_000_000).image  # a held-out synthetic scene; any PIL image, array or tensor

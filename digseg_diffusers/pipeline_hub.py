@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .demo import resolve_model_name  # the short name "digseg-demo" -> the packaged demo model
-from .hub_files import hub_kwargs, require_hub_source, resolve_file
+from .hub.files import hub_kwargs, require_hub_source, resolve_file
 from .text_projection import DiGSegTextProjection
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ class DiGSegPipelineHubMixin:
         diffusers' Hub download reads the index through this method; mapping the entry keeps it from importing the
         repo's ``pipeline_digseg.py`` stub (see `hub_layout`): this class already is the pipeline.
         """
-        from .hub_layout import package_model_index
+        from .hub.layout import package_model_index
 
         # Extra arguments (diffusers < 0.42 passes `dduf_entries`) go through unchanged.
         return package_model_index(super()._dict_from_json_file(json_file, *args, **kwargs), components=False)
@@ -80,7 +80,7 @@ class DiGSegPipelineHubMixin:
         So `DiGSegPipeline.from_pretrained` loads `text_projection` and `mask_decoder` with the installed classes
         and runs no code from the folder or repo (`trust_remote_code` is not needed).
         """
-        from .hub_layout import package_model_index
+        from .hub.layout import package_model_index
 
         loaded = super().load_config(*args, **kwargs)
         if isinstance(loaded, tuple):
@@ -103,7 +103,7 @@ class DiGSegPipelineHubMixin:
         ``class_proposer/``. With ``push_to_hub=True`` (``repo_id``, ``token``, ``private``, ``commit_message``,
         ``create_pr`` in `kwargs`) the folder gets a DiGSeg model card and is uploaded.
         """
-        from .hub_layout import write_loader_files
+        from .hub.layout import write_loader_files
 
         push_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs}
         if self.class_proposer is not None:
@@ -138,7 +138,7 @@ class DiGSegPipelineHubMixin:
 
     def _upload_with_card(self, folder: str, repo_id: str, **push_kwargs) -> str:
         """Write the DiGSeg pipeline card (unless the folder has a README.md already) and upload the folder."""
-        from .hub import CARD_NAME, push_folder_to_hub, write_pipeline_card
+        from .hub.cards import CARD_NAME, push_folder_to_hub, write_pipeline_card
 
         if not os.path.isfile(os.path.join(folder, CARD_NAME)):
             write_pipeline_card(folder, self, repo_id=repo_id)

@@ -33,7 +33,7 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from .hub_files import hub_kwargs, resolve_file
+from .hub.files import hub_kwargs, resolve_file
 from .image_processing import DiGSegImageProcessor, check_unit_range
 from .prompts import prompts_per_image
 from .vocabularies import Vocabulary, load_vocabulary

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from digseg_diffusers import DiGSegPipeline, cli
+from digseg_diffusers import DiGSegPipeline
+from digseg_diffusers.inference import cli
 from digseg_diffusers.data.readers import read_image as read_dataset_image
 from digseg_diffusers.image_processing import open_image, to_uint8_rgb
 from digseg_diffusers.testing_utils import (

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from digseg_diffusers import cli
-from digseg_diffusers.batch_inference import (
+from digseg_diffusers.inference import cli
+from digseg_diffusers.inference.batch import (
     COCO_NAME,
     SUMMARY_NAME,
     BatchInferenceError,
@@ -26,8 +26,8 @@ from digseg_diffusers.batch_inference import (
     output_names,
     row_generators,
 )
-from digseg_diffusers.coco import decode_rle, encode_rle, mask_bbox, rle_area, rle_counts
-from digseg_diffusers.synthetic import generate_scene
+from digseg_diffusers.inference.coco import decode_rle, encode_rle, mask_bbox, rle_area, rle_counts
+from digseg_diffusers.data.synthetic import generate_scene
 from digseg_diffusers.testing_utils import assert_close_across_paths
 
 REPO = Path(__file__).resolve().parent.parent
@@ -296,7 +296,8 @@ def test_coco_file_loads_with_pycocotools(image_folder, tmp_path):
 
 KILL_AFTER_FIVE = """
 import os, signal, sys
-from digseg_diffusers import batch_inference, cli
+from digseg_diffusers.inference import batch as batch_inference
+from digseg_diffusers.inference import cli
 written, real = [], batch_inference.atomic_write_json
 def write(path, document):
     if isinstance(document, dict) and document.get("status") == "complete":
@@ -322,7 +323,7 @@ def test_killed_run_resumes_on_two_processes_segmenting_each_image_once(image_fo
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29547",
-        "-m", "digseg_diffusers.cli", *_segment_argv(image_folder, out),
+        "-m", "digseg_diffusers.inference.cli", *_segment_argv(image_folder, out),
     ]  # fmt: skip
     resumed = subprocess.run(command, env=dict(env, ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

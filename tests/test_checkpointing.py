@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from digseg_diffusers import atomic_io, checkpointing
+from digseg_diffusers import atomic_io
+from digseg_diffusers.training import checkpointing
 from digseg_diffusers.adapter import LORA_WEIGHTS_NAME
-from digseg_diffusers.checkpointing import (
+from digseg_diffusers.training.checkpointing import (
     MANIFEST_NAME,
     CheckpointError,
     DiskFullError,
@@ -30,7 +31,7 @@ from digseg_diffusers.checkpointing import (
     save_checkpoint,
     settings_differences,
 )
-from digseg_diffusers.synthetic import write_dataset
+from digseg_diffusers.data.synthetic import write_dataset
 from digseg_diffusers.testing_utils import make_tiny_pipeline
 
 REPO = Path(__file__).resolve().parent.parent

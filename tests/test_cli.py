@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digseg_diffusers import atomic_io, cli
+from digseg_diffusers import atomic_io
+from digseg_diffusers.inference import cli
 from digseg_diffusers.testing_utils import make_tiny_pipeline
 
 
@@ -181,7 +182,7 @@ def test_demo_command_with_the_embedded_model(tmp_path, capsys):
 def test_output_names_never_share_a_file_or_folder():
     """IMAGE outputs add NAME.overlay.png and NAME.masks/: an input named like another's extras keeps its extension
     (then a hash), so no output of one input is written over another's (replaces the per-folder names of before)."""
-    from digseg_diffusers.batch_inference import MasksAndOverlay, output_names
+    from digseg_diffusers.inference.batch import MasksAndOverlay, output_names
 
     keys = ["a.png", "a.overlay.png", "a.masks/x.png", "b.png", "B.jpg", "c.png", "digseg_run.png"]
     names = output_names(keys, MasksAndOverlay.suffixes)
@@ -347,7 +348,7 @@ def test_other_settings_are_refused_and_overwrite_replaces_one_inputs_results(tm
 
     # A run that dies half way leaves complete files only, and a JSON that no longer claims to be complete.
     before = (out / "scene.overlay.png").read_bytes()
-    from digseg_diffusers import batch_inference
+    from digseg_diffusers.inference import batch as batch_inference
 
     def die(*args, **kwargs):
         raise KeyboardInterrupt
@@ -408,7 +409,7 @@ def test_image_argument_errors_say_what_to_do(tmp_path, capsys, monkeypatch, arg
 def test_bad_paths_fail_before_the_heavy_imports(tmp_path):
     """`digseg segment missing.png -p x` used to import torch and diffusers (~10 s) before looking at the file."""
     script = (
-        "import sys\nfrom digseg_diffusers import cli\n"
+        "import sys\nfrom digseg_diffusers.inference import cli\n"
         "code = cli.main(['segment', 'missing.png', '-p', 'x', '--out', 'o'])\n"
         "print(code, sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate') if m in sys.modules))\n"
     )

@@ -21,7 +21,7 @@ from digseg_diffusers.data import (
     crop_is_fixed,
     random_scale_flip_crop,
 )
-from digseg_diffusers.synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene, write_dataset
+from digseg_diffusers.data.synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene, write_dataset
 from digseg_diffusers.vocabularies import load_vocabulary
 
 

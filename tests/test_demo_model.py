@@ -9,9 +9,9 @@ import torch
 
 from digseg_diffusers import DiGSegPipeline, demo
 from digseg_diffusers.data.readers import BACKGROUND_INDEX
-from digseg_diffusers.evaluation import evaluate_examples
-from digseg_diffusers.metrics import ConfusionMatrix, binary_segmentation_metrics
-from digseg_diffusers.synthetic import SHAPE_CLASSES, generate_scene, split_seeds
+from digseg_diffusers.evaluation.runner import evaluate_examples
+from digseg_diffusers.evaluation.metrics import ConfusionMatrix, binary_segmentation_metrics
+from digseg_diffusers.data.synthetic import SHAPE_CLASSES, generate_scene, split_seeds
 
 # The shipped model: ~36 minutes of training from scratch on a CPU, then 12 000 fine-tuning steps on the `varied`
 # rendering (83 min); not converged (benchmarks/quality/demo_fidelity.md). Measured on these 12 scenes when it was

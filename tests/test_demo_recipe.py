@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from digseg_diffusers import demo_recipe
-from digseg_diffusers.synthetic import generate_scene
+from digseg_diffusers.training import demo_recipe
+from digseg_diffusers.data.synthetic import generate_scene
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,7 +165,7 @@ def test_objective_and_fine_tuning_options_reach_train_adapter(recipe, monkeypat
 
 
 def test_a_shared_data_dir_written_with_other_settings_is_refused(recipe, tmp_path):
-    from digseg_diffusers.synthetic import write_dataset
+    from digseg_diffusers.data.synthetic import write_dataset
 
     split = write_dataset(tmp_path, "train", num_images=2, size=32)
     recipe.check_dataset(split, 2, 32, "plain")

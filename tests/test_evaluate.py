@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from digseg_diffusers.data.readers import BACKGROUND_INDEX, build_reader
-from digseg_diffusers.evaluation import (
+from digseg_diffusers.evaluation.runner import (
     EvaluationAccumulator,
     EvaluationSetting,
     card_metrics,
@@ -22,8 +22,8 @@ from digseg_diffusers.evaluation import (
     load_partial,
     save_partial,
 )
-from digseg_diffusers.hub import card_metadata
-from digseg_diffusers.synthetic import write_dataset
+from digseg_diffusers.hub.cards import card_metadata
+from digseg_diffusers.data.synthetic import write_dataset
 from digseg_diffusers.testing_utils import make_tiny_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -335,8 +335,8 @@ def test_two_processes_give_the_same_confusion_matrix(workspace, tmp_path):
 
 
 def test_one_call_per_example_scores_every_threshold_like_separate_evaluations():
-    from digseg_diffusers.evaluation import evaluate_examples, evaluate_examples_at_thresholds
-    from digseg_diffusers.synthetic import SHAPE_CLASSES, generate_scene
+    from digseg_diffusers.evaluation.runner import evaluate_examples, evaluate_examples_at_thresholds
+    from digseg_diffusers.data.synthetic import SHAPE_CLASSES, generate_scene
 
     pipe = make_tiny_pipeline()
     examples = []

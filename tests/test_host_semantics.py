@@ -15,7 +15,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 
 from digseg_diffusers import DiGSegPipeline
-from digseg_diffusers.synthetic import generate_scene
+from digseg_diffusers.data.synthetic import generate_scene
 from digseg_diffusers.testing_utils import (
     assert_close_across_paths,
     assert_label_maps_match_across_paths,

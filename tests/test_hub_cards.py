@@ -9,7 +9,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 import digseg_diffusers
-from digseg_diffusers import hub
+from digseg_diffusers.hub import cards as hub
 from digseg_diffusers.testing_utils import make_tiny_pipeline, write_hub_cache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,10 +55,10 @@ def test_local_base_paths_are_dropped_and_licenses_are_real(tmp_path, caplog, mo
 
 def test_templates_are_package_data():
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert "card_templates/*" in package_data["digseg_diffusers"]
+    assert "hub/card_templates/*" in package_data["digseg_diffusers"]
     package = Path(digseg_diffusers.__file__).parent
     for template in (hub.ADAPTER_TEMPLATE, hub.PIPELINE_TEMPLATE):
-        assert template.parent == package / "card_templates" and template.is_file()
+        assert template.parent == package / "hub" / "card_templates" and template.is_file()
 
 
 def test_adapter_card_from_a_saved_adapter(tmp_path):
@@ -132,7 +132,7 @@ def test_failed_upload_names_the_current_cli(tmp_path, monkeypatch):
 
 def test_demo_card_model_index_is_the_measured_benchmark(tmp_path):
     """The committed card matches benchmarks/quality/demo_fidelity.json; after a new benchmark run, regenerate it with
-    `python -m digseg_diffusers.hub update-demo-card`."""
+    `python -m digseg_diffusers.hub.cards update-demo-card`."""
     card = tmp_path / "card.md"
     shutil.copy(ROOT / "hub_cards" / "demo_model_card.md", card)
     assert not hub.update_demo_card(card, ROOT / "benchmarks" / "quality" / "demo_fidelity.json"), "run update-demo-card"
@@ -150,7 +150,7 @@ def test_demo_card_model_index_is_the_measured_benchmark(tmp_path):
 
 
 def test_pipeline_card_says_what_the_model_can_segment():
-    from digseg_diffusers.hub import pipeline_card
+    from digseg_diffusers.hub.cards import pipeline_card
 
     closed = str(pipeline_card(make_tiny_pipeline(training_vocabulary=["cat", "traffic light"]), repo_id="me/x"))
     assert "trained on 2 classes only" in closed and "`cat`, `traffic light`" in closed

@@ -8,8 +8,8 @@ import threading
 import pytest
 from huggingface_hub import constants
 
-from digseg_diffusers import hub_files
-from digseg_diffusers.hub_files import (
+from digseg_diffusers.hub import files as hub_files
+from digseg_diffusers.hub.files import (
     hub_kwargs,
     hub_reachable,
     is_hub_unreachable,

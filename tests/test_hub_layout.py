@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from digseg_diffusers import DiGSegPipeline
-from digseg_diffusers.hub_layout import INSTALL_HINT, hub_model_index, package_model_index, write_loader_files
+from digseg_diffusers.hub.layout import INSTALL_HINT, hub_model_index, package_model_index, write_loader_files
 from digseg_diffusers.mask_decoder import DiGSegMaskDecoder
 from digseg_diffusers.testing_utils import make_tiny_pipeline, write_hub_cache
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from digseg_diffusers.synthetic import generate_scene, split_seeds, write_dataset
+from digseg_diffusers.data.synthetic import generate_scene, split_seeds, write_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,7 +51,7 @@ def _per_query_iou(pipe, num_scenes: int = 8) -> dict:
 @pytest.mark.slow
 def test_training_from_scratch_beats_empty_and_whole_image_baselines(tmp_path):
     from digseg_diffusers import DiGSegPipeline
-    from digseg_diffusers.demo_recipe import build_untrained_pipeline
+    from digseg_diffusers.training.demo_recipe import build_untrained_pipeline
     from digseg_diffusers.demo import default_model_path
 
     data_dir = tmp_path / "data"

@@ -16,7 +16,7 @@ from digseg_diffusers.mask_decoder import (
     fit_mask_decoder,
     mask_iou,
 )
-from digseg_diffusers.synthetic import generate_scene
+from digseg_diffusers.data.synthetic import generate_scene
 from digseg_diffusers.testing_utils import assert_close_across_paths, make_tiny_pipeline, make_tiny_vae
 
 

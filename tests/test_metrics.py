@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from digseg_diffusers.metrics import (
+from digseg_diffusers.evaluation.metrics import (
     ConfusionMatrix,
     IoUThresholdCurve,
     binary_segmentation_metrics,

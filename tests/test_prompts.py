@@ -7,7 +7,7 @@ import torch
 
 from digseg_diffusers import DiGSegPipeline
 from digseg_diffusers.prompts import parse_prompts, prompts_outside_vocabulary
-from digseg_diffusers.synthetic import SHAPE_CLASSES
+from digseg_diffusers.data.synthetic import SHAPE_CLASSES
 from digseg_diffusers.testing_utils import make_tiny_pipeline
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from digseg_diffusers.hub import public_training_config
-from digseg_diffusers.synthetic import write_dataset
+from digseg_diffusers.hub.cards import public_training_config
+from digseg_diffusers.data.synthetic import write_dataset
 from digseg_diffusers.testing_utils import make_tiny_pipeline
 
 SCRIPT = Path(__file__).resolve().parent.parent / "training" / "train_adapter.py"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digseg_diffusers.synthetic import (
+from digseg_diffusers.data.synthetic import (
     BACKGROUND_LABEL,
     SEEDS_PER_SPLIT,
     SHAPE_CLASSES,
@@ -150,7 +150,7 @@ def test_styled_scenes_are_deterministic_and_labelled_like_any_scene(style):
 
 
 def test_styles_render_differently_and_the_shifted_style_shares_no_range_with_training():
-    from digseg_diffusers.synthetic import STYLES
+    from digseg_diffusers.data.synthetic import STYLES
 
     varied, shifted = STYLES["varied"], STYLES["shifted"]
     assert not set(varied.textures) & set(shifted.textures)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from digseg_diffusers import DiGSegPipeline
-from digseg_diffusers.hub import read_card_metadata
-from digseg_diffusers.synthetic import write_dataset
+from digseg_diffusers.hub.cards import read_card_metadata
+from digseg_diffusers.data.synthetic import write_dataset
 from digseg_diffusers.testing_utils import CROSS_PATH_ATOL, make_tiny_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,7 +138,7 @@ def test_model_card_metadata(trained):
 
 
 def test_ignored_pixels_get_no_loss_weight():
-    from digseg_diffusers.training_step import latent_loss_weights
+    from digseg_diffusers.training.step import latent_loss_weights
 
     valid = torch.ones(1, 1, 16, 16)
     valid[..., :8, :] = 0.0  # top half ignored
@@ -178,7 +178,7 @@ def _train_adapter_module():
 def test_latent_cache_reuses_fixed_crops_and_reencodes_random_ones(tmp_path):
     from digseg_diffusers import mask_codec
     from digseg_diffusers.data import FolderReader, SegmentationTrainingDataset, collate_segmentation_batch
-    from digseg_diffusers.training_step import LatentCache
+    from digseg_diffusers.training.step import LatentCache
 
     write_dataset(tmp_path, "train", num_images=6, size=64)
     vae = make_tiny_pipeline().vae.eval()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from digseg_diffusers import checkpointing
-from digseg_diffusers.synthetic import write_dataset
+from digseg_diffusers.training import checkpointing
+from digseg_diffusers.data.synthetic import write_dataset
 from digseg_diffusers.testing_utils import make_tiny_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,7 +71,8 @@ def test_every_option_has_both_spellings(train_adapter, tmp_path):
 
 def test_option_choices_match_the_library(train_adapter):
     """The script writes its choices out (so --help needs no torch); they must be the library's."""
-    from digseg_diffusers import adapter, data, noise, training_step
+    from digseg_diffusers import adapter, data, noise
+    from digseg_diffusers.training import step as training_step
 
     assert train_adapter.ADAPTER_MODES == adapter.ADAPTER_MODES
     assert train_adapter.DATASET_FORMATS == tuple(sorted(data.READERS))

@@ -1,4 +1,4 @@
-"""The library's training step (`digseg_diffusers.training_step`): latent, end-to-end and multi-prompt losses."""
+"""The library's training step (`digseg_diffusers.training.step`): latent, end-to-end and multi-prompt losses."""
 
 import json
 import os
@@ -15,9 +15,9 @@ from digseg_diffusers import mask_codec
 from digseg_diffusers.data import SegmentationTrainingDataset, build_reader, collate_segmentation_batch
 from digseg_diffusers.mask_decoder import DiGSegMaskDecoder
 from digseg_diffusers.noise import sample_training_noise, sample_training_timesteps
-from digseg_diffusers.synthetic import write_dataset
+from digseg_diffusers.data.synthetic import write_dataset
 from digseg_diffusers.testing_utils import make_ddim_scheduler, make_tiny_pipeline, make_tiny_unet, make_tiny_vae
-from digseg_diffusers.training_step import (
+from digseg_diffusers.training.step import (
     TrainingLossConfig,
     compute_training_loss,
     decision_logits,

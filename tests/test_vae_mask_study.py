@@ -11,7 +11,7 @@ from diffusers import AutoencoderTiny
 from PIL import Image
 
 from digseg_diffusers.testing_utils import make_tiny_vae
-from digseg_diffusers.vae_study import (
+from digseg_diffusers.evaluation.vae_study import (
     format_markdown_table,
     generate_random_masks,
     masks_from_label_maps,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digseg_diffusers.visualization import BASE_COLORS, colorize_label_map, label_colors, overlay
+from digseg_diffusers.inference.visualization import BASE_COLORS, colorize_label_map, label_colors, overlay
 
 
 def test_label_colors_background_black_and_distinct():
@@ -112,7 +112,7 @@ def test_overlay_rejects_bad_inputs(image, labels, alpha, message):
 
 
 def test_legend_names_each_colour_and_wraps():
-    from digseg_diffusers.visualization import legend_image, titled_row
+    from digseg_diffusers.inference.visualization import legend_image, titled_row
 
     names = ["background", "circle", "square", "star"]
     legend = np.asarray(legend_image(names, width=400))

@@ -68,7 +68,7 @@ def install_fault(name: str, occurrence: int, train_adapter) -> None:
     import torch
 
     import digseg_diffusers.atomic_io as atomic_io
-    import digseg_diffusers.checkpointing as checkpointing
+    import digseg_diffusers.training.checkpointing as checkpointing
 
     wrap = _after_calls(name, occurrence)
     if name == "checkpoint_folder_empty":  # staging folder created, nothing written into it yet

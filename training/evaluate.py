@@ -14,8 +14,8 @@ Protocols:
 Distributed: each process takes the examples whose index modulo the number of processes is its rank; the count
 tensors are summed with ``accelerator.reduce``. Every ``--checkpoint_every`` images each process saves its
 shard's counts under ``OUTPUT/partial/``; ``--resume`` continues from there (with the same number of processes).
-Writes ``evaluation.json`` (``card_metrics`` feeds ``digseg_diffusers.hub.card_metadata``), ``evaluation.md`` and
-PNG plots. The metric logic lives in ``digseg_diffusers.evaluation``; this script parses arguments, runs the loop
+Writes ``evaluation.json`` (``card_metrics`` feeds ``digseg_diffusers.hub.cards.card_metadata``), ``evaluation.md`` and
+PNG plots. The metric logic lives in ``digseg_diffusers.evaluation.runner``; this script parses arguments, runs the loop
 and draws the report.
 """
 
@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from digseg_diffusers.data.readers import BACKGROUND_INDEX, READERS, build_reader, read_class_names_file
-from digseg_diffusers.evaluation import (
+from digseg_diffusers.evaluation.runner import (
     DEFAULT_CURVE_THRESHOLDS,
     EvaluationAccumulator,
     EvaluationSetting,
@@ -42,8 +42,8 @@ from digseg_diffusers.evaluation import (
     load_partial,
     save_partial,
 )
-from digseg_diffusers.evaluation_report import CURVE_PLOT_NAME, REPORT_NAME, RESULTS_NAME, write_evaluation_report
-from digseg_diffusers.metrics import to_jsonable
+from digseg_diffusers.evaluation.report import CURVE_PLOT_NAME, REPORT_NAME, RESULTS_NAME, write_evaluation_report
+from digseg_diffusers.evaluation.metrics import to_jsonable
 
 logger = logging.getLogger("digseg.evaluate")
 

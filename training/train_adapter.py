@@ -13,7 +13,7 @@ machines through accelerate's own launcher; checkpoints with `save_state` hold o
 the optimizer/scheduler/RNG state, and `--resume_from_checkpoint latest` continues where a run stopped.
 
 Nothing is lost when the process is killed at any moment: a checkpoint, the adapter, the pipeline and
-train_summary.json each appear only once complete (`digseg_diffusers.checkpointing`, `atomic_io`); `latest` is
+train_summary.json each appear only once complete (`digseg_diffusers.training.checkpointing`, `atomic_io`); `latest` is
 the newest complete checkpoint; old checkpoints are removed only after the new one is in place; resuming a
 finished run does nothing. (accelerate's `ProjectConfiguration(automatic_checkpoint_naming=True)` is not used for
 this: it writes `save_state` straight into the final folder and rotates old checkpoints out before the new one is
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, NoReturn
 # Only light modules (the standard library, the package's file helpers) are imported here: `--help` and every
 # argument or input error answer before torch, diffusers and transformers are imported (`train` imports them).
 from digseg_diffusers.atomic_io import atomic_write_json, staged_directory
-from digseg_diffusers.checkpointing import (
+from digseg_diffusers.training.checkpointing import (
     CheckpointError,
     DiskFullError,
     TrainingRecord,
@@ -62,7 +62,7 @@ from digseg_diffusers.checkpointing import (
 if TYPE_CHECKING:
     import torch
 
-    from digseg_diffusers.training_step import TrainingLossConfig
+    from digseg_diffusers.training.step import TrainingLossConfig
 
 PROG = "train_adapter.py"
 ADAPTER_SUBFOLDER = "adapter"
@@ -75,7 +75,7 @@ RUN_OUTPUTS = (ADAPTER_SUBFOLDER, PIPELINE_SUBFOLDER, SUMMARY_NAME)
 
 # The choices of the library's options, written out so that `--help` needs no torch import;
 # tests/test_training_cli.py checks them against digseg_diffusers (adapter.ADAPTER_MODES, data.READERS,
-# noise.NOISE_VARIANTS / TIMESTEP_BIAS_STRATEGIES, training_step.LOSSES).
+# noise.NOISE_VARIANTS / TIMESTEP_BIAS_STRATEGIES, training.step.LOSSES).
 ADAPTER_MODES = ("lora", "full")
 DATASET_FORMATS = ("ade20k", "cityscapes", "coco_stuff", "folder", "pascal_context")
 NOISE_VARIANTS = ("gaussian", "annealed", "multires", "multires_annealed")
@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--loss", choices=LOSSES, default="latent",
         help='"latent": the method\'s denoising loss at sampled timesteps; "e2e": the end-to-end task loss (every row '
         "at t = T-1, the x0 estimate decoded with gradients through the decoder, BCE + soft Dice against the mask); "
-        '"latent+e2e": both on the same prediction (digseg_diffusers.training_step).',
+        '"latent+e2e": both on the same prediction (digseg_diffusers.training.step).',
     )
     train.add_argument(
         "--prompts_per_image", type=int, default=1,
@@ -455,7 +455,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_settings(args: argparse.Namespace) -> dict:
     """The run's settings as its checkpoints record them: every public option (never the Hub token), local inputs
     as absolute paths."""
-    from digseg_diffusers.hub import public_training_config
+    from digseg_diffusers.hub.cards import public_training_config
 
     settings = public_training_config(vars(args))
     for name in LOCAL_INPUTS:
@@ -521,11 +521,11 @@ def check_inputs(args: argparse.Namespace):
     """Read the dataset's index and class names and check that each model can be had, before any model loads.
 
     Returns (training reader, validation reader or None). A Hub id that is neither cached nor reachable fails at once
-    (`hub_files.require_hub_source`) instead of after huggingface_hub's retries.
+    (`hub.files.require_hub_source`) instead of after huggingface_hub's retries.
     """
     from digseg_diffusers.data import build_reader
     from digseg_diffusers.data.readers import read_class_names_file
-    from digseg_diffusers.hub_files import require_hub_source
+    from digseg_diffusers.hub.files import require_hub_source
 
     reader_kwargs = {}
     if args.class_names_file:
@@ -658,8 +658,8 @@ def train(args: argparse.Namespace, settings: dict, resume_path: Path | None, tr
     from digseg_diffusers import mask_codec
     from digseg_diffusers.adapter import DiGSegAdapterConfig, apply_adapter, load_adapter, save_adapter
     from digseg_diffusers.data import SegmentationTrainingDataset, augmentation_is_random, collate_segmentation_batch
-    from digseg_diffusers.hub import public_training_config
-    from digseg_diffusers.training_step import (
+    from digseg_diffusers.hub.cards import public_training_config
+    from digseg_diffusers.training.step import (
         LatentCache,
         TrainingLoss,
         TrainingLossConfig,
@@ -1043,7 +1043,7 @@ def run_validation(args, accelerator, pipeline, reader, unet, text_projection) -
         return None
     import torch
 
-    from digseg_diffusers.evaluation import evaluate_examples
+    from digseg_diffusers.evaluation.runner import evaluate_examples
 
     with torch.no_grad():
         unet_eval, projection_eval = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_projection)
@@ -1072,14 +1072,14 @@ def run_validation(args, accelerator, pipeline, reader, unet, text_projection) -
 
 def push_adapter(args: argparse.Namespace) -> None:
     """Upload the saved adapter folder (needs network)."""
-    from digseg_diffusers.hub import push_folder_to_hub
+    from digseg_diffusers.hub.cards import push_folder_to_hub
 
     push_folder_to_hub(os.path.join(args.output_dir, ADAPTER_SUBFOLDER), args.hub_model_id, token=args.hub_token)
 
 
 def write_card(args, adapter_dir: str | os.PathLike, adapter_config, class_names, validation_history) -> None:
     """Write the model card next to the adapter."""
-    from digseg_diffusers.hub import public_training_config, write_adapter_card
+    from digseg_diffusers.hub.cards import public_training_config, write_adapter_card
 
     metrics = validation_history[-1] if validation_history else None
     write_adapter_card(

@@ -4,7 +4,7 @@
     python training/train_demo_model.py --work_dir runs/demo --install
 
 Steps (each is skipped when its output already exists, so an interrupted run continues):
-1. write the synthetic shape world in the generic folder format (`digseg_diffusers.synthetic.write_dataset`):
+1. write the synthetic shape world in the generic folder format (`digseg_diffusers.data.synthetic.write_dataset`):
    train split for training, val split for the periodic validation; test seeds stay untouched for the benchmark;
 2. train the small `AutoencoderKL` (4x downsampling, 8 latent channels) on scene images and masks
    (`training/train_vae.py`);
@@ -40,7 +40,7 @@ from pathlib import Path
 
 
 from digseg_diffusers.demo import resolve_model_name
-from digseg_diffusers.demo_recipe import (
+from digseg_diffusers.training.demo_recipe import (
     DEFAULT_ATTENTION_HEAD_CHANNELS,
     DEFAULT_FULL_RESOLUTION_ATTENTION,
     DEMO_UNET_CHANNELS,
@@ -52,8 +52,8 @@ from digseg_diffusers.demo_recipe import (
 )
 
 from digseg_diffusers.noise import NOISE_VARIANTS, check_timestep_bias
-from digseg_diffusers.synthetic import STYLES
-from digseg_diffusers.training_step import LOSSES
+from digseg_diffusers.data.synthetic import STYLES
+from digseg_diffusers.training.step import LOSSES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGED_MODEL_DIR = REPO_ROOT / "digseg_diffusers" / "models" / "demo"
@@ -73,8 +73,8 @@ def calibrate_mask_threshold(pipeline_dir: str | os.PathLike, num_scenes: int = 
     after the ones used for periodic validation); test seeds stay untouched for the benchmark.
     """
     from digseg_diffusers import DiGSegPipeline
-    from digseg_diffusers.evaluation import evaluate_examples_at_thresholds
-    from digseg_diffusers.synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene
+    from digseg_diffusers.evaluation.runner import evaluate_examples_at_thresholds
+    from digseg_diffusers.data.synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene
 
     pipe = DiGSegPipeline.from_pretrained(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -245,7 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--train_style", choices=sorted(STYLES), default="plain",
-        help="Rendering style of the training scenes (digseg_diffusers.synthetic.STYLES); 'shifted' is for evaluation.",
+        help="Rendering style of the training scenes (digseg_diffusers.data.synthetic.STYLES); 'shifted' is for evaluation.",
     )
     parser.add_argument(
         "--data_dir", default=None,
@@ -307,7 +307,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
-    from digseg_diffusers.synthetic import write_dataset
+    from digseg_diffusers.data.synthetic import write_dataset
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,8 @@ import torch
 
 from digseg_diffusers import mask_codec
 from digseg_diffusers.mask_decoder import DiGSegMaskDecoder, count_flops, evaluate_mask_decoders, fit_mask_decoder
-from digseg_diffusers.synthetic import generate_scene, split_seeds
-from digseg_diffusers.vae_study import load_vae
+from digseg_diffusers.data.synthetic import generate_scene, split_seeds
+from digseg_diffusers.evaluation.vae_study import load_vae
 
 logger = logging.getLogger("train_mask_decoder")
 

@@ -7,7 +7,7 @@ DiGSeg keeps its VAE frozen and relies on it to round-trip binary masks almost l
 the paper's SD VAE reaches MAE 0.004). No SD VAE can be downloaded here, so the demo model gets its own: every
 batch mixes scene images with masks encoded exactly as `digseg_diffusers.mask_codec` encodes them (``2m - 1``
 replicated to 3 channels), so the decoder learns both kinds of input. Scenes come from the train split of
-`digseg_diffusers.synthetic` (never from the val/test seeds).
+`digseg_diffusers.data.synthetic` (never from the val/test seeds).
 
 The loss is L1 + MSE reconstruction plus a small KL term that keeps the posterior well conditioned; no GAN or
 perceptual loss is needed for flat shapes. After training, `vae.config.scaling_factor` is set to
@@ -30,8 +30,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from digseg_diffusers import mask_codec
-from digseg_diffusers.metrics import binary_segmentation_metrics
-from digseg_diffusers.synthetic import generate_scene, split_seeds
+from digseg_diffusers.evaluation.metrics import binary_segmentation_metrics
+from digseg_diffusers.data.synthetic import generate_scene, split_seeds
 
 logger = logging.getLogger("train_vae")
 

@@ -8,7 +8,7 @@
 ``--dataset_format`` ade20k / coco_stuff / cityscapes / pascal_context / folder reads label maps through the
 project's dataset readers; ``label_maps`` (the default) takes any folder of single-channel label images. Without
 ``--data_dir`` the masks are random ellipses and rectangles. The measuring code lives in
-``digseg_diffusers.vae_study``; this script only parses arguments, prints a markdown table and writes JSON.
+``digseg_diffusers.evaluation.vae_study``; this script only parses arguments, prints a markdown table and writes JSON.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from digseg_diffusers.data.readers import BACKGROUND_INDEX, READERS, build_reader
-from digseg_diffusers.metrics import to_jsonable
-from digseg_diffusers.vae_study import (
+from digseg_diffusers.evaluation.metrics import to_jsonable
+from digseg_diffusers.evaluation.vae_study import (
     format_markdown_table,
     generate_random_masks,
     load_vae,

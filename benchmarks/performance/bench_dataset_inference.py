@@ -53,7 +53,7 @@ def parse_args() -> argparse.Namespace:
 def write_images(folder: str, count: int, size: int) -> None:
     from PIL import Image
 
-    from digseg_diffusers.synthetic import generate_scene
+    from digseg_diffusers.data.synthetic import generate_scene
 
     os.makedirs(folder, exist_ok=True)
     for i in range(count):
@@ -62,7 +62,7 @@ def write_images(folder: str, count: int, size: int) -> None:
 
 def run_once(args, processes: int, images: str, out: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    command = ["-m", "digseg_diffusers.cli", "segment", "--input_dir", images, "--out", out, "--model", args.model,
+    command = ["-m", "digseg_diffusers.inference.cli", "segment", "--input_dir", images, "--out", out, "--model", args.model,
                "--batch_images", str(args.batch_images), "--batch-size", str(args.batch_size), "--format", args.format, "--quiet",
                "--device", "cpu" if args.device == "cpu" else "auto", *sum((["-p", p] for p in PROMPTS), [])]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

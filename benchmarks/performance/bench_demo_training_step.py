@@ -1,7 +1,7 @@
 """Cost of one training step of the demo recipe: U-Net layouts and attention-head widths, and the VAE encoding
 that `train_adapter.py --cache_latents` saves.
 
-One step = `train_adapter.py`'s real step (`digseg_diffusers.training_step.compute_training_loss`: timesteps,
+One step = `train_adapter.py`'s real step (`digseg_diffusers.training.step.compute_training_loss`: timesteps,
 training noise, target, weighted loss; `--loss` / `--prompts_per_image` choose the objective) + backward + AdamW on
 a batch of demo-sized inputs (``[z_x, z_t]`` at 16 x 16, 32 text tokens), the VAE cost = encoding the batch's images and masks. Variants are timed interleaved; the ratios to
 the previous demo model's U-Net (cross-attention only at full resolution, 16 heads per level) are what to read.
@@ -24,8 +24,8 @@ from benchmarks.common import base_parser, interleaved, markdown_table, setup, w
 
 from digseg_diffusers import DiGSegPipeline, mask_codec
 from digseg_diffusers.demo import default_model_path
-from digseg_diffusers.demo_recipe import build_demo_unet
-from digseg_diffusers.training_step import LOSSES, TrainingLossConfig, compute_training_loss
+from digseg_diffusers.training.demo_recipe import build_demo_unet
+from digseg_diffusers.training.step import LOSSES, TrainingLossConfig, compute_training_loss
 
 
 # (name, full-resolution attention, channels per head; None = 16 heads per level)

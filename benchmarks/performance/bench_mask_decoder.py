@@ -30,8 +30,8 @@ def decode_flops(vae, decoder, resolution: int) -> tuple[int, int]:
 def pipeline_iou(pipeline_path: str, num_scenes: int, resolution: int) -> dict:
     """Segment val scenes (prompts = their visible classes) with each decoder; pooled IoU of the binary masks."""
     from digseg_diffusers import DiGSegPipeline
-    from digseg_diffusers.metrics import ConfusionMatrix
-    from digseg_diffusers.synthetic import generate_scene, split_seeds
+    from digseg_diffusers.evaluation.metrics import ConfusionMatrix
+    from digseg_diffusers.data.synthetic import generate_scene, split_seeds
 
     pipe = DiGSegPipeline.from_pretrained(pipeline_path)
     pipe.set_progress_bar_config(disable=True)
@@ -70,7 +70,7 @@ def main(argv=None):
             "SD VAE (128,256,512,512)": (sd_vae("meta"), default_decoder)}
     trained = None
     if args.vae_path:
-        from digseg_diffusers.vae_study import load_vae
+        from digseg_diffusers.evaluation.vae_study import load_vae
 
         trained_vae = load_vae(args.vae_path)
         trained_decoder = (DiGSegMaskDecoder.from_pretrained(args.mask_decoder_path).eval()
@@ -111,7 +111,7 @@ def main(argv=None):
 
     iou, iou_table = None, None
     if trained is not None:
-        from digseg_diffusers.synthetic import generate_scene, split_seeds
+        from digseg_diffusers.data.synthetic import generate_scene, split_seeds
 
         masks = []
         for seed in split_seeds("val", args.num_eval_scenes):

@@ -1,7 +1,7 @@
 """Training throughput of `train_adapter.py`'s step at SD2 size: samples/s, peak memory, model FLOP utilisation.
 
 The step is the script's own: `accelerate` (mixed precision, backward, gradient clipping), the trainable text
-projection, `digseg_diffusers.training_step.compute_training_loss`, AdamW; image and mask latents come from the
+projection, `digseg_diffusers.training.step.compute_training_loss`, AdamW; image and mask latents come from the
 frozen VAE (`encode_batch_images` / `mask_codec.encode_masks`) or, with cached latents, from the script's
 `LatentCache` (what `--cache_latents` serves after the first epoch). Weights are random (SD2's U-Net and the SD
 VAE, `benchmarks/common.py`); the text encoder is not part of a step (the script encodes the class names once).
@@ -35,7 +35,7 @@ from digseg_diffusers import mask_codec
 from digseg_diffusers.adapter import DiGSegAdapterConfig, apply_adapter
 from digseg_diffusers.testing_utils import make_tiny_unet
 from digseg_diffusers.text_projection import DiGSegTextProjection
-from digseg_diffusers.training_step import LOSSES, LatentCache, TrainingLossConfig, compute_training_loss, encode_batch_images
+from digseg_diffusers.training.step import LOSSES, LatentCache, TrainingLossConfig, compute_training_loss, encode_batch_images
 
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched against `torch.cuda.get_device_name` (first hit).

@@ -21,7 +21,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from digseg_diffusers import mask_codec
-from digseg_diffusers.synthetic import generate_scene, split_seeds
+from digseg_diffusers.data.synthetic import generate_scene, split_seeds
 
 
 def parse_args(argv=None):

@@ -5,16 +5,16 @@
     python -m benchmarks.quality.demo_fidelity --model runs/demo/unet/pipeline --num_scenes 50 --output_prefix /tmp/fid
     python -m benchmarks.quality.demo_fidelity --style shifted --output_prefix benchmarks/quality/demo_fidelity_shifted
 
-Scenes are drawn fresh from the *test* seeds of `digseg_diffusers.synthetic` (never trained on, never used for
+Scenes are drawn fresh from the *test* seeds of `digseg_diffusers.data.synthetic` (never trained on, never used for
 validation). Reported, like the paper:
 - mIoU (closed vocabulary: every shape class is a prompt of every scene; background is an extra class; the
-  shared `digseg_diffusers.evaluation.evaluate_examples` protocol) for several ensemble x steps settings (Table 6),
+  shared `digseg_diffusers.evaluation.runner.evaluate_examples` protocol) for several ensemble x steps settings (Table 6),
   with the CPU seconds per scene;
 - IoU against the mask threshold (Fig. 3): per class, pooled over the scenes, at 1 x 1;
 - per-query binary IoU of the model against the empty-mask and whole-image baselines;
 - class-agnostic foreground IoU (pooled: any shape vs background), which separates *where* from *which*.
 `--style shifted` draws the same test seeds in the synthetic world's style-shifted rendering (textures and
-degradations never used in training, `digseg_diffusers.synthetic.STYLES`).
+degradations never used in training, `digseg_diffusers.data.synthetic.STYLES`).
 Writes a markdown report and a PNG plot (drawn with PIL; no matplotlib needed).
 """
 
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from digseg_diffusers import DiGSegPipeline
-from digseg_diffusers.evaluation import evaluate_examples
-from digseg_diffusers.evaluation_report import plot_lines
-from digseg_diffusers.metrics import IoUThresholdCurve, binary_segmentation_metrics
-from digseg_diffusers.synthetic import SHAPE_CLASSES, STYLES, generate_scene, split_seeds
+from digseg_diffusers.evaluation.runner import evaluate_examples
+from digseg_diffusers.evaluation.report import plot_lines
+from digseg_diffusers.evaluation.metrics import IoUThresholdCurve, binary_segmentation_metrics
+from digseg_diffusers.data.synthetic import SHAPE_CLASSES, STYLES, generate_scene, split_seeds
 
 DEFAULT_SETTINGS = ((1, 1), (1, 2), (4, 1), (4, 2), (8, 2))
 PAPER_MASK_THRESHOLD = 0.7
@@ -121,7 +121,7 @@ def write_report(path: Path, args, rows, tau07_row, curve, baselines, model_info
         f"({args.num_scenes} scenes from the synthetic world's *test* seeds, rendering style `{args.style}`, "
         f"{model_info['resolution']} px, never trained on). Model: `{args.model}`. Protocol: every one of the "
         f"{len(SHAPE_CLASSES)} shape classes is a prompt of every scene; the label map (argmax over prompts, background "
-        f"below tau) is scored with background as an extra class (`digseg_diffusers.evaluation.evaluate_examples`). "
+        f"below tau) is scored with background as an extra class (`digseg_diffusers.evaluation.runner.evaluate_examples`). "
         f"Mask threshold tau = {rows[0]['mask_threshold']} (the model's default) unless stated.",
         "",
         "## mIoU by ensemble size x denoising steps (like the paper's Table 6)",

@@ -27,8 +27,8 @@ from benchmarks.common import ROOT, base_parser, markdown_table, setup, write_re
 
 from digseg_diffusers import DiGSegPipeline, mask_codec
 from digseg_diffusers.demo import default_model_path
-from digseg_diffusers.demo_recipe import build_demo_unet
-from digseg_diffusers.synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene, split_seeds
+from digseg_diffusers.training.demo_recipe import build_demo_unet
+from digseg_diffusers.data.synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene, split_seeds
 
 
 QUALITY_RESULTS_DIR = os.path.join(ROOT, "benchmarks", "quality", "results")

@@ -7,7 +7,7 @@ For each variant of `digseg_diffusers.noise.NOISE_VARIANTS` (gaussian, annealed,
 the same untrained demo pipeline (same VAE, text encoder, initial U-Net weights, data order and seed) is trained
 with `training/train_adapter.py --adapter_mode full --train_entire_unet`, with only `--noise_variant` changed,
 then scored on held-out test-split scenes at 1 x 1 and 1 x 4 steps (closed-vocabulary mIoU,
-`digseg_diffusers.evaluation.evaluate_examples`). Writes `benchmarks/quality/noise_ablation.md`.
+`digseg_diffusers.evaluation.runner.evaluate_examples`). Writes `benchmarks/quality/noise_ablation.md`.
 A budget this small (one seed, minutes of CPU per variant) resolves large effects only; the report says so.
 """
 
@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from digseg_diffusers import DiGSegPipeline  # noqa: E402
-from digseg_diffusers.synthetic import SHAPE_CLASSES  # noqa: E402
+from digseg_diffusers.data.synthetic import SHAPE_CLASSES  # noqa: E402
 from digseg_diffusers.noise import NOISE_VARIANTS  # noqa: E402
 
 

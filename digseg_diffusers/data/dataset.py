@@ -5,7 +5,7 @@ probability ``negative_prob`` it is instead drawn among the classes absent from 
 is empty, so that queries for absent classes learn to give empty masks.
 
 With ``prompts_per_image = K > 1`` a sample holds K queries of one image instead (for the argmax-aware
-multi-prompt loss, `digseg_diffusers.training_step`): every class visible in the crop (a random K of them when
+multi-prompt loss, `digseg_diffusers.training.step`): every class visible in the crop (a random K of them when
 more are visible), then classes absent from the whole image drawn without replacement until there are K
 (``negative_prob`` is not used); `collate_segmentation_batch` turns them into K consecutive rows.
 

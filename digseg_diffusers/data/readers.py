@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..image_processing import open_image, to_uint8_rgb
-from ..vocabularies import IGNORE_INDEX, LARGE_IGNORE_INDEX, Vocabulary, load_vocabulary
+from digseg_diffusers.image_processing import open_image, to_uint8_rgb
+from digseg_diffusers.vocabularies import IGNORE_INDEX, LARGE_IGNORE_INDEX, Vocabulary, load_vocabulary
 
 logger = logging.getLogger(__name__)
 

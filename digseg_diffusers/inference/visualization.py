@@ -149,7 +149,7 @@ def overlay(image_uint8, label_map, alpha: float = 0.5, num_classes: int | None 
     image = image_uint8 if isinstance(image_uint8, Image.Image) else np.asarray(image_uint8)
     if isinstance(image, Image.Image) or image.dtype != np.uint8:
         try:
-            from .image_processing import to_uint8_rgb  # imported here: it needs torch, the palette helpers do not
+            from digseg_diffusers.image_processing import to_uint8_rgb  # imported here: it needs torch, the palette helpers do not
 
             image = to_uint8_rgb(image)
         except ValueError as error:

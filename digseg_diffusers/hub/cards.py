@@ -82,7 +82,7 @@ def hub_base_model(base_model: str | os.PathLike | None) -> str | None:
     """``base_model`` if it is a Hub repo id; None (with a warning) for a local path or anything else."""
     if base_model is None:
         return None
-    from .hub_files import looks_like_hub_id
+    from digseg_diffusers.hub.files import looks_like_hub_id
 
     name = str(base_model)
     if not os.path.exists(name) and looks_like_hub_id(name):
@@ -251,7 +251,7 @@ def adapter_card(
             f"Cannot write the adapter card into {os.fspath(folder)!r}: no such folder. Save the adapter there first "
             "(`pipe.save_digseg_adapter(folder)`), then write its card."
         )
-    from .adapter import read_adapter_config
+    from digseg_diffusers.adapter import read_adapter_config
 
     adapter_config = read_adapter_config(folder) or {}
     training_args = public_training_config(training_args or {})
@@ -388,10 +388,10 @@ def push_folder_to_hub(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m digseg_diffusers.hub update-demo-card``: refresh the demo card's model-index from the benchmark."""
+    """``python -m digseg_diffusers.hub.cards update-demo-card``: refresh the demo card's model-index from the benchmark."""
     import argparse
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("command", choices=["update-demo-card"])
     parser.add_argument("--card", default=str(root / "hub_cards" / "demo_model_card.md"))

@@ -32,11 +32,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .atomic_io import DirectoryLock, FolderLockedError, atomic_file, atomic_write_json
-from .batch_inference import LEFTOVER_TEMPORARY, LOCK_NAME, OUTPUT_FORMATS
-from .demo import DEMO_MODEL_NAME, demo_model_summary
-from .prompts import parse_prompts
-from .visualization import LABEL_PNG_ENCODINGS
+from digseg_diffusers.atomic_io import DirectoryLock, FolderLockedError, atomic_file, atomic_write_json
+from digseg_diffusers.inference.batch import LEFTOVER_TEMPORARY, LOCK_NAME, OUTPUT_FORMATS
+from digseg_diffusers.demo import DEMO_MODEL_NAME, demo_model_summary
+from digseg_diffusers.prompts import parse_prompts
+from digseg_diffusers.inference.visualization import LABEL_PNG_ENCODINGS
 
 if TYPE_CHECKING:  # numpy is imported with the heavy modules, after the inputs are checked
     import numpy as np
@@ -270,7 +270,7 @@ def _resolve_device(name: str):
 
 def load_pipeline(model: str, adapter: str | None, device_name: str, quiet_loading: bool = True):
     """Load the pipeline (and adapter) or raise `CLIError` with a one-line reason."""
-    from .pipeline_digseg import DiGSegPipeline
+    from digseg_diffusers.pipeline_digseg import DiGSegPipeline
 
     device = _resolve_device(device_name)
     import diffusers
@@ -365,7 +365,7 @@ def _run_engine(args: argparse.Namespace, prompts: list[str]) -> dict:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from .batch_inference import (
+    from digseg_diffusers.inference.batch import (
         BatchInferenceError, BatchOptions, DatasetRun, FolderSource, HFDatasetSource, ListSource, MasksAndOverlay,
         PathsSource,
     )  # fmt: skip
@@ -514,7 +514,7 @@ def _read_summary(folder: Path) -> dict | None:
 def _demo_prompts(scene, seed: int, with_absent_class: bool) -> list[str]:
     import numpy as np
 
-    from .synthetic import SHAPE_CLASSES
+    from digseg_diffusers.data.synthetic import SHAPE_CLASSES
 
     prompts = list(scene.class_names)
     absent = [name for name in SHAPE_CLASSES if name not in prompts]
@@ -524,7 +524,7 @@ def _demo_prompts(scene, seed: int, with_absent_class: bool) -> list[str]:
 
 
 def command_demo(args: argparse.Namespace) -> dict:
-    from .synthetic import SPLIT_SEED_OFFSETS, generate_scene
+    from digseg_diffusers.data.synthetic import SPLIT_SEED_OFFSETS, generate_scene
 
     seed = SPLIT_SEED_OFFSETS["test"] + args.scene
     source = f"digseg demo scene {seed}"
@@ -563,7 +563,7 @@ DEMO_ARGUMENTS = ("scene", "no_absent_class", "model", "adapter", "steps", "ense
 
 
 def _demo_files(prompts: Sequence[str]) -> list[str]:
-    from .batch_inference import mask_file_name
+    from digseg_diffusers.inference.batch import mask_file_name
 
     masks = [mask_file_name(k, prompt, len(prompts)) for k, prompt in enumerate(prompts)]
     return masks + ["label_map.png", "overlay.png", "ground_truth.png", "image.png", "panel.png"]
@@ -574,8 +574,8 @@ def _write_demo_outputs(folder: ResultFolder, image, prompts: list[str], output)
     import numpy as np
     from PIL import Image
 
-    from .batch_inference import prompt_statistics
-    from .visualization import label_map_image, overlay
+    from digseg_diffusers.inference.batch import prompt_statistics
+    from digseg_diffusers.inference.visualization import label_map_image, overlay
 
     masks, label_map = np.asarray(output.masks[0]), np.asarray(output.label_maps[0])
     files = _demo_files(prompts)[: len(prompts)]
@@ -613,9 +613,9 @@ def _write_demo_extras(folder: ResultFolder, scene, prompts: list[str], output, 
     import numpy as np
     from PIL import Image
 
-    from .evaluation import BACKGROUND_NAME, EvaluationAccumulator
-    from .synthetic import SHAPE_CLASSES
-    from .visualization import label_map_image
+    from digseg_diffusers.evaluation.runner import BACKGROUND_NAME, EvaluationAccumulator
+    from digseg_diffusers.data.synthetic import SHAPE_CLASSES
+    from digseg_diffusers.inference.visualization import label_map_image
 
     # Ground truth in the prompts' label space (0 = background, k + 1 = prompt k), and the scene's IoU.
     truth = np.zeros_like(scene.label, dtype=np.int64)
@@ -646,7 +646,7 @@ def _panel(image, truth, prediction, prompts: Sequence[str], scale: int = 4):
     import numpy as np
     from PIL import Image
 
-    from .visualization import colorize_label_map, legend_image, titled_row
+    from digseg_diffusers.inference.visualization import colorize_label_map, legend_image, titled_row
 
     num_classes = len(prompts)
     tiles = [image, colorize_label_map(truth, num_classes, None), colorize_label_map(prediction, num_classes, None)]

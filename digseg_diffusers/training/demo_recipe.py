@@ -135,7 +135,7 @@ def build_untrained_pipeline(
 
     from digseg_diffusers import DiGSegPipeline
     from digseg_diffusers.text_projection import DiGSegTextProjection
-    from digseg_diffusers.synthetic import SHAPE_CLASSES
+    from digseg_diffusers.data.synthetic import SHAPE_CLASSES
     from digseg_diffusers.tokenization import build_char_clip_tokenizer
 
     vae = AutoencoderKL.from_pretrained(vae_dir)
@@ -169,7 +169,7 @@ def build_untrained_pipeline(
         default_denoising_steps=1,
         default_processing_resolution=processing_resolution,
         default_mask_threshold=0.5,
-        base_model="digseg-demo (trained from scratch on digseg_diffusers.synthetic)",
+        base_model="digseg-demo (trained from scratch on digseg_diffusers.data.synthetic)",
         training_vocabulary=list(SHAPE_CLASSES),
     )
     pipe.save_pretrained(output_dir)

@@ -136,7 +136,7 @@ def write_loader_files(save_directory: str | os.PathLike) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m digseg_diffusers.hub_layout FOLDER...``: upgrade saved pipeline folders in place."""
+    """``python -m digseg_diffusers.hub.layout FOLDER...``: upgrade saved pipeline folders in place."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from pathlib import Path
 from typing import Any
 
-from .atomic_io import TEMPORARY_SUFFIX, atomic_write_json, publish_directory, remove_directory, temporary_sibling
+from digseg_diffusers.atomic_io import TEMPORARY_SUFFIX, atomic_write_json, publish_directory, remove_directory, temporary_sibling
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Segment a whole dataset: any number of processes and machines (accelerate), resumable, standard outputs.
 
-    accelerate launch --multi_gpu --num_processes 8 -m digseg_diffusers.cli segment \
+    accelerate launch --multi_gpu --num_processes 8 -m digseg_diffusers.inference.cli segment \
         --input_dir photos/ --prompt person --prompt car --out results/ --batch_images 8 --format coco
 
 Every process lists nothing itself: the main process locks OUT, lists the inputs and broadcasts the list; each
@@ -46,7 +46,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .atomic_io import (
+from digseg_diffusers.atomic_io import (
     TEMPORARY_SUFFIX,
     DirectoryLock,
     FolderLockedError,
@@ -54,7 +54,7 @@ from .atomic_io import (
     atomic_write_json,
     remove_directory,
 )
-from .coco import encode_rle, mask_bbox
+from digseg_diffusers.inference.coco import encode_rle, mask_bbox
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
 RUN_RECORD_NAME = "digseg_run.json"
@@ -94,7 +94,7 @@ class ImageSource:
 
     def open(self, item: InputItem):
         """The item's image (a PIL image), or `ValueError` with the reason it cannot be read."""
-        from .image_processing import open_image
+        from digseg_diffusers.image_processing import open_image
 
         return open_image(item.source)
 
@@ -175,7 +175,7 @@ class PathsSource(ImageSource):
         self.paths = [os.fspath(path) for path in paths]
 
     def items(self, exclude: Path | None = None) -> list[InputItem]:
-        from .image_processing import open_image
+        from digseg_diffusers.image_processing import open_image
 
         for entry in self.paths:
             try:
@@ -256,7 +256,7 @@ class HFDatasetSource(ImageSource):
                 image.load()
                 return image
             if isinstance(image, str):
-                from .image_processing import open_image
+                from digseg_diffusers.image_processing import open_image
 
                 return open_image(image)
         except (OSError, ValueError, SyntaxError, EOFError) as error:
@@ -375,7 +375,7 @@ class MasksAndOverlay:
     def write(self, out: Path, name: str, output, index: int, pixels) -> dict:
         from PIL import Image
 
-        from .visualization import overlay
+        from digseg_diffusers.inference.visualization import overlay
 
         prompts = list(output.prompts[index])
         masks = np.asarray(output.masks[index])
@@ -428,7 +428,7 @@ def write_result(
     """Write one image's label-map PNG (and `extras`' files), then its JSON (last: its presence means the result is
     complete). Files that an earlier result of this input listed and this one does not (masks of other prompts,
     after ``--overwrite``) are removed once the new JSON is in place: they were this input's own outputs."""
-    from .visualization import label_map_image
+    from digseg_diffusers.inference.visualization import label_map_image
 
     prompts = list(output.prompts[index])
     label_map = np.asarray(output.label_maps[index])
@@ -687,7 +687,7 @@ class DatasetRun:
         `on_image_done` is called on this process as each of its images is done, with ``{"key", "image", "status"
         ("segmented", "skipped": complete from an earlier run, or "failed"), "document" (the result JSON) or
         "reason"}``."""
-        from .visualization import LABEL_PNG_ENCODINGS
+        from digseg_diffusers.inference.visualization import LABEL_PNG_ENCODINGS
 
         if options.output_format not in OUTPUT_FORMATS:
             raise BatchInferenceError(f"--format must be one of {OUTPUT_FORMATS}; got {options.output_format!r}")
@@ -790,7 +790,7 @@ class _Shard:
         return self.stats
 
     def _segment_all(self) -> None:
-        from .image_processing import to_float_rgb
+        from digseg_diffusers.image_processing import to_float_rgb
 
         run, options = self.run_, self.options
         batch_images = max(1, options.batch_images)
@@ -897,7 +897,7 @@ class BatchSegmenter:
                  seed: int = 0, pipeline_kwargs: dict | None = None):  # fmt: skip
         import torch
 
-        from .pipeline_digseg import DiGSegPipeline
+        from digseg_diffusers.pipeline_digseg import DiGSegPipeline
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -907,7 +907,7 @@ class BatchSegmenter:
         self.pipeline_kwargs = dict(pipeline_kwargs or {})
 
     def __call__(self, batch: dict) -> dict:
-        from .image_processing import to_float_rgb
+        from digseg_diffusers.image_processing import to_float_rgb
 
         images = [to_float_rgb(image) for image in batch[self.image_column]]
         label_maps, segments = [None] * len(images), [None] * len(images)

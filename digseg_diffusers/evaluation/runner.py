@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data.readers import BACKGROUND_INDEX
-from .metrics import ConfusionMatrix, IoUThresholdCurve
-from .image_processing import label_map_from_best
+from digseg_diffusers.data.readers import BACKGROUND_INDEX
+from digseg_diffusers.evaluation.metrics import ConfusionMatrix, IoUThresholdCurve
+from digseg_diffusers.image_processing import label_map_from_best
 
 BACKGROUND_NAME = "background"
 

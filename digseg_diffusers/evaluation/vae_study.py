@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .mask_codec import decode_mask_channels, encode_masks, mask_channels_to_probabilities
-from .metrics import ConfusionMatrix, binary_segmentation_metrics
+from digseg_diffusers.mask_codec import decode_mask_channels, encode_masks, mask_channels_to_probabilities
+from digseg_diffusers.evaluation.metrics import ConfusionMatrix, binary_segmentation_metrics
 
 __all__ = [
     "generate_random_masks",

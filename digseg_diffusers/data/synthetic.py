@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .data.readers import BACKGROUND_INDEX, ValidationExample
+from digseg_diffusers.data.readers import BACKGROUND_INDEX, ValidationExample
 
 # Six shapes that stay distinct at 64 px once rotated: a heart (in generator version 1) was read as a circle or a
 # triangle at that size (per-class IoU 0.06 for the first demo model), so it was dropped.
@@ -529,7 +529,7 @@ def write_dataset(
         Image.fromarray(scene.image).save(images_dir / f"{stem}.png")
         Image.fromarray(scene.label).save(labels_dir / f"{stem}.png")
     metadata = {
-        "generator": "digseg_diffusers.synthetic",
+        "generator": "digseg_diffusers.data.synthetic",
         "generator_version": GENERATOR_VERSION,
         "split": split,
         "first_seed": seeds.start,

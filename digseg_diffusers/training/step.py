@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import mask_codec
-from .noise import (
+from digseg_diffusers import mask_codec
+from digseg_diffusers.noise import (
     DEFAULT_NOISE_STRENGTH,
     DEFAULT_NOISE_VARIANT,
     check_timestep_bias,

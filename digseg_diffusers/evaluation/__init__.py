@@ -1,0 +1,2 @@
+"""Evaluation: running a pipeline over labelled data, metrics, reports, and the VAE mask study.
+"""
