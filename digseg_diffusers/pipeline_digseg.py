@@ -44,12 +44,12 @@ from .image_processing import (
     vae_scale_factor,
 )
 from .lora_loader import DiGSegLoraLoaderMixin
-from .pipeline_hub import DiGSegPipelineHubMixin
 from .mask_decoder import DiGSegMaskDecoder  # imported so that from_pretrained can resolve a saved mask_decoder
-from .prompt_cache import PromptCacheMixin, text_path_fingerprint
-from .prompts import check_training_vocabulary, prompts_outside_vocabulary
+from .pipeline_hub import DiGSegPipelineHubMixin
+from .prompt_cache import PromptEncodingMixin
+from .prompts import check_training_vocabulary
 from .proposal import candidate_prompts
-from .scheduling import check_scheduler, next_latents, row_generators, step_accepts_generator
+from .scheduling import check_initial_noise, check_scheduler, next_latents, row_generators, step_accepts_generator
 from .text_projection import DiGSegTextProjection
 
 logger = logging.get_logger(__name__)
@@ -142,7 +142,7 @@ class DiGSegOutput(BaseOutput):
         return segments
 
 
-class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoaderMixin, PromptCacheMixin):
+class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoaderMixin, PromptEncodingMixin):
     """Text-prompted segmentation with a Stable Diffusion U-Net fine-tuned to generate mask latents (DiGSeg).
 
     Args:
@@ -307,67 +307,6 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
     # Building blocks shared with training
     # ------------------------------------------------------------------------------------------------------------
 
-    @property
-    def text_max_length(self) -> int:
-        """Token length every prompt is padded to; fixed so a prompt's embedding never depends on its neighbours."""
-        length = getattr(self.tokenizer, "model_max_length", 77)
-        return int(length) if length and length <= 4096 else 77
-
-    def prompts_outside_vocabulary(self, prompts: list[str] | str, mark_reported: bool = False) -> list[str]:
-        """The prompts this model was not trained on (empty for an open-vocabulary model; see `training_vocabulary`).
-
-        The CLI, the ComfyUI nodes and `__call__`'s warning all ask here, so they agree on what the model knows.
-        ``mark_reported=True``: the caller tells the user about them itself, so calls do not warn about them again.
-        """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        outside = prompts_outside_vocabulary(prompts, self.config.get("training_vocabulary"))
-        if mark_reported:
-            self.__dict__.setdefault("_warned_unknown_prompts", set()).update(outside)
-        return outside
-
-    def _warn_unknown_prompts(self, prompts: list[str]) -> None:
-        """Warn once per prompt and pipeline: a closed-vocabulary model gives confident masks for anything."""
-        warned = self.__dict__.setdefault("_warned_unknown_prompts", set())
-        unknown = [p for p in self.prompts_outside_vocabulary(prompts) if p not in warned]
-        if unknown:
-            warned.update(unknown)
-            known = ", ".join(self.config.training_vocabulary)
-            logger.warning(
-                f"Prompts outside this model's training vocabulary: {', '.join(map(repr, unknown))}. It was trained "
-                f"on: {known}; masks for other prompts are not meaningful."
-            )
-
-    def encode_text_states(self, prompts: list[str]) -> torch.Tensor:
-        """Token states ``[P, L, text_width]`` of the frozen text encoder (before the trainable projection)."""
-        tokens = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.text_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        # The execution device, not the weights' device: with sequential CPU offload the weights sit on "meta"
-        # until accelerate's hooks move them in.
-        return self.text_encoder(tokens.input_ids.to(self._execution_device))[0]
-
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Encode prompts into cross-attention states ``[P, L, cross_attention_dim]`` (text encoder + projection).
-
-        Served from the pipeline's prompt cache where it can (see `prompt_cache`): a prompt is encoded once while
-        the text encoder and projection are unchanged; never while they train.
-        """
-        prompts = list(prompts)
-        fingerprint = None
-        if self._prompt_embedding_cache().max_size:
-            # None while the text path trains; frozen weights give an embedding without a graph in any grad mode.
-            fingerprint = text_path_fingerprint(self.tokenizer, self.text_encoder, self.text_projection, self.text_max_length)
-        return self._prompt_embedding_cache().lookup(prompts, fingerprint, self._encode_prompts_uncached)
-
-    def _encode_prompts_uncached(self, prompts: list[str]) -> torch.Tensor:
-        token_states = self.encode_text_states(prompts)
-        dtype = next(self.text_projection.parameters()).dtype
-        return self.text_projection(token_states.to(device=self._execution_device, dtype=dtype))
-
     def encode_images(
         self, pixels: torch.Tensor, batch_size: int | None = None, device: torch.device | None = None
     ) -> torch.Tensor:
@@ -487,28 +426,7 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
         height, width = processing_size(image_size, processing_resolution)
         latent_size = (-(-height // self.vae_scale_factor), -(-width // self.vae_scale_factor))
 
-        if latents is not None:
-            if generator is not None:
-                raise ValueError("`latents` and `generator` cannot be used together.")
-            expected = (num_rows, self.vae.config.latent_channels, *latent_size)
-            if not torch.is_tensor(latents) or tuple(latents.shape) != expected:
-                shape = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
-                raise ValueError(
-                    f"`latents` has shape {shape}; expected {expected} (images x prompts x ensemble_size rows, "
-                    "image-major)."
-                )
-            if not bool(torch.isfinite(latents).all()):
-                raise ValueError("`latents` contains NaN or infinite values.")
-        if isinstance(generator, list):
-            if len(generator) != num_rows:
-                raise ValueError(
-                    f"`generator` is a list of {len(generator)}; expected one generator per row: {num_rows} "
-                    f"(images x prompts x ensemble_size)."
-                )
-            if not all(isinstance(g, torch.Generator) for g in generator):
-                raise ValueError("`generator` list must contain only `torch.Generator` objects.")
-        elif generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"`generator` must be a torch.Generator or a list of them; got {type(generator).__name__}.")
+        check_initial_noise(latents, generator, (num_rows, self.vae.config.latent_channels, *latent_size))
         return latent_size
 
     # ------------------------------------------------------------------------------------------------------------

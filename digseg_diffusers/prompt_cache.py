@@ -30,11 +30,15 @@ and dtype, so the cache serves offloaded pipelines too; a change written into th
 
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
+from diffusers.utils import logging
+
+from .prompts import prompts_outside_vocabulary
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_PROMPT_CACHE_SIZE = 256
 """Prompts kept per pipeline by default: a 150-class vocabulary fits; ~20 MB at SD2's 77 x 1024 in bf16."""
@@ -127,8 +131,70 @@ class PromptEmbeddingCache:
             self._entries.popitem(last=False)
 
 
-class PromptCacheMixin:
-    """The pipeline's prompt-cache methods (its `encode_prompts` serves embeddings from this cache)."""
+class PromptEncodingMixin:
+    """How `DiGSegPipeline` turns prompts into cross-attention states: the frozen text encoder, the trainable
+    projection, this module's cache in front of them, and what the model's training vocabulary says of them."""
+
+    @property
+    def text_max_length(self) -> int:
+        """Token length every prompt is padded to; fixed so a prompt's embedding never depends on its neighbours."""
+        length = getattr(self.tokenizer, "model_max_length", 77)
+        return int(length) if length and length <= 4096 else 77
+
+    def prompts_outside_vocabulary(self, prompts: list[str] | str, mark_reported: bool = False) -> list[str]:
+        """The prompts this model was not trained on (empty for an open-vocabulary model; see `training_vocabulary`).
+
+        The CLI, the ComfyUI nodes and `__call__`'s warning all ask here, so they agree on what the model knows.
+        ``mark_reported=True``: the caller tells the user about them itself, so calls do not warn about them again.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        outside = prompts_outside_vocabulary(prompts, self.config.get("training_vocabulary"))
+        if mark_reported:
+            self.__dict__.setdefault("_warned_unknown_prompts", set()).update(outside)
+        return outside
+
+    def _warn_unknown_prompts(self, prompts: list[str]) -> None:
+        """Warn once per prompt and pipeline: a closed-vocabulary model gives confident masks for anything."""
+        warned = self.__dict__.setdefault("_warned_unknown_prompts", set())
+        unknown = [p for p in self.prompts_outside_vocabulary(prompts) if p not in warned]
+        if unknown:
+            warned.update(unknown)
+            known = ", ".join(self.config.training_vocabulary)
+            logger.warning(
+                f"Prompts outside this model's training vocabulary: {', '.join(map(repr, unknown))}. It was trained "
+                f"on: {known}; masks for other prompts are not meaningful."
+            )
+
+    def encode_text_states(self, prompts: list[str]) -> torch.Tensor:
+        """Token states ``[P, L, text_width]`` of the frozen text encoder (before the trainable projection)."""
+        tokens = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.text_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        # The execution device, not the weights' device: with sequential CPU offload the weights sit on "meta"
+        # until accelerate's hooks move them in.
+        return self.text_encoder(tokens.input_ids.to(self._execution_device))[0]
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Encode prompts into cross-attention states ``[P, L, cross_attention_dim]`` (text encoder + projection).
+
+        Served from the pipeline's prompt cache where it can (see `prompt_cache`): a prompt is encoded once while
+        the text encoder and projection are unchanged; never while they train.
+        """
+        prompts = list(prompts)
+        fingerprint = None
+        if self._prompt_embedding_cache().max_size:
+            # None while the text path trains; frozen weights give an embedding without a graph in any grad mode.
+            fingerprint = text_path_fingerprint(self.tokenizer, self.text_encoder, self.text_projection, self.text_max_length)
+        return self._prompt_embedding_cache().lookup(prompts, fingerprint, self._encode_prompts_uncached)
+
+    def _encode_prompts_uncached(self, prompts: list[str]) -> torch.Tensor:
+        token_states = self.encode_text_states(prompts)
+        dtype = next(self.text_projection.parameters()).dtype
+        return self.text_projection(token_states.to(device=self._execution_device, dtype=dtype))
 
     def _prompt_embedding_cache(self) -> PromptEmbeddingCache:
         cache = self.__dict__.get("_prompt_cache")

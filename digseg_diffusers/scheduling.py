@@ -76,3 +76,29 @@ def next_latents(step, last: bool) -> torch.Tensor:
             if estimate is not None:
                 return estimate
     return step.prev_sample
+
+
+def check_initial_noise(latents, generator, expected_shape: tuple[int, ...]) -> None:
+    """Check `latents` (the initial noise of every row, ``expected_shape``) and `generator` (one, or one per row)."""
+    num_rows = expected_shape[0]
+    if latents is not None:
+        if generator is not None:
+            raise ValueError("`latents` and `generator` cannot be used together.")
+        if not torch.is_tensor(latents) or tuple(latents.shape) != tuple(expected_shape):
+            shape = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+            raise ValueError(
+                f"`latents` has shape {shape}; expected {tuple(expected_shape)} (images x prompts x ensemble_size "
+                "rows, image-major)."
+            )
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError("`latents` contains NaN or infinite values.")
+    if isinstance(generator, list):
+        if len(generator) != num_rows:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)}; expected one generator per row: {num_rows} "
+                "(images x prompts x ensemble_size)."
+            )
+        if not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError("`generator` list must contain only `torch.Generator` objects.")
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"`generator` must be a torch.Generator or a list of them; got {type(generator).__name__}.")
