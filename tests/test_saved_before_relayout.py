@@ -37,3 +37,16 @@ def test_the_demo_model_saved_before_loads_with_this_package_and_stock_diffusers
         outputs.append(pipe(image, prompt=["circle", "star"], generator=torch.Generator().manual_seed(0)).probabilities[0])
     assert type(pipe).__name__ == "DiGSegPipeline"
     assert_close_across_paths(outputs[1], outputs[0], what="probabilities")
+
+
+def test_the_demo_models_loader_stubs_are_what_this_version_writes():
+    """The shipped folder's stubs say how to install the package today (not `pip install digseg-diffusers`)."""
+    import json
+
+    from digseg_diffusers.hub.layout import INSTALL_HINT, _stub_files
+
+    folder = Path(default_model_path())
+    stubs = _stub_files(json.loads((folder / "model_index.json").read_text()))
+    assert set(stubs) == {"pipeline_digseg.py", "text_projection/digseg_text_projection.py"}
+    for relative, text in stubs.items():
+        assert (folder / relative).read_text() == text and INSTALL_HINT in text

@@ -10,7 +10,7 @@ try:
 except ImportError as error:
     raise ImportError(
         "This model is a DiGSeg pipeline: loading it needs the `digseg-diffusers` package "
-        "(`pip install digseg-diffusers`), which provides `DiGSegTextProjection`. Import error: " + str(error)
+        "(`pip install git+https://github.com/digseg-diffusers/digseg-diffusers`), which provides `DiGSegTextProjection`. Import error: " + str(error)
     ) from error
 
 __all__ = ["DiGSegTextProjection"]
