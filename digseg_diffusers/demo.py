@@ -62,20 +62,3 @@ def resolve_model_name(name_or_path: str | os.PathLike) -> str | os.PathLike:
     if isinstance(name_or_path, str) and name_or_path == DEMO_MODEL_NAME and not os.path.isdir(name_or_path):
         return default_model_path()
     return name_or_path
-
-
-def load_demo_pipeline(**kwargs):
-    """Deprecated: use ``DiGSegPipeline.from_pretrained("digseg-demo", **kwargs)``.
-
-    This module only knows where the demo model is (it imports nothing of the package, so the pipeline can import it
-    at module level); loading is the pipeline's job.
-    """
-    import importlib
-    import warnings
-
-    warnings.warn(
-        'demo.load_demo_pipeline() is deprecated; use DiGSegPipeline.from_pretrained("digseg-demo").',
-        FutureWarning,
-        stacklevel=2,
-    )
-    return importlib.import_module("digseg_diffusers").DiGSegPipeline.from_pretrained(default_model_path(), **kwargs)

@@ -117,9 +117,6 @@ class ConfusionMatrix:
         """Per ground-truth class, the pixels predicted as "no class"."""
         return self.counts[:, self.num_classes]
 
-    def reset(self) -> None:
-        self.counts.zero_()
-
     def to(self, device: torch.device | str) -> ConfusionMatrix:
         self.counts = self.counts.to(device)
         return self
