@@ -1,7 +1,7 @@
 """How a `DiGSegPipeline` goes to and from disk and the Hub: `DiGSegPipelineHubMixin`.
 
 diffusers' `DiffusionPipeline.from_pretrained` / `save_pretrained`, plus what a DiGSeg pipeline adds: the short name
-"digseg-demo", the Hub custom-pipeline layout that stock diffusers loads (`hub_layout`), the class proposer saved
+"digseg-demo", the Hub custom-pipeline layout that stock diffusers loads (`hub.layout`), the class proposer saved
 beside the components, one-line errors for uncached Hub ids offline and for pickled-only weights, and no PEFT keys in
 a saved folder (`lora_loader.DiGSegLoraLoaderMixin.components_for_saving`).
 """
@@ -66,7 +66,7 @@ class DiGSegPipelineHubMixin:
         """`model_index.json` with the stock-diffusers loader entry `_class_name` mapped back to this class.
 
         diffusers' Hub download reads the index through this method; mapping the entry keeps it from importing the
-        repo's ``pipeline_digseg.py`` stub (see `hub_layout`): this class already is the pipeline.
+        repo's ``pipeline_digseg.py`` stub (see `hub.layout`): this class already is the pipeline.
         """
         from .hub.layout import package_model_index
 

@@ -4,7 +4,7 @@ Cards are `huggingface_hub.ModelCard`s rendered from the templates in ``card_tem
 install writes the same card as a checkout), with `ModelCardData` metadata the Hub understands:
 
 - ``library_name: diffusers`` and ``pipeline_tag: image-segmentation``; the card's snippet loads the model with
-  stock diffusers (pipelines, ``trust_remote_code=True``; see `hub_layout`) or with digseg-diffusers (adapters);
+  stock diffusers (pipelines, ``trust_remote_code=True``; see `hub.layout`) or with digseg-diffusers (adapters);
 - ``base_model`` is always a Hub repo id (a local path is dropped with a warning: the Hub rejects it, and it would
   leak a machine path), with ``base_model_relation: adapter`` on adapters;
 - a real license: the base model's (``openrail++`` for Stable Diffusion 2; read from the base's cached card for
