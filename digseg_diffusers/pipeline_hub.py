@@ -99,7 +99,7 @@ class DiGSegPipelineHubMixin:
         """`DiffusionPipeline.save_pretrained` in the Hub custom-pipeline layout, plus the class proposer.
 
         The folder loads with stock diffusers (``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``;
-        see `hub_layout`) and with `DiGSegPipeline.from_pretrained`. The class proposer (if set) goes to
+        see `hub.layout`) and with `DiGSegPipeline.from_pretrained`. The class proposer (if set) goes to
         ``class_proposer/``. With ``push_to_hub=True`` (``repo_id``, ``token``, ``private``, ``commit_message``,
         ``create_pr`` in `kwargs`) the folder gets a DiGSeg model card and is uploaded.
         """
