@@ -2,7 +2,6 @@
 
 import errno
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -118,16 +117,14 @@ def test_an_explicit_resume_path_must_exist_and_be_complete(tmp_path):
     assert resolve_resume_checkpoint(str(tmp_path / "checkpoint-2"), tmp_path) == tmp_path / "checkpoint-2"
 
 
-def test_an_explicit_checkpoint_without_manifest_loads_when_its_files_are_there(tmp_path):
-    legacy = fake_checkpoint(tmp_path, 4, manifest=False)
+def test_a_checkpoint_without_manifest_is_incomplete_even_when_named(tmp_path):
+    """Every checkpoint this package writes has a manifest; one without is an interrupted save (no older format)."""
+    unfinished = fake_checkpoint(tmp_path, 4, manifest=False)
+    with pytest.raises(CheckpointError, match="incomplete: no digseg_checkpoint.json"):
+        resolve_resume_checkpoint(str(unfinished), tmp_path)
     warnings = []
-    assert resolve_resume_checkpoint(str(legacy), tmp_path, list(FILES), warn=warnings.append) == legacy
-    assert "no digseg_checkpoint.json" in warnings[0]
-    (legacy / "optimizer.bin").unlink()
-    with pytest.raises(CheckpointError, match="optimizer.bin missing"):
-        resolve_resume_checkpoint(str(legacy), tmp_path, list(FILES))
-    # `latest` never picks it: a folder without manifest may be a save killed half way.
     assert find_latest_checkpoint(tmp_path, warn=warnings.append) is None
+    assert "Skipping incomplete checkpoint" in warnings[0] and "no digseg_checkpoint.json" in warnings[0]
 
 
 def test_publish_directory_replaces_an_existing_folder_whole(tmp_path):

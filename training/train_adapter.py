@@ -485,9 +485,8 @@ def choose_resume_checkpoint(args: argparse.Namespace, settings: dict) -> Path |
         return None
     try:
         resume_path = resolve_resume_checkpoint(
-            args.resume_from_checkpoint, output_dir, checkpoint_required_files(args),
-            warn=lambda message: note(message, logging.WARNING),
-        )  # fmt: skip
+            args.resume_from_checkpoint, output_dir, warn=lambda message: note(message, logging.WARNING)
+        )
     except CheckpointError as error:
         fail(str(error))
     if resume_path is None:
@@ -567,12 +566,6 @@ def load_pipeline(args: argparse.Namespace):
     if args.pretrained_model_name_or_path:
         return DiGSegPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision)
     return DiGSegPipeline.from_base_model(args.base_model, text_encoder=args.text_encoder, revision=args.revision)
-
-
-def checkpoint_required_files(args: argparse.Namespace) -> list[str]:
-    """What a checkpoint of this script holds (to accept one saved without a manifest by an older version)."""
-    files = ["optimizer.bin", "scheduler.bin", "random_states_0.pkl", f"{ADAPTER_SUBFOLDER}/digseg_adapter.safetensors"]
-    return files + ([ENTIRE_UNET_WEIGHTS] if args.train_entire_unet else [])
 
 
 def finished_summary(args: argparse.Namespace, step: int) -> dict | None:

@@ -26,7 +26,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 MANIFEST_NAME = "digseg_checkpoint.json"
 TRAINING_STATE_NAME = "training_state.json"
 MANIFEST_FORMAT = "digseg-checkpoint"
-NO_MANIFEST = f"no {MANIFEST_NAME} (the save was interrupted, or an older version wrote it)"
+NO_MANIFEST = f"no {MANIFEST_NAME} (the save was interrupted)"
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -156,22 +156,17 @@ def find_latest_checkpoint(output_dir: str | Path, warn: Callable[[str], None] =
         problem = checkpoint_problem(folder)
         if problem is None:
             return folder
-        hint = "; pass it to --resume_from_checkpoint explicitly to load it anyway" if problem == NO_MANIFEST else ""
-        warn(f"Skipping incomplete checkpoint {folder}: {problem}{hint}.")
+        warn(f"Skipping incomplete checkpoint {folder}: {problem}.")
     return None
 
 
 def resolve_resume_checkpoint(
-    value: str,
-    output_dir: str | Path,
-    legacy_required: Sequence[str] = (),
-    warn: Callable[[str], None] = logger.warning,
+    value: str, output_dir: str | Path, warn: Callable[[str], None] = logger.warning
 ) -> Path | None:
     """The folder `--resume_from_checkpoint VALUE` means.
 
     ``"latest"``: the newest complete checkpoint in `output_dir`, or None (a new run). A path: that folder, which
-    must exist and be complete (`CheckpointError` otherwise). A folder without a manifest (written by an older
-    version) is accepted when the files in `legacy_required` are there, with a warning.
+    must exist and be complete, manifest included (`CheckpointError` otherwise).
     """
     if value == "latest":
         return find_latest_checkpoint(output_dir, warn=warn)
@@ -181,12 +176,7 @@ def resolve_resume_checkpoint(
         available = f"; complete checkpoints in {output_dir}: {', '.join(complete)}" if complete else ""
         raise CheckpointError(f"--resume_from_checkpoint {value}: no such folder{available}")
     problem = checkpoint_problem(path)
-    if problem == NO_MANIFEST:
-        missing = [name for name in legacy_required if not (path / name).exists()]
-        if missing:
-            raise CheckpointError(f"--resume_from_checkpoint {value} is incomplete: {', '.join(missing)} missing")
-        warn(f"{path} has {NO_MANIFEST}; its files are all there, loading it.")
-    elif problem is not None:
+    if problem is not None:
         raise CheckpointError(f"--resume_from_checkpoint {value} is incomplete: {problem}")
     if saved_step(path) is None:
         raise CheckpointError(f"--resume_from_checkpoint {value}: cannot tell its step (name it checkpoint-N)")
