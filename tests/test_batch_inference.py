@@ -1,6 +1,7 @@
 """Dataset inference: COCO RLE, `DiGSegOutput.to_segments`, and `digseg segment --input_dir` in one and two
 processes (outputs, failures, resuming after a kill, the merged COCO file)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import coco as coco_api
+from pycocotools import mask as coco_mask
 
 from digseg_diffusers.inference import cli
 from digseg_diffusers.inference.batch import (
@@ -23,14 +26,17 @@ from digseg_diffusers.inference.batch import (
     FolderSource,
     HFDatasetSource,
     ListSource,
+    check_output_format,
+    coco_rle,
+    mask_bbox,
     output_names,
     row_generators,
 )
-from digseg_diffusers.inference.coco import decode_rle, encode_rle, mask_bbox, rle_area, rle_counts
 from digseg_diffusers.data.synthetic import generate_scene
 from digseg_diffusers.testing_utils import assert_close_across_paths
 
 REPO = Path(__file__).resolve().parent.parent
+real_find_spec = importlib.util.find_spec
 PROMPTS = ["circle", "square", "star"]
 
 
@@ -50,33 +56,29 @@ def _masks_to_check():
 # ---------------------------------------------------------------------------------------------------------- COCO
 
 
-def test_rle_round_trip_and_pycocotools_reference_string():
+def _decode(rle: dict) -> np.ndarray:
+    return coco_mask.decode(rle).astype(bool)
+
+
+def test_coco_rle_is_what_pycocotools_reads_back():
     for mask in _masks_to_check():
-        rle = encode_rle(mask)
-        assert rle["size"] == list(mask.shape) and isinstance(rle["counts"], str)
-        np.testing.assert_array_equal(decode_rle(rle), mask)
-        np.testing.assert_array_equal(decode_rle({"size": rle["size"], "counts": rle_counts(mask)}), mask)  # uncompressed
-        assert rle_area(rle) == mask.sum()
-    # Reference written by pycocotools 2.0.11 (`mask.encode`) for this mask: column-major, compressed counts.
+        rle = coco_rle(mask)
+        assert rle["size"] == list(mask.shape) and isinstance(rle["counts"], str)  # JSON-ready
+        np.testing.assert_array_equal(_decode(rle), mask)
+        assert coco_mask.area(rle) == mask.sum()
     mask = np.zeros((7, 9), bool)
     mask[1:5, 2:6] = True
     mask[6, 8] = mask[0, 0] = True
-    assert encode_rle(mask)["counts"] == "01>3E00000c0M"
-    assert mask_bbox(mask) == [0, 0, 9, 7]
-    with pytest.raises(ValueError, match="sum to"):
-        decode_rle({"size": [2, 2], "counts": [1, 2]})
+    assert coco_rle(mask)["counts"] == "01>3E00000c0M"  # column-major, compressed counts
+    assert mask_bbox(mask) == [0, 0, 9, 7] and mask_bbox(np.zeros((3, 3), bool)) == [0, 0, 0, 0]
 
 
-def test_rle_matches_pycocotools():
-    coco_mask = pytest.importorskip("pycocotools.mask")
-    for mask in _masks_to_check():
-        reference = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
-        assert encode_rle(mask)["counts"] == reference["counts"].decode("ascii")
-        np.testing.assert_array_equal(coco_mask.decode(encode_rle(mask)).astype(bool), mask)
-        assert mask_bbox(mask) == coco_mask.toBbox(reference).tolist()
-
-
-# --------------------------------------------------------------------------------------------------- to_segments
+def test_coco_format_without_pycocotools_is_one_line_before_any_work(monkeypatch):
+    # As if pycocotools were not installed.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pycocotools" else real_find_spec(name, *a))
+    with pytest.raises(BatchInferenceError, match=r"pip install pycocotools \(or pip install -e \"\.\[coco\]\"\)"):
+        check_output_format("coco")
+    check_output_format("png")  # needs nothing more
 
 
 def test_to_segments_scores_are_mean_probability_inside_the_mask(tiny_pipe):
@@ -216,7 +218,7 @@ def _check_consistent(out: Path, document: dict) -> None:
         if k not in by_id:
             assert not region.any()
             continue
-        mask = decode_rle(by_id[k]["segmentation"])
+        mask = _decode(by_id[k]["segmentation"])
         assert mask.sum() == by_id[k]["area"] and mask_bbox(mask) == by_id[k]["bbox"]
         assert not (region & ~mask).any()
         assert 0.7 < by_id[k]["score"] <= 1.0
@@ -277,7 +279,6 @@ def test_leftover_temporaries_of_a_killed_run_are_removed_and_other_files_refuse
 
 
 def test_coco_file_loads_with_pycocotools(image_folder, tmp_path):
-    coco_api = pytest.importorskip("pycocotools.coco")
     from digseg_diffusers.pipeline_digseg import DiGSegPipeline
 
     pipe = DiGSegPipeline.from_pretrained("digseg-demo")
@@ -291,7 +292,7 @@ def test_coco_file_loads_with_pycocotools(image_folder, tmp_path):
         image = dataset.loadImgs(annotation["image_id"])[0]
         document = results[str(Path(image["file_name"]).with_suffix(".json"))]
         segment = next(s for s in document["segments"] if s["label_id"] == annotation["category_id"])
-        np.testing.assert_array_equal(dataset.annToMask(annotation).astype(bool), decode_rle(segment["segmentation"]))
+        np.testing.assert_array_equal(dataset.annToMask(annotation).astype(bool), _decode(segment["segmentation"]))
 
 
 KILL_AFTER_FIVE = """
@@ -363,7 +364,7 @@ def test_batch_segmenter_mixed_sizes_match_single_image_calls():
         records = json.loads(batch["segments"][i])
         assert [r["label"] for r in records] == [s["label"] for s in alone.to_segments(0)]
         for record in records:
-            assert decode_rle(record["segmentation"]).sum() == record["area"]
+            assert _decode(record["segmentation"]).sum() == record["area"]
 
 
 @pytest.mark.slow

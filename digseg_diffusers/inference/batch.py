@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -54,7 +55,6 @@ from digseg_diffusers.atomic_io import (
     atomic_write_json,
     remove_directory,
 )
-from digseg_diffusers.inference.coco import encode_rle, mask_bbox
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
 RUN_RECORD_NAME = "digseg_run.json"
@@ -341,6 +341,34 @@ def read_result(out: Path, name: str, item: InputItem, source: ImageSource | Non
     return document if all(isinstance(f, str) and f and (out / f).is_file() for f in files) else None
 
 
+def check_output_format(output_format: str) -> None:
+    """Refuse an unknown format, and ``coco`` without pycocotools (the ``coco`` extra), before any work."""
+    if output_format not in OUTPUT_FORMATS:
+        raise BatchInferenceError(f"--format must be one of {OUTPUT_FORMATS}; got {output_format!r}")
+    if output_format == "coco" and importlib.util.find_spec("pycocotools") is None:
+        raise BatchInferenceError(
+            "--format coco writes COCO RLE masks with pycocotools, which is not installed: pip install pycocotools "
+            '(or pip install -e ".[coco]")'
+        )
+
+
+def coco_rle(mask: np.ndarray) -> dict:
+    """A binary mask as COCO's compressed RLE (``{"size": [h, w], "counts": str}``), as `pycocotools.mask.encode`
+    writes it; ``pycocotools.coco.COCO(...).annToMask`` reads it back."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(size) for size in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def mask_bbox(mask: np.ndarray) -> list[int]:
+    """COCO bounding box ``[x, y, width, height]`` of a binary mask (all zeros for an empty mask)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return [0, 0, 0, 0]
+    return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+
+
 def segment_records(output, index: int, rle: bool) -> list[dict]:
     """`DiGSegOutput.to_segments` of image `index` as JSON-ready records: label, label_id (k + 1), score, area,
     bbox, and with `rle` the mask as COCO RLE."""
@@ -350,7 +378,7 @@ def segment_records(output, index: int, rle: bool) -> list[dict]:
         mask = segment.pop("mask")
         segment.update({"label_id": prompts.index(segment["label"]) + 1, "area": int(mask.sum()), "bbox": mask_bbox(mask)})
         if rle:
-            segment["segmentation"] = encode_rle(mask)
+            segment["segmentation"] = coco_rle(mask)
         records.append(segment)
     return records
 
@@ -689,8 +717,7 @@ class DatasetRun:
         "reason"}``."""
         from digseg_diffusers.inference.visualization import LABEL_PNG_ENCODINGS
 
-        if options.output_format not in OUTPUT_FORMATS:
-            raise BatchInferenceError(f"--format must be one of {OUTPUT_FORMATS}; got {options.output_format!r}")
+        check_output_format(options.output_format)
         if options.label_png not in LABEL_PNG_ENCODINGS:
             raise BatchInferenceError(f"--label_png must be one of {LABEL_PNG_ENCODINGS}; got {options.label_png!r}")
         if not options.prompts or any(not isinstance(p, str) or not p.strip() for p in options.prompts):

@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from digseg_diffusers.atomic_io import DirectoryLock, FolderLockedError, atomic_file, atomic_write_json
-from digseg_diffusers.inference.batch import LEFTOVER_TEMPORARY, LOCK_NAME, OUTPUT_FORMATS
+from digseg_diffusers.inference.batch import (
+    LEFTOVER_TEMPORARY,
+    LOCK_NAME,
+    OUTPUT_FORMATS,
+    BatchInferenceError,
+    check_output_format,
+)
 from digseg_diffusers.demo import DEMO_MODEL_NAME, demo_model_summary
 from digseg_diffusers.prompts import parse_prompts
 from digseg_diffusers.inference.visualization import LABEL_PNG_ENCODINGS
@@ -355,6 +361,10 @@ def command_segment(args: argparse.Namespace) -> dict:
         raise CLIError("give IMAGE files, or one of --input_dir / --input_list / --dataset")
     if args.label_png == "palette" and len(prompts) > 255:
         raise CLIError(f"a palette PNG holds 255 labels; {len(prompts)} prompts need --label_png 16bit (or auto)")
+    try:
+        check_output_format(args.format)
+    except BatchInferenceError as error:
+        raise CLIError(str(error)) from None
     if args.images:
         check_image_paths(args.images)
     return _run_engine(args, prompts)
