@@ -27,7 +27,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 TEMPORARY_SUFFIX = ".tmp"
-_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+"""A full disk, or a full quota: what every writer of this package reports as "the disk is full"."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` is an `OSError` saying the disk (or the user's quota) is full."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -74,7 +80,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException as error:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(error, OSError) and error.errno in _DISK_FULL and not error.filename:
+        if is_disk_full(error) and not error.filename:
             # writers (PIL, json) report a full disk without a file name: say which file could not be written
             raise OSError(error.errno, os.strerror(error.errno), str(path)) from error
         raise

@@ -34,7 +34,6 @@ see `output_names`. Dataset rows are named by split and index (``train/00000042`
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import importlib.util
 import json
@@ -53,6 +52,7 @@ from digseg_diffusers.atomic_io import (
     FolderLockedError,
     atomic_file,
     atomic_write_json,
+    is_disk_full,
     remove_directory,
 )
 
@@ -637,7 +637,7 @@ class DatasetRun:
         except FolderLockedError as error:
             raise BatchInferenceError(f"--out {self.out}: {error}; wait for it to finish or choose another --out") from None
         except OSError as error:
-            if error.errno == errno.ENOSPC:
+            if is_disk_full(error):
                 raise BatchInferenceError(f"--out {self.out}: the disk is full ({error.strerror}); free some space or choose an --out on another disk") from None
             raise BatchInferenceError(f"--out {self.out} is not a writable folder: {error.strerror or error}") from None
         ours = (self.out / RUN_RECORD_NAME).is_file()

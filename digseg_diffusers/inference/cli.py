@@ -21,7 +21,6 @@ checked before the heavy imports (torch, diffusers), so a wrong path fails at on
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from digseg_diffusers.atomic_io import DirectoryLock, FolderLockedError, atomic_file, atomic_write_json
+from digseg_diffusers.atomic_io import DirectoryLock, FolderLockedError, atomic_file, atomic_write_json, is_disk_full
 from digseg_diffusers.inference.batch import (
     LEFTOVER_TEMPORARY,
     LOCK_NAME,
@@ -728,7 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("digseg: interrupted", file=sys.stderr)
         return 130
     except OSError as error:
-        if error.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        if not is_disk_full(error):
             raise
         print(f"digseg: error: {_disk_full_message(error, args.out)}", file=sys.stderr)
         return EXIT_FAILURE

@@ -30,7 +30,14 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from digseg_diffusers.atomic_io import TEMPORARY_SUFFIX, atomic_write_json, publish_directory, remove_directory, temporary_sibling
+from digseg_diffusers.atomic_io import (
+    TEMPORARY_SUFFIX,
+    atomic_write_json,
+    is_disk_full,
+    publish_directory,
+    remove_directory,
+    temporary_sibling,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +260,7 @@ def is_out_of_space(error: BaseException, path: str | Path) -> bool:
     link: BaseException | None = error
     while link is not None and id(link) not in seen:
         seen.add(id(link))
-        if isinstance(link, OSError) and link.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        if is_disk_full(link):
             return True
         if "No space left on device" in str(link) or "os error 28" in str(link):
             return True
