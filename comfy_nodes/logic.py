@@ -1,19 +1,14 @@
 """Everything the DiGSeg ComfyUI nodes compute, as plain functions over torch tensors.
 
-Nothing here imports ComfyUI, so the tests (and CI, which has no ComfyUI) exercise the real node logic; `nodes.py`
-only adds ComfyUI's schema, device management, progress bar and interrupt check around these functions.
-
-Tensor conventions (ComfyUI's):
-- IMAGE: float32 ``[B, H, W, C]`` in [0, 1] (C = 3; 1 or 4 are accepted, alpha is dropped).
-- MASK: float32 ``[N, H, W]`` in [0, 1].
-- The Segment node's mask batch is image-major: for image ``b`` and prompt ``k`` (K prompts), the mask is at index
-  ``b * K + k``.
-- The label map is a MASK-shaped float tensor ``[B, H, W]`` holding integer labels: 0 = background, k + 1 = prompt k
-  (the pipeline's `label_maps`, unchanged). It is *not* a [0, 1] mask; pick one region with the Pick Mask node.
+Nothing here imports ComfyUI, so the tests (and CI, which has no ComfyUI) run the real node logic. ComfyUI's layouts:
+IMAGE is float32 ``[B, H, W, C]`` in [0, 1], MASK float32 ``[N, H, W]`` in [0, 1]. Segment's mask batch is
+image-major (image ``b``, prompt ``k`` of K at index ``b * K + k``); its label map is MASK-shaped but holds the
+pipeline's integer labels (0 = background, k + 1 = prompt k), so it is not a [0, 1] mask: Pick Mask takes regions out.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import math
 import os
@@ -27,10 +22,10 @@ import torch
 
 from digseg_diffusers import DiGSegPipeline
 from digseg_diffusers.demo import default_model_path
-from digseg_diffusers.hub.files import hub_reachable, is_hub_unreachable
+from digseg_diffusers.hub.files import hub_reachable, is_hub_unreachable, looks_like_hub_id
+from digseg_diffusers.inference.visualization import overlay
 from digseg_diffusers.prompts import parse_prompts
 from digseg_diffusers.proposal import DiGSegClassProposer
-from digseg_diffusers.inference.visualization import overlay
 from digseg_diffusers.vocabularies import list_vocabularies, load_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -40,49 +35,37 @@ NO_MODEL_CHOICE = "(no model found: put DiGSeg folders in models/digseg)"
 NO_PROPOSER_CHOICE = "(no proposer found: put a saved DiGSegClassProposer in models/digseg)"
 PROPOSER_CONFIG = "proposer_config.json"
 CUSTOM_VOCABULARY = "custom"
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("auto", *DTYPES)
 PICK_KINDS = ("mask", "probability", "region")
 OVERLAY_ALPHA = 0.5
 MODEL_INDEX = "model_index.json"
+# Segment's default text: classes the embedded demo model was trained on (see `demo_model_vocabulary`).
 DEFAULT_PROMPTS = "circle, square, star"
-"""The Segment node's default text: classes the embedded demo model was trained on (see `demo_model_vocabulary`)."""
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Prompts and tensors
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def comfy_images_to_pipeline(images: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE ``[B, H, W, C]`` float in [0, 1] -> pipeline input ``[B, 3, H, W]`` float32 in [0, 1] (CPU)."""
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"image must be a ComfyUI IMAGE tensor [B, H, W, C]; got {type(images).__name__}.")
-    if images.ndim == 3:  # a single image without batch dimension
+    """ComfyUI IMAGE ``[B, H, W, C]`` (or one ``[H, W, C]``) -> pipeline input float32 ``[B, 3, H, W]`` on the CPU.
+
+    C may be 1 (grey) or 4 (alpha dropped). Upstream nodes may leave values a hair outside [0, 1], or NaN; the
+    pipeline refuses those, so they are clamped (NaN -> 0).
+    """
+    if isinstance(images, torch.Tensor) and images.ndim == 3:
         images = images.unsqueeze(0)
-    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-        raise ValueError(
-            f"image must be a ComfyUI IMAGE tensor [B, H, W, C] with C in (1, 3, 4); got {tuple(images.shape)}."
-        )
-    pixels = images.detach().to(device="cpu", dtype=torch.float32)
-    if pixels.shape[-1] == 1:
-        pixels = pixels.expand(*pixels.shape[:-1], 3)
-    pixels = pixels[..., :3]
-    # Upstream nodes may leave values a hair outside [0, 1] (or NaN); the pipeline insists on [0, 1].
-    pixels = torch.nan_to_num(pixels, nan=0.0).clamp(0.0, 1.0)
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"image must be a ComfyUI IMAGE tensor [B, H, W, C] with C in (1, 3, 4); got {got}.")
+    pixels = images.detach().to(device="cpu", dtype=torch.float32)[..., :3]
+    pixels = torch.nan_to_num(pixels.expand(*pixels.shape[:-1], 3), nan=0.0).clamp(0.0, 1.0)
     return pixels.permute(0, 3, 1, 2).contiguous()
 
 
 @dataclass
 class SegmentationResult:
-    """What the Segment node produced, kept together so Pick Mask can never pair masks with the wrong prompts.
+    """What Segment produced, kept together so that Pick Mask can never pair masks with the wrong prompts.
 
-    Attributes:
-        masks: float32 ``[B, K, H, W]`` with 0/1 values (probability > mask threshold).
-        probabilities: float32 ``[B, K, H, W]`` in [0, 1].
-        label_maps: int64 ``[B, H, W]``: 0 = background, k + 1 = prompt k.
-        prompts: the K prompts, in mask order.
+    `masks` (0/1: probability > mask threshold) and `probabilities` are float32 ``[B, K, H, W]``, `label_maps` int64
+    ``[B, H, W]`` (0 = background, k + 1 = prompt k), `prompts` the K prompts in mask order.
     """
 
     masks: torch.Tensor
@@ -100,8 +83,7 @@ class SegmentationResult:
 
     def mask_batch(self) -> torch.Tensor:
         """ComfyUI MASK ``[B * K, H, W]``, image-major (index ``b * K + k``)."""
-        b, k, h, w = self.masks.shape
-        return self.masks.reshape(b * k, h, w)
+        return self.masks.flatten(0, 1)
 
     def label_map_mask(self) -> torch.Tensor:
         """The label maps as a MASK-shaped float32 tensor ``[B, H, W]`` of integer labels."""
@@ -109,38 +91,33 @@ class SegmentationResult:
 
 
 def empty_result(num_images: int, height: int, width: int, prompts: list[str] | None = None) -> SegmentationResult:
-    """All-zero masks/probabilities and an all-background label map (used when there is nothing to segment)."""
+    """All-zero masks and an all-background label map: Segment's result when there is nothing to segment."""
     prompts = list(prompts or [])
-    k = len(prompts)
-    return SegmentationResult(
-        masks=torch.zeros(num_images, k, height, width),
-        probabilities=torch.zeros(num_images, k, height, width),
-        label_maps=torch.zeros(num_images, height, width, dtype=torch.int64),
-        prompts=prompts,
-    )
+    zeros = torch.zeros(num_images, len(prompts), height, width)
+    return SegmentationResult(zeros, zeros.clone(), torch.zeros(num_images, height, width, dtype=torch.int64), prompts)
 
 
 def pipeline_output_to_result(
     output: Any, prompts: list[str], num_images: int, height: int, width: int
 ) -> SegmentationResult:
     """`DiGSegOutput` (output_type "pt" or "np") -> `SegmentationResult`, checking every shape on the way."""
-    k = len(prompts)
+    maps_shape = (len(prompts), height, width)
 
-    def stack(items, name: str, per_image_shape: tuple[int, ...]) -> torch.Tensor:
+    def stack(items, name: str, per_image_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if len(items) != num_images:
             raise ValueError(f"The pipeline returned {len(items)} {name} for {num_images} images.")
-        tensors = [torch.as_tensor(np.asarray(item) if not isinstance(item, torch.Tensor) else item) for item in items]
+        tensors = [torch.as_tensor(item) for item in items]
         for tensor in tensors:
             if tuple(tensor.shape) != per_image_shape:
                 raise ValueError(
                     f"The pipeline returned {name} of shape {tuple(tensor.shape)}, expected {per_image_shape}."
                 )
-        return torch.stack(tensors).cpu()
+        return torch.stack(tensors).to(device="cpu", dtype=dtype)
 
-    probabilities = stack(output.probabilities, "probability maps", (k, height, width)).to(torch.float32)
-    masks = stack(output.masks, "masks", (k, height, width)).to(torch.float32)
-    label_maps = stack(output.label_maps, "label maps", (height, width)).to(torch.int64)
-    return SegmentationResult(masks=masks, probabilities=probabilities, label_maps=label_maps, prompts=list(prompts))
+    probabilities = stack(output.probabilities, "probability maps", maps_shape, torch.float32)
+    masks = stack(output.masks, "masks", maps_shape, torch.float32)
+    label_maps = stack(output.label_maps, "label maps", (height, width), torch.int64)
+    return SegmentationResult(masks, probabilities, label_maps, list(prompts))
 
 
 def segment(
@@ -157,42 +134,35 @@ def segment(
     batch_size: int = 8,
     progress_callback: Callable[[int, int], None] | None = None,
 ) -> SegmentationResult:
-    """Run the pipeline on a ComfyUI IMAGE batch with K shared prompts.
+    """Run the pipeline on a ComfyUI IMAGE batch with K shared prompts: masks ``[B, K, H, W]`` at the input size.
 
-    B images and K prompts always give ``[B, K, H, W]`` masks at the input size, even when nothing is found
-    (all-zero masks) or when there are no prompts at all (K = 0: nothing is run, the label map is all background).
-    None (or a negative number; 0 for `num_inference_steps`) means the model's default, resolved by the pipeline
-    exactly as for any other call (`DiGSegPipeline.resolve_call_defaults`): steps, `processing_resolution` (0: the
-    image's own size), `mask_threshold` (a model's calibrated threshold need not be 0.7) and `background_threshold`
-    (the model's, else the mask threshold).
+    No image or no prompt gives empty masks and runs nothing. None or a negative number (0 too for
+    `num_inference_steps`) means the model's default, resolved by the pipeline as for every other caller
+    (`DiGSegPipeline.resolve_call_defaults`: a model's calibrated threshold need not be 0.7);
+    `processing_resolution` 0 is the image's own size.
     """
     pixels = comfy_images_to_pipeline(images)
     num_images, _, height, width = pixels.shape
     prompts = list(prompts)
+    if not prompts:
+        logger.warning("DiGSeg Segment: no prompts given; returning empty masks and an all-background label map.")
     if num_images == 0 or not prompts:
-        if not prompts:
-            logger.warning("DiGSeg Segment: no prompts given; returning empty masks and an all-background label map.")
         return empty_result(num_images, height, width, prompts)
 
-    def model_default_if_negative(value, zero_means_default: bool = False):
-        return None if value is None or value < 0 or (zero_means_default and value == 0) else value
+    def model_default(value, smallest: int = 0):
+        return None if value is None or value < smallest else value
 
-    num_inference_steps = model_default_if_negative(num_inference_steps, zero_means_default=True)
-    processing_resolution = model_default_if_negative(processing_resolution)
-    mask_threshold = model_default_if_negative(mask_threshold)
-    background_threshold = model_default_if_negative(background_threshold)
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))  # same noise on every device
     output = pipe(
         pixels,
         prompt=prompts,
-        num_inference_steps=None if num_inference_steps is None else int(num_inference_steps),
-        ensemble_size=int(ensemble_size),
-        processing_resolution=None if processing_resolution is None else int(processing_resolution),
+        num_inference_steps=model_default(num_inference_steps, smallest=1),
+        ensemble_size=ensemble_size,
+        processing_resolution=model_default(processing_resolution),
         match_input_resolution=True,
-        batch_size=int(batch_size),
-        mask_threshold=None if mask_threshold is None else float(mask_threshold),
-        background_threshold=background_threshold,
-        generator=generator,
+        batch_size=batch_size,
+        mask_threshold=model_default(mask_threshold),
+        background_threshold=model_default(background_threshold),
+        generator=torch.Generator(device="cpu").manual_seed(int(seed)),  # the same noise on every device
         output_type="pt",
         progress_callback=progress_callback,
     )
@@ -203,55 +173,40 @@ def overlay_batch(
     images: torch.Tensor, label_maps: torch.Tensor, num_classes: int, alpha: float = OVERLAY_ALPHA
 ) -> torch.Tensor:
     """Colour label maps ``[B, H, W]`` onto an IMAGE batch ``[B, H, W, C]`` -> IMAGE ``[B, H, W, 3]``."""
-    pixels = comfy_images_to_pipeline(images).permute(0, 2, 3, 1)  # [B,H,W,3] in [0,1]
-    if label_maps.shape[0] != pixels.shape[0] or tuple(label_maps.shape[1:]) != tuple(pixels.shape[1:3]):
-        raise ValueError(
-            f"label maps {tuple(label_maps.shape)} do not match images {tuple(pixels.shape[:3])} (B, H, W)."
-        )
-    images_uint8 = (pixels * 255.0).round().to(torch.uint8).numpy()
+    pixels = (comfy_images_to_pipeline(images).permute(0, 2, 3, 1) * 255.0).round().to(torch.uint8).numpy()
+    if tuple(label_maps.shape) != pixels.shape[:3]:
+        raise ValueError(f"label maps {tuple(label_maps.shape)} do not match images {pixels.shape[:3]} (B, H, W).")
     labels = label_maps.to(torch.int64).cpu().numpy()
-    painted = [
-        overlay(image, label, alpha=alpha, num_classes=num_classes) for image, label in zip(images_uint8, labels)
-    ]
+    painted = [overlay(image, label, alpha=alpha, num_classes=num_classes) for image, label in zip(pixels, labels)]
     if not painted:
-        return torch.zeros(0, *pixels.shape[1:3], 3)
+        return torch.zeros(pixels.shape)
     return torch.from_numpy(np.stack(painted)).to(torch.float32) / 255.0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Picking one prompt's mask
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def select_prompt_index(prompts: list[str], select: str | int) -> int | None:
     """Resolve a prompt name (exact, then case-insensitive) or an integer index (negative counts from the end).
 
-    Returns None for a name that is not among the prompts (a class that was not segmented, e.g. not proposed):
-    the caller gives an all-zero mask for it. An index out of range is a wiring error and raises.
+    None for a name that is not among the prompts (a class that was not segmented, e.g. not proposed): Pick Mask
+    gives an all-zero mask for it. An index out of range is a wiring error and raises.
     """
-    if isinstance(select, bool):
+    if isinstance(select, bool) or not isinstance(select, (str, int)):
         raise ValueError(f"select must be a prompt name or an index; got {select!r}.")
-    if isinstance(select, int):
-        text = str(select)
-    elif isinstance(select, str):
-        text = select.strip()
-    else:
-        raise ValueError(f"select must be a prompt name or an index; got {type(select).__name__}.")
+    text = str(select).strip()
     if not text:
         raise ValueError("select is empty: give a prompt name or an index (0 = first prompt).")
+    lowered = [prompt.lower() for prompt in prompts]
     if text in prompts:
         return prompts.index(text)
-    lowered = [p.lower() for p in prompts]
     if text.lower() in lowered:
         return lowered.index(text.lower())
-    if re.fullmatch(r"[+-]?\d+", text):
-        index = int(text)
-        if not -len(prompts) <= index < len(prompts):
-            raise ValueError(
-                f"select index {index} is out of range for {len(prompts)} prompts ({', '.join(prompts) or 'none'})."
-            )
-        return index % len(prompts)
-    return None
+    if not re.fullmatch(r"[+-]?\d+", text):
+        return None
+    index = int(text)
+    if not -len(prompts) <= index < len(prompts):
+        raise ValueError(
+            f"select index {index} is out of range for {len(prompts)} prompts ({', '.join(prompts) or 'none'})."
+        )
+    return index % len(prompts)
 
 
 def pick_mask(result: SegmentationResult, select: str | int, kind: str = "mask") -> torch.Tensor:
@@ -263,24 +218,13 @@ def pick_mask(result: SegmentationResult, select: str | int, kind: str = "mask")
     if kind not in PICK_KINDS:
         raise ValueError(f"kind must be one of {PICK_KINDS}; got {kind!r}.")
     index = select_prompt_index(result.prompts, select)
-    num_images, height, width = result.label_maps.shape
     if index is None:
-        logger.warning(
-            "DiGSeg Pick Mask: %r is not among the prompts (%s); returning empty masks.",
-            select,
-            ", ".join(result.prompts) or "none",
-        )
-        return torch.zeros(num_images, height, width)
-    if kind == "mask":
-        return result.masks[:, index].clone()
-    if kind == "probability":
-        return result.probabilities[:, index].clone()
-    return (result.label_maps == index + 1).to(torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Finding and loading models
-# ----------------------------------------------------------------------------------------------------------------
+        prompts = ", ".join(result.prompts) or "none"
+        logger.warning("DiGSeg Pick Mask: %r is not among the prompts (%s); returning empty masks.", select, prompts)
+        return torch.zeros(result.label_maps.shape)
+    if kind == "region":
+        return (result.label_maps == index + 1).to(torch.float32)
+    return (result.masks if kind == "mask" else result.probabilities)[:, index].clone()
 
 
 def demo_model_path() -> str | None:
@@ -292,43 +236,30 @@ def demo_model_path() -> str | None:
 
 
 def list_model_folders(search_paths: list[str], max_depth: int = 2, marker: str = MODEL_INDEX) -> list[str]:
-    """Names (relative, "/"-separated) of the model folders (holding `marker`) under the search paths.
+    """Names ("/"-separated, relative) of the folders holding `marker` under the search paths.
 
-    Nested folders are found up to `max_depth` levels (``models/digseg/org/name``); a model folder is not searched
-    further.
+    Found up to `max_depth` levels deep (``models/digseg/org/name``); hidden folders and folders inside a model
+    folder are not listed.
     """
-    found: list[str] = []
+    found: set[str] = set()
     for root in search_paths:
-        if not os.path.isdir(root):
-            continue
-        pending = [("", 0)]
-        while pending:
-            relative, depth = pending.pop()
-            folder = os.path.join(root, relative) if relative else root
-            try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            except OSError:
-                continue
-            for entry in entries:
-                if not entry.is_dir() or entry.name.startswith("."):
-                    continue
-                name = f"{relative}/{entry.name}" if relative else entry.name
-                if os.path.isfile(os.path.join(entry.path, marker)):
-                    found.append(name)
-                elif depth + 1 < max_depth:
-                    pending.append((name, depth + 1))
-    return sorted(dict.fromkeys(found))
+        models: list[str] = []
+        for depth in range(1, max_depth + 1):
+            for path in sorted(glob.glob(os.path.join(*["*"] * depth, marker), root_dir=root)):
+                name = os.path.dirname(path).replace(os.sep, "/")
+                if not any(name.startswith(f"{model}/") for model in models):
+                    models.append(name)
+        found.update(models)
+    return sorted(found)
 
 
 def demo_model_vocabulary() -> list[str] | None:
-    """The class names the embedded demo model was trained on (its config's ``training_vocabulary``), or None.
+    """The classes the embedded demo model was trained on (its config's ``training_vocabulary``), or None.
 
-    Read from the config alone (no weights), so the node schemas can tell users what the demo model segments.
+    Read from the config alone (no weights), so that the node schemas can say what the demo model segments.
     """
     folder = demo_model_path()
-    if folder is None:
-        return None
-    return DiGSegPipeline.load_config(folder).get("training_vocabulary")
+    return None if folder is None else DiGSegPipeline.load_config(folder).get("training_vocabulary")
 
 
 def demo_vocabulary_note() -> str:
@@ -367,13 +298,12 @@ def resolve_model_source(
     """
     override = (hub_id_or_path or "").strip()
     if override:
-        expanded = os.path.expanduser(override)
-        if os.path.isdir(expanded):
-            return "local", os.path.abspath(expanded)
-        found = _find_in(search_paths, override)
-        if found is not None and os.path.isdir(found):
-            return "local", os.path.abspath(found)
-        if _HUB_ID.match(override):
+        folder = os.path.expanduser(override)
+        if not os.path.isdir(folder):
+            folder = _find_in(search_paths, override) or ""
+        if os.path.isdir(folder):
+            return "local", os.path.abspath(folder)
+        if "/" in override and looks_like_hub_id(override):
             return "hub", override
         raise ValueError(
             f"hub_id_or_path {override!r} is neither an existing folder nor a Hugging Face Hub id (owner/name)."
@@ -413,25 +343,25 @@ def resolve_adapter_path(adapter: str, search_paths: list[str], model_folder: st
 
 def torch_dtype_for(precision: str, auto_dtype: torch.dtype = torch.float32) -> torch.dtype:
     """ "fp32" / "fp16" / "bf16" -> torch dtype; "auto" -> `auto_dtype` (the device's choice)."""
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if precision == "auto":
         return auto_dtype
-    if precision not in table:
+    if precision not in DTYPES:
         raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}.")
-    return table[precision]
+    return DTYPES[precision]
 
 
-def _from_pretrained(model_class: Any, kind: str, location: str, **kwargs) -> Any:
-    """`model_class.from_pretrained` for a local folder or a Hub id, with one clear message when the Hub fails."""
+def from_pretrained(model_class: Any, kind: str, location: str, torch_dtype: torch.dtype) -> Any:
+    """`model_class.from_pretrained` (a pipeline or a class proposer) for a local folder or a Hub id, in
+    `torch_dtype`, with one clear message naming the id when the Hub fails."""
     if kind == "local":
-        return model_class.from_pretrained(location, local_files_only=True, **kwargs)
+        return model_class.from_pretrained(location, local_files_only=True, dtype=torch_dtype)
     if kind != "hub":
         raise ValueError(f"kind must be 'local' or 'hub'; got {kind!r}.")
     # Without a route to the Hub, huggingface_hub retries every file with back-off: a cached CLIP checkpoint took
     # 190 s to load that way, 1 s from the cache alone. One probe decides (False in offline mode too).
     offline = not hub_reachable()
     try:
-        return model_class.from_pretrained(location, local_files_only=offline, **kwargs)
+        return model_class.from_pretrained(location, local_files_only=offline, dtype=torch_dtype)
     except Exception as error:
         if offline or is_hub_unreachable(error):
             raise RuntimeError(
@@ -451,11 +381,8 @@ def load_pipeline(
     adapter_path: str | None = None,
     pipeline_class: type[DiGSegPipeline] = DiGSegPipeline,
 ) -> DiGSegPipeline:
-    """Load a `DiGSegPipeline` (local folder or Hub id) in `torch_dtype`, then the optional adapter.
-
-    Hub failures are turned into one clear message that names the id and says whether the machine looks offline.
-    """
-    pipe = _from_pretrained(pipeline_class, kind, location, dtype=torch_dtype)
+    """Load a `DiGSegPipeline` (local folder or Hub id) in `torch_dtype`, then the optional adapter."""
+    pipe = from_pretrained(pipeline_class, kind, location, torch_dtype)
     if adapter_path:
         pipe.load_digseg_adapter(adapter_path)
         pipe.to(dtype=torch_dtype)
@@ -464,27 +391,25 @@ def load_pipeline(
 
 
 def _stamp(path: str | None) -> float | None:
-    """Modification time of a model/adapter folder's newest top-level file, so re-saved models are reloaded."""
+    """Newest modification time of a model/adapter file or folder (and its top-level files): re-saved reloads."""
     if not path or not os.path.exists(path):
         return None
-    if os.path.isfile(path):
-        return os.path.getmtime(path)
     try:
-        return max([os.path.getmtime(path)] + [e.stat().st_mtime for e in os.scandir(path)])
+        children = os.scandir(path) if os.path.isdir(path) else []
+        return max([os.path.getmtime(path)] + [entry.stat().st_mtime for entry in children])
     except OSError:
         return None
 
 
 def cache_key(kind: str, location: str, torch_dtype: torch.dtype, adapter_path: str | None) -> tuple:
     """What identifies a loaded model: source, precision, adapter (and the files' modification times)."""
-    location_key = os.path.realpath(location) if kind == "local" else location
-    adapter_key = os.path.realpath(adapter_path) if adapter_path else ""
+    local = kind == "local"
     return (
         kind,
-        location_key,
+        os.path.realpath(location) if local else location,
         str(torch_dtype),
-        adapter_key,
-        _stamp(location if kind == "local" else None),
+        os.path.realpath(adapter_path) if adapter_path else "",
+        _stamp(location if local else None),
         _stamp(adapter_path),
     )
 
@@ -512,17 +437,17 @@ class ModelCache:
         if key in self._entries:
             self._entries.move_to_end(key)
             logger.debug("DiGSeg: reusing the cached model %r", key)
-            return self._entries[key]
-        value = load()
-        self._entries[key] = value
-        while len(self._entries) > self.max_entries:
-            _, evicted = self._entries.popitem(last=False)
-            if self.on_evict is not None:
-                self.on_evict(evicted)
-        return value
+        else:
+            self._entries[key] = load()
+            self._evict(keep=self.max_entries)
+        return self._entries[key]
 
     def clear(self) -> None:
-        while self._entries:
+        self._evict(keep=0)
+
+    def _evict(self, keep: int) -> None:
+        """Drop the least recently used entries until `keep` are left."""
+        while len(self._entries) > keep:
             _, evicted = self._entries.popitem(last=False)
             if self.on_evict is not None:
                 self.on_evict(evicted)
@@ -530,24 +455,12 @@ class ModelCache:
 
 @dataclass
 class DiGSegModel:
-    """The loader's output: a pipeline plus what ComfyUI needs to manage its memory.
-
-    Attributes:
-        pipeline: the `DiGSegPipeline`.
-        dtype: the precision it was loaded in.
-        source: a human-readable description ("local:/path" or "hub:owner/name").
-        patcher: ComfyUI's `ModelPatcher` around the pipeline's modules (None outside ComfyUI).
-    """
+    """A loaded model (`DiGSegPipeline` or class proposer) in `dtype`, with ComfyUI's `ModelPatcher` around its
+    modules (None outside ComfyUI), through which ComfyUI's memory manager moves and offloads it."""
 
     pipeline: Any
     dtype: torch.dtype
-    source: str
     patcher: Any = None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Class proposal
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def proposer_choices(search_paths: list[str]) -> list[str]:
@@ -564,7 +477,7 @@ def resolve_vocabulary(vocabulary: str, custom_classes: str) -> tuple[list[str],
     """The class names to score, and the prompt each one becomes in Segment (its first synonym).
 
     A-847 names are WordNet synonym lists ("building, edifice"): CLIP scores the full string, but a comma would
-    split it into several Segment prompts, so the proposed prompt is the first synonym.
+    split it into several Segment prompts.
     """
     if vocabulary == CUSTOM_VOCABULARY:
         names = parse_prompts(custom_classes)
@@ -573,15 +486,8 @@ def resolve_vocabulary(vocabulary: str, custom_classes: str) -> tuple[list[str],
                 "vocabulary is 'custom' but custom_classes is empty: type class names (comma or newline separated)."
             )
         return names, list(names)
-    names = list(load_vocabulary(vocabulary).class_names)
-    return names, [name.split(",")[0].strip() for name in names]
-
-
-def load_proposer(
-    kind: str, location: str, torch_dtype: torch.dtype, proposer_class: type[DiGSegClassProposer] = DiGSegClassProposer
-) -> DiGSegClassProposer:
-    """Load a `DiGSegClassProposer` (a saved folder, or any CLIP checkpoint folder / Hub id) in `torch_dtype`."""
-    return _from_pretrained(proposer_class, kind, location, dtype=torch_dtype)
+    bundled = load_vocabulary(vocabulary)
+    return list(bundled.class_names), [synonyms[0] for synonyms in bundled.synonyms]
 
 
 def propose_classes(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any, Callable
 
 import comfy.model_management as model_management
 import comfy.model_patcher
@@ -38,30 +39,6 @@ def model_search_paths() -> list[str]:
     return folder_paths.get_folder_paths(MODEL_FOLDER)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Memory management: the pipeline's modules live in a ModelPatcher, so ComfyUI's memory manager can offload them
-# like its own models (when another model needs the VRAM, or on "Unload models" / POST /free).
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class DiGSegModules(torch.nn.Module):
-    """The pipeline's torch modules under one `nn.Module`, the unit ComfyUI's `ModelPatcher` moves between devices."""
-
-    def __init__(self, pipeline):
-        super().__init__()
-        for name, component in pipeline.components.items():
-            if isinstance(component, torch.nn.Module):
-                self.add_module(name, component)
-
-
-class ProposerModules(torch.nn.Module):
-    """The class proposer under a plain container (its own `device` property cannot be assigned by ModelPatcher)."""
-
-    def __init__(self, proposer):
-        super().__init__()
-        self.proposer = proposer
-
-
 def _auto_dtype(device: torch.device) -> torch.dtype:
     if model_management.should_use_fp16(device, prioritize_performance=False):
         return torch.float16
@@ -83,6 +60,27 @@ def _release(model: logic.DiGSegModel) -> None:
 _CACHE = logic.ModelCache(max_entries=2, on_evict=_release)
 
 
+def _load_managed(
+    key: tuple, load: Callable[[], Any], dtype: torch.dtype, load_device: torch.device, offload_device: torch.device
+) -> logic.DiGSegModel:
+    """The cached model for `key`, else `load()`'s, with its torch modules in a `ModelPatcher`: ComfyUI's memory
+    manager then moves and offloads them like its own models (when another model needs the VRAM, on "Unload
+    models" or POST /free)."""
+
+    def load_patched() -> logic.DiGSegModel:
+        model = load().to(offload_device)
+        if isinstance(model, torch.nn.Module):  # the class proposer: its own `device` property is read-only
+            modules = {"proposer": model}
+        else:  # a pipeline: its torch components
+            modules = {name: part for name, part in model.components.items() if isinstance(part, torch.nn.Module)}
+        patcher = comfy.model_patcher.ModelPatcher(
+            torch.nn.ModuleDict(modules), load_device=load_device, offload_device=offload_device
+        )
+        return logic.DiGSegModel(model, dtype, patcher)
+
+    return _CACHE.get_or_load(key, load_patched)
+
+
 def _estimate_memory(model: logic.DiGSegModel, image: torch.Tensor, rows: int, processing_resolution: int) -> int:
     """Bytes one U-Net/VAE chunk needs beyond the weights (ComfyUI's own SD-VAE decode estimate per latent pixel)."""
     height, width = int(image.shape[1]), int(image.shape[2])
@@ -95,9 +93,13 @@ def _estimate_memory(model: logic.DiGSegModel, image: torch.Tensor, rows: int, p
     return int(rows * latent_pixels * 2178 * 64 * model_management.dtype_size(model.dtype))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Nodes
-# ----------------------------------------------------------------------------------------------------------------
+def _threshold_input(name: str, default: float, tooltip: str) -> io.Float.Input:
+    """A [-1, 1] slider: a negative threshold means the model's default, or off."""
+    return io.Float.Input(name, default=default, min=-1.0, max=1.0, step=0.01, tooltip=tooltip)
+
+
+def _optional_text_input(name: str, tooltip: str, multiline: bool = False) -> io.String.Input:
+    return io.String.Input(name, default="", multiline=multiline, optional=True, tooltip=tooltip)
 
 
 class DiGSegModelLoader(io.ComfyNode):
@@ -127,20 +129,13 @@ class DiGSegModelLoader(io.ComfyNode):
                     default="auto",
                     tooltip="Weight dtype. auto: fp16 where the device supports it, else bf16, else fp32.",
                 ),
-                io.String.Input(
+                _optional_text_input(
                     "hub_id_or_path",
-                    default="",
-                    optional=True,
-                    tooltip=(
-                        "Optional. A Hugging Face Hub id (owner/name, needs network) or a folder path; "
-                        "overrides 'model'."
-                    ),
+                    "Optional. A Hugging Face Hub id (owner/name, needs network) or a folder path; overrides 'model'.",
                 ),
-                io.String.Input(
+                _optional_text_input(
                     "adapter",
-                    default="",
-                    optional=True,
-                    tooltip="Optional. A DiGSeg adapter folder (absolute, or relative to the model or models/digseg).",
+                    "Optional. A DiGSeg adapter folder (absolute, or relative to the model or models/digseg).",
                 ),
             ],
             outputs=[DiGSegModelType.Output(display_name="digseg_model")],
@@ -152,20 +147,15 @@ class DiGSegModelLoader(io.ComfyNode):
         kind, location = logic.resolve_model_source(model, hub_id_or_path, search_paths)
         adapter_path = logic.resolve_adapter_path(adapter, search_paths, location if kind == "local" else None)
         load_device = model_management.get_torch_device()
-        offload_device = model_management.unet_offload_device()
         dtype = logic.torch_dtype_for(precision, _auto_dtype(load_device))
-        key = logic.cache_key(kind, location, dtype, adapter_path)
 
-        def load() -> logic.DiGSegModel:
+        def load() -> logic.DiGSegPipeline:
             logger.info("DiGSeg: loading %s (%s, %s)", location, dtype, adapter_path or "no adapter")
-            pipeline = logic.load_pipeline(kind, location, dtype, adapter_path)
-            pipeline.to(offload_device)
-            patcher = comfy.model_patcher.ModelPatcher(
-                DiGSegModules(pipeline), load_device=load_device, offload_device=offload_device
-            )
-            return logic.DiGSegModel(pipeline=pipeline, dtype=dtype, source=f"{kind}:{location}", patcher=patcher)
+            return logic.load_pipeline(kind, location, dtype, adapter_path)
 
-        return io.NodeOutput(_CACHE.get_or_load(key, load))
+        key = logic.cache_key(kind, location, dtype, adapter_path)
+        offload_device = model_management.unet_offload_device()
+        return io.NodeOutput(_load_managed(key, load, dtype, load_device, offload_device))
 
 
 class DiGSegSegment(io.ComfyNode):
@@ -211,24 +201,16 @@ class DiGSegSegment(io.ComfyNode):
                         "-1 = the model's default, 0 = the image's own size."
                     ),
                 ),
-                io.Float.Input(
+                _threshold_input(
                     "mask_threshold",
-                    default=-1.0,
-                    min=-1.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="Probability above which a pixel is in the mask. -1 = the model's calibrated default.",
+                    -1.0,
+                    "Probability above which a pixel is in the mask. -1 = the model's calibrated default.",
                 ),
-                io.Float.Input(
+                _threshold_input(
                     "background_threshold",
-                    default=-1.0,
-                    min=-1.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip=(
-                        "Label map: pixels whose best prompt scores below this are background. "
-                        "-1 = the model's default (else the mask threshold)."
-                    ),
+                    -1.0,
+                    "Label map: pixels whose best prompt scores below this are background. "
+                    "-1 = the model's default (else the mask threshold).",
                 ),
                 io.Int.Input(
                     "seed",
@@ -277,21 +259,15 @@ class DiGSegSegment(io.ComfyNode):
         batch_size: int,
     ) -> io.NodeOutput:
         prompt_list = logic.parse_prompts(prompts)
-        num_images = int(image.shape[0]) if image.ndim == 4 else 1
-        rows = num_images * len(prompt_list) * ensemble_size
+        images = image if image.ndim == 4 else image[None]
+        rows = images.shape[0] * len(prompt_list) * ensemble_size
         if rows > 0 and digseg_model.patcher is not None:
-            memory = _estimate_memory(
-                digseg_model, image if image.ndim == 4 else image[None], min(batch_size, rows), processing_resolution
-            )
+            memory = _estimate_memory(digseg_model, images, min(batch_size, rows), processing_resolution)
             model_management.load_models_gpu([digseg_model.patcher], memory_required=memory, force_full_load=True)
-
-        progress = None
+        progress = comfy.utils.ProgressBar(1)  # the pipeline reports the real total with every step
 
         def on_progress(done: int, total: int) -> None:
-            nonlocal progress
             model_management.throw_exception_if_processing_interrupted()
-            if progress is None:
-                progress = comfy.utils.ProgressBar(total)
             progress.update_absolute(done, total)
 
         try:
@@ -378,43 +354,24 @@ class DiGSegClassProposal(io.ComfyNode):
                     default="ade20k-150",
                     tooltip="A bundled benchmark vocabulary, or 'custom' to use custom_classes.",
                 ),
-                io.Float.Input(
-                    "global_threshold",
-                    default=0.25,
-                    min=-1.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="Keep a class when the image-text cosine exceeds this.",
-                ),
-                io.Float.Input(
+                _threshold_input("global_threshold", 0.25, "Keep a class when the image-text cosine exceeds this."),
+                _threshold_input(
                     "patch_threshold",
-                    default=0.3,
-                    min=-1.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip=(
-                        "Also keep it when its best patch-token cosine exceeds this (finds small objects). "
-                        "Negative = off."
-                    ),
+                    0.3,
+                    "Also keep it when its best patch-token cosine exceeds this (finds small objects). Negative = off.",
                 ),
                 io.Int.Input(
                     "top_k", default=0, min=0, max=1000, tooltip="At most this many classes per image; 0 = no cap."
                 ),
-                io.String.Input(
+                _optional_text_input(
                     "custom_classes",
+                    "Class names (comma or newline separated), used when vocabulary is 'custom'.",
                     multiline=True,
-                    default="",
-                    optional=True,
-                    tooltip="Class names (comma or newline separated), used when vocabulary is 'custom'.",
                 ),
-                io.String.Input(
+                _optional_text_input(
                     "hub_id_or_path",
-                    default="",
-                    optional=True,
-                    tooltip=(
-                        "Optional. A CLIP checkpoint folder or Hub id (e.g. openai/clip-vit-large-patch14); "
-                        "overrides 'proposer'."
-                    ),
+                    "Optional. A CLIP checkpoint folder or Hub id (e.g. openai/clip-vit-large-patch14); "
+                    "overrides 'proposer'.",
                 ),
             ],
             outputs=[io.String.Output(display_name="classes", tooltip="Proposed prompts, one per line.")],
@@ -433,23 +390,17 @@ class DiGSegClassProposal(io.ComfyNode):
         hub_id_or_path: str = "",
     ) -> io.NodeOutput:
         class_names, prompt_names = logic.resolve_vocabulary(vocabulary, custom_classes)
-        kind, location = logic.resolve_model_source(
-            proposer, hub_id_or_path, model_search_paths(), marker=logic.PROPOSER_CONFIG
-        )
+        search_paths = model_search_paths()
+        kind, location = logic.resolve_model_source(proposer, hub_id_or_path, search_paths, logic.PROPOSER_CONFIG)
         load_device = model_management.text_encoder_device()
-        offload_device = model_management.text_encoder_offload_device()
         dtype = _auto_dtype(load_device)
-        key = ("proposer",) + logic.cache_key(kind, location, dtype, None)
 
-        def load() -> logic.DiGSegModel:
+        def load() -> logic.DiGSegClassProposer:
             logger.info("DiGSeg: loading the class proposer %s (%s)", location, dtype)
-            model = logic.load_proposer(kind, location, dtype).to(offload_device)
-            patcher = comfy.model_patcher.ModelPatcher(
-                ProposerModules(model), load_device=load_device, offload_device=offload_device
-            )
-            return logic.DiGSegModel(pipeline=model, dtype=dtype, source=f"{kind}:{location}", patcher=patcher)
+            return logic.from_pretrained(logic.DiGSegClassProposer, kind, location, dtype)
 
-        loaded = _CACHE.get_or_load(key, load)
+        key = ("proposer",) + logic.cache_key(kind, location, dtype, None)
+        loaded = _load_managed(key, load, dtype, load_device, model_management.text_encoder_offload_device())
         model_management.load_models_gpu([loaded.patcher], force_full_load=True)
         model_management.throw_exception_if_processing_interrupted()
         try:
