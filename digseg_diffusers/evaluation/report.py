@@ -1,22 +1,26 @@
-"""Evaluation reports: the JSON results, a markdown summary and PNG plots (PIL only, no matplotlib).
+"""Evaluation reports: the JSON results, a markdown summary and PNG charts.
 
 `training/evaluate.py` writes them for a dataset evaluation (`write_evaluation_report`); `plot_lines` is the one
-line plot of the project (IoU against the mask threshold here and in `benchmarks/quality/demo_fidelity.py`).
+line chart of the project (IoU against the mask threshold here and in `benchmarks/quality/demo_fidelity.py`).
+Charts need matplotlib (the optional ``charts`` extra); without it the report is written without them and says how
+to get them.
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from ..atomic_io import atomic_file, atomic_write_json, atomic_write_text
 
 __all__ = [
     "RESULTS_NAME",
     "REPORT_NAME",
     "CURVE_PLOT_NAME",
+    "CHARTS_INSTALL_HINT",
     "write_evaluation_report",
     "markdown_report",
     "plot_lines",
@@ -24,34 +28,43 @@ __all__ = [
     "plot_per_class_iou",
 ]
 
+logger = logging.getLogger(__name__)
+
 RESULTS_NAME = "evaluation.json"
 REPORT_NAME = "evaluation.md"
 CURVE_PLOT_NAME = "iou_vs_threshold.png"
-PLOT_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+CHARTS_INSTALL_HINT = (
+    "Charts need matplotlib, which is not installed: pip install matplotlib (or pip install 'digseg-diffusers[charts]')"
+)
+DPI = 100  # sizes are given in pixels: a figure of (w / DPI, h / DPI) inches saves as w x h pixels
 
 
 def write_evaluation_report(results: dict, output_dir: str | os.PathLike) -> dict[str, str]:
-    """Write ``evaluation.json``, ``evaluation.md`` and the plots of `results` (training/evaluate.py's
-    document) into `output_dir`; returns their paths by kind."""
-    output_dir = os.fspath(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {"json": os.path.join(output_dir, RESULTS_NAME), "markdown": os.path.join(output_dir, REPORT_NAME)}
-    paths["iou_vs_threshold"] = os.path.join(output_dir, CURVE_PLOT_NAME)
-    plot_iou_vs_threshold(results, paths["iou_vs_threshold"])
-    for name, values in results["settings"].items():
-        paths[f"per_class_iou_{name}"] = os.path.join(output_dir, f"per_class_iou_{name}.png")
-        plot_per_class_iou(values, paths[f"per_class_iou_{name}"], title=f"Per-class IoU, setting {name}")
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-    Path(paths["markdown"]).write_text(markdown_report(results), encoding="utf-8")
-    return paths
+    """Write ``evaluation.json``, ``evaluation.md`` and, with matplotlib, the charts of `results`
+    (training/evaluate.py's document) into `output_dir`, each file atomically; returns their paths by kind."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output_dir / RESULTS_NAME, "markdown": output_dir / REPORT_NAME}
+    charts = importlib.util.find_spec("matplotlib") is not None
+    if charts:
+        paths["iou_vs_threshold"] = output_dir / CURVE_PLOT_NAME
+        plot_iou_vs_threshold(results, paths["iou_vs_threshold"])
+        for name, values in results["settings"].items():
+            paths[f"per_class_iou_{name}"] = output_dir / f"per_class_iou_{name}.png"
+            plot_per_class_iou(values, paths[f"per_class_iou_{name}"], title=f"Per-class IoU, setting {name}")
+    else:
+        logger.warning(f"{output_dir}: no charts written. {CHARTS_INSTALL_HINT}")
+    atomic_write_json(paths["json"], results)
+    atomic_write_text(paths["markdown"], markdown_report(results, charts=charts))
+    return {kind: str(path) for kind, path in paths.items()}
 
 
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100.0 * value:.2f}"
 
 
-def markdown_report(results: dict) -> str:
+def markdown_report(results: dict, charts: bool = True) -> str:
+    """The report in percent; `charts=False` replaces the chart links by the line that says how to get them."""
     dataset = results["dataset"]
     settings = results["settings"]
     inference = results["inference"]
@@ -111,8 +124,12 @@ def markdown_report(results: dict) -> str:
     for class_name in names:
         row = [_pct(s["per_class"][class_name]["iou"]) for s in settings.values()]
         lines.append(f"| {class_name} | {first['per_class'][class_name]['pixels']} | " + " | ".join(row) + " |")
-    lines += ["", "## Plots", "", f"![IoU against the mask threshold]({CURVE_PLOT_NAME})", ""]
-    lines += [f"![Per-class IoU, setting {name}](per_class_iou_{name}.png)" for name in settings]
+    lines += ["", "## Plots", ""]
+    if charts:
+        lines += [f"![IoU against the mask threshold]({CURVE_PLOT_NAME})", ""]
+        lines += [f"![Per-class IoU, setting {name}](per_class_iou_{name}.png)" for name in settings]
+    else:
+        lines.append(CHARTS_INSTALL_HINT)
     lines += [
         "",
         "n/a: undefined (the class appears neither in the ground truth nor in the prediction); left out of the means.",
@@ -121,11 +138,21 @@ def markdown_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _font(size: int):
+def _agg_figure(size: tuple[int, int]):
+    """A matplotlib figure on the Agg canvas, without pyplot: no global figure state, no display needed."""
     try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
-        return ImageFont.load_default()
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(CHARTS_INSTALL_HINT) from error
+    figure = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save_png(figure, path: str | os.PathLike) -> None:
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, format="png")
 
 
 def plot_lines(
@@ -139,41 +166,18 @@ def plot_lines(
     highlight: str | None = None,
 ) -> None:
     """Lines of values in [0, 1] against x in [0, 1], one per series (None / NaN points left out); the
-    `highlight` series is drawn black and thicker (e.g. the mean over classes)."""
-    width, height = size
-    legend_width = 120 if len(series) > 1 else 0
-    left, right, top, bottom = 60, 20 + legend_width, 40, 50
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font, small = _font(14), _font(11)
-
-    def xy(t: float, value: float) -> tuple[float, float]:
-        return left + t * (width - left - right), top + (1.0 - value) * (height - top - bottom)
-
-    for i in range(6):  # grid and ticks at 0, 0.2, ..., 1
-        v = i / 5
-        x, _ = xy(v, 0)
-        _, y = xy(0, v)
-        draw.line([xy(0, v), xy(1, v)], fill=(225, 225, 225))
-        draw.line([xy(v, 0), xy(v, 1)], fill=(225, 225, 225))
-        draw.text((left - 8, y), f"{v:.1f}", fill="black", font=small, anchor="rm")
-        draw.text((x, height - bottom + 8), f"{v:.1f}", fill="black", font=small, anchor="mt")
-    draw.rectangle([xy(0, 1), xy(1, 0)], outline="black")
-    draw.text(((left + width - right) / 2, height - 14), x_label, fill="black", font=font, anchor="mm")
-    draw.text((12, top - 22), y_label, fill="black", font=font, anchor="lm")
-    draw.text((width / 2, 14), title, fill="black", font=font, anchor="mm")
-    for k, (name, values) in enumerate(series.items()):
-        color = (0, 0, 0) if name == highlight else PLOT_COLORS[k % len(PLOT_COLORS)]
-        points = [xy(t, v) for t, v in zip(x_values, values) if v is not None and v == v]
-        if len(points) > 1:
-            draw.line(points, fill=color, width=4 if name == highlight else 2)
-        for x, y in points:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        if legend_width:
-            legend_x, legend_y = width - legend_width, top + 12 + 18 * k
-            draw.line([(legend_x, legend_y), (legend_x + 25, legend_y)], fill=color, width=3)
-            draw.text((legend_x + 32, legend_y), name, fill="black", font=small, anchor="lm")
-    image.save(path)
+    `highlight` series is drawn black and thicker (e.g. the mean over classes). `size` is in pixels."""
+    figure = _agg_figure(size)
+    axes = figure.add_subplot()
+    for name, values in series.items():
+        style = {"color": "black", "linewidth": 3} if name == highlight else {"linewidth": 1.5}
+        y_values = [float("nan") if v is None else v for v in values]
+        axes.plot(x_values, y_values, marker="o", markersize=3, label=name, **style)
+    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel=x_label, ylabel=y_label, title=title)
+    axes.grid(color="0.9")
+    if len(series) > 1:
+        axes.legend(fontsize="small")
+    _save_png(figure, path)
 
 
 def plot_iou_vs_threshold(results: dict, path: str | os.PathLike, size: tuple[int, int] = (640, 420)) -> None:
@@ -184,32 +188,18 @@ def plot_iou_vs_threshold(results: dict, path: str | os.PathLike, size: tuple[in
     plot_lines(path, thresholds, series, "IoU of (probability > t) against t", y_label="mean IoU", size=size)
 
 
-def plot_per_class_iou(setting_results: dict, path: str, title: str, width: int = 640) -> None:
-    """Horizontal bars of per-class IoU, best first; undefined classes (n/a) at the end."""
+def plot_per_class_iou(setting_results: dict, path: str | os.PathLike, title: str, width: int = 640) -> None:
+    """Horizontal bars of per-class IoU, best first; undefined classes (n/a) at the end. 18 pixels per class."""
     rows = [(name, v["iou"]) for name, v in setting_results["per_class"].items()]
     rows.sort(key=lambda row: (row[1] is None, -(row[1] or 0.0)))
-    font, small = _font(14), _font(11)
-    row_height, top, bottom = 18, 40, 30
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_width = min(220, 12 + max(int(measure.textlength(name, font=small)) for name, _ in rows))
-    bar_left, bar_right = label_width + 10, width - 60
-    height = top + bottom + row_height * len(rows)
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((width / 2, 16), title, fill="black", font=font, anchor="mm")
-    for i in range(6):
-        x = bar_left + i / 5 * (bar_right - bar_left)
-        draw.line([(x, top - 4), (x, height - bottom)], fill=(225, 225, 225))
-        draw.text((x, height - bottom + 6), f"{i / 5:.1f}", fill="black", font=small, anchor="mt")
-    for k, (name, iou) in enumerate(rows):
-        y = top + k * row_height
-        label = name if len(name) <= 32 else name[:31] + "…"
-        draw.text((bar_left - 6, y + row_height / 2), label, fill="black", font=small, anchor="rm")
-        if iou is None:
-            draw.text((bar_left + 4, y + row_height / 2), "n/a", fill=(150, 150, 150), font=small, anchor="lm")
-            continue
-        x = bar_left + max(iou, 0.0) * (bar_right - bar_left)
-        draw.rectangle([bar_left, y + 3, max(x, bar_left + 1), y + row_height - 3], fill=PLOT_COLORS[0])
-        draw.text((x + 4, y + row_height / 2), f"{100 * iou:.1f}", fill="black", font=small, anchor="lm")
-    draw.line([(bar_left, top - 4), (bar_left, height - bottom)], fill="black")
-    image.save(path)
+    figure = _agg_figure((width, 70 + 18 * len(rows)))
+    axes = figure.add_subplot()
+    labels = [name if len(name) <= 32 else name[:31] + "…" for name, _ in rows]
+    bars = axes.barh(range(len(rows)), [max(iou or 0.0, 0.0) for _, iou in rows])
+    axes.set_yticks(range(len(rows)), labels)
+    axes.bar_label(bars, ["n/a" if iou is None else f"{100 * iou:.1f}" for _, iou in rows], padding=3, fontsize=8)
+    axes.set(xlim=(0, 1), title=title)
+    axes.invert_yaxis()  # best first, at the top
+    axes.tick_params(labelsize=8)
+    axes.grid(axis="x", color="0.9")
+    _save_png(figure, path)
