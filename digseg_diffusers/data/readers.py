@@ -1,20 +1,11 @@
 """Dataset readers: list the (image, label map) pairs of one split and map raw label ids to class indices.
 
-Every reader turns its dataset's own label encoding into one common form, so the training transform and the
-evaluation loop never need to know which dataset they read. A benchmark reader's default class names and the raw
-label id of each class come from its bundled vocabulary (``vocabulary_name``, ``digseg_diffusers.vocabularies``),
-the one table of those facts:
-
-- class ``k`` (``0 <= k < num_classes``) is ``reader.class_names[k]``;
-- ``BACKGROUND_INDEX`` (-1) marks a valid pixel that belongs to no class (the generic folder format's
-  background, the synthetic world's background): a negative for every class;
-- ``reader.ignore_index`` (255, or 65535 for vocabularies of 255 classes or more) marks pixels that are
-  excluded from the loss and from metrics.
-
-Readers only list files at construction (no image is decoded); ``load_image``/``load_label`` decode one pair.
-Layout problems found while listing (a missing ``classes.txt``, an image without a label) raise at once with
-the offending path; problems inside a file (corrupt, wrong mode, wrong size) raise when that file is loaded,
-which the training dataset turns into a skipped, counted sample.
+Every reader maps its dataset's label encoding to one form, so training and evaluation never need to know which
+dataset they read: class ``k`` is ``reader.class_names[k]``; ``BACKGROUND_INDEX`` (-1) is a valid pixel of no class
+(a negative for every class); ``reader.ignore_index`` (255, or 65535 for 255 classes or more) is left out of the
+loss and the metrics. A benchmark reader's class names and raw ids come from its bundled vocabulary
+(``vocabulary_name``). Layout problems raise while listing, with the offending path; problems inside a file raise
+when it is loaded, which the training dataset turns into a skipped, counted sample.
 """
 
 from __future__ import annotations
@@ -190,6 +181,28 @@ class SegmentationReader(Sequence):
             )
         return image, label
 
+    def _init_from_vocabulary(
+        self,
+        examples: Sequence[SegmentationExample],
+        class_names: Sequence[str] | None,
+        vocabulary: Vocabulary,
+        root: Path,
+        split: str,
+    ) -> None:
+        """A benchmark reader's setup: raw ids and ignored values from `vocabulary`; `class_names` (other wording
+        for the same classes, one per class in label order) or the vocabulary's names."""
+        if class_names is not None and len(class_names) != len(vocabulary):
+            raise ValueError(
+                f"`class_names` for {self.name} must hold {len(vocabulary)} names (one per class of the "
+                f"{vocabulary.name!r} vocabulary, in label order), got {len(class_names)}."
+            )
+        mapping = {raw_id: class_index for class_index, raw_id in enumerate(vocabulary.label_ids)}
+        # the vocabulary's unlabeled and background values, and 255 (every benchmark's "ignore" value)
+        ignored = {IGNORE_INDEX, vocabulary.ignore_label, vocabulary.background_label} - {None}
+        names = vocabulary.class_names if class_names is None else class_names
+        SegmentationReader.__init__(self, examples, names, mapping, ignore_ids=ignored)
+        self.root, self.split = root, split
+
     def load_validation_example(self, index: int) -> ValidationExample:
         """Full image + label map of example ``index`` without augmentation (for evaluation)."""
         image, label = self.load_pair(index)
@@ -200,30 +213,6 @@ class SegmentationReader(Sequence):
             image_path=self.examples[index].image_path,
             ignore_index=self.ignore_index,
         )
-
-
-def _names_or_vocabulary(class_names: Sequence[str] | None, vocabulary: Vocabulary, dataset: str) -> list[str]:
-    """``class_names`` (other wording for the same classes, one per class) or the vocabulary's names."""
-    if class_names is None:
-        return list(vocabulary.class_names)
-    class_names = list(class_names)
-    if len(class_names) != len(vocabulary):
-        raise ValueError(
-            f"`class_names` for {dataset} must hold {len(vocabulary)} names (one per class of the "
-            f"{vocabulary.name!r} vocabulary, in label order), got {len(class_names)}."
-        )
-    return class_names
-
-
-def _raw_id_mapping(vocabulary: Vocabulary) -> dict[int, int]:
-    """Raw label id -> class index, as the vocabulary lists them."""
-    return {raw_id: class_index for class_index, raw_id in enumerate(vocabulary.label_ids)}
-
-
-def _ignored_raw_ids(vocabulary: Vocabulary) -> tuple[int, ...]:
-    """The vocabulary's unlabeled and background values, and 255 (every benchmark's "ignore" value)."""
-    ids = {IGNORE_INDEX, vocabulary.ignore_label, vocabulary.background_label}
-    return tuple(sorted(i for i in ids if i is not None))
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -253,6 +242,7 @@ def _files_by_stem(folder: Path, extensions: Sequence[str], suffix: str = "") ->
 def _pair_by_stem(
     images: Mapping[str, Path], labels: Mapping[str, Path], image_dir: Path, label_dir: Path
 ) -> list[SegmentationExample]:
+    """One example per image, sorted by stem; an image without a label map raises, an unused label map warns."""
     if not images:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {image_dir}.")
     missing = sorted(set(images) - set(labels))
@@ -264,6 +254,19 @@ def _pair_by_stem(
     if orphans:
         logger.warning(f"{len(orphans)} label map(s) in {label_dir} have no image and are unused, e.g. {orphans[:5]}.")
     return [SegmentationExample(str(images[stem]), str(labels[stem])) for stem in sorted(images)]
+
+
+def _pair_folders(image_dir: Path, label_dir: Path) -> list[SegmentationExample]:
+    """`_pair_by_stem` of the images in `image_dir` and the PNG label maps in `label_dir`."""
+    return _pair_by_stem(
+        _files_by_stem(image_dir, IMAGE_EXTENSIONS), _files_by_stem(label_dir, (".png",)), image_dir, label_dir
+    )
+
+
+def _canonical_split(split: str, aliases: Mapping[str, str], dataset: str) -> str:
+    if split not in aliases:
+        raise ValueError(f"`split` for {dataset} must be one of {sorted(aliases)}, got {split!r}.")
+    return aliases[split]
 
 
 def read_class_names_file(path: str | os.PathLike) -> list[str]:
@@ -320,9 +323,7 @@ class FolderReader(SegmentationReader):
             raise FileNotFoundError(f"split {split!r} not found: no folder {split_dir}; available splits: {available}.")
         image_dir = _require_dir(split_dir / "images", f"images of split {split!r}")
         label_dir = _require_dir(split_dir / "labels", f"label maps of split {split!r}")
-        examples = _pair_by_stem(
-            _files_by_stem(image_dir, IMAGE_EXTENSIONS), _files_by_stem(label_dir, (".png",)), image_dir, label_dir
-        )
+        examples = _pair_folders(image_dir, label_dir)
         num_classes = len(class_names)
         mapping = {0: BACKGROUND_INDEX, **{i + 1: i for i in range(num_classes)}}
         super().__init__(
@@ -354,19 +355,12 @@ class ADE20KReader(SegmentationReader):
     _SPLITS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
 
     def __init__(self, root: str | os.PathLike, split: str = "training", class_names: Sequence[str] | None = None):
-        if split not in self._SPLITS:
-            raise ValueError(f"`split` for ADE20K must be one of {sorted(self._SPLITS)}, got {split!r}.")
-        split = self._SPLITS[split]
+        split = _canonical_split(split, self._SPLITS, "ADE20K")
         root = _resolve_root(Path(root), "images", "ADEChallengeData2016")
         image_dir = _require_dir(root / "images" / split, "ADE20K images")
         label_dir = _require_dir(root / "annotations" / split, "ADE20K annotations")
-        examples = _pair_by_stem(
-            _files_by_stem(image_dir, IMAGE_EXTENSIONS), _files_by_stem(label_dir, (".png",)), image_dir, label_dir
-        )
-        vocabulary = load_vocabulary(self.vocabulary_name)
-        class_names = _names_or_vocabulary(class_names, vocabulary, self.name)
-        super().__init__(examples, class_names, _raw_id_mapping(vocabulary), ignore_ids=_ignored_raw_ids(vocabulary))
-        self.root, self.split = root, split
+        examples = _pair_folders(image_dir, label_dir)
+        self._init_from_vocabulary(examples, class_names, load_vocabulary(self.vocabulary_name), root, split)
 
 
 class COCOStuffReader(SegmentationReader):
@@ -385,9 +379,7 @@ class COCOStuffReader(SegmentationReader):
     _SPLITS = {"train": "train2017", "val": "val2017", "train2017": "train2017", "val2017": "val2017"}
 
     def __init__(self, root: str | os.PathLike, split: str = "train2017", class_names: Sequence[str] | None = None):
-        if split not in self._SPLITS:
-            raise ValueError(f"`split` for COCO-Stuff must be one of {sorted(self._SPLITS)}, got {split!r}.")
-        split = self._SPLITS[split]
+        split = _canonical_split(split, self._SPLITS, "COCO-Stuff")
         root = _require_dir(Path(root), "COCO-Stuff root")
         image_dir = _require_dir(root / "images" / split, "COCO-Stuff images")
         images = _files_by_stem(image_dir, IMAGE_EXTENSIONS)
@@ -408,9 +400,7 @@ class COCOStuffReader(SegmentationReader):
         vocabulary = load_vocabulary(self.vocabulary_name)
         if uses_train_ids:
             vocabulary = vocabulary.with_contiguous_ids()
-        class_names = _names_or_vocabulary(class_names, vocabulary, self.name)
-        super().__init__(examples, class_names, _raw_id_mapping(vocabulary), ignore_ids=_ignored_raw_ids(vocabulary))
-        self.root, self.split = root, split
+        self._init_from_vocabulary(examples, class_names, vocabulary, root, split)
         self.uses_train_ids = uses_train_ids
 
 
@@ -452,9 +442,8 @@ class CityscapesReader(SegmentationReader):
         vocabulary = load_vocabulary(self.vocabulary_name)
         if label_type == "labelIds":
             vocabulary = vocabulary.with_alternate_ids("label_id")
-        class_names = _names_or_vocabulary(class_names, vocabulary, self.name)
-        super().__init__(examples, class_names, _raw_id_mapping(vocabulary), ignore_ids=_ignored_raw_ids(vocabulary))
-        self.root, self.split, self.label_type = root, split, label_type
+        self._init_from_vocabulary(examples, class_names, vocabulary, root, split)
+        self.label_type = label_type
 
 
 class PascalContextReader(SegmentationReader):
@@ -487,21 +476,13 @@ class PascalContextReader(SegmentationReader):
             raise ValueError(f"{split_file} lists no images.")
         image_dir = root / "JPEGImages"
         label_dir = _require_dir(root / "SegmentationClassContext", "Pascal Context label maps")
-        missing = [stem for stem in stems if not (label_dir / f"{stem}.png").is_file()]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} image(s) of {split_file} have no label map in {label_dir}, e.g. {missing[:5]}."
-            )
-        missing = [stem for stem in stems if not (image_dir / f"{stem}.jpg").is_file()]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} image(s) of {split_file} are missing from {image_dir}, e.g. {missing[:5]}."
-            )
+        checks = ((label_dir, ".png", "have no label map in"), (image_dir, ".jpg", "are missing from"))
+        for folder, suffix, problem in checks:
+            missing = [stem for stem in stems if not (folder / f"{stem}{suffix}").is_file()]
+            if missing:
+                raise ValueError(f"{len(missing)} image(s) of {split_file} {problem} {folder}, e.g. {missing[:5]}.")
         examples = [SegmentationExample(str(image_dir / f"{s}.jpg"), str(label_dir / f"{s}.png")) for s in stems]
-        vocabulary = load_vocabulary(self.vocabulary_name)
-        class_names = _names_or_vocabulary(class_names, vocabulary, self.name)
-        super().__init__(examples, class_names, _raw_id_mapping(vocabulary), ignore_ids=_ignored_raw_ids(vocabulary))
-        self.root, self.split = root, split
+        self._init_from_vocabulary(examples, class_names, load_vocabulary(self.vocabulary_name), root, split)
 
 
 READERS: dict[str, type[SegmentationReader]] = {
