@@ -1,10 +1,7 @@
-"""ComfyUI custom nodes for DiGSeg: text-prompted segmentation masks inside ComfyUI graphs.
+"""ComfyUI custom nodes for DiGSeg: text-prompted segmentation masks inside ComfyUI graphs (install: README.md).
 
-Install: clone the whole repository into ``ComfyUI/custom_nodes/`` and run ``pip install -r requirements.txt`` in
-the clone with ComfyUI's Python (what ComfyUI-Manager does); the root ``__init__.py`` forwards here and brings the
-clone's ``digseg_diffusers``. The nodes use ComfyUI's V3 schema (``comfy_entrypoint``), pinned to
-``comfy_api.v0_0_2`` (ComfyUI 0.3.64 and later). Importing this package outside ComfyUI works and registers nothing;
-the ComfyUI imports happen only when ComfyUI calls `comfy_entrypoint`.
+V3 schema (`comfy_entrypoint`), pinned to ``comfy_api.v0_0_2`` (ComfyUI 0.3.64 and later). Importing this package
+outside ComfyUI works and registers nothing: ComfyUI is imported only when it calls `comfy_entrypoint`.
 """
 
 from __future__ import annotations
@@ -18,16 +15,11 @@ INSTALL_ADVICE = (
 )
 
 
-def missing_module_message(module_name: str | None) -> str:
-    """One line for ComfyUI's log when the nodes cannot import a module: which one, and how to install it."""
-    return f"DiGSeg nodes: the Python module {module_name!r} is missing; {INSTALL_ADVICE}."
-
-
 async def comfy_entrypoint():
     """ComfyUI's V3 entry point: the extension that lists the DiGSeg nodes."""
     try:
         from .nodes import DiGSegExtension
     except ModuleNotFoundError as error:  # ComfyUI logs this one line instead of a traceback from deep inside
-        raise ImportError(missing_module_message(error.name)) from error
+        raise ImportError(f"DiGSeg nodes: the Python module {error.name!r} is missing; {INSTALL_ADVICE}.") from error
 
     return DiGSegExtension()
