@@ -1,32 +1,20 @@
 """The layout of a saved DiGSeg pipeline, so that stock diffusers loads it like any Hub custom pipeline.
 
-diffusers resolves a pipeline whose class is not part of diffusers through code files in the repo (see diffusers'
-``custom_pipeline_overview.md`` and ``pipeline_loading_utils.py``):
-
-- ``model_index.json`` names the pipeline as ``"_class_name": ["pipeline_digseg", "DiGSegPipeline"]`` and the root of
-  the folder holds ``pipeline_digseg.py``;
-- each custom component is named ``["<module>", "<Class>"]`` and its folder holds ``<module>.py``
-  (``text_projection/digseg_text_projection.py``, ``mask_decoder/digseg_mask_decoder.py``).
-
-Those files are loaded as standalone modules (no package around them, so no relative imports). Ours are short
-*loader stubs* that import the classes from the installed ``digseg_diffusers`` package: the code that runs is the
-package's, versioned and installed by the user, not a copy frozen into every saved model. Without the package, the
-stub raises an ``ImportError`` that says how to install the package (`INSTALL_HINT`).
-
-So a saved folder or Hub repo loads with::
-
-    DiffusionPipeline.from_pretrained(path_or_repo_id, trust_remote_code=True)
-    DiffusionPipeline.from_pretrained(path_or_repo_id, custom_pipeline="pipeline_digseg", trust_remote_code=True)
-
-``DiGSegPipeline.from_pretrained`` executes none of these files: `package_model_index` maps the stub entries back
-to the package's own classes before diffusers sees them. Folders saved before this layout (``"_class_name":
-"DiGSegPipeline"``) still load with ``DiGSegPipeline.from_pretrained``; `write_loader_files` upgrades them.
+diffusers loads a class it does not ship from a code file in the repo: ``model_index.json`` names the pipeline
+``["pipeline_digseg", "DiGSegPipeline"]`` (file ``pipeline_digseg.py`` at the root) and each custom component
+``["<module>", "<Class>"]`` (file ``<component>/<module>.py``). Ours are *loader stubs* that import the class from
+the installed package, so the code that runs is the user's installed version, not a copy frozen into every model;
+without the package they raise an ``ImportError`` naming the install (`INSTALL_HINT`). Then
+``DiffusionPipeline.from_pretrained(path_or_repo_id, trust_remote_code=True)`` loads it.
+``DiGSegPipeline.from_pretrained`` executes no stub (`package_model_index` maps the entries back to the package);
+`write_loader_files` upgrades folders saved before this layout (``"_class_name": "DiGSegPipeline"``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 MODEL_INDEX_NAME = "model_index.json"
@@ -70,13 +58,18 @@ def loader_stub(package_module: str, class_name: str) -> str:
     return _STUB_TEMPLATE.format(package_module=package_module, class_name=class_name, install_hint=INSTALL_HINT)
 
 
+def _class_of_component(entry: Any) -> str | None:
+    """The class name of a ``[module, class]`` component entry of ``model_index.json``; None for anything else."""
+    return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+
+
 def _stub_files(model_index: dict[str, Any]) -> dict[str, str]:
     """Relative path -> text of every loader stub a folder with this ``model_index.json`` needs."""
     files = {f"{PIPELINE_MODULE}.py": loader_stub(f"{PACKAGE}.{PIPELINE_MODULE}", PIPELINE_CLASS_NAME)}
     for component, (stub_module, package_module) in CUSTOM_COMPONENT_MODULES.items():
-        entry = model_index.get(component)
-        if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None:
-            files[f"{component}/{stub_module}.py"] = loader_stub(package_module, entry[1])
+        class_name = _class_of_component(model_index.get(component))
+        if class_name is not None:
+            files[f"{component}/{stub_module}.py"] = loader_stub(package_module, class_name)
     return files
 
 
@@ -85,9 +78,9 @@ def hub_model_index(model_index: dict[str, Any]) -> dict[str, Any]:
     converted = dict(model_index)
     converted["_class_name"] = [PIPELINE_MODULE, PIPELINE_CLASS_NAME]
     for component, (stub_module, _) in CUSTOM_COMPONENT_MODULES.items():
-        entry = converted.get(component)
-        if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None:
-            converted[component] = [stub_module, entry[1]]
+        class_name = _class_of_component(converted.get(component))
+        if class_name is not None:
+            converted[component] = [stub_module, class_name]
     return converted
 
 
@@ -115,24 +108,18 @@ def write_loader_files(save_directory: str | os.PathLike) -> list[str]:
     Rewrites ``model_index.json`` (`hub_model_index`) and writes the loader stubs. Idempotent; also upgrades a
     folder saved by an older digseg-diffusers.
     """
-    save_directory = str(save_directory)
-    index_path = os.path.join(save_directory, MODEL_INDEX_NAME)
-    with open(index_path, encoding="utf-8") as handle:
-        model_index = json.load(handle)
+    index_path = Path(save_directory) / MODEL_INDEX_NAME
+    model_index = json.loads(index_path.read_text(encoding="utf-8"))
     if package_model_index(model_index).get("_class_name") != PIPELINE_CLASS_NAME:
         raise ValueError(f"{index_path} is not a DiGSeg pipeline (`_class_name` is {model_index.get('_class_name')!r}).")
     model_index = hub_model_index(model_index)
-    written = []
-    for relative_path, text in _stub_files(model_index).items():
-        path = os.path.join(save_directory, *relative_path.split("/"))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        written.append(relative_path)
-    with open(index_path, "w", encoding="utf-8") as handle:
-        json.dump(model_index, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    return [MODEL_INDEX_NAME] + written
+    stubs = _stub_files(model_index)
+    for relative_path, text in stubs.items():
+        path = Path(save_directory) / relative_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    index_path.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return [MODEL_INDEX_NAME, *stubs]
 
 
 def main(argv: list[str] | None = None) -> None:
