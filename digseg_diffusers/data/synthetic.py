@@ -1,42 +1,20 @@
-"""A deterministic, seeded world of shapes: the project's own segmentation task.
+"""A deterministic, seeded world of shapes: the project's own segmentation task, with exact label maps, so that a
+small DiGSeg model can be trained and evaluated end to end on a CPU without downloading any weights.
 
-No Stable Diffusion or CLIP weights can be downloaded on the build machines, yet the method has to be shown to
-learn. This module draws scenes of simple shapes whose label maps are exact, so a small DiGSeg model can be
-trained and evaluated end to end on a CPU.
+- The class is the *shape* only: fill colour, texture, size, rotation and position are drawn independently of it.
+- Later shapes occlude earlier ones and the label map records what is visible; a placement that would hide more
+  than half of an earlier shape, or leave too little of the new one in the frame, is redrawn.
+- Shapes are rasterised at pixel centres; in the ``"plain"`` style the image is painted through the same masks
+  that write the label map, so both agree exactly. Fill colours are redrawn until they contrast with what they cover.
 
-Design choices (they matter for what the model has to learn):
+Rendering styles (``STYLES``) judge a model on shapes, not on one renderer: ``"plain"`` is generator version 2
+exactly; ``"varied"`` (training) draws, per scene, antialiasing, blur, JPEG, noise, checker textures, outlines and
+hollow shapes; ``"shifted"`` (evaluation only) uses renderings ``"varied"`` never draws (dots, stronger blur,
+harsher JPEG). Only the image changes with the style, and styles draw from their own random stream.
 
-- The class is the *shape* only. Fill colour, fill texture, size, rotation and position are drawn independently
-  of the class, so colour never gives the class away.
-- Backgrounds are random gradients, stripes or smooth colour noise, plus per-pixel noise over the whole image.
-- Later shapes occlude earlier ones; the label map records what is visible. A placement that would hide more
-  than half of an earlier shape (or leave too little of the new one in the frame) is redrawn, so every labelled
-  shape stays recognisable.
-- Shapes are rasterised with numpy at pixel centres. In the default ``"plain"`` style there is no
-  antialiasing: the image is painted through the same boolean masks that write the label map, so label and
-  image agree exactly (value 255 is never used).
-- Each fill colour is drawn until it differs clearly from the pixels it covers, so boundaries stay visible.
-
-Rendering styles (``STYLES``, the ``style`` argument), so that a model is judged on shapes, not on one renderer:
-
-- ``"plain"``: generator version 2 exactly (the same seed gives the same arrays as before styles existed);
-- ``"varied"`` (for training): per scene, antialiased edges (4x supersampling), Gaussian blur, JPEG artefacts,
-  a wider range of noise levels and shape sizes, checkerboard textures, contrasting outlines around fills and
-  hollow outline-only shapes, each drawn with some probability (so plain-looking scenes still occur);
-- ``"shifted"`` (for evaluation only): renderings never drawn in ``"varied"``: polka-dot fill and background
-  textures, stronger blur, harsher JPEG, heavier noise, thicker outlines. A model trained on ``"varied"`` and
-  scored on ``"shifted"`` shows how it copes with an unseen renderer.
-
-In every style the label map is the shapes' geometry sampled at pixel centres (a hollow shape is labelled over
-its whole area, what it encloses); only the image changes. Styles draw their choices from their own random
-stream, so ``"plain"`` is unaffected by them.
-
-Label maps use the generic folder format of :mod:`digseg_diffusers.data`: ``0`` = background (a valid pixel
-that belongs to no class), ``c + 1`` = ``SHAPE_CLASSES[c]``.
-
-Seeds: scene ``i`` of split ``s`` uses seed ``SPLIT_SEED_OFFSETS[s] + i``. The splits own disjoint blocks of
-``SEEDS_PER_SPLIT`` seeds (train ``[0, 10**7)``, val ``[10**7, 2*10**7)``, test ``[2*10**7, 3*10**7)``), so
-held-out scenes are never trained on.
+Label maps use the generic folder format: ``0`` = background, ``c + 1`` = ``SHAPE_CLASSES[c]``. Scene ``i`` of
+split ``s`` uses seed ``SPLIT_SEED_OFFSETS[s] + i``; the splits own disjoint blocks of ``SEEDS_PER_SPLIT`` seeds,
+so held-out scenes are never trained on.
 """
 
 from __future__ import annotations
@@ -246,11 +224,13 @@ def _random_color(rng: np.random.Generator) -> np.ndarray:
 
 def _pixel_grid(size: int, scale: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Sample positions ``(ys, xs)`` of a ``size * scale`` grid, in pixels of the ``size`` image from its centre."""
-    grid = np.mgrid[0 : size * scale, 0 : size * scale].astype(np.float64) + 0.5
-    if scale != 1:
-        grid = grid / scale
-    grid = grid - size / 2
+    grid = (np.mgrid[0 : size * scale, 0 : size * scale].astype(np.float64) + 0.5) / scale - size / 2
     return grid[0], grid[1]
+
+
+def _blend(weight: np.ndarray, color_a: np.ndarray, color_b: np.ndarray) -> np.ndarray:
+    """`color_a` where `weight` is 0, `color_b` where it is 1, mixed in between."""
+    return color_a + weight[..., None] * (color_b - color_a)
 
 
 def _coordinate_ramp(rng: np.random.Generator, size: int, scale: int = 1) -> np.ndarray:
@@ -262,8 +242,7 @@ def _coordinate_ramp(rng: np.random.Generator, size: int, scale: int = 1) -> np.
 
 def _gradient(rng: np.random.Generator, size: int, color_a: np.ndarray, color_b: np.ndarray, scale: int = 1) -> np.ndarray:
     ramp = _coordinate_ramp(rng, size, scale)
-    weight = (ramp - ramp.min()) / max(ramp.max() - ramp.min(), 1e-9)
-    return color_a + weight[..., None] * (color_b - color_a)
+    return _blend((ramp - ramp.min()) / max(ramp.max() - ramp.min(), 1e-9), color_a, color_b)
 
 
 def _stripes(rng: np.random.Generator, size: int, color_a: np.ndarray, color_b: np.ndarray, scale: int = 1) -> np.ndarray:
@@ -271,8 +250,7 @@ def _stripes(rng: np.random.Generator, size: int, color_a: np.ndarray, color_b: 
     period = rng.uniform(size / 16, size / 4)
     phase = rng.uniform(0.0, 2 * math.pi)
     wave = np.sin(2 * math.pi * ramp / period + phase)
-    weight = (wave > 0).astype(np.float64) if rng.random() < 0.5 else (wave + 1) / 2
-    return color_a + weight[..., None] * (color_b - color_a)
+    return _blend((wave > 0).astype(np.float64) if rng.random() < 0.5 else (wave + 1) / 2, color_a, color_b)
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, scale: int = 1) -> np.ndarray:
@@ -295,18 +273,19 @@ def _texture(kind: str, rng: np.random.Generator, size: int, color_a: np.ndarray
         weight = ((u - np.floor(u) - 0.5) ** 2 + (v - np.floor(v) - 0.5) ** 2 <= 0.3**2).astype(np.float64)
     else:
         raise ValueError(f"unknown texture {kind!r}")
-    return color_a + weight[..., None] * (color_b - color_a)
+    return _blend(weight, color_a, color_b)
+
+
+_TWO_COLOR_PATTERNS = {"gradient": _gradient, "stripes": _stripes}
 
 
 def _background(rng: np.random.Generator, size: int, scale: int = 1, texture: str | None = None) -> np.ndarray:
     if texture is not None:
         return _texture(texture, rng, size, _random_color(rng), _random_color(rng), scale)
     kind = rng.choice(["gradient", "stripes", "noise"])
-    if kind == "gradient":
-        return _gradient(rng, size, _random_color(rng), _random_color(rng), scale)
-    if kind == "stripes":
-        return _stripes(rng, size, _random_color(rng), _random_color(rng), scale)
-    return _smooth_noise(rng, size, scale)
+    if kind == "noise":
+        return _smooth_noise(rng, size, scale)
+    return _TWO_COLOR_PATTERNS[kind](rng, size, _random_color(rng), _random_color(rng), scale)
 
 
 def _contrasting_colors(rng: np.random.Generator, num_colors: int, covered_mean: np.ndarray) -> list[np.ndarray]:
@@ -331,9 +310,7 @@ def _fill(rng: np.random.Generator, size: int, covered_mean: np.ndarray, scale: 
     best_colors = _contrasting_colors(rng, num_colors, covered_mean)
     if kind == "solid":
         return np.broadcast_to(best_colors[0], (size * scale, size * scale, 3))
-    if kind == "gradient":
-        return _gradient(rng, size, *best_colors, scale)
-    return _stripes(rng, size, *best_colors, scale)
+    return _TWO_COLOR_PATTERNS[kind](rng, size, *best_colors, scale)
 
 
 def _resolve_style(style: str | RenderStyle | None) -> RenderStyle:
