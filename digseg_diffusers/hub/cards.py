@@ -1,19 +1,9 @@
 """Model cards and Hub uploads for DiGSeg adapters and pipelines, built with huggingface_hub's card classes.
 
-Cards are `huggingface_hub.ModelCard`s rendered from the templates in ``card_templates/`` (package data, so a wheel
-install writes the same card as a checkout), with `ModelCardData` metadata the Hub understands:
-
-- ``library_name: diffusers`` and ``pipeline_tag: image-segmentation``; the card's snippet loads the model with
-  stock diffusers (pipelines, ``trust_remote_code=True``; see `hub.layout`) or with digseg-diffusers (adapters);
-- ``base_model`` is always a Hub repo id (a local path is dropped with a warning: the Hub rejects it, and it would
-  leak a machine path), with ``base_model_relation: adapter`` on adapters;
-- a real license: the base model's (``openrail++`` for Stable Diffusion 2; read from the base's cached card for
-  other bases), ``other`` with a name and a link to the base model when it cannot be known;
-- ``model-index`` from `EvalResult`s with the Hub's metric ids (``mean_iou``, ``overall_accuracy``...), the
-  dataset id and split.
-
-Nothing in a card comes from a secret: `public_training_config` drops token-like arguments before anything is
-logged, written or uploaded.
+Cards are `ModelCard`s rendered from the packaged ``card_templates/``, with metadata the Hub understands: library
+and task; ``base_model`` only as a Hub repo id (a local path would leak a machine path and the Hub rejects it); the
+base model's license (``other`` with a link when it cannot be known); a ``model-index`` with the Hub's metric ids.
+Nothing in a card comes from a secret: `public_training_config` drops token-like arguments first.
 """
 
 from __future__ import annotations
@@ -131,6 +121,15 @@ def _cached_card_data(repo_id: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- metadata
 
 
+def _numeric_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """The metrics a card shows: numbers (not booleans), without the ``step`` they were measured at."""
+    return {
+        key: float(value)
+        for key, value in (metrics or {}).items()
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
 def eval_results(
     metrics: Mapping[str, Any] | None,
     dataset_id: str | None,
@@ -141,26 +140,21 @@ def eval_results(
     """`EvalResult`s (the card's ``model-index``), one per numeric metric, with the Hub's metric ids."""
     from huggingface_hub import EvalResult
 
-    if not metrics or not dataset_id:
+    if not dataset_id:
         return []
-    results = []
-    for key, value in metrics.items():
-        if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        metric_type, metric_name = HUB_METRICS.get(key, (key, key))
-        results.append(
-            EvalResult(
-                task_type=PIPELINE_TAG,
-                task_name=task_name,
-                dataset_type=dataset_id,
-                dataset_name=dataset_name or dataset_id,
-                dataset_split=dataset_split,
-                metric_type=metric_type,
-                metric_name=metric_name,
-                metric_value=round(float(value), 4),
-            )
+    return [
+        EvalResult(
+            task_type=PIPELINE_TAG,
+            task_name=task_name,
+            dataset_type=dataset_id,
+            dataset_name=dataset_name or dataset_id,
+            dataset_split=dataset_split,
+            metric_type=HUB_METRICS.get(key, (key, key))[0],
+            metric_name=HUB_METRICS.get(key, (key, key))[1],
+            metric_value=round(value, 4),
         )
-    return results
+        for key, value in _numeric_metrics(metrics).items()
+    ]
 
 
 def card_data(
@@ -180,9 +174,7 @@ def card_data(
 
     base = hub_base_model(base_model)
     licensing = {"license": license} if license else base_model_license(base)
-    extra: dict[str, Any] = {}
-    if base and adapter:
-        extra["base_model_relation"] = "adapter"
+    extra = {"base_model_relation": "adapter"} if base and adapter else {}
     results = eval_results(metrics, dataset_id, dataset_name, dataset_split)
     return ModelCardData(
         library_name=LIBRARY_NAME,
@@ -213,11 +205,8 @@ def card_metadata(
 
 
 def _metrics_table(metrics: Mapping[str, Any] | None) -> str:
-    rows = [
-        f"| {HUB_METRICS.get(key, (key, key))[1]} | {float(value):.4f} |"
-        for key, value in (metrics or {}).items()
-        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
-    ]
+    numeric = _numeric_metrics(metrics)
+    rows = [f"| {HUB_METRICS.get(key, (key, key))[1]} | {value:.4f} |" for key, value in numeric.items()]
     if not rows:
         return "No evaluation was run for this model."
     step = f" (step {metrics['step']})" if "step" in metrics else ""
@@ -332,7 +321,7 @@ def demo_card_data(fidelity: Mapping[str, Any]):
         (row for row in fidelity["rows"] if row.get("ensemble") == 1 and row.get("steps") == 1), fidelity["rows"][0]
     )
     metrics = {"mIoU": default["mIoU"], "pixel_accuracy": default["pixel_accuracy"]}
-    data = card_data(
+    return card_data(
         None,
         "digseg-demo",
         "digseg-synthetic-shapes",
@@ -342,7 +331,6 @@ def demo_card_data(fidelity: Mapping[str, Any]):
         dataset_split="test",
         tags=["synthetic-data"],
     )
-    return data
 
 
 def update_demo_card(card_path: str | os.PathLike, fidelity_path: str | os.PathLike) -> bool:
