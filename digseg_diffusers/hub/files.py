@@ -1,16 +1,9 @@
 """One resolver for "this file of a local folder or of a Hugging Face Hub repo", and what a Hub failure means.
 
-Adapters, class proposers and pipelines all accept a folder or a Hub id. They resolve their files here, through
-`huggingface_hub.hf_hub_download` (its cache, offline mode and token handling), and turn its typed errors into one
-policy:
-
-- the file is not in the repo (or not in the cache of a repo that is cached): ``None``, the caller decides whether
-  the file was optional;
-- the repo cannot be had at all (not cached and the Hub unreachable or ``HF_HUB_OFFLINE`` set, no such repo, no such
-  revision, not a repo id): an `OSError` that names the source and says what to do.
-
-Loaders that hand a Hub id to diffusers / transformers call `require_hub_source` first: it settles in a few seconds
-whether the source can be had at all, where huggingface_hub would retry for about 30 s and then raise a long chain.
+Files go through `hf_hub_download` (its cache, offline mode and token), with one policy: a file the repo lacks is
+``None`` (the caller knows whether it was optional); a repo that cannot be had at all is an `OSError` naming the
+source and what to do. Loaders that hand a Hub id to diffusers / transformers call `require_hub_source` first: it
+settles in seconds what huggingface_hub would retry for about 30 s before raising a long chain.
 """
 
 from __future__ import annotations
@@ -107,12 +100,9 @@ def is_hub_unreachable(error: BaseException | None) -> bool:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub endpoint answers one request within ``timeout`` seconds (False in offline mode).
-
-    huggingface_hub retries every failed look-up with back-off (about 23 s per file); a CLIP checkpoint already in
-    the cache took over two minutes to load on a machine without a route to the Hub, against 1 s with
-    ``local_files_only``. One request through huggingface_hub's own session (its endpoint, proxies and
-    certificates) tells which of the two to use. Any HTTP answer, even an error status, means reachable.
+    """Whether the Hub endpoint answers one request within ``timeout`` seconds (False in offline mode); any HTTP
+    answer, even an error status, means reachable. huggingface_hub's own session is used (its proxies, certificates):
+    its retries took over two minutes to load a cached CLIP checkpoint without a route to the Hub.
     """
     from huggingface_hub import constants, get_session
 
@@ -140,14 +130,10 @@ def looks_like_hub_id(source: str) -> bool:
 
 
 def require_hub_source(source: str | os.PathLike, what: str, **hub_kwargs: Any) -> None:
-    """Return at once if ``source`` can be loaded: a local folder, a repo in the Hugging Face cache, or a Hub that
-    answers; otherwise raise a one-line `OSError` naming ``source`` and the way out.
-
-    Without it, an uncached Hub id offline costs about 30 s of huggingface_hub retries per file and then a
-    traceback that never says "offline". ``HF_HUB_OFFLINE`` or ``local_files_only=True``: cached or fail at once;
-    otherwise one short request to the configured endpoint (`hub_reachable`) decides. ``what`` names the thing
-    being loaded ("the base model"); ``hub_kwargs`` are the loader's Hub arguments (``cache_dir``,
-    ``local_files_only``; the others are accepted and ignored).
+    """Return at once if ``source`` can be loaded (a local folder, a cached repo, or a Hub that answers); otherwise
+    raise a one-line `OSError` naming ``source`` and the way out, instead of ~30 s of retries per file and a traceback
+    that never says "offline". ``what`` names the thing loaded ("the base model"); of ``hub_kwargs`` only
+    ``cache_dir`` and ``local_files_only`` matter.
     """
     from huggingface_hub import constants
 
