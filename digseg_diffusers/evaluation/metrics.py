@@ -1,26 +1,15 @@
 """Segmentation metrics from an accumulated confusion matrix, and the IoU-against-threshold curve.
 
-Conventions (those of mmsegmentation's ``IoUMetric`` and detectron2's ``SemSegEvaluator``, so numbers compare with
-published ones):
+Conventions of mmsegmentation's ``IoUMetric`` and detectron2's ``SemSegEvaluator``, so numbers compare with
+published ones: ignored pixels are skipped; one confusion matrix over the whole dataset (no per-image averages);
+IoU ``TP / (TP + FP + FN)``, NaN (left out of mIoU) for a class in neither ground truth nor prediction, 0 (counted)
+for a class predicted but absent; accuracy (recall) NaN without ground-truth pixels; pixel accuracy
+``sum(TP) / non-ignored pixels``; Dice = F1 = ``2 TP / (2 TP + FP + FN)``. Predictions outside ``0..K-1`` ("no
+class") are misses of the true class without a false positive anywhere (an extra column).
 
-- pixels whose ground truth is the ignore index are skipped entirely;
-- the confusion matrix is accumulated over the whole dataset and the metrics are computed once at the end (not
-  averaged per image);
-- per-class IoU is ``TP / (TP + FP + FN)``; a class that appears neither in the ground truth nor in the prediction
-  has IoU NaN and is left out of mIoU. A class that is predicted but absent from the ground truth has IoU 0 and
-  counts. Per-class accuracy (recall) is NaN for classes without ground-truth pixels and left out of mAcc;
-- pixel accuracy is ``sum(TP) / number of non-ignored pixels``;
-- Dice = F1 = ``2 TP / (2 TP + FP + FN)`` per class, NaN when the class appears nowhere.
-
-Why not torchmetrics: accumulation is one ``torch.bincount``, and the averaging convention above has to be
-exact to be comparable with mmseg/detectron2 numbers. torchmetrics' segmentation-style averages fill absent
-classes with ``zero_division`` (0 by default) rather than leaving them out, its ``ignore_index`` handling in
-macro averages changed between releases (Lightning-AI/torchmetrics#1691, #1692), and its distributed sync goes
-through ``torch.distributed`` rather than accelerate. One plain count tensor, reduced with
-``accelerator.reduce(..., "sum")``, is simpler and keeps the package free of another dependency.
-
-Predictions outside ``0..K-1`` (e.g. a "no class" / background marker) are legal: they count as misses of the
-ground-truth class (a false negative without a false positive anywhere). They are stored in an extra column.
+Not torchmetrics: its averages fill absent classes with ``zero_division`` instead of leaving them out, its
+``ignore_index`` handling changed between releases (Lightning-AI/torchmetrics#1691, #1692) and it syncs through
+``torch.distributed``; one count tensor summed with ``accelerator.reduce(..., "sum")`` is exact and simpler.
 """
 
 from __future__ import annotations
@@ -61,17 +50,14 @@ def _as_tensor(x) -> torch.Tensor:
 
 
 def _divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """Elementwise division that gives NaN (not inf, not a warning) where the denominator is 0."""
+    """Elementwise division that gives NaN (not inf) where the denominator is 0."""
     numerator, denominator = numerator.double(), denominator.double()
-    result = torch.full_like(numerator, float("nan"))
-    nonzero = denominator > 0
-    result[nonzero] = numerator[nonzero] / denominator[nonzero]
-    return result
+    return torch.where(denominator > 0, numerator / denominator, float("nan"))
 
 
-def _nanmean(values: torch.Tensor) -> float:
-    valid = ~torch.isnan(values)
-    return float(values[valid].mean()) if bool(valid.any()) else float("nan")
+def _argmax_or_none(values: torch.Tensor) -> int | None:
+    """The index of the largest value, ignoring NaN; None when every value is NaN."""
+    return None if bool(torch.isnan(values).all()) else int(torch.nan_to_num(values, nan=-1.0).argmax())
 
 
 class ConfusionMatrix:
@@ -191,10 +177,10 @@ class ConfusionMatrix:
         dice = _divide(2 * tp, 2 * tp + fp + fn)
         total = gt.sum()
         result = {
-            "mIoU": _nanmean(iou),
+            "mIoU": float(iou.nanmean()),
             "pixel_accuracy": float(tp.sum() / total) if total > 0 else float("nan"),
-            "mean_accuracy": _nanmean(accuracy),
-            "mean_dice": _nanmean(dice),
+            "mean_accuracy": float(accuracy.nanmean()),
+            "mean_dice": float(dice.nanmean()),
             "num_pixels": int(total),
             "num_valid_classes": int((~torch.isnan(iou)).sum()),
             "per_class_iou": iou.tolist(),
@@ -229,13 +215,13 @@ class ConfusionMatrix:
         total = stats["ground_truth"].sum()
         tn = total - tp - fp - fn
         scalar = lambda n, d: float(n / d) if d > 0 else float("nan")  # noqa: E731
-        precision, recall = scalar(tp, tp + fp), scalar(tp, tp + fn)
+        f1 = scalar(2 * tp, 2 * tp + fp + fn)  # = Dice
         return {
             "iou": scalar(tp, tp + fp + fn),
-            "precision": precision,
-            "recall": recall,
-            "f1": scalar(2 * tp, 2 * tp + fp + fn),
-            "dice": scalar(2 * tp, 2 * tp + fp + fn),
+            "precision": scalar(tp, tp + fp),
+            "recall": scalar(tp, tp + fn),
+            "f1": f1,
+            "dice": f1,
             "accuracy": scalar(tp + tn, total),
         }
 
@@ -324,13 +310,10 @@ class IoUThresholdCurve:
         """``thresholds``; ``per_class_iou`` ``[C][T]`` (NaN where a class never appeared); ``mean_iou`` ``[T]``
         (mean over classes with a defined IoU); ``best_threshold`` / ``best_mean_iou``; ``per_class_best_threshold``."""
         iou = _divide(self.counts[..., 0].cpu(), self.counts[..., 1].cpu())  # [C, T]
-        mean = torch.stack([torch.tensor(_nanmean(iou[:, j]), dtype=torch.float64) for j in range(iou.shape[1])])
+        mean = iou.nanmean(dim=0)
         thresholds = self.thresholds.tolist()
-        best = None if bool(torch.isnan(mean).all()) else int(torch.nan_to_num(mean, nan=-1.0).argmax())
-        per_class_best = [
-            None if bool(torch.isnan(row).all()) else thresholds[int(torch.nan_to_num(row, nan=-1.0).argmax())]
-            for row in iou
-        ]
+        best = _argmax_or_none(mean)
+        per_class_best = [None if (j := _argmax_or_none(row)) is None else thresholds[j] for row in iou]
         return {
             "thresholds": thresholds,
             "per_class_iou": iou.tolist(),
