@@ -210,11 +210,8 @@ def select_prompt_index(prompts: list[str], select: str | int) -> int | None:
 
 
 def pick_mask(result: SegmentationResult, select: str | int, kind: str = "mask") -> torch.Tensor:
-    """One prompt's MASK ``[B, H, W]`` out of a segmentation result.
-
-    kind: "mask" (binary, probability > mask threshold; masks of different prompts may overlap), "probability"
-    (soft map in [0, 1]) or "region" (the prompt's label-map region: exclusive, background excluded).
-    """
+    """One prompt's MASK ``[B, H, W]``: its "mask" (binary: probability > mask threshold; may overlap other
+    prompts'), its "probability" map, or its label-map "region" (exclusive, background excluded)."""
     if kind not in PICK_KINDS:
         raise ValueError(f"kind must be one of {PICK_KINDS}; got {kind!r}.")
     index = select_prompt_index(result.prompts, select)
@@ -236,11 +233,8 @@ def demo_model_path() -> str | None:
 
 
 def list_model_folders(search_paths: list[str], max_depth: int = 2, marker: str = MODEL_INDEX) -> list[str]:
-    """Names ("/"-separated, relative) of the folders holding `marker` under the search paths.
-
-    Found up to `max_depth` levels deep (``models/digseg/org/name``); hidden folders and folders inside a model
-    folder are not listed.
-    """
+    """Names ("/"-separated, relative) of the folders holding `marker` under the search paths, up to `max_depth`
+    levels deep (``models/digseg/org/name``); hidden folders and folders inside a model folder are not listed."""
     found: set[str] = set()
     for root in search_paths:
         models: list[str] = []
@@ -254,10 +248,8 @@ def list_model_folders(search_paths: list[str], max_depth: int = 2, marker: str 
 
 
 def demo_model_vocabulary() -> list[str] | None:
-    """The classes the embedded demo model was trained on (its config's ``training_vocabulary``), or None.
-
-    Read from the config alone (no weights), so that the node schemas can say what the demo model segments.
-    """
+    """The classes the embedded demo model was trained on, or None: read from its config alone (no weights), so
+    that the node schemas can say what the demo model segments."""
     folder = demo_model_path()
     return None if folder is None else DiGSegPipeline.load_config(folder).get("training_vocabulary")
 
@@ -491,7 +483,7 @@ def resolve_vocabulary(vocabulary: str, custom_classes: str) -> tuple[list[str],
 
 
 def propose_classes(
-    proposer: Any,
+    proposer: DiGSegClassProposer,
     images: torch.Tensor,
     class_names: list[str],
     prompt_names: list[str] | None = None,
