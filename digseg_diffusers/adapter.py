@@ -1,44 +1,25 @@
 """The DiGSeg adapter: which parts of a Stable Diffusion U-Net are trained, and how they are saved and loaded.
 
 DiGSeg fine-tunes little of the U-Net (``method.md`` section 3): the cross-attention of two middle resolution
-levels, the mid-block attention, and ``conv_in`` (which takes the 8-channel ``[z_x, z_y,t]`` input), plus the
-text projection MLP. Everything else stays bitwise frozen, so an adapter is small and applies to any copy of
-the base model.
+levels, the mid-block attention (self- and cross-attention: the paper says "the mid-block attention"), and
+``conv_in`` (8-channel ``[z_x, z_y,t]`` input), plus the text projection MLP. Everything else stays frozen, so an
+adapter is small and applies to any copy of the base model.
 
-Modules are chosen by *structure*, not by hard-coded names, so every ``UNet2DConditionModel`` of the SD family
-(SD 1.x, SD 2.x, SDXL-like layouts, the tiny test U-Net) works:
+Modules are chosen by *structure*, not by name, so every SD-family ``UNet2DConditionModel`` works. Level ``k``
+is ``down_blocks[k]`` with its mirror ``up_blocks[n - 1 - k]``, both at ``1 / 2**k`` of the latent resolution.
+By default (``levels=None``) the two cross-attention levels closest to the middle ``(n - 1) / 2`` are trained:
+``(1, 2)`` for SD 1.x/2.x (the paper's "1/4 and 1/8 resolutions" does not say of what, so levels are
+configurable). Each selected attention contributes ``to_q``, ``to_k``, ``to_v`` and ``to_out.0``.
 
-- **Levels.** A level is a resolution of the U-Net. Level ``k`` is ``down_blocks[k]`` together with its mirror
-  ``up_blocks[n - 1 - k]`` (``n = len(down_blocks)``), both running at ``1 / 2**k`` of the latent resolution:
-  level 0 is the full latent resolution, level ``n - 1`` the coarsest. In SD2 (down: CrossAttn x3 + plain) the
-  levels with cross-attention are 0, 1, 2 (up_blocks 3, 2, 1). The mid block is not a level; it has its own
-  switch.
-- **Default levels** (``levels=None``): the two levels with cross-attention closest to the middle of the level
-  range, ``(n - 1) / 2``; for SD 1.x/2.x this is ``(1, 2)``, i.e. latent/2 and latent/4 (image/16 and image/32).
-  The paper's "1/4 and 1/8 resolutions" does not say relative to what, so the levels are configurable.
-- **Projections.** In a selected level, every cross-attention module (``attn2`` in SD's transformer blocks;
-  recognised by ``Attention.is_cross_attention``) contributes ``to_q``, ``to_k``, ``to_v`` and ``to_out.0``.
-  In the mid block, the cross-attention and (by default, ``mid_block_self_attention=True``) the
-  self-attention contribute the same four projections: the paper says "the mid-block attention", not only
-  its cross-attention.
-
-Two modes: ``"lora"`` injects PEFT LoRA layers (rank/alpha configurable) on those projections; ``"full"``
-trains their weights directly. In both, ``conv_in`` and the text projection are trained and saved whole.
-
-An adapter folder holds one safetensors file in the ecosystem's formats:
-
-- ``pytorch_lora_weights.safetensors`` ("lora" mode): diffusers' LoRA file, as diffusers' LoRA training scripts
-  write it. Keys ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (PEFT names), metadata
-  ``lora_adapter_metadata`` with the PEFT ``LoraConfig`` (rank, ``lora_alpha``, target modules), keys prefixed
-  ``unet.``. ``conv_in`` is stored whole as ``unet.conv_in.weight`` / ``.bias`` and declared in the config's
-  ``modules_to_save``, so ``unet.load_lora_adapter(file, prefix="unet")`` or PEFT load the LoRA *and* conv_in.
-  The text projection (a pipeline component, not part of the U-Net) is stored whole as ``text_projection.*``.
-- ``digseg_full_weights.safetensors`` ("full" mode): the selected projections' weights, same prefixes.
-
-Both carry the DiGSeg config document in the metadata key ``digseg_adapter`` (the config, the selected module
-names, and an architecture fingerprint that is checked before anything is loaded, so a wrong base model gives a
-clear ``ValueError``). DiGSeg's loaders (`load_adapter`, the pipeline's ``load_lora_weights``) read the whole
-file or nothing; a LoRA file without that document is refused.
+``"lora"`` mode injects PEFT LoRA layers on those projections, ``"full"`` trains their weights; ``conv_in`` and
+the text projection are trained and saved whole in both. An adapter folder holds one safetensors file:
+``pytorch_lora_weights.safetensors`` is diffusers' LoRA file (PEFT keys ``unet.<module>.lora_A.weight``, the PEFT
+``LoraConfig`` in ``lora_adapter_metadata``, ``conv_in`` declared in ``modules_to_save``, so
+``unet.load_lora_adapter(file, prefix="unet")`` loads the LoRA *and* conv_in); ``digseg_full_weights.safetensors``
+holds the selected weights. The text projection is stored as ``text_projection.*``. Both carry the DiGSeg config
+document (metadata key ``digseg_adapter``: config, module names, architecture fingerprint; a LoRA file without it
+is refused), checked before anything is loaded: a wrong base model gives a clear ``ValueError``, and a load applies
+all or nothing.
 """
 
 from __future__ import annotations
@@ -174,27 +155,21 @@ def _in_features(layer: nn.Module) -> int | None:
 
 
 def _attention_modules(block: nn.Module, prefix: str, cross_only: bool) -> list[str]:
-    names = []
-    for name, module in block.named_modules(prefix=prefix):
-        if _is_attention(module) and (not cross_only or _is_cross_attention(module)):
-            names.append(name)
-    return names
+    return [
+        name
+        for name, module in block.named_modules(prefix=prefix)
+        if _is_attention(module) and (not cross_only or _is_cross_attention(module))
+    ]
 
 
 def _projection_names(unet: nn.Module, attention_names: list[str]) -> list[str]:
     modules = dict(unet.named_modules())
-    names = []
-    for attention_name in attention_names:
-        attention = modules[attention_name]
-        for projection in ATTENTION_PROJECTIONS:
-            if projection == "to_out.0":
-                to_out = attention.to_out
-                present = isinstance(to_out, (nn.ModuleList, nn.Sequential)) and len(to_out) > 0
-            else:
-                present = getattr(attention, projection, None) is not None
-            if present:
-                names.append(f"{attention_name}.{projection}")
-    return names
+    return [
+        f"{attention_name}.{projection}"
+        for attention_name in attention_names
+        for projection in ATTENTION_PROJECTIONS
+        if f"{attention_name}.{projection}" in modules
+    ]
 
 
 def _level_blocks(unet: nn.Module) -> list[list[tuple[str, nn.Module]]]:
@@ -282,14 +257,33 @@ def _lora_config(config: DiGSegAdapterConfig, target_modules: list[str]):
     )
 
 
-def _has_lora(unet: nn.Module) -> bool:
-    return PEFT_ADAPTER_NAME in (getattr(unet, "peft_config", None) or {})
+def has_digseg_lora(unet: nn.Module) -> bool:
+    """Whether ``unet`` carries a LoRA under the DiGSeg adapter name (injected by `apply_adapter` or loaded)."""
+    return PEFT_ADAPTER_NAME in (getattr(_unwrap(unet), "peft_config", None) or {})
 
 
-def _tuner_layers(unet: nn.Module):
+def lora_layers(unet: nn.Module, merged: bool | None = None, adapter: str | None = None) -> list[nn.Module]:
+    """The PEFT layers of ``unet``: with ``merged``, those with (True) or without (False) a fused adapter; with
+    ``adapter``, those carrying that adapter name."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
+    return [
+        module
+        for module in _unwrap(unet).modules()
+        if isinstance(module, BaseTunerLayer)
+        and (merged is None or bool(module.merged_adapters) == merged)
+        and (adapter is None or adapter in getattr(module, "lora_A", {}))
+    ]
+
+
+def _remove_peft_layers(unet: nn.Module) -> None:
+    """Put the plain layers back, so the U-Net is structurally what it was (as diffusers' `unload_lora` does)."""
+    from diffusers.utils import recurse_remove_peft_layers
+
+    recurse_remove_peft_layers(unet)
+    del unet.peft_config
+    if hasattr(unet, "_hf_peft_config_loaded"):
+        unet._hf_peft_config_loaded = None
 
 
 def _inject_lora(unet: nn.Module, config: DiGSegAdapterConfig, target_modules: list[str]) -> None:
@@ -305,23 +299,13 @@ def _inject_lora(unet: nn.Module, config: DiGSegAdapterConfig, target_modules: l
 
 def _remove_lora(unet: nn.Module) -> None:
     """Drop a previously injected DiGSeg LoRA (unfusing it first), leaving the base weights as they were."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     unfuse_adapter(unet)
     unet.peft_config.pop(PEFT_ADAPTER_NAME, None)
-    if not unet.peft_config:
-        # No other adapter: put the plain layers back, so the U-Net is structurally what it was (as diffusers'
-        # `unload_lora` does).
-        from diffusers.utils import recurse_remove_peft_layers
-
-        recurse_remove_peft_layers(unet)
-        del unet.peft_config
-        if hasattr(unet, "_hf_peft_config_loaded"):
-            unet._hf_peft_config_loaded = None
+    if not unet.peft_config:  # no other adapter
+        _remove_peft_layers(unet)
         return
-    for module in unet.modules():
-        if isinstance(module, BaseTunerLayer) and PEFT_ADAPTER_NAME in getattr(module, "lora_A", {}):
-            module.delete_adapter(PEFT_ADAPTER_NAME)
+    for module in lora_layers(unet, adapter=PEFT_ADAPTER_NAME):
+        module.delete_adapter(PEFT_ADAPTER_NAME)
 
 
 def _set_trainable(
@@ -363,13 +347,13 @@ def apply_adapter(
     unfrozen whole when the config says so. Returns the trainable parameters, for the optimizer.
     """
     unet = _unwrap(unet)
-    text_projection = None if text_projection is None else _unwrap(text_projection)
+    text_projection = _unwrap(text_projection)
     config = resolve_config(unet, config or DiGSegAdapterConfig())
     _check_text_projection(text_projection, config)
     target_modules = select_adapter_modules(unet, config)
     if not target_modules and config.mode == "lora":
         raise ValueError("The adapter config selects no attention module: give `levels` or `include_mid_block`.")
-    if _has_lora(unet):
+    if has_digseg_lora(unet):
         raise ValueError(
             "`unet` already carries a DiGSeg LoRA adapter; apply the adapter to a fresh U-Net, or use "
             "`load_adapter(..., is_trainable=True)` to continue training a saved one."
@@ -389,29 +373,42 @@ def adapter_state_dict(
     ``text_projection.<name>``.
     """
     unet = _unwrap(unet)
-    text_projection = None if text_projection is None else _unwrap(text_projection)
+    text_projection = _unwrap(text_projection)
     config = resolve_config(unet, config or _recorded_config(unet) or DiGSegAdapterConfig())
     _check_text_projection(text_projection, config)
-    state: dict[str, torch.Tensor] = {}
+    attention: dict[str, torch.Tensor] = {}
     if config.mode == "lora":
-        if not _has_lora(unet):
+        if not has_digseg_lora(unet):
             raise ValueError("`unet` has no DiGSeg LoRA adapter; call `apply_adapter` first (or use mode='full').")
         from peft import get_peft_model_state_dict
 
-        lora_state = get_peft_model_state_dict(unet, adapter_name=PEFT_ADAPTER_NAME)
-        state.update({UNET_PREFIX + key: value for key, value in lora_state.items()})
+        attention = get_peft_model_state_dict(unet, adapter_name=PEFT_ADAPTER_NAME)
     else:
         modules = dict(unet.named_modules())
         for name in select_adapter_modules(unet, config):
-            module = modules[name]
-            if hasattr(module, "base_layer"):
+            if hasattr(modules[name], "base_layer"):
                 raise ValueError(f"`{name}` is wrapped by a LoRA layer; a 'full' adapter needs a U-Net without LoRA.")
-            state.update({f"{UNET_PREFIX}{name}.{key}": value for key, value in module.state_dict().items()})
-    if config.train_conv_in:
-        state.update({f"{UNET_PREFIX}conv_in.{key}": value for key, value in unet.conv_in.state_dict().items()})
-    if config.train_text_projection:
-        state.update({TEXT_PROJECTION_PREFIX + key: value for key, value in text_projection.state_dict().items()})
-    return {key: value.detach().to("cpu").clone().contiguous() for key, value in state.items()}
+            attention.update({f"{name}.{key}": value for key, value in modules[name].state_dict().items()})
+    conv_in = unet.conv_in.state_dict() if config.train_conv_in else {}
+    return adapter_tensors(attention, conv_in, text_projection.state_dict() if config.train_text_projection else {})
+
+
+def adapter_tensors(
+    attention: Mapping[str, torch.Tensor], conv_in: Mapping[str, torch.Tensor], text_projection: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """An adapter file's tensors (CPU copies, keys ``unet.*`` / ``text_projection.*``) from its parts: the
+    attention tensors (LoRA keys as PEFT writes them, without the adapter name, or full weights), the state of
+    ``conv_in`` and of the text projection."""
+    parts = {UNET_PREFIX: attention, f"{UNET_PREFIX}conv_in.": conv_in, TEXT_PROJECTION_PREFIX: text_projection}
+    return {
+        prefix + key: value.detach().to("cpu").clone().contiguous()
+        for prefix, part in parts.items()
+        for key, value in part.items()
+    }
+
+
+def _unprefixed(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
 
 
 # ------------------------------------------------------------------------------------------ fingerprinting
@@ -436,19 +433,18 @@ def _text_projection_features(text_projection: nn.Module) -> tuple[int | None, i
     return in_features, out_features
 
 
+_FINGERPRINT_CONFIG_KEYS = (
+    "in_channels", "cross_attention_dim", "block_out_channels", "layers_per_block", "transformer_layers_per_block",
+    "down_block_types", "up_block_types",
+)  # fmt: skip
+
+
 def architecture_fingerprint(unet: nn.Module, text_projection: nn.Module | None = None) -> dict[str, Any]:
     """The shape-defining facts an adapter depends on; saved with it and compared when loading."""
     unet = _unwrap(unet)
-    fingerprint = {
-        "unet_class": type(unet).__name__,
-        "in_channels": _config_value(unet, "in_channels") or unet.conv_in.in_channels,
-        "cross_attention_dim": _config_value(unet, "cross_attention_dim"),
-        "block_out_channels": _config_value(unet, "block_out_channels"),
-        "layers_per_block": _config_value(unet, "layers_per_block"),
-        "transformer_layers_per_block": _config_value(unet, "transformer_layers_per_block"),
-        "down_block_types": _config_value(unet, "down_block_types"),
-        "up_block_types": _config_value(unet, "up_block_types"),
-    }
+    fingerprint = {name: _config_value(unet, name) for name in _FINGERPRINT_CONFIG_KEYS}
+    fingerprint["unet_class"] = type(unet).__name__
+    fingerprint["in_channels"] = fingerprint["in_channels"] or unet.conv_in.in_channels
     if text_projection is not None:
         in_features, out_features = _text_projection_features(_unwrap(text_projection))
         fingerprint["text_projection_in_features"] = in_features
@@ -511,10 +507,10 @@ def save_adapter(
     if os.path.isfile(save_directory):
         raise ValueError(f"`save_directory` {str(save_directory)!r} is a file; give a folder.")
     unet = _unwrap(unet)
-    text_projection = None if text_projection is None else _unwrap(text_projection)
+    text_projection = _unwrap(text_projection)
     config = resolve_config(unet, config or _recorded_config(unet) or DiGSegAdapterConfig())
     target_modules = select_adapter_modules(unet, config)
-    if config.mode == "lora" and _has_lora(unet) and not _lora_layout_matches(unet, config, target_modules):
+    if config.mode == "lora" and has_digseg_lora(unet) and not _lora_layout_matches(unet, config, target_modules):
         existing = unet.peft_config[PEFT_ADAPTER_NAME]
         raise ValueError(
             f"The U-Net's DiGSeg LoRA (rank {existing.r}, alpha {existing.lora_alpha}) was not made with this "
@@ -698,13 +694,13 @@ def _check_tensors(loaded: dict[str, torch.Tensor], expected: dict[str, Any], wh
         for key in sorted(set(loaded) & set(expected))
         if loaded[key].shape != _shape(expected[key])
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    if unexpected:
-        problems.append(f"unexpected {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
-    if mismatched:
-        problems.append("shape mismatch " + "; ".join(mismatched[:5]) + (" ..." if len(mismatched) > 5 else ""))
+    problems = [
+        f"{label} {separator.join(items[:5])}" + (" ..." if len(items) > 5 else "")
+        for label, separator, items in (
+            ("missing", ", ", missing), ("unexpected", ", ", unexpected), ("shape mismatch", "; ", mismatched)
+        )
+        if items
+    ]
     if problems:
         message = " | ".join(problems)
         raise ValueError(f"The DiGSeg adapter from {source} does not fit this {what}: {message.removesuffix(' ...')}.")
@@ -729,16 +725,11 @@ def _expected_lora_shapes(
 
 def _lora_layout_matches(unet: nn.Module, config: DiGSegAdapterConfig, target_modules: list[str]) -> bool:
     """Whether `unet` already carries an unfused DiGSeg LoRA on exactly these modules with this rank and alpha."""
-    if not _has_lora(unet) or is_adapter_fused(unet):
+    if not has_digseg_lora(unet) or is_adapter_fused(unet):
         return False
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     # Compare the layers that really carry the LoRA: peft may store `target_modules` shortened to suffixes.
-    adapted = sorted(
-        name
-        for name, module in unet.named_modules()
-        if isinstance(module, BaseTunerLayer) and PEFT_ADAPTER_NAME in getattr(module, "lora_A", {})
-    )
+    carriers = set(lora_layers(unet, adapter=PEFT_ADAPTER_NAME))
+    adapted = sorted(name for name, module in unet.named_modules() if module in carriers)
     existing = unet.peft_config[PEFT_ADAPTER_NAME]
     return (
         adapted == sorted(target_modules)
@@ -748,11 +739,10 @@ def _lora_layout_matches(unet: nn.Module, config: DiGSegAdapterConfig, target_mo
 
 
 def _copy_into(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     with torch.no_grad():
-        parameters = dict(module.named_parameters())
-        parameters.update(dict(module.named_buffers()))
         for key, value in state.items():
-            parameters[key].copy_(value)
+            tensors[key].copy_(value)
 
 
 @dataclass
@@ -782,7 +772,7 @@ def prepare_adapter(
     mismatch raises ``ValueError``, so loading either applies the whole adapter or nothing.
     """
     unet = _unwrap(unet)
-    text_projection = None if text_projection is None else _unwrap(text_projection)
+    text_projection = _unwrap(text_projection)
     if isinstance(directory_or_hub_id, Mapping):
         state, source = dict(directory_or_hub_id), "the given state dict"
         document = _document_of_state_dict(unet, state)
@@ -809,12 +799,7 @@ def prepare_adapter(
             "layout as its base model."
         )
 
-    unet_state = {key[len(UNET_PREFIX) :]: value for key, value in state.items() if key.startswith(UNET_PREFIX)}
-    projection_state = {
-        key[len(TEXT_PROJECTION_PREFIX) :]: value
-        for key, value in state.items()
-        if key.startswith(TEXT_PROJECTION_PREFIX)
-    }
+    unet_state, projection_state = _unprefixed(state, UNET_PREFIX), _unprefixed(state, TEXT_PROJECTION_PREFIX)
     stray = sorted(key for key in state if not key.startswith((UNET_PREFIX, TEXT_PROJECTION_PREFIX)))
     if stray:
         raise ValueError(f"The adapter {source} has tensors that belong to no component: {', '.join(stray[:5])}.")
@@ -861,7 +846,7 @@ def load_adapter(
     Returns the adapter's config.
     """
     unet = _unwrap(unet)
-    text_projection = None if text_projection is None else _unwrap(text_projection)
+    text_projection = _unwrap(text_projection)
     adapter = prepare_adapter(unet, text_projection, directory_or_hub_id, subfolder=subfolder, **hub_kwargs)
     config, target_modules = adapter.config, adapter.target_modules
 
@@ -869,7 +854,7 @@ def load_adapter(
     # resuming from a checkpoint) is refilled in place, so that optimizers and DDP wrappers that hold its
     # parameters stay valid; any other LoRA is replaced.
     refill = config.mode == "lora" and _lora_layout_matches(unet, config, target_modules)
-    if _has_lora(unet) and not refill:
+    if has_digseg_lora(unet) and not refill:
         _remove_lora(unet)
     if config.mode == "lora":
         from peft import set_peft_model_state_dict
@@ -939,8 +924,6 @@ class WholeWeightAdapters:
 # --------------------------------------------------------------------------------------------------- fusing
 
 
-# The base weight of each fused layer, kept so that unfusing restores it bit for bit (subtracting the LoRA
-# delta again, as PEFT's `unmerge` does, leaves rounding errors). A non-persistent buffer follows `.to()`.
 _UNFUSED_WEIGHT_BUFFER = "digseg_unfused_weight"
 
 
@@ -968,14 +951,11 @@ def fuse_adapter(unet: nn.Module, safe_merge: bool = False) -> None:
     ``unfuse_adapter`` restores them exactly. ``safe_merge=True`` checks the merged weights for NaNs first.
     """
     unet = _unwrap(unet)
-    if not _has_lora(unet):
+    if not has_digseg_lora(unet):
         logger.info("No DiGSeg LoRA in this U-Net: nothing to fuse ('full' adapters are already in the weights).")
         return
-    layers = [
-        layer
-        for layer in _tuner_layers(unet)
-        if PEFT_ADAPTER_NAME in getattr(layer, "lora_A", {}) and PEFT_ADAPTER_NAME not in layer.merged_adapters
-    ]
+    layers = lora_layers(unet, adapter=PEFT_ADAPTER_NAME)
+    layers = [layer for layer in layers if PEFT_ADAPTER_NAME not in layer.merged_adapters]
     if any(layer.merged_adapters for layer in layers):
         raise ValueError("Another adapter is fused into this U-Net; unfuse it before fusing the DiGSeg one.")
     stash_base_weights(layers)
@@ -985,7 +965,7 @@ def fuse_adapter(unet: nn.Module, safe_merge: bool = False) -> None:
 
 def unfuse_adapter(unet: nn.Module) -> None:
     """Undo ``fuse_adapter``: restore the original base weights exactly and apply the LoRA on the fly again."""
-    layers = [layer for layer in _tuner_layers(_unwrap(unet)) if PEFT_ADAPTER_NAME in getattr(layer, "merged_adapters", [])]
+    layers = _fused_layers(unet)
     for layer in layers:
         layer.unmerge()
     restore_base_weights(layers)
@@ -1021,7 +1001,12 @@ def plain_copy(module: nn.Module, overrides: dict[str, torch.Tensor] | None = No
 
 def is_adapter_fused(unet: nn.Module) -> bool:
     """Whether the DiGSeg LoRA is currently merged into the base weights."""
-    return any(PEFT_ADAPTER_NAME in getattr(layer, "merged_adapters", []) for layer in _tuner_layers(_unwrap(unet)))
+    return bool(_fused_layers(unet))
+
+
+def _fused_layers(unet: nn.Module) -> list[nn.Module]:
+    """The layers the DiGSeg LoRA is merged into."""
+    return [layer for layer in lora_layers(unet, merged=True) if PEFT_ADAPTER_NAME in layer.merged_adapters]
 
 
 def merge_and_unload_adapter(unet: nn.Module) -> nn.Module:
@@ -1031,15 +1016,10 @@ def merge_and_unload_adapter(unet: nn.Module) -> nn.Module:
     include the adapter. A U-Net without a LoRA ('full' mode) is returned unchanged.
     """
     unet = _unwrap(unet)
-    if not _has_lora(unet):
+    if not has_digseg_lora(unet):
         return unet
-    from diffusers.utils import recurse_remove_peft_layers
-
     fuse_adapter(unet)
-    for layer in _tuner_layers(unet):
+    for layer in lora_layers(unet):
         layer._buffers.pop(_UNFUSED_WEIGHT_BUFFER, None)
-    recurse_remove_peft_layers(unet)
-    del unet.peft_config
-    if hasattr(unet, "_hf_peft_config_loaded"):
-        unet._hf_peft_config_loaded = None
+    _remove_peft_layers(unet)
     return unet

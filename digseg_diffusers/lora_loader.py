@@ -22,16 +22,14 @@ from diffusers.utils import logging
 
 from .adapter import (
     PEFT_ADAPTER_NAME,
-    TEXT_PROJECTION_PREFIX,
-    UNET_PREFIX,
     DiGSegAdapterConfig,
     WholeWeightAdapters,
-    _copy_into,
-    _has_lora,
-    _tuner_layers,
+    adapter_tensors,
     architecture_fingerprint,
     fuse_adapter,
+    has_digseg_lora,
     load_adapter,
+    lora_layers,
     peft_lora_config_dict,
     plain_copy,
     prepare_adapter,
@@ -108,7 +106,7 @@ class DiGSegLoraLoaderMixin(LoraBaseMixin):
     def _add_lora(self, adapter, adapter_name: str) -> None:
         if self._has_trainable_lora():
             raise ValueError("The U-Net carries a trainable DiGSeg LoRA (`apply_adapter`); save it, then load it here.")
-        if any(layer.merged_adapters for layer in _tuner_layers(self.unet)):
+        if lora_layers(self.unet, merged=True):
             raise ValueError("A LoRA is fused into the U-Net; call `unfuse_lora()` before loading another adapter.")
         metadata = peft_lora_config_dict(adapter.config, adapter.target_modules, conv_in=False)
         # `prepare_adapter` has matched every tensor to the model: diffusers' warning about the *other* adapters'
@@ -140,7 +138,7 @@ class DiGSegLoraLoaderMixin(LoraBaseMixin):
             return
         bank = self._lora_state()["bank"]
         trainable = self._has_trainable_lora()
-        fused = any(layer.merged_adapters for layer in _tuner_layers(self.unet))
+        fused = bool(lora_layers(self.unet, merged=True))
         unet_overrides, text_projection = {}, self.text_projection
         if trainable and not fused:
             fuse_adapter(self.unet)  # exact to undo (the base weights are kept), see `unfuse_adapter`
@@ -148,7 +146,7 @@ class DiGSegLoraLoaderMixin(LoraBaseMixin):
             unet_overrides = {f"conv_in.{key}": value for key, value in bank.base.get("conv_in", {}).items()}
             if "text_projection" in bank.base:
                 text_projection = copy.deepcopy(self.text_projection)
-                _copy_into(text_projection, bank.base["text_projection"])
+                text_projection.load_state_dict(bank.base["text_projection"])
             self._save_loaded_adapters(os.path.join(save_directory, SAVED_ADAPTERS_FOLDER))
         originals = {"unet": self.unet, "text_projection": self.text_projection}
         try:
@@ -165,11 +163,12 @@ class DiGSegLoraLoaderMixin(LoraBaseMixin):
 
         state = self._lora_state()
         for name, (config, target_modules) in state["layouts"].items():
-            tensors = {UNET_PREFIX + k: v for k, v in get_peft_model_state_dict(self.unet, adapter_name=name).items()}
             whole = state["bank"].adapters.get(name, {})
-            tensors.update({f"{UNET_PREFIX}conv_in.{k}": v for k, v in whole.get("conv_in", {}).items()})
-            tensors.update({TEXT_PROJECTION_PREFIX + k: v for k, v in whole.get("text_projection", {}).items()})
-            tensors = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
+            tensors = adapter_tensors(
+                get_peft_model_state_dict(self.unet, adapter_name=name),
+                whole.get("conv_in", {}),
+                whole.get("text_projection", {}),
+            )
             architecture = architecture_fingerprint(self.unet, self.text_projection if config.train_text_projection else None)
             write_adapter_file(os.path.join(folder, name), tensors, config, target_modules, architecture)
         logger.warning(
@@ -225,7 +224,7 @@ class DiGSegLoraLoaderMixin(LoraBaseMixin):
         """Remove every adapter: the U-Net loses its LoRA layers; conv_in and the text projection get their base
         weights back exactly. After `fuse_lora` the fused weights stay, as in diffusers: fuse, unload, then
         `save_pretrained` saves the merged model."""
-        fused = any(layer.merged_adapters for layer in _tuner_layers(self.unet))
+        fused = bool(lora_layers(self.unet, merged=True))
         if getattr(self.unet, "peft_config", None):
             super().unload_lora_weights()
         bank = self._lora_state()["bank"]
@@ -244,7 +243,7 @@ class DiGSegLoraLoaderMixin(LoraBaseMixin):
                 raise ValueError("The trainable DiGSeg LoRA fuses at scale 1 only; save and load it to use a scale.")
             fuse_adapter(self.unet, safe_merge=safe_fusing)
             return
-        stash_base_weights([layer for layer in _tuner_layers(self.unet) if not layer.merged_adapters])
+        stash_base_weights(lora_layers(self.unet, merged=False))
         super().fuse_lora(components=["unet"], lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names)
 
     def unfuse_lora(self, **kwargs: Any) -> None:
@@ -252,7 +251,7 @@ class DiGSegLoraLoaderMixin(LoraBaseMixin):
         if self._has_trainable_lora():
             unfuse_adapter(self.unet)
             return
-        merged = [layer for layer in _tuner_layers(self.unet) if layer.merged_adapters]
+        merged = lora_layers(self.unet, merged=True)
         super().unfuse_lora(components=["unet"])
         restore_base_weights(merged)
 
@@ -267,7 +266,7 @@ class DiGSegLoraLoaderMixin(LoraBaseMixin):
 
     def _has_trainable_lora(self) -> bool:
         """Whether the U-Net carries the LoRA `apply_adapter` injects for training (not one loaded here)."""
-        return _has_lora(self.unet) and PEFT_ADAPTER_NAME not in self._lora_state()["bank"].adapters
+        return has_digseg_lora(self.unet) and PEFT_ADAPTER_NAME not in self._lora_state()["bank"].adapters
 
     def _whole_weight_modules(self) -> dict[str, torch.nn.Module]:
         return {"conv_in": self.unet.conv_in, "text_projection": self.text_projection}
