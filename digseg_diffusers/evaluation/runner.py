@@ -1,21 +1,11 @@
-"""Running a DiGSeg pipeline over labelled examples and accumulating a confusion matrix.
+"""Running a DiGSeg pipeline over labelled examples and accumulating a confusion matrix: the one evaluation
+protocol of the training script's validation, `training/evaluate.py` and the demo model's benchmark.
 
-One place for the closed-vocabulary protocol, used by the training script's periodic validation,
-`training/evaluate.py` and the demo model's benchmark: every dataset class is a prompt, the pipeline's label map
-(0 = background, k + 1 = class k) is compared with the dataset's (class indices, -1 = background,
-`ignore_index` = ignored).
-
-Background: datasets whose label maps have a valid "no class" value (the synthetic world, VOC-style data)
-are scored with one extra class, "background", at index K, so that a class predicted on background counts as a
-false positive. Datasets without a background value (ADE20K-150 maps 0 to ignore) are unaffected.
-
-Open-vocabulary protocol (`evaluate_example` with a class proposer): only the proposed classes are segmented, so
-pixels of a class that was not proposed are necessarily predicted as another class or background: misses. An image
-with no proposed class is predicted as background everywhere.
-
-`EvaluationAccumulator` holds one setting's counts as plain tensors (confusion matrix, IoU-vs-threshold curve,
-proposal statistics, time), so that shards of a dataset can be evaluated by different processes, checkpointed
-(`save_partial` / `load_partial`) and summed (``accelerator.reduce(tensor, "sum")``) before `compute`.
+Closed vocabulary: every dataset class is a prompt. Open vocabulary (`evaluate_example` with a class proposer):
+only the proposed classes are segmented, so a class not proposed is a miss. Datasets with a valid "no class" value
+score background as an extra class K, so a class predicted on background is a false positive.
+`EvaluationAccumulator` keeps one setting's counts as plain tensors, so shards can be evaluated by several
+processes, checkpointed (`save_partial` / `load_partial`) and summed (``accelerator.reduce``) before `compute`.
 """
 
 from __future__ import annotations
@@ -29,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from digseg_diffusers.atomic_io import atomic_file
 from digseg_diffusers.data.readers import BACKGROUND_INDEX
 from digseg_diffusers.evaluation.metrics import ConfusionMatrix, IoUThresholdCurve
 from digseg_diffusers.image_processing import label_map_from_best
@@ -113,6 +104,9 @@ DEFAULT_CURVE_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in 
 
 SUMMARY_METRICS = ("mIoU", "pixel_accuracy", "mean_accuracy", "mean_dice")
 """The scalar metrics of a setting that go into a model card's model-index."""
+
+PER_CLASS_METRICS = ("iou", "accuracy", "precision", "dice", "pixels")
+"""A setting's ``per_class`` entries: `ConfusionMatrix.compute`'s ``per_class_<name>`` lists, by class name."""
 
 
 @dataclass(frozen=True)
@@ -270,11 +264,7 @@ class EvaluationAccumulator:
     def merge_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Add another shard's counts."""
         state = self._checked(state)
-        self.confusion.counts += state["confusion"]
-        if self.curve is not None:
-            self.curve.counts += state["curve"]
-        self.proposal_counts += state["proposal_counts"]
-        self.seconds += state["seconds"]
+        self.load_state_dict({key: counts + state[key] for key, counts in self.state_dict().items()})
 
     # -------------------------------------------------------------------------- results
     def compute(self) -> dict:
@@ -286,13 +276,7 @@ class EvaluationAccumulator:
         result = {key: metrics[key] for key in SUMMARY_METRICS + ("num_pixels", "num_valid_classes")}
         result["background_class"] = self.include_background
         result["per_class"] = {
-            name: {
-                "iou": metrics["per_class_iou"][k],
-                "accuracy": metrics["per_class_accuracy"][k],
-                "precision": metrics["per_class_precision"][k],
-                "dice": metrics["per_class_dice"][k],
-                "pixels": metrics["per_class_pixels"][k],
-            }
+            name: {metric: metrics[f"per_class_{metric}"][k] for metric in PER_CLASS_METRICS}
             for k, name in enumerate(names)
         }
         if self.num_classes == 1:  # binary task (roads, lesions): the one class against the rest
@@ -382,9 +366,8 @@ def save_partial(
         "fingerprint": dict(fingerprint),
         "settings": {setting.name: accumulator.state_dict() for setting, accumulator in accumulators.items()},
     }
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_partial(
