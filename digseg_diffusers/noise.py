@@ -1,34 +1,23 @@
 """Training noise for DiGSeg: multi-resolution noise, optionally annealed over the diffusion timestep.
 
-A segmentation mask is mostly large flat regions. White Gaussian noise destroys its low frequencies slowly, so
-at high t the model can still read the mask's layout from ``z_t`` and never learns to produce it. Adding
-low-resolution noise components ("multi-resolution" / pyramid noise) destroys the coarse structure as well;
-annealing those components with the timestep keeps the noise close to the white Gaussian noise that DDPM
-theory assumes near ``t = 0``, where the model refines fine detail.
-
+Masks are mostly large flat regions, whose low frequencies white noise destroys slowly: at high t the model can
+still read the layout from ``z_t`` and never learns to produce it. Low-resolution ("pyramid") noise destroys the
+coarse structure too; annealing it with t keeps the noise near the white noise DDPM assumes close to ``t = 0``.
 The construction (``method.md`` section 3, the paper's appendix A.1)::
 
     eps = eps_0 + sum_{i >= 1} w_i(t) * up(eps_i),   then divided by its std (per sample)
 
-``eps_0`` is Gaussian at the latent resolution, ``eps_i`` is Gaussian at a resolution smaller by ``r**i``
-(``r`` drawn uniformly in ``[2, 4]`` once per sample; ``floor``, at least one pixel), ``up`` is bilinear
-upsampling back to the latent resolution. The pyramid stops after the first level that is one pixel high or
-wide (or after ``max_levels``). The result is rescaled to unit std per sample; its mean is left alone (the
-coarsest levels deliberately give each sample a per-channel offset, as offset noise does).
+``eps_i`` is Gaussian at the latent resolution divided by ``r**i`` (``r ~ U[2, 4]`` per sample; floored, at least
+one pixel), ``up`` bilinear upsampling; the pyramid stops after the first level one pixel high or wide (or at
+``max_levels``). The mean is left alone (coarse levels give a per-channel offset, as offset noise does).
+The paper's Table 4 variants (``NOISE_VARIANTS``; it never defines "annealed" and "multi-resolution" apart):
 
-The four variants of the paper's Table 4 (``NOISE_VARIANTS``). The paper never defines "annealed" and
-"multi-resolution" separately; these are the readings we chose:
-
-- ``"gaussian"``: ``eps = eps_0``, exactly ``torch.randn`` (no rescaling), the standard DDPM noise.
-- ``"annealed"``: annealing applied to Gaussian noise. Annealing needs a low-frequency component to act on,
-  and a single Gaussian is scale-free after renormalisation, so this variant adds only the first pyramid
-  level with its annealed weight: ``eps = eps_0 + (s * t / T) * up(eps_1)``. It is the smallest change from
-  Gaussian noise that annealing can make, matching the paper's "relatively minor effect".
-- ``"multires"``: the standard (un-annealed) multi-resolution noise the appendix starts from: the full pyramid
-  with fixed weights ``w_i = s**i``, independent of ``t``.
-- ``"multires_annealed"`` (DiGSeg's default): the full pyramid with ``w_i(t) = (s * t / T)**i``; low
-  frequencies are strong at high noise levels and fade as ``t -> 0``. ``method.md`` follows the appendix here;
-  the main text's sentence saying the opposite is ignored.
+- ``"gaussian"``: exactly ``torch.randn`` (no rescaling), the standard DDPM noise.
+- ``"annealed"``: only the first pyramid level, annealed: ``eps_0 + (s * t / T) * up(eps_1)`` (a lone Gaussian
+  is scale-free after renormalisation; the smallest change annealing can make: the paper's "minor effect").
+- ``"multires"``: the full pyramid with fixed weights ``w_i = s**i``.
+- ``"multires_annealed"`` (default): ``w_i(t) = (s * t / T)**i``, strong low frequencies at high noise that fade
+  as ``t -> 0`` (the appendix; the main text's sentence saying the opposite is ignored).
 
 Only the training noise changes; inference still starts from ``N(0, I)``.
 """
@@ -40,6 +29,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .scheduling import check_generator_list
+
 NOISE_VARIANTS: tuple[str, ...] = ("gaussian", "annealed", "multires", "multires_annealed")
 DEFAULT_NOISE_VARIANT = "multires_annealed"
 DEFAULT_NOISE_STRENGTH = 0.9
@@ -49,24 +40,16 @@ DOWNSCALE_RANGE: tuple[float, float] = (2.0, 4.0)
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
 
 
-def _generator_device(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
-    return generator.device if generator is not None else fallback
-
-
 def _check_num_train_timesteps(num_train_timesteps: int) -> None:
     if not isinstance(num_train_timesteps, int) or num_train_timesteps <= 0:
         raise ValueError(f"`num_train_timesteps` must be a positive int, got {num_train_timesteps!r}.")
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Float32 Gaussian drawn on the generator's device (so a CPU generator gives the same numbers everywhere)."""
-    draw_device = _generator_device(generator, device)
-    return torch.randn(shape, generator=generator, device=draw_device, dtype=torch.float32).to(device)
-
-
-def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    draw_device = _generator_device(generator, device)
-    return torch.rand(shape, generator=generator, device=draw_device, dtype=torch.float32).to(device)
+def _draw(sample, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Float32 ``sample`` (``torch.randn`` / ``torch.rand``) drawn on the generator's device (so a CPU generator
+    gives the same numbers everywhere), moved to ``device``."""
+    draw_device = generator.device if generator is not None else device
+    return sample(shape, generator=generator, device=draw_device, dtype=torch.float32).to(device)
 
 
 def _per_sample_generators(generator: GeneratorArg, batch_size: int) -> list[torch.Generator | None] | None:
@@ -74,13 +57,7 @@ def _per_sample_generators(generator: GeneratorArg, batch_size: int) -> list[tor
     if generator is None or isinstance(generator, torch.Generator):
         return None
     generators = list(generator)
-    if len(generators) != batch_size:
-        raise ValueError(
-            f"`generator` is a list of {len(generators)} generators but the batch has {batch_size} samples; "
-            "pass one generator per sample or a single generator."
-        )
-    if not all(isinstance(g, torch.Generator) for g in generators):
-        raise ValueError("`generator` must be a torch.Generator, a list of torch.Generator, or None.")
+    check_generator_list(generators, batch_size, f"one generator per sample ({batch_size}) or a single generator")
     return generators
 
 
@@ -167,9 +144,9 @@ def sample_training_noise(
 
     # eps_0 first, in one draw, so that "gaussian" is plain randn and all variants share eps_0 under one seed.
     if generators is None:
-        noise = _randn((batch_size, channels, height, width), generator, device)
+        noise = _draw(torch.randn, (batch_size, channels, height, width), generator, device)
     else:
-        noise = torch.cat([_randn((1, channels, height, width), g, device) for g in generators])
+        noise = torch.cat([_draw(torch.randn, (1, channels, height, width), g, device) for g in generators])
     if variant == "gaussian":
         return noise.to(dtype)
 
@@ -177,9 +154,9 @@ def sample_training_noise(
     weights = pyramid_level_weights(timesteps, num_train_timesteps, num_levels, variant, float(strength))
     low, high = DOWNSCALE_RANGE
     if generators is None:
-        ratios = (low + (high - low) * _rand((batch_size,), generator, device)).tolist()
+        ratios = (low + (high - low) * _draw(torch.rand, (batch_size,), generator, device)).tolist()
     else:
-        ratios = [low + (high - low) * _rand((1,), g, device).item() for g in generators]
+        ratios = [low + (high - low) * _draw(torch.rand, (1,), g, device).item() for g in generators]
 
     samples = []
     for index in range(batch_size):
@@ -188,7 +165,7 @@ def sample_training_noise(
         for level in range(1, num_levels + 1):
             scale = ratios[index] ** level
             level_height, level_width = max(1, int(height / scale)), max(1, int(width / scale))
-            coarse = _randn((1, channels, level_height, level_width), sample_generator, device)
+            coarse = _draw(torch.randn, (1, channels, level_height, level_width), sample_generator, device)
             upsampled = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
             sample = sample + weights[index, level - 1] * upsampled
             if level_height == 1 or level_width == 1:
@@ -240,7 +217,7 @@ def sample_training_timesteps(
     _check_num_train_timesteps(num_train_timesteps)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-    generator_device = _generator_device(generator, torch.device(device))
+    generator_device = generator.device if generator is not None else torch.device(device)
     if bias_strategy == "none":
         return torch.randint(0, num_train_timesteps, (batch_size,), device=generator_device, generator=generator).to(device)
     weights = torch.ones(num_train_timesteps, dtype=torch.float64)

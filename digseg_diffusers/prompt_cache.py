@@ -1,31 +1,18 @@
 """Prompt embeddings cached per pipeline: a prompt is encoded once while the text path stays unchanged.
 
-Encoding a prompt (tokenizer + text encoder + text projection) costs ~2 ms on a CPU host for the demo model and
-more for CLIP-H, paid on every call although segmentation prompts repeat (a label set, a vocabulary such as
-ade20k-150). `PromptEmbeddingCache` is a least-recently-used map prompt -> ``[L, D]`` embedding.
+Segmentation prompts repeat (a label set, a vocabulary such as ade20k-150), and encoding one costs ~2 ms on a CPU
+host for the demo model, more for CLIP-H. `PromptEmbeddingCache` is a least-recently-used prompt -> ``[L, D]`` map.
 
-Staleness is the danger of such a cache: an embedding returned after the weights changed is a silent bug. So an
-entry is only valid for the *fingerprint* of the text path it was computed with: the identity of the tokenizer,
-text encoder and text projection, the padded token length, and, for every parameter of the two modules, its
-identity, dtype, device and version counter (which every in-place write bumps: ``copy_``,
-``load_state_dict``, optimizer steps, adapter loading). A changed fingerprint empties the cache. The pipeline also
-empties it explicitly whenever it changes adapters or moves the text path to another device or dtype. The storage
-address is left out on purpose: accelerate's CPU-offload hooks re-place unchanged weights at every call, and the
-cache must serve offloaded pipelines; buffers (CLIP's position ids), which every move replaces, count by name,
-shape, dtype and device.
-While the text path trains the cache is bypassed (no read, no write): a module in train mode, a parameter holding
-a gradient, or grad mode on with a parameter that requires grad (the caller wants a graph). ``requires_grad``
-alone says nothing (every freshly loaded model has it), so a model trained in eval mode is caught by its version
-counters. Two writes bypass those: through ``.data``, and fused optimizers (``AdamW(fused=True)``); call
-`clear` (``pipe.clear_prompt_cache()``) after them before calling the pipeline.
-
-Weights created under ``torch.inference_mode()`` (ComfyUI loads and runs every node that way) are inference tensors:
-they have no version counter. For them the fingerprint keeps identity, dtype and device, so replacing a module or
-parameter, loading or unloading adapters (the pipeline also clears the cache then), `to()` and re-loading the model
-are still detected; an in-place write into such a weight (only possible inside inference mode, e.g.
-``param.copy_(...)``) is not: call `clear` after one. Weights offloaded by accelerate (sequential CPU offload) sit
-on the "meta" device between calls and come back as new tensors at every forward: they are known by name, shape
-and dtype, so the cache serves offloaded pipelines too; a change written into the offloaded copy is not seen.
+A stale embedding would be a silent bug, so an entry is only valid for the *fingerprint* of the text path: the
+identity of tokenizer, text encoder and text projection, the padded token length, and per parameter its
+identity, dtype, device and version counter (bumped by every in-place write: ``copy_``, ``load_state_dict``,
+optimizer steps). Not the storage address: accelerate's offload hooks re-place unchanged weights at every call.
+Buffers (replaced by every move) count by name, shape, dtype and device; so do weights offloaded to "meta".
+Inference tensors (ComfyUI loads models under ``torch.inference_mode()``) have no version counter: identity,
+dtype and device must do. The pipeline also clears the cache when it changes adapters or moves the text path.
+While the text path trains (train mode, a gradient, or grad mode with a parameter requiring grad) the cache is
+bypassed. Writes it cannot see: through ``.data``, fused optimizers (``AdamW(fused=True)``), in-place writes into
+inference tensors or into offloaded copies; call `clear` (``pipe.clear_prompt_cache()``) after those.
 """
 
 from __future__ import annotations
@@ -197,11 +184,9 @@ class PromptEncodingMixin:
         return self.text_projection(token_states.to(device=self._execution_device, dtype=dtype))
 
     def _prompt_embedding_cache(self) -> PromptEmbeddingCache:
-        cache = self.__dict__.get("_prompt_cache")
-        if cache is None:
-            cache = PromptEmbeddingCache()
-            self.__dict__["_prompt_cache"] = cache
-        return cache
+        if "_prompt_cache" not in self.__dict__:
+            self.__dict__["_prompt_cache"] = PromptEmbeddingCache()
+        return self.__dict__["_prompt_cache"]
 
     def cache_prompt_embeddings(self, prompts: list[str] | str | Any) -> int:
         """Encode `prompts` now (a list, a bundled vocabulary name such as ``"ade20k-150"``, or a `Vocabulary`) so
@@ -211,14 +196,9 @@ class PromptEncodingMixin:
         Embeddings stay valid until the text encoder or projection changes (adapters, `to()`, weights written in
         place); then they are encoded again on first use.
         """
-        from .vocabularies import Vocabulary, load_vocabulary
+        from .proposal import vocabulary_class_names
 
-        if isinstance(prompts, Vocabulary):
-            names = list(prompts.class_names)
-        elif isinstance(prompts, str):
-            names = list(load_vocabulary(prompts).class_names)
-        else:
-            names = list(prompts)
+        names = vocabulary_class_names(prompts)
         if not names or not all(isinstance(n, str) and n.strip() for n in names):
             raise ValueError("`cache_prompt_embeddings` needs a non-empty list of non-empty prompt strings.")
         names = list(dict.fromkeys(names))

@@ -1,23 +1,14 @@
 """CLIP-based class proposal for open-vocabulary segmentation (method.md section 4).
 
 DiGSeg answers one text query per denoising run, so with a large vocabulary (A-847) segmenting every class is
-wasteful. A CLIP model first scores the image against the vocabulary with the prompt "A photo of a {class}.",
-and only the proposed classes are segmented:
+wasteful. A CLIP model first scores the image against the vocabulary ("A photo of a {class}."); a class is kept
+when the image-text cosine exceeds ``global_threshold`` (0.25 in the paper), or when its best *patch token*
+cosine exceeds ``patch_threshold``: small objects barely move the global embedding but dominate a few patches.
 
-- a class is kept when the cosine between the image embedding and the class text embedding exceeds
-  ``global_threshold`` (0.25 in the paper),
-- or when the best cosine between any *patch token* and the class text embedding exceeds ``patch_threshold``.
-  Small objects barely move the global embedding but can dominate a few patches, so this recovers them.
-
-Patch tokens (a choice, the paper does not say how): the vision tower's last hidden states without the CLS
-token, passed through the same ``post_layernorm`` and ``visual_projection`` that turn the CLS token into the
-image embedding, so that patches and image live in the one joint space where text cosines are defined.
-No value-path surgery (as in MaskCLIP) is applied; patch cosines of a stock CLIP are noisier than global ones, so
-``patch_threshold`` defaults a little higher (0.3, uncalibrated: tune it on a validation split with real weights).
-
-The image is resized as a whole to the CLIP input size (no center crop), so classes near the borders keep
-their patches. Text embeddings of a vocabulary are computed once and cached, keyed by the class names and the
-templates.
+Patch tokens (the paper does not say how): the vision tower's last hidden states without the CLS token, through
+the same ``post_layernorm`` and ``visual_projection`` as the CLS token, so patches live in the joint text space.
+Without MaskCLIP-style surgery patch cosines are noisier, so ``patch_threshold`` defaults higher (0.3,
+uncalibrated). The image is resized whole (no center crop), so classes near the borders keep their patches.
 """
 
 from __future__ import annotations
@@ -251,11 +242,7 @@ class DiGSegClassProposer(torch.nn.Module):
     # ------------------------------------------------------------------ proposal
     @staticmethod
     def _class_names(vocabulary: Vocabulary | Sequence[str] | str) -> list[str]:
-        if isinstance(vocabulary, Vocabulary):
-            return list(vocabulary.class_names)
-        if isinstance(vocabulary, str):
-            return list(load_vocabulary(vocabulary).class_names)
-        names = list(vocabulary)
+        names = vocabulary_class_names(vocabulary)
         if not all(isinstance(n, str) and n for n in names):
             raise ValueError("vocabulary must be a Vocabulary, a bundled vocabulary name, or a list of class names")
         return names
@@ -372,6 +359,15 @@ class DiGSegClassProposer(torch.nn.Module):
         return cls(clip_model, tokenizer, **settings)
 
 
+def vocabulary_class_names(vocabulary: Vocabulary | Sequence[str] | str) -> list:
+    """The class names of a `Vocabulary`, of a bundled vocabulary (by name), or of a sequence (unchecked)."""
+    if isinstance(vocabulary, Vocabulary):
+        return list(vocabulary.class_names)
+    if isinstance(vocabulary, str):
+        return list(load_vocabulary(vocabulary).class_names)
+    return list(vocabulary)
+
+
 def candidate_prompts(pixels01: torch.Tensor, prompt, vocabulary, class_proposer=None) -> list[list[str]]:
     """Per-image prompts of a pipeline call: `prompt` as given, or the `vocabulary` classes (all of them, or
     those `class_proposer` picks for each image)."""
@@ -384,17 +380,12 @@ def candidate_prompts(pixels01: torch.Tensor, prompt, vocabulary, class_proposer
         )
     if prompt is not None:
         return prompts_per_image(prompt, num_images)
-    if isinstance(vocabulary, Vocabulary):
-        names = list(vocabulary.class_names)
-    elif isinstance(vocabulary, str):
-        names = list(load_vocabulary(vocabulary).class_names)
-    elif isinstance(vocabulary, (list, tuple)) and vocabulary:
-        names = list(vocabulary)
-    else:
+    if not isinstance(vocabulary, (Vocabulary, str)) and not (isinstance(vocabulary, (list, tuple)) and vocabulary):
         raise ValueError(
             "`vocabulary` must be a non-empty list of class names, a bundled vocabulary name (e.g. "
             f"'ade20k-150') or a `Vocabulary`; got {vocabulary!r}."
         )
+    names = vocabulary_class_names(vocabulary)
     if not all(isinstance(n, str) and n.strip() for n in names):
         raise ValueError("`vocabulary` entries must be non-empty strings.")
     if class_proposer is None:
