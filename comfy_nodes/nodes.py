@@ -21,6 +21,8 @@ try:  # the versioned API; `latest` only if a future ComfyUI drops v0_0_2
 except ImportError:  # pragma: no cover - depends on the ComfyUI version
     from comfy_api.latest import ComfyExtension, io
 
+from digseg_diffusers.image_processing import processing_size
+
 from . import logic
 
 logger = logging.getLogger(__name__)
@@ -83,13 +85,10 @@ def _load_managed(
 
 def _estimate_memory(model: logic.DiGSegModel, image: torch.Tensor, rows: int, processing_resolution: int) -> int:
     """Bytes one U-Net/VAE chunk needs beyond the weights (ComfyUI's own SD-VAE decode estimate per latent pixel)."""
-    height, width = int(image.shape[1]), int(image.shape[2])
     if processing_resolution < 0:
-        processing_resolution = int(model.pipeline.config.get("default_processing_resolution", 512) or 0)
-    if processing_resolution > 0:
-        scale = processing_resolution / max(height, width)
-        height, width = height * scale, width * scale
-    latent_pixels = max(1, int(height) // 8) * max(1, int(width) // 8)
+        processing_resolution = model.pipeline.resolve_call_defaults()["processing_resolution"]
+    height, width = processing_size((int(image.shape[1]), int(image.shape[2])), processing_resolution)
+    latent_pixels = max(1, height // 8) * max(1, width // 8)
     return int(rows * latent_pixels * 2178 * 64 * model_management.dtype_size(model.dtype))
 
 
