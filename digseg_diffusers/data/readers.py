@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from digseg_diffusers.image_processing import open_image, to_uint8_rgb
-from digseg_diffusers.vocabularies import IGNORE_INDEX, LARGE_IGNORE_INDEX, Vocabulary, load_vocabulary
+from digseg_diffusers.vocabularies import IGNORE_INDEX, Vocabulary, ignore_index_for, load_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +29,6 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")
 LABEL_MODES: tuple[str, ...] = ("L", "P", "I;16", "I;16L", "I;16B", "I")
 _UNKNOWN = -2  # lookup-table value of label ids the mapping does not know
 _LUT_SIZE = 65536
-
-
-def ignore_index_for(num_classes: int) -> int:
-    """255 while it cannot collide with a class index, else 65535 (for 16-bit label maps)."""
-    return IGNORE_INDEX if num_classes < IGNORE_INDEX else LARGE_IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,8 @@
 """Benchmark vocabularies: class names and the label ids each dataset stores in its annotation files.
 
-Each vocabulary is a JSON file next to this module (see ``README.md`` for where every list comes from). A
-`Vocabulary` knows the class names in evaluation order, the raw label id of each class in the dataset's own
-annotation format, and how to turn a raw label map into class indices ``0..K-1`` with an ignore index for
-everything else (unlabeled pixels, background of the 59/20-class protocols, ids outside the vocabulary).
-
-Annotation files that were already converted to contiguous ids (detectron2's ``annotations_detectron2``,
-mmseg's ``*_labelTrainIds.png``) are handled by `Vocabulary.with_contiguous_ids`.
+Each is a JSON file next to this module (``README.md`` says where every list comes from). A `Vocabulary` maps a
+raw label map to class indices ``0..K-1`` and everything else (unlabeled, background of the 59/20-class protocols,
+unknown ids) to an ignore index; `Vocabulary.with_contiguous_ids` reads already converted annotations.
 """
 
 from __future__ import annotations
@@ -20,7 +16,9 @@ from importlib import resources
 import numpy as np
 import torch
 
-__all__ = ["Vocabulary", "list_vocabularies", "load_vocabulary", "IGNORE_INDEX", "LARGE_IGNORE_INDEX"]
+__all__ = [
+    "Vocabulary", "list_vocabularies", "load_vocabulary", "ignore_index_for", "IGNORE_INDEX", "LARGE_IGNORE_INDEX"
+]
 
 IGNORE_INDEX = 255
 """Class index given to ignored pixels by `Vocabulary.map_labels` when the vocabulary has fewer than 255 classes."""
@@ -28,46 +26,23 @@ IGNORE_INDEX = 255
 LARGE_IGNORE_INDEX = 65535
 """Ignore index for vocabularies of 255 classes or more (A-847, PC-459), where 255 is a real class."""
 
-_VOCABULARY_NAMES = (
-    "ade20k-150",
-    "ade20k-847",
-    "pascal-context-59",
-    "pascal-context-459",
-    "coco-stuff-171",
-    "cityscapes-19",
-    "pascal-voc-20",
-)
-
-_ALIASES = {
-    "a-150": "ade20k-150",
-    "a150": "ade20k-150",
-    "ade150": "ade20k-150",
-    "ade-150": "ade20k-150",
-    "ade20k": "ade20k-150",
-    "a-847": "ade20k-847",
-    "a847": "ade20k-847",
-    "ade847": "ade20k-847",
-    "ade-847": "ade20k-847",
-    "ade20k-full": "ade20k-847",
-    "pc-59": "pascal-context-59",
-    "pc59": "pascal-context-59",
-    "pascal-context": "pascal-context-59",
-    "context-59": "pascal-context-59",
-    "pc-459": "pascal-context-459",
-    "pc459": "pascal-context-459",
-    "context-459": "pascal-context-459",
-    "coco-stuff": "coco-stuff-171",
-    "cocostuff": "coco-stuff-171",
-    "coco-stuff-164k": "coco-stuff-171",
-    "coco-171": "coco-stuff-171",
-    "cityscapes": "cityscapes-19",
-    "cs-19": "cityscapes-19",
-    "voc": "pascal-voc-20",
-    "voc20": "pascal-voc-20",
-    "voc-20": "pascal-voc-20",
-    "pascal-voc": "pascal-voc-20",
-    "pascal-voc-2012": "pascal-voc-20",
+# canonical name -> its aliases (matched after `_normalize`)
+_VOCABULARY_ALIASES: dict[str, tuple[str, ...]] = {
+    "ade20k-150": ("a-150", "a150", "ade150", "ade-150", "ade20k"),
+    "ade20k-847": ("a-847", "a847", "ade847", "ade-847", "ade20k-full"),
+    "pascal-context-59": ("pc-59", "pc59", "pascal-context", "context-59"),
+    "pascal-context-459": ("pc-459", "pc459", "context-459"),
+    "coco-stuff-171": ("coco-stuff", "cocostuff", "coco-stuff-164k", "coco-171"),
+    "cityscapes-19": ("cityscapes", "cs-19"),
+    "pascal-voc-20": ("voc", "voc20", "voc-20", "pascal-voc", "pascal-voc-2012"),
 }
+_VOCABULARY_NAMES = tuple(_VOCABULARY_ALIASES)
+_ALIASES = {alias: name for name, aliases in _VOCABULARY_ALIASES.items() for alias in aliases}
+
+
+def ignore_index_for(num_classes: int) -> int:
+    """255 while it cannot collide with a class index, else 65535 (for 16-bit label maps)."""
+    return IGNORE_INDEX if num_classes < IGNORE_INDEX else LARGE_IGNORE_INDEX
 
 
 @dataclass
@@ -127,9 +102,8 @@ class Vocabulary:
 
     @property
     def ignore_index(self) -> int:
-        """The class index `map_labels` gives to ignored pixels: 255, or 65535 for 255 classes or more (the rule of
-        ``digseg_diffusers.data.readers.ignore_index_for``)."""
-        return IGNORE_INDEX if self.num_classes < IGNORE_INDEX else LARGE_IGNORE_INDEX
+        """The class index `map_labels` gives to ignored pixels (`ignore_index_for`)."""
+        return ignore_index_for(self.num_classes)
 
     @property
     def synonyms(self) -> list[list[str]]:
@@ -155,23 +129,18 @@ class Vocabulary:
         Every value that is not one of `label_ids` (the ignore label, background, unknown ids, negative values)
         becomes `ignore_index`. Returns int64 of the same kind (numpy or torch, same device) as the input.
         """
-        is_tensor = isinstance(label_map, torch.Tensor)
-        if is_tensor:
+        if isinstance(label_map, torch.Tensor):
             if label_map.is_floating_point() or label_map.is_complex():
                 raise ValueError(f"label_map must hold integers; got dtype {label_map.dtype}")
-            table = torch.from_numpy(self._lookup_table).to(label_map.device)
-            labels = label_map.long()
-            valid = (labels >= 0) & (labels < table.numel())
+            labels, table = label_map.long(), torch.from_numpy(self._lookup_table).to(label_map.device)
             result = torch.full_like(labels, self.ignore_index)
-            result[valid] = table[labels[valid]]
-            return result
-        labels = np.asarray(label_map)
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"label_map must hold integers; got dtype {labels.dtype}")
-        labels = labels.astype(np.int64, copy=False)
-        table = self._lookup_table
-        valid = (labels >= 0) & (labels < table.size)
-        result = np.full(labels.shape, self.ignore_index, dtype=np.int64)
+        else:
+            labels = np.asarray(label_map)
+            if not np.issubdtype(labels.dtype, np.integer):
+                raise ValueError(f"label_map must hold integers; got dtype {labels.dtype}")
+            labels, table = labels.astype(np.int64, copy=False), self._lookup_table
+            result = np.full(labels.shape, self.ignore_index, dtype=np.int64)
+        valid = (labels >= 0) & (labels < len(table))
         result[valid] = table[labels[valid]]
         return result
 
