@@ -97,19 +97,17 @@ def random_scale_flip_crop(
     out_image = np.full((resolution, resolution, 3), image_pad_value, dtype=np.uint8)
     out_label = np.full((resolution, resolution), ignore_index, dtype=label.dtype)
     # Along each axis: crop a random window when larger, paste at a random offset when smaller.
-    src_top, dst_top, copy_height = _window(new_height, resolution, rng)
-    src_left, dst_left, copy_width = _window(new_width, resolution, rng)
-    out_image[dst_top : dst_top + copy_height, dst_left : dst_left + copy_width] = image[
-        src_top : src_top + copy_height, src_left : src_left + copy_width
-    ]
-    out_label[dst_top : dst_top + copy_height, dst_left : dst_left + copy_width] = label[
-        src_top : src_top + copy_height, src_left : src_left + copy_width
-    ]
+    src_rows, dst_rows = _window(new_height, resolution, rng)
+    src_cols, dst_cols = _window(new_width, resolution, rng)
+    out_image[dst_rows, dst_cols] = image[src_rows, src_cols]
+    out_label[dst_rows, dst_cols] = label[src_rows, src_cols]
     return out_image, out_label
 
 
-def _window(length: int, resolution: int, rng: np.random.Generator) -> tuple[int, int, int]:
-    """(source start, destination start, copied length) along one axis."""
+def _window(length: int, resolution: int, rng: np.random.Generator) -> tuple[slice, slice]:
+    """(source, destination) slices along one axis."""
     if length >= resolution:
-        return int(rng.integers(0, length - resolution + 1)), 0, resolution
-    return 0, int(rng.integers(0, resolution - length + 1)), length
+        start = int(rng.integers(0, length - resolution + 1))
+        return slice(start, start + resolution), slice(0, resolution)
+    start = int(rng.integers(0, resolution - length + 1))
+    return slice(0, length), slice(start, start + length)

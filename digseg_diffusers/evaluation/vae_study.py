@@ -1,8 +1,6 @@
-"""How faithfully a VAE round-trips segmentation masks (the paper's Table 7 study, method.md section 2).
-
-DiGSeg generates mask *latents*; whatever the VAE loses when a mask goes through ``encode -> decode`` is an error
-floor no amount of U-Net training can remove. This module measures it for any `AutoencoderKL` /
-`AutoencoderTiny`, going through `mask_codec` exactly as training targets and inference outputs do:
+"""How faithfully a VAE round-trips segmentation masks (the paper's Table 7 study, method.md section 2): what the
+VAE loses in ``encode -> decode`` is an error floor no U-Net training can remove. Measured through `mask_codec`,
+as training targets and inference outputs go:
 
 - ``mae``: mean absolute error between the decoded mask probabilities (codec output, [0, 1]) and the binary
   input mask, per mask, reported as mean and std over masks (the paper's "0.0041 +- 0.0037");
@@ -13,8 +11,8 @@ floor no amount of U-Net training can remove. This module measures it for any `A
 - ``iou``: IoU of ``probability > threshold`` against the input mask, pooled over all masks (``mean_mask_iou``
   averages per-mask IoUs instead).
 
-Note: the paper encodes whole label maps and matches decoded colours to a palette; DiGSeg only ever encodes
-binary masks (one class per query), so binary masks are what is measured here.
+The paper encodes whole label maps (matching colours to a palette); DiGSeg only ever encodes binary masks, so
+those are measured.
 """
 
 from __future__ import annotations
@@ -134,11 +132,6 @@ def load_vae(pretrained_model_name_or_path: str | os.PathLike, subfolder: str | 
     return vae_class.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs).eval()
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=np.float64)
-    return float(array.mean()), float(array.std())
-
-
 @torch.no_grad()
 def vae_mask_roundtrip(vae, masks: torch.Tensor, batch_size: int = 8, threshold: float = 0.5) -> dict:
     """Encode and decode ``masks`` (``[N, H, W]`` in {0, 1}) with ``vae`` through `mask_codec` and measure the loss.
@@ -168,13 +161,9 @@ def vae_mask_roundtrip(vae, masks: torch.Tensor, batch_size: int = 8, threshold:
         per_mask = [binary_segmentation_metrics(p, t)["iou"] for p, t in zip(predicted, target)]
         mask_ious += [iou for iou in per_mask if iou == iou]  # undefined (empty and not predicted): left out
     report = {"num_masks": int(masks.shape[0]), "resolution": list(masks.shape[-2:]), "threshold": float(threshold)}
-    for name, values in (
-        ("mae", mae),
-        ("mae_pixel_space", mae_pixels),
-        ("channel_std", channel_std),
-        ("channel_max_min", channel_range),
-    ):
-        report[f"{name}_mean"], report[f"{name}_std"] = _mean_std(values)
+    per_mask = {"mae": mae, "mae_pixel_space": mae_pixels, "channel_std": channel_std, "channel_max_min": channel_range}
+    for name, values in per_mask.items():
+        report[f"{name}_mean"], report[f"{name}_std"] = float(np.mean(values)), float(np.std(values))
     report["channel_max_min_worst"] = worst_range
     report["iou"] = pooled.binary_scores(positive_class=1)["iou"]
     report["mean_mask_iou"] = float(np.mean(mask_ious)) if mask_ious else float("nan")
