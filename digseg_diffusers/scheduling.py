@@ -93,12 +93,14 @@ def check_initial_noise(latents, generator, expected_shape: tuple[int, ...]) -> 
         if not bool(torch.isfinite(latents).all()):
             raise ValueError("`latents` contains NaN or infinite values.")
     if isinstance(generator, list):
-        if len(generator) != num_rows:
-            raise ValueError(
-                f"`generator` is a list of {len(generator)}; expected one generator per row: {num_rows} "
-                "(images x prompts x ensemble_size)."
-            )
-        if not all(isinstance(g, torch.Generator) for g in generator):
-            raise ValueError("`generator` list must contain only `torch.Generator` objects.")
+        check_generator_list(generator, num_rows, f"one generator per row: {num_rows} (images x prompts x ensemble_size)")
     elif generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"`generator` must be a torch.Generator or a list of them; got {type(generator).__name__}.")
+
+
+def check_generator_list(generators: list, count: int, expected: str) -> None:
+    """Refuse a list of generators that is not `count` `torch.Generator`s (`expected` says what each is for)."""
+    if len(generators) != count:
+        raise ValueError(f"`generator` is a list of {len(generators)}; expected {expected}.")
+    if not all(isinstance(g, torch.Generator) for g in generators):
+        raise ValueError("`generator` list must contain only `torch.Generator` objects.")
