@@ -1,18 +1,11 @@
 """The DiGSeg training sample: one image, one queried class, its binary target (``method.md`` section 3).
 
-Each sample answers one text query. The class is drawn among those visible in the augmented crop; with
-probability ``negative_prob`` it is instead drawn among the classes absent from the whole image and the target
-is empty, so that queries for absent classes learn to give empty masks.
-
-With ``prompts_per_image = K > 1`` a sample holds K queries of one image instead (for the argmax-aware
-multi-prompt loss, `digseg_diffusers.training.step`): every class visible in the crop (a random K of them when
-more are visible), then classes absent from the whole image drawn without replacement until there are K
-(``negative_prob`` is not used); `collate_segmentation_batch` turns them into K consecutive rows.
-
-Reproducibility: every random choice of sample ``i`` comes from ``np.random.default_rng([seed, epoch, i])``,
-so a sample does not depend on which process or worker loads it, nor on what was loaded before. Call
-``set_epoch`` at the start of each epoch for fresh augmentation (with ``persistent_workers=True`` the workers
-keep the epoch they were started with).
+The class is drawn among those visible in the augmented crop, or, with probability ``negative_prob``, among those
+absent from the whole image (an empty target: absent classes must give empty masks). With ``prompts_per_image =
+K > 1`` a sample holds K queries of one image (the multi-prompt loss of `digseg_diffusers.training.step`): the
+visible classes (a random K of them if more), then absent ones. Every random choice of sample ``i`` comes from
+``np.random.default_rng([seed, epoch, i])``, so it does not depend on which process or worker loads it; call
+``set_epoch`` each epoch (workers with ``persistent_workers=True`` keep the epoch they started with).
 """
 
 from __future__ import annotations
@@ -248,25 +241,17 @@ def collate_segmentation_batch(samples: Sequence[dict]) -> dict:
     """
     if not samples:
         raise ValueError("`samples` must not be empty.")
-    if samples[0]["mask"].dim() == 4:
-        return _collate_multi_prompt(samples)
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-        "mask": torch.stack([s["mask"] for s in samples]),
-        "valid": torch.stack([s["valid"] for s in samples]),
-        "class_name": [s["class_name"] for s in samples],
-        "class_index": torch.tensor([s["class_index"] for s in samples], dtype=torch.long),
-        "is_negative": torch.tensor([s["is_negative"] for s in samples], dtype=torch.bool),
-        "path": [s["path"] for s in samples],
-        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
-        "num_skipped": torch.tensor([s["num_skipped"] for s in samples], dtype=torch.long),
-        "skipped_paths": [s["skipped_paths"] for s in samples],
-        "fixed_crop": torch.tensor([s["fixed_crop"] for s in samples], dtype=torch.bool),
-        "image_row": torch.arange(len(samples)),
-    }
-
-
-def _collate_multi_prompt(samples: Sequence[dict]) -> dict:
+    if samples[0]["mask"].dim() == 3:  # one query per sample: a sample of K = 1 queries
+        samples = [
+            {
+                **s,
+                "mask": s["mask"][None],
+                "class_name": [s["class_name"]],
+                "class_index": torch.tensor([s["class_index"]]),
+                "is_negative": torch.tensor([s["is_negative"]]),
+            }
+            for s in samples
+        ]
     counts = [s["mask"].shape[0] for s in samples]
     def repeat(key: str) -> torch.Tensor:
         return torch.cat([s[key].unsqueeze(0).expand(count, *s[key].shape) for s, count in zip(samples, counts)])
