@@ -41,17 +41,10 @@ class SegmentationTrainingDataset(torch.utils.data.Dataset):
     A corrupt or unreadable example is skipped with a warning, remembered (``num_skipped``, ``skipped_paths``)
     and replaced by the next readable one; only a dataset with no readable example raises.
 
-    Args:
-        reader: any reader from :mod:`digseg_diffusers.data.readers`.
-        resolution: side ``S`` of the square training crops.
-        negative_prob: probability of querying a class absent from the image (target all zeros).
-        scale_range: random scale factor range.
-        flip_prob: probability of a horizontal flip.
-        resize_short_side: scale relative to an image whose short side is ``resolution`` (default) rather
-            than to the native size.
-        seed: base seed of the per-sample generators.
-        prompts_per_image: queries per sample; above 1, ``mask`` is ``[K, 1, S, S]`` and ``class_name``,
-            ``class_index``, ``is_negative`` hold K entries (at most the number of classes).
+    ``resolution`` is the crop side ``S``; ``scale_range``, ``flip_prob`` and ``resize_short_side`` are those of
+    `random_scale_flip_crop`; ``negative_prob`` is the chance of querying a class absent from the image.
+    ``prompts_per_image`` K > 1 (at most the number of classes) makes ``mask`` ``[K, 1, S, S]`` and ``class_name``,
+    ``class_index``, ``is_negative`` K entries long.
     """
 
     def __init__(

@@ -303,15 +303,12 @@ class FolderReader(SegmentationReader):
     def __init__(self, root: str | os.PathLike, split: str = "train", class_names: Sequence[str] | None = None):
         root = _require_dir(Path(root), "dataset root")
         file_class_names = read_class_names_file(root / "classes.txt")
-        if class_names is not None:
-            class_names = list(class_names)
-            if len(class_names) != len(file_class_names):
-                raise ValueError(
-                    f"`class_names` has {len(class_names)} names but {root / 'classes.txt'} lists "
-                    f"{len(file_class_names)} classes."
-                )
-        else:
-            class_names = file_class_names
+        class_names = file_class_names if class_names is None else list(class_names)
+        if len(class_names) != len(file_class_names):
+            raise ValueError(
+                f"`class_names` has {len(class_names)} names but {root / 'classes.txt'} lists "
+                f"{len(file_class_names)} classes."
+            )
         split_dir = root / split
         if not split_dir.is_dir():
             available = sorted(p.name for p in root.iterdir() if (p / "images").is_dir())

@@ -69,23 +69,11 @@ def random_scale_flip_crop(
     resize_short_side: bool = True,
     image_pad_value: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Random horizontal flip, random scale, then a random ``resolution`` x ``resolution`` crop (padding
-    where the scaled image is smaller).
-
-    Args:
-        image: ``uint8`` ``[H, W, 3]``.
-        label: ``[H, W]`` class indices.
-        rng: the only source of randomness (a per-sample generator makes samples reproducible).
-        resolution: side of the output square.
-        ignore_index: label value of padded pixels.
-        scale_range: the scale factor is drawn uniformly in this range.
-        resize_short_side: scale relative to an image whose short side is ``resolution`` (so a 2048x1024
-            Cityscapes frame and a 512x683 ADE20K image both give crops with similar content), instead of
-            relative to the native size.
-        image_pad_value: value of padded image pixels (0 = black).
-
-    Returns:
-        ``uint8`` ``[S, S, 3]`` image and ``[S, S]`` label (same dtype as ``label``).
+    """Random scale (uniform in `scale_range`), horizontal flip, then a random ``resolution`` square crop of an
+    ``uint8 [H, W, 3]`` image and its ``[H, W]`` label; where the scaled image is smaller it is padded with
+    `image_pad_value` and `ignore_index`. `rng` is the only source of randomness (per-sample generators make samples
+    reproducible). `resize_short_side` scales relative to a short side of ``resolution`` (so a 2048x1024 Cityscapes
+    frame and a 512x683 ADE20K image give crops of similar content) instead of the native size.
     """
     height, width = label.shape
     new_height, new_width = _scaled_size(height, width, rng.uniform(*scale_range), resolution, resize_short_side)
