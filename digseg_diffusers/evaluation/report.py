@@ -36,6 +36,11 @@ CURVE_PLOT_NAME = "iou_vs_threshold.png"
 CHARTS_INSTALL_HINT = (
     "Charts need matplotlib, which is not installed: pip install matplotlib (or pip install 'digseg-diffusers[charts]')"
 )
+# result key -> report column
+SUMMARY_COLUMNS = {
+    "mIoU": "mIoU", "pixel_accuracy": "pixel acc.", "mean_accuracy": "mean acc.", "mean_dice": "mean Dice"
+}
+BINARY_COLUMNS = {"iou": "IoU", "precision": "precision", "recall": "recall", "f1": "F1", "dice": "Dice"}
 DPI = 100  # sizes are given in pixels: a figure of (w / DPI, h / DPI) inches saves as w x h pixels
 
 
@@ -63,6 +68,11 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{100.0 * value:.2f}"
 
 
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table's lines."""
+    return ["| " + " | ".join(map(str, row)) + " |" for row in [header, ["---"] * len(header), *rows]]
+
+
 def markdown_report(results: dict, charts: bool = True) -> str:
     """The report in percent; `charts=False` replaces the chart links by the line that says how to get them."""
     dataset = results["dataset"]
@@ -87,27 +97,20 @@ def markdown_report(results: dict, charts: bool = True) -> str:
         "",
         "## Summary (%)",
         "",
-        "| setting (E x S) | mIoU | pixel acc. | mean acc. | mean Dice | best threshold (mean IoU) | s / image |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    summary = []
     for name, s in settings.items():
         curve = s["iou_vs_threshold"]
         best = "n/a"
         if curve["best_threshold"] is not None:
             best = f"{curve['best_threshold']:.2f} ({_pct(curve['best_mean_iou'])})"
         seconds = "n/a" if s["seconds_per_image"] is None else f"{s['seconds_per_image']:.3f}"
-        lines.append(
-            f"| {name} | {_pct(s['mIoU'])} | {_pct(s['pixel_accuracy'])} | {_pct(s['mean_accuracy'])} | "
-            f"{_pct(s['mean_dice'])} | {best} | {seconds} |"
-        )
+        summary.append([name, *(_pct(s[key]) for key in SUMMARY_COLUMNS), best, seconds])
+    lines += _table(["setting (E x S)", *SUMMARY_COLUMNS.values(), "best threshold (mean IoU)", "s / image"], summary)
     first = next(iter(settings.values()))
     if "binary" in first:
-        lines += ["", "## Binary scores (%)", "", "| setting | IoU | precision | recall | F1 | Dice |"]
-        lines.append("| --- | --- | --- | --- | --- | --- |")
-        for name, s in settings.items():
-            b = s["binary"]
-            scores = " | ".join(_pct(b[key]) for key in ("iou", "precision", "recall", "f1", "dice"))
-            lines.append(f"| {name} | {scores} |")
+        rows = [[name, *(_pct(s["binary"][key]) for key in BINARY_COLUMNS)] for name, s in settings.items()]
+        lines += ["", "## Binary scores (%)", "", *_table(["setting", *BINARY_COLUMNS.values()], rows)]
     if "proposal" in first:
         p = first["proposal"]
         lines += [
@@ -118,12 +121,11 @@ def markdown_report(results: dict, charts: bool = True) -> str:
             f"classes present, precision {_pct(p['precision'])} %; {p['images_without_proposal']} image(s) without a "
             "proposal (predicted as background).",
         ]
-    names = list(first["per_class"])
-    lines += ["", "## Per-class IoU (%)", "", "| class | pixels | " + " | ".join(settings) + " |"]
-    lines.append("| --- | --- | " + " | ".join("---" for _ in settings) + " |")
-    for class_name in names:
-        row = [_pct(s["per_class"][class_name]["iou"]) for s in settings.values()]
-        lines.append(f"| {class_name} | {first['per_class'][class_name]['pixels']} | " + " | ".join(row) + " |")
+    rows = [
+        [name, first["per_class"][name]["pixels"], *(_pct(s["per_class"][name]["iou"]) for s in settings.values())]
+        for name in first["per_class"]
+    ]
+    lines += ["", "## Per-class IoU (%)", "", *_table(["class", "pixels", *settings], rows)]
     lines += ["", "## Plots", ""]
     if charts:
         lines += [f"![IoU against the mask threshold]({CURVE_PLOT_NAME})", ""]
