@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmarks: configurations, side-by-side timing, peak memory, FLOPs, the machine.
+"""The benchmarks' harness: configurations, common flags, side-by-side timing, peak memory, FLOPs, results.
 
 Timings on shared machines drift by several x from one minute to the next, so no benchmark here compares times
 taken in different runs: every comparison runs its variants interleaved (A B A B ...) in one process and reports
@@ -13,26 +13,21 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import threading
 import time
 from typing import Callable
 
+import diffusers
 import numpy as np
+import psutil
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from digseg_diffusers import mask_codec
 from digseg_diffusers.mask_decoder import DiGSegMaskDecoder, count_flops
-from digseg_diffusers.testing_utils import (
-    SD2_DOWN_BLOCKS,
-    SD2_UP_BLOCKS,
-    make_ddim_scheduler,
-    make_tiny_pipeline,
-    make_tiny_text_encoder,
-)
+from digseg_diffusers.testing_utils import make_tiny_components, make_tiny_unet, make_tiny_vae
 
 # The repository: benchmarks run as modules from it (`python -m benchmarks.performance.bench_throughput ...`).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,68 +42,41 @@ PROMPTS = [
 # ------------------------------------------------------------------------------------------------ configurations
 
 
+# SD2's sizes on the test components' layouts (the same block types, 8 U-Net input channels, 8x VAE).
+SD2_UNET_SIZES = dict(sample_size=96, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                      attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, norm_num_groups=32)
+SD_VAE_SIZES = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=768)
+
+
 def sd2_unet(device: str | torch.device = "cpu") -> UNet2DConditionModel:
     """SD2's U-Net architecture (865.9M parameters) with random weights and DiGSeg's 8 input channels."""
     with torch.device(device):
-        return UNet2DConditionModel(
-            sample_size=96,
-            in_channels=8,
-            out_channels=4,
-            down_block_types=SD2_DOWN_BLOCKS,
-            up_block_types=SD2_UP_BLOCKS,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            attention_head_dim=(5, 10, 20, 20),
-            cross_attention_dim=1024,
-            use_linear_projection=True,
-            norm_num_groups=32,
-        ).eval()
+        return UNet2DConditionModel.from_config({**make_tiny_unet().config, **SD2_UNET_SIZES}).eval()
 
 
 def sd_vae(device: str | torch.device = "cpu") -> AutoencoderKL:
     """The SD 1/2 VAE architecture (83.7M parameters) with random weights."""
     with torch.device(device):
-        return AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=768,
-            scaling_factor=0.18215,
-        ).eval()
+        return AutoencoderKL.from_config({**make_tiny_vae().config, **SD_VAE_SIZES}).eval()
 
 
 def make_pipeline(config: str, light_decoder: bool = False, device: str = "cpu",
                   dtype: torch.dtype = torch.float32):
-    """"tiny" (the test components), "demo" (the packaged demo model) or "sd2" (SD2 U-Net + SD VAE, random; a tiny
-    text encoder projected to 1024), moved to `device` and `dtype`.
-
-    The text encoder is tiny in both: it runs once per distinct prompt and is not what this work measures.
-    """
+    """"tiny" (the test components), "demo" (the packaged demo model) or "sd2" (SD2 U-Net + SD VAE, random), moved
+    to `device` and `dtype`. The text encoder of "sd2" is the tiny one projected to 1024: it runs once per distinct
+    prompt and is not what this work measures."""
     from digseg_diffusers.demo import default_model_path
     from digseg_diffusers.pipeline_digseg import DiGSegPipeline
-    from digseg_diffusers.text_projection import DiGSegTextProjection
-    from digseg_diffusers.tokenization import build_char_clip_tokenizer
 
     if config == "tiny":
-        pipe = make_tiny_pipeline(seed=0)
+        pipe = DiGSegPipeline(**make_tiny_components())
     elif config == "demo":
         pipe = DiGSegPipeline.from_pretrained(default_model_path())
-        pipe.set_progress_bar_config(disable=True)
     elif config == "sd2":
-        torch.manual_seed(0)
-        pipe = DiGSegPipeline(
-            unet=sd2_unet(),
-            vae=sd_vae(),
-            scheduler=make_ddim_scheduler(),
-            text_encoder=make_tiny_text_encoder(hidden_size=24),
-            tokenizer=build_char_clip_tokenizer(),
-            text_projection=DiGSegTextProjection(24, 1024).eval(),
-        )
-        pipe.set_progress_bar_config(disable=True)
+        pipe = DiGSegPipeline(**{**make_tiny_components(cross_attention_dim=1024), "unet": sd2_unet(), "vae": sd_vae()})
     else:
         raise ValueError(f"unknown config {config!r}; use one of {CONFIGS}")
+    pipe.set_progress_bar_config(disable=True)
     if light_decoder:
         torch.manual_seed(0)  # untrained: the cost is what is measured here, not the masks
         pipe.register_modules(mask_decoder=DiGSegMaskDecoder().eval())
@@ -248,55 +216,53 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int = 3, war
 
 
 class PeakMemory:
-    """Peak memory while the block runs: RSS above the starting RSS (sampled every 2 ms with psutil, else
-    `ru_maxrss`, which only ever grows), and CUDA max allocated when CUDA is in use."""
+    """Peak memory while the block runs: RSS above the starting RSS (sampled every 2 ms), and CUDA max allocated
+    above the start when CUDA is in use (`cuda_start_mb`: what was allocated before)."""
 
     def __init__(self, interval: float = 0.002):
         self.interval = interval
-        self.peak_rss_mb = float("nan")
-        self.cuda_peak_mb = None
-        self.cuda_start_mb = None
+        self.cuda_peak_mb = self.cuda_start_mb = None
+        self._process = psutil.Process()
 
     def __enter__(self):
         gc.collect()
-        try:
-            import psutil
-
-            self._process = psutil.Process()
-        except ImportError:  # pragma: no cover
-            self._process = None
         self._stop = threading.Event()
-        self._start_rss = self._rss()
-        self._peak = self._start_rss
-        if self._process is not None:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+        self._start_rss = self._peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             self._cuda_start = torch.cuda.memory_allocated()
         return self
 
-    def _rss(self) -> int:
-        if self._process is not None:
-            return self._process.memory_info().rss
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
     def _sample(self):
-        while not self._stop.is_set():
-            self._peak = max(self._peak, self._rss())
-            time.sleep(self.interval)
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._process.memory_info().rss)
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc_info):
         synchronize()  # queued GPU work belongs to the block
         self._stop.set()
-        if self._process is not None:
-            self._thread.join()
-        self._peak = max(self._peak, self._rss())
-        self.peak_rss_mb = (self._peak - self._start_rss) / 2**20
+        self._thread.join()
+        self.peak_rss_mb = (max(self._peak, self._process.memory_info().rss) - self._start_rss) / 2**20
         if torch.cuda.is_available():
             self.cuda_peak_mb = (torch.cuda.max_memory_allocated() - self._cuda_start) / 2**20
             self.cuda_start_mb = self._cuda_start / 2**20
-        return False
+
+
+def free_memory() -> None:
+    """Collect garbage and give cached CUDA blocks back, so that the next variant's peak is its own."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def peak_memory(variants: dict[str, Callable[[], object]]) -> dict[str, PeakMemory]:
+    """Each variant run once more in its own `PeakMemory` (after timing it: lazy initialisation is not counted)."""
+    peaks = {}
+    for name, fn in variants.items():
+        with PeakMemory() as peaks[name]:
+            fn()
+    return peaks
 
 
 # -------------------------------------------------------------------------------------------------------- FLOPs
@@ -337,13 +303,10 @@ def component_flops(pipe, resolution: int, rows: int = 1) -> dict[str, int]:
 
 def machine_description() -> dict:
     cpu = platform.processor() or "unknown"
-    try:
+    if os.path.isfile("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    info = {
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -351,14 +314,13 @@ def machine_description() -> dict:
         "python": platform.python_version(),
         "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "diffusers": diffusers.__version__,
     }
-    try:
-        import diffusers
 
-        info["diffusers"] = diffusers.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return info
+
+def load_average() -> float:
+    """The 1-minute load average (NaN where the OS has none): a loaded host slows every variant down."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 # ------------------------------------------------------------------------------------------------------- output
@@ -372,7 +334,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
-    parser.add_argument("--output", default=None, help="JSON file for the results (default: benchmarks/performance/results/)")
+    parser.add_argument("--output", default=None,
+                        help="JSON file for the results (default: benchmarks/performance/results/)")
     return parser
 
 
@@ -385,13 +348,16 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OUTPUT_TOLERANCE = {torch.float32: 1e-4, torch.float16: 0.15, torch.bfloat16: 0.15}
 
 
-def setup(args) -> None:
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, then apply the common flags (`args.torch_dtype`, the CUDA check, torch threads); autograd off."""
+    args = parser.parse_args(argv)
     args.torch_dtype = DTYPES[args.dtype]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
+    return args
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
@@ -405,7 +371,15 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def print_table(headers: list[str], rows: list[list], title: str | None = None) -> str:
+    """Print the rows as a markdown table (after `title`); the table is returned to be stored with the results."""
+    table = markdown_table(headers, rows)
+    print(table if title is None else f"{title}\n{table}")
+    return table
+
+
 def write_results(name: str, args, payload: dict, results_dir: str = RESULTS_DIR) -> str:
+    """`payload` with the arguments and the machine as JSON at `--output` (default: named by the settings)."""
     suffix = "" if args.device == "cpu" and args.dtype == "fp32" else f"_{args.device}_{args.dtype}"
     path = args.output or os.path.join(results_dir, f"{name}_{args.config}_{args.resolution}px{suffix}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -415,4 +389,5 @@ def write_results(name: str, args, payload: dict, results_dir: str = RESULTS_DIR
     payload = {"benchmark": name, "args": arguments, "machine": machine_description(), **payload}
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=float)
+    print(f"results: {path}")
     return path

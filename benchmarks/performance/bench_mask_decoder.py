@@ -12,7 +12,7 @@ synthetic validation split encoded by the trained VAE, decoded by both decoders 
 from __future__ import annotations
 
 import torch
-from benchmarks.common import PeakMemory, base_parser, interleaved, markdown_table, meta_copy, sd_vae, setup, write_results
+from benchmarks import common
 
 from digseg_diffusers import mask_codec
 from digseg_diffusers.mask_decoder import DiGSegMaskDecoder, count_flops, evaluate_mask_decoders
@@ -20,7 +20,7 @@ from digseg_diffusers.testing_utils import make_tiny_vae
 
 
 def decode_flops(vae, decoder, resolution: int) -> tuple[int, int]:
-    meta_vae, meta_decoder = meta_copy(vae), meta_copy(decoder)
+    meta_vae, meta_decoder = common.meta_copy(vae), common.meta_copy(decoder)
     side = resolution // decoder.upsampling_factor
     latents = torch.zeros(1, 4, side, side, device="meta")
     return (count_flops(mask_codec.decode_masks, meta_vae, latents),
@@ -50,7 +50,7 @@ def pipeline_iou(pipeline_path: str, num_scenes: int, resolution: int) -> dict:
 
 
 def main(argv=None):
-    parser = base_parser(__doc__.split("\n\n")[0])
+    parser = common.base_parser(__doc__.split("\n\n")[0])
     parser.set_defaults(config="sd2", resolution=128)
     parser.add_argument("--k", type=int, default=4, help="masks decoded per timed call")
     parser.add_argument("--vae_path", default=None, help="a trained VAE folder (for the IoU and its FLOPs)")
@@ -61,13 +61,12 @@ def main(argv=None):
                         help="a trained DiGSeg pipeline with a `mask_decoder` (e.g. train_mask_decoder.py "
                              "--save_pipeline output): end-to-end IoU with each decoder on val scenes")
     parser.add_argument("--num_pipeline_scenes", type=int, default=50)
-    args = parser.parse_args(argv)
-    setup(args)
+    args = common.parse_args(parser, argv)
 
     torch.manual_seed(0)
     default_decoder = DiGSegMaskDecoder().eval()
     vaes = {"tiny test VAE (8,16,16,16)": (make_tiny_vae().eval(), DiGSegMaskDecoder(block_out_channels=(16, 8, 8, 8))),
-            "SD VAE (128,256,512,512)": (sd_vae("meta"), default_decoder)}
+            "SD VAE (128,256,512,512)": (common.sd_vae("meta"), default_decoder)}
     trained = None
     if args.vae_path:
         from digseg_diffusers.evaluation.vae_study import load_vae
@@ -86,28 +85,22 @@ def main(argv=None):
             flops[f"{name} @ {res}"] = {"vae": full, "light": light}
             flop_rows.append([name, tuple(decoder.config.block_out_channels), res, full / 1e9, light / 1e9,
                               f"{full / light:.0f}x"])
-    flop_table = markdown_table(["VAE", "light widths", "px", "VAE decode GFLOP", "light GFLOP", "fewer FLOPs"],
-                                flop_rows)
-    print(flop_table)
+    flop_table = common.print_table(["VAE", "light widths", "px", "VAE decode GFLOP", "light GFLOP", "fewer FLOPs"],
+                                    flop_rows)
 
     # Time: the SD VAE architecture (random weights; the cost does not depend on them) vs the default decoder.
-    vae = sd_vae()
+    vae = common.sd_vae()
     side = args.resolution // 8
     latents = torch.randn(args.k, 4, side, side, generator=torch.Generator().manual_seed(0))
     variants = {"vae_decoder": lambda: mask_codec.decode_masks(vae, latents),
                 "light_decoder": lambda: mask_codec.decode_masks(vae, latents, mask_decoder=default_decoder)}
-    timing = interleaved(variants, repeats=args.repeats)
-    memory = {}
-    for name, fn in variants.items():
-        with PeakMemory() as peak:
-            fn()
-        memory[name] = peak.peak_rss_mb
+    timing = common.interleaved(variants, repeats=args.repeats)
+    memory = {name: peak.peak_rss_mb for name, peak in common.peak_memory(variants).items()}
     speedup = timing["vae_decoder"]["median"] / timing["light_decoder"]["median"]
-    time_table = markdown_table(
+    time_table = common.print_table(
         ["decoder", f"s per {args.k} masks @ {args.resolution} px", "speed-up", "peak RSS MB"],
         [["SD VAE decoder", timing["vae_decoder"]["median"], 1.0, memory["vae_decoder"]],
          ["light decoder (64,32,16,8)", timing["light_decoder"]["median"], speedup, memory["light_decoder"]]])
-    print(time_table)
 
     iou, iou_table = None, None
     if trained is not None:
@@ -118,23 +111,20 @@ def main(argv=None):
             scene = generate_scene(seed, size=args.eval_resolution)
             masks += [torch.from_numpy(scene.mask(c)) for c in scene.class_indices]
         iou = evaluate_mask_decoders(trained[0], trained[1], torch.stack(masks).float())
-        iou_table = markdown_table(["masks (val split)", "IoU full VAE decoder", "IoU light decoder",
-                                    "difference (points)"],
-                                   [[iou["num_masks"], iou["iou_vae"], iou["iou_light"], iou["iou_difference_points"]]])
-        print(iou_table)
+        iou_table = common.print_table(
+            ["masks (val split)", "IoU full VAE decoder", "IoU light decoder", "difference (points)"],
+            [[iou["num_masks"], iou["iou_vae"], iou["iou_light"], iou["iou_difference_points"]]])
     end_to_end, end_to_end_table = None, None
     if args.pipeline_path:
         end_to_end = pipeline_iou(args.pipeline_path, args.num_pipeline_scenes, args.eval_resolution)
-        end_to_end_table = markdown_table(
+        end_to_end_table = common.print_table(
             ["scenes (val)", "class masks", "IoU with VAE decoder", "IoU with light decoder", "difference (points)"],
             [[end_to_end["num_scenes"], end_to_end["num_masks"], end_to_end["iou_vae"], end_to_end["iou_light"],
               100 * (end_to_end["iou_light"] - end_to_end["iou_vae"])]])
-        print(end_to_end_table)
-    path = write_results("mask_decoder", args, {"end_to_end": end_to_end, "end_to_end_table": end_to_end_table,
+    common.write_results("mask_decoder", args, {"end_to_end": end_to_end, "end_to_end_table": end_to_end_table,
                                                  "flops": flops, "flop_table": flop_table, "timing": timing,
                                                  "peak_rss_mb": memory, "speedup": speedup, "time_table": time_table,
                                                  "iou": iou, "iou_table": iou_table})
-    print(f"results: {path}")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ is recorded. The tiny random pipeline at processing resolution 64 keeps the mode
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+# The repository: on the children's path, so that they find `benchmarks` (after a --before checkout's package).
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZES_MP = {0.25: (512, 512), 3: (1500, 2000), 12: (3000, 4000)}
 MODES = {
     "all": {},
@@ -32,7 +34,7 @@ def measure(size_mp: float, k: int, mode: str) -> dict:
     """One call in this process (the child side)."""
     import numpy as np
     import torch
-    from common import PeakMemory
+    from benchmarks.common import PeakMemory
 
     from digseg_diffusers.testing_utils import make_tiny_pipeline
     from digseg_diffusers.vocabularies import load_vocabulary
@@ -51,9 +53,8 @@ def measure(size_mp: float, k: int, mode: str) -> dict:
 
 
 def run_child(size_mp: float, k: int, mode: str, code_root: str | None) -> dict:
-    env = dict(os.environ)
-    if code_root:  # that checkout's package first; this checkout on the path too, so `common` does not re-insert it
-        env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(code_root), ROOT])
+    roots = [os.path.abspath(code_root), ROOT] if code_root else [ROOT]  # that checkout's package first
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(roots))
     command = [sys.executable, __file__, "--single", str(size_mp), str(k), mode]
     completed = subprocess.run(command, capture_output=True, text=True, env=env)
     if completed.returncode != 0:
@@ -62,8 +63,6 @@ def run_child(size_mp: float, k: int, mode: str, code_root: str | None) -> dict:
 
 
 def main(argv=None):
-    import argparse
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=sorted(SIZES_MP), choices=sorted(SIZES_MP))
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 16, 150])
@@ -77,7 +76,7 @@ def main(argv=None):
         print(json.dumps(measure(float(size), int(k), mode)))
         return
 
-    from common import machine_description, markdown_table
+    from benchmarks.common import RESULTS_DIR, machine_description, markdown_table
 
     results = []
     columns = (["before"] if args.before else []) + list(MODES)
@@ -102,7 +101,7 @@ def main(argv=None):
         rows.append([row["size_mp"], row["k"]] + [cell(row[c]) for c in columns] + [ratio])
     table = markdown_table(headers, rows)
     print(table)
-    path = args.output or os.path.join(ROOT, "benchmarks", "performance", "results", "output_memory_tiny.json")
+    path = args.output or os.path.join(RESULTS_DIR, "output_memory_tiny.json")
     with open(path, "w") as f:
         json.dump({"benchmark": "output_memory", "machine": machine_description(), "results": results,
                    "table": table}, f, indent=2, default=float)

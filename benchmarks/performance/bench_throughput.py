@@ -1,5 +1,5 @@
 """Images per second at 1x1 (one prompt per image, one step, E=1): each precision and memory-format variant,
-each mask decoder, one or several images per call; timed interleaved. Made for a GPU (`--device cuda`); it runs
+each mask decoder, one or several images per call; timed common.interleaved. Made for a GPU (`--device cuda`); it runs
 on the CPU too.
 
 Before timing, every variant's probabilities are compared with the fp32 pipeline's on the same device and inputs
@@ -13,22 +13,8 @@ pipeline.
 
 from __future__ import annotations
 
-import gc
-
 import torch
-from benchmarks.common import (
-    DTYPES,
-    CudaGraphed,
-    PeakMemory,
-    base_parser,
-    generators,
-    interleaved,
-    make_pipeline,
-    markdown_table,
-    scene_image,
-    setup,
-    write_results,
-)
+from benchmarks import common
 
 VARIANTS = ("fp32", "fp16", "bf16", "bf16+channels_last", "bf16+compile", "bf16+compile_ro", "bf16+cuda_graphs")
 """``compile``: `torch.compile` of the U-Net (default mode). ``compile_ro``: ``mode="reduce-overhead"`` (CUDA graphs
@@ -40,7 +26,7 @@ input shape: a call shape (images per call, processing size, prompts) is slow th
 def build_variant(name: str, args):
     """A pipeline for a variant name: a precision, optionally + channels_last or + compile (of the U-Net)."""
     precision, _, option = name.partition("+")
-    pipe = make_pipeline(args.config, light_decoder=True, device=args.device, dtype=DTYPES[precision])
+    pipe = common.make_pipeline(args.config, light_decoder=True, device=args.device, dtype=common.DTYPES[precision])
     if option == "channels_last":
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
@@ -52,9 +38,9 @@ def build_variant(name: str, args):
     elif option == "cuda_graphs":
         if not args.device.startswith("cuda"):
             raise SystemExit("the cuda_graphs variant needs --device cuda")
-        pipe.unet = CudaGraphed(pipe.unet)
-        pipe.vae.encoder = CudaGraphed(pipe.vae.encoder)
-        pipe.mask_decoder = CudaGraphed(pipe.mask_decoder)
+        pipe.unet = common.CudaGraphed(pipe.unet)
+        pipe.vae.encoder = common.CudaGraphed(pipe.vae.encoder)
+        pipe.mask_decoder = common.CudaGraphed(pipe.mask_decoder)
     elif option:
         raise SystemExit(f"unknown variant option {option!r} in {name!r}")
     return pipe
@@ -63,7 +49,7 @@ def build_variant(name: str, args):
 def segment(pipe, images, decoder: str):
     n = len(images)
     return pipe(images, "circle", num_inference_steps=1, ensemble_size=1, processing_resolution=0, batch_size=n,
-                generator=generators(n), mask_decoder=decoder, output_type="pt").probabilities
+                generator=common.generators(n), mask_decoder=decoder, output_type="pt").probabilities
 
 
 def compare(probabilities, reference) -> dict:
@@ -78,21 +64,20 @@ def compare(probabilities, reference) -> dict:
 
 
 def main(argv=None):
-    parser = base_parser(__doc__.split("\n\n")[0])
+    parser = common.base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=["fp32", "fp16", "bf16", "bf16+channels_last"],
                         help=f"any of {', '.join(VARIANTS)}")
     parser.add_argument("--decoders", nargs="+", choices=("vae", "light"), default=["vae", "light"])
     parser.add_argument("--images_per_call", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--offload_check", action="store_true")
-    args = parser.parse_args(argv)
-    setup(args)
-    images = [scene_image(args.resolution, seed=i) for i in range(max(args.images_per_call))]
+    args = common.parse_args(parser, argv)
+    images = [common.scene_image(args.resolution, seed=i) for i in range(max(args.images_per_call))]
     check_images = images[:2]
 
-    reference_pipe = make_pipeline(args.config, light_decoder=True, device=args.device, dtype=torch.float32)
+    reference_pipe = common.make_pipeline(args.config, light_decoder=True, device=args.device, dtype=torch.float32)
     reference = {d: segment(reference_pipe, check_images, d) for d in args.decoders}
     del reference_pipe
-    gc.collect()
+    common.free_memory()
 
     rows, results = [], []
     for name in args.variants:
@@ -100,9 +85,9 @@ def main(argv=None):
         accuracy = {d: compare(segment(pipe, check_images, d), reference[d]) for d in args.decoders}
         calls = {(d, n): (lambda d=d, n=n: segment(pipe, images[:n], d))
                  for d in args.decoders for n in args.images_per_call}
-        timing = interleaved({f"{d} x{n}": fn for (d, n), fn in calls.items()}, repeats=args.repeats)
+        timing = common.interleaved({f"{d} x{n}": fn for (d, n), fn in calls.items()}, repeats=args.repeats)
         for (decoder, n), fn in calls.items():
-            with PeakMemory() as peak:
+            with common.PeakMemory() as peak:
                 fn()
             seconds = timing[f"{decoder} x{n}"]["median"]
             acc = accuracy[decoder]
@@ -115,37 +100,34 @@ def main(argv=None):
             print(f"{name:>20} {decoder:>5} x{n:<3} {n / seconds:8.1f} images/s  (max |diff| vs fp32 "
                   f"{acc['max_abs_diff']:.2e})", flush=True)
         del pipe
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        common.free_memory()
 
     offload = None
     if args.offload_check and args.device.startswith("cuda"):
-        precision = DTYPES["bf16"]
-        resident = make_pipeline(args.config, light_decoder=True, device=args.device, dtype=precision)
-        with PeakMemory() as resident_peak:
+        precision = common.DTYPES["bf16"]
+        resident = common.make_pipeline(args.config, light_decoder=True, device=args.device, dtype=precision)
+        with common.PeakMemory() as resident_peak:
             expected = segment(resident, check_images, "vae")
         del resident
-        gc.collect()
-        torch.cuda.empty_cache()
-        offloaded = make_pipeline(args.config, light_decoder=True, device="cpu", dtype=precision)
+        common.free_memory()
+        offloaded = common.make_pipeline(args.config, light_decoder=True, device="cpu", dtype=precision)
         offloaded.enable_model_cpu_offload()
-        with PeakMemory() as offload_peak:
+        with common.PeakMemory() as offload_peak:
             got = segment(offloaded, check_images, "vae")
-        timing = interleaved({"offload": lambda: segment(offloaded, images[:1], "vae")}, repeats=args.repeats)
+        timing = common.interleaved({"offload": lambda: segment(offloaded, images[:1], "vae")}, repeats=args.repeats)
         offload = {"accuracy_vs_resident": compare(got, expected), "cuda_peak_mb_resident": resident_peak.cuda_peak_mb,
-                   "cuda_peak_mb_offload": offload_peak.cuda_peak_mb, "seconds_1_image": timing["offload"]["median"]}
-        print(f"model CPU offload (bf16): max |diff| vs resident {offload['accuracy_vs_resident']['max_abs_diff']:.2e}, "
+                   "cuda_peak_mb_offload": offload_peak.cuda_peak_mb,
+                   "seconds_1_image": timing["offload"]["median"]}
+        print(f"model CPU offload (bf16): max |diff| vs resident "
+              f"{offload['accuracy_vs_resident']['max_abs_diff']:.2e}, "
               f"CUDA peak {offload_peak.cuda_peak_mb:.0f} MB vs {resident_peak.cuda_peak_mb:.0f} MB resident, "
               f"{1 / timing['offload']['median']:.2f} images/s")
 
-    table = markdown_table(["variant", "decoder", "images / call", "ms / call", "images/s", "max |diff| vs fp32",
-                            "mask agreement vs fp32", "CUDA peak MB"], rows)
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
-    print(f"\n{args.config} config, {args.resolution} px, 1x1, one prompt per image, {device_name}")
-    print(table)
-    path = write_results("throughput", args, {"results": results, "offload": offload, "table": table})
-    print(f"results: {path}")
+    title = f"\n{args.config} config, {args.resolution} px, 1x1, one prompt per image, {device_name}"
+    table = common.print_table(["variant", "decoder", "images / call", "ms / call", "images/s", "max |diff| vs fp32",
+                                "mask agreement vs fp32", "CUDA peak MB"], rows, title)
+    common.write_results("throughput", args, {"results": results, "offload": offload, "table": table})
 
 
 if __name__ == "__main__":

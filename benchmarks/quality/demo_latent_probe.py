@@ -23,15 +23,14 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from benchmarks.common import ROOT, base_parser, markdown_table, setup, write_results
+from benchmarks import common
 
-from digseg_diffusers import DiGSegPipeline, mask_codec
-from digseg_diffusers.demo import default_model_path
-from digseg_diffusers.training.demo_recipe import build_demo_unet
+from digseg_diffusers import mask_codec
 from digseg_diffusers.data.synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene, split_seeds
+from digseg_diffusers.evaluation.metrics import ConfusionMatrix
+from digseg_diffusers.training.demo_recipe import build_demo_unet
 
-
-QUALITY_RESULTS_DIR = os.path.join(ROOT, "benchmarks", "quality", "results")
+QUALITY_RESULTS_DIR = os.path.join(common.ROOT, "benchmarks", "quality", "results")
 NUM_LABELS = len(SHAPE_CLASSES) + 1  # the generator's label map: 0 = background, 1..6 = shapes
 INPUTS = ("latent", "pixels")
 
@@ -55,9 +54,8 @@ def probe_input(kind: str, vae, scale_factor: int, pixels: torch.Tensor, chunk: 
     return torch.cat([mask_codec.encode_pixels(vae, pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)])
 
 
-def train_and_score(
-    kind, latent_channels: int, train_x, train_y, val_x, val_y, scale_factor: int, steps: int, batch_size: int, seed: int
-) -> dict:
+def train_and_score(kind, latent_channels: int, train_x, train_y, val_x, val_y, scale_factor: int, steps: int,
+                    batch_size: int, seed: int) -> dict:
     """The demo trunk with a 7-label head on the latent grid (``scale_factor ** 2`` sub-pixels per cell,
     `pixel_shuffle`d back to the scene's pixels)."""
     from diffusers import UNet2DConditionModel
@@ -89,46 +87,43 @@ def train_and_score(
             print(f"  {kind} step {step:5d}  loss {loss.item():.4f}  {time.time() - start:.0f}s", flush=True)
     seconds = time.time() - start
     net.eval()
-    confusion = torch.zeros(NUM_LABELS, NUM_LABELS, dtype=torch.long)
+    confusion = ConfusionMatrix(NUM_LABELS)
     with torch.no_grad():
         for i in range(0, len(val_x), batch_size):
-            predicted = logits(val_x[i : i + batch_size]).argmax(1)
-            pairs = val_y[i : i + batch_size] * NUM_LABELS + predicted
-            confusion += torch.bincount(pairs.flatten(), minlength=NUM_LABELS**2).view(NUM_LABELS, NUM_LABELS)
-    iou = confusion.diag() / (confusion.sum(0) + confusion.sum(1) - confusion.diag()).clamp(min=1)
-    names = ["background", *SHAPE_CLASSES]
-    return {"mIoU": float(iou.mean()), "per_class": dict(zip(names, map(float, iou))), "train_seconds": seconds}
+            confusion.update(logits(val_x[i : i + batch_size]).argmax(1), val_y[i : i + batch_size])
+    metrics = confusion.compute()
+    per_class = dict(zip(["background", *SHAPE_CLASSES], metrics["per_class_iou"]))
+    return {"mIoU": metrics["mIoU"], "per_class": per_class, "train_seconds": seconds}
 
 
 def main() -> None:
-    parser = base_parser(__doc__.splitlines()[0])
+    parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_train_scenes", type=int, default=8000)
     parser.add_argument("--num_val_scenes", type=int, default=256)
     parser.add_argument("--inputs", nargs="+", choices=INPUTS, default=list(INPUTS))
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = common.parse_args(parser)
     args.config = "demo"
-    setup(args)
     torch.set_grad_enabled(True)
-    pipe = DiGSegPipeline.from_pretrained(default_model_path())
-    vae, scale_factor = pipe.vae.eval(), pipe.vae_scale_factor
+    pipe = common.make_pipeline("demo")
+    vae, scale_factor = pipe.vae, pipe.vae_scale_factor
     train_pixels, train_y = scenes("train", args.num_train_scenes, args.resolution)
-    val_pixels, val_y = scenes("val", args.num_val_scenes, args.resolution, first=2000)  # after the recipe's validation seeds
+    # validation scenes after the recipe's validation seeds
+    val_pixels, val_y = scenes("val", args.num_val_scenes, args.resolution, first=2000)
     results = {}
     for kind in args.inputs:
         train_x, val_x = (probe_input(kind, vae, scale_factor, pixels) for pixels in (train_pixels, val_pixels))
-        results[kind] = train_and_score(
-            kind, vae.config.latent_channels, train_x, train_y, val_x, val_y, scale_factor, args.steps, args.batch_size, args.seed
-        )
+        results[kind] = train_and_score(kind, vae.config.latent_channels, train_x, train_y, val_x, val_y, scale_factor,
+                                        args.steps, args.batch_size, args.seed)
     names = list(next(iter(results.values()))["per_class"])
-    rows = [
-        [kind, r["mIoU"], *(r["per_class"][n] for n in names), round(r["train_seconds"])] for kind, r in results.items()
-    ]
-    print(f"{args.steps} steps, batch {args.batch_size}, {args.num_val_scenes} validation scenes, {torch.get_num_threads()} threads")
-    print(markdown_table(["input", "mIoU", *names, "train s"], rows))
-    print(f"results: {write_results('demo_latent_probe', args, {'results': results}, results_dir=QUALITY_RESULTS_DIR)}")
+    rows = [[kind, r["mIoU"], *(r["per_class"][n] for n in names), round(r["train_seconds"])]
+            for kind, r in results.items()]
+    common.print_table(["input", "mIoU", *names, "train s"], rows,
+                       f"{args.steps} steps, batch {args.batch_size}, {args.num_val_scenes} validation scenes, "
+                       f"{torch.get_num_threads()} threads")
+    common.write_results("demo_latent_probe", args, {"results": results}, results_dir=QUALITY_RESULTS_DIR)
 
 
 if __name__ == "__main__":
