@@ -1,12 +1,5 @@
-"""Dataset readers and the DiGSeg training sample transform.
-
-- Readers (``readers.py``) list one split of a dataset and map its label ids to class indices:
-  :class:`FolderReader` (the generic format of ``docs/data_format.md``), :class:`ADE20KReader`,
-  :class:`COCOStuffReader`, :class:`CityscapesReader`, :class:`PascalContextReader`; :func:`build_reader`
-  picks one by name. Benchmark readers take their default class names and raw label ids from the bundled
-  vocabularies (``digseg_diffusers.vocabularies``).
-- :class:`SegmentationTrainingDataset` turns any reader into augmented one-class-per-sample training items;
-  :func:`collate_segmentation_batch` batches them.
+"""Dataset readers (one split of a dataset, its label ids mapped to class indices; :func:`build_reader` picks one by
+name) and :class:`SegmentationTrainingDataset`, which turns any reader into augmented one-class training samples.
 """
 
 from .dataset import SegmentationTrainingDataset, collate_segmentation_batch

@@ -64,15 +64,9 @@ class ConfusionMatrix:
     """Accumulates a ``[K, K + 1]`` count matrix: rows are ground-truth classes, columns predicted classes, and
     the last column counts pixels predicted as "no class" (any value outside ``0..K-1``).
 
-    Distributed use: every process updates its own matrix; then
-    ``cm.counts = accelerator.reduce(cm.counts.to(accelerator.device), "sum").cpu()`` (or `merge` with matrices
-    gathered any other way) before `compute`.
-
-    Args:
-        num_classes: number of classes K.
-        ignore_index: ground-truth value to skip (255 by default; 65535 for the A-847 / PC-459 vocabularies).
-        class_names: optional names, used as keys of the per-class entries of `compute`.
-        device: where the counts live (CPU by default; `update` computes on the inputs' device).
+    Several processes: each updates its own matrix, then
+    ``cm.counts = accelerator.reduce(cm.counts.to(accelerator.device), "sum").cpu()`` (or `merge`) before `compute`.
+    ``ignore_index`` is the ground-truth value to skip (65535 for the A-847 / PC-459 vocabularies).
     """
 
     def __init__(

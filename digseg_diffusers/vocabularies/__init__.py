@@ -47,21 +47,13 @@ def ignore_index_for(num_classes: int) -> int:
 
 @dataclass
 class Vocabulary:
-    """A list of class names with the dataset label id of each class.
+    """Class names in evaluation order with the raw label id of each in the dataset's annotation files.
 
-    Attributes:
-        name: canonical name, e.g. ``"ade20k-150"``.
-        class_names: class names in evaluation order (class index ``k`` is ``class_names[k]``). Names with WordNet
-            synonyms (A-847) keep the full comma-separated string, which is also what CLIP-based methods prompt with;
-            `synonyms` splits it.
-        label_ids: the value stored for each class in the dataset's annotation files.
-        ignore_label: the raw value that marks unlabeled pixels (``None`` if the format has none).
-        background_label: the raw value of "background" where the dataset has one (VOC, PASCAL Context). The
-            vocabulary does not contain background, so those pixels are ignored too.
-        title, label_format, sources: documentation carried from the data file.
-        alternate_ids: the other id columns of the data file, one id per class: the same classes in another
-            annotation format (Cityscapes ``label_id``: raw ``*_gtFine_labelIds.png``; A-847 ``train_id``; PC-59
-            ``pc459_id``). `with_alternate_ids` reads annotations stored with one of them.
+    A-847 names keep the full comma-separated WordNet synonym string (what CLIP-based methods prompt with;
+    `synonyms` splits it). ``ignore_label`` and ``background_label`` (VOC, PASCAL Context: not a class of the
+    vocabulary) are raw values that map to the ignore index. ``alternate_ids`` are the data file's other id columns,
+    the same classes in another annotation format (Cityscapes ``label_id``, A-847 ``train_id``, PC-59 ``pc459_id``),
+    read with `with_alternate_ids`. ``title``, ``label_format`` and ``sources`` document the data file.
     """
 
     name: str
