@@ -64,12 +64,11 @@ class SegmentationTrainingDataset(torch.utils.data.Dataset):
             raise ValueError(f"`reader` {reader!r} lists no examples.")
         if not isinstance(resolution, int) or resolution < 1:
             raise ValueError(f"`resolution` must be a positive integer, got {resolution!r}.")
-        if not 0.0 <= negative_prob <= 1.0:
-            raise ValueError(f"`negative_prob` must be in [0, 1], got {negative_prob}.")
+        for name, probability in (("negative_prob", negative_prob), ("flip_prob", flip_prob)):
+            if not 0.0 <= probability <= 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1], got {probability}.")
         if len(scale_range) != 2 or not 0.0 < scale_range[0] <= scale_range[1]:
             raise ValueError(f"`scale_range` must be (low, high) with 0 < low <= high, got {scale_range}.")
-        if not 0.0 <= flip_prob <= 1.0:
-            raise ValueError(f"`flip_prob` must be in [0, 1], got {flip_prob}.")
         if seed < 0:
             raise ValueError(f"`seed` must be non-negative, got {seed}.")
         if not isinstance(prompts_per_image, int) or not 1 <= prompts_per_image <= reader.num_classes:

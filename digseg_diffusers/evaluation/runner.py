@@ -139,15 +139,9 @@ def scoring_target(label: np.ndarray, num_classes: int, ignore_index: int, inclu
 
 
 class EvaluationAccumulator:
-    """Counts of one evaluation setting over any number of images.
-
-    Args:
-        class_names: the dataset's classes (class index k = ``class_names[k]``).
-        ignore_index: the dataset's ignore value.
-        include_background: score background as an extra class K (datasets whose maps have a background value).
-        thresholds: thresholds of the IoU-vs-threshold curve; empty: no curve (then `add` needs no probabilities).
-
-    All state is in `state_dict` (int64 / float64 tensors), summable across processes and shards.
+    """Counts of one evaluation setting over any number of images, all in `state_dict` (int64 / float64 tensors,
+    summable across processes and shards). ``include_background`` scores background as an extra class K;
+    ``thresholds`` are the IoU-vs-threshold curve's (empty: no curve, and `add` needs no probabilities).
     """
 
     def __init__(

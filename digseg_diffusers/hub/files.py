@@ -50,21 +50,13 @@ def resolve_file(
     if os.path.isdir(source):
         path = os.path.join(source, subfolder or "", filename)
         return path if os.path.isfile(path) else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import errors, hf_hub_download
 
     try:
         return hf_hub_download(source, filename, subfolder=subfolder, revision=revision, **hub_kwargs)
-    except HFValidationError as error:
+    except errors.HFValidationError as error:
         raise OSError(f"{source!r} is neither a local folder nor a valid Hugging Face Hub repo id.") from error
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as error:
         if repo_cached(source, hub_kwargs.get("cache_dir")):
             return None  # the cache answers for this repo, but not with this file
         raise OSError(
@@ -72,14 +64,14 @@ def resolve_file(
             "cannot be reached (offline, or HF_HUB_OFFLINE is set). Download it once with network access, or pass "
             "the path of a saved folder."
         ) from error
-    except EntryNotFoundError:  # caught after LocalEntryNotFoundError, one of its subclasses
+    except errors.EntryNotFoundError:  # caught after LocalEntryNotFoundError, one of its subclasses
         return None
-    except RepositoryNotFoundError as error:
+    except errors.RepositoryNotFoundError as error:
         raise OSError(
             f"{source!r} is not a local folder and no such Hugging Face Hub repo is accessible (check the name, "
             "or pass `token=` for a private or gated repo)."
         ) from error
-    except RevisionNotFoundError as error:
+    except errors.RevisionNotFoundError as error:
         raise OSError(f"The Hub repo {source!r} has no revision {revision!r}.") from error
 
 

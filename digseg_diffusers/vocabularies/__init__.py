@@ -67,15 +67,12 @@ class Vocabulary:
     alternate_ids: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self):
-        if len(self.class_names) != len(self.label_ids):
-            raise ValueError(
-                f"class_names ({len(self.class_names)}) and label_ids ({len(self.label_ids)}) must have the same length"
-            )
-        for column, ids in self.alternate_ids.items():
+        id_columns = {"label_ids": self.label_ids}
+        id_columns.update({f"alternate_ids[{column!r}]": ids for column, ids in self.alternate_ids.items()})
+        for column, ids in id_columns.items():
             if len(ids) != len(self.class_names):
                 raise ValueError(
-                    f"alternate_ids[{column!r}] ({len(ids)}) and class_names ({len(self.class_names)}) must have the "
-                    "same length"
+                    f"{column} ({len(ids)}) and class_names ({len(self.class_names)}) must have the same length"
                 )
         if len(set(self.label_ids)) != len(self.label_ids):
             raise ValueError(f"label_ids of vocabulary {self.name!r} contain duplicates")
