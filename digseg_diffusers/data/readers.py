@@ -72,17 +72,10 @@ def read_label_ids(path: str | os.PathLike) -> np.ndarray:
 
 
 class SegmentationReader(Sequence):
-    """Pairs of files of one split, their class names, and the raw-id -> class-index mapping.
-
-    Subclasses only find the files and the mapping; loading and mapping live here.
-
-    Args:
-        examples: the (image, label) file pairs, in a fixed order.
-        class_names: ``class_names[k]`` names class index ``k``.
-        label_mapping: raw label id -> class index (or ``BACKGROUND_INDEX``).
-        ignore_ids: raw ids that mean "ignore".
-        strict: raw ids outside ``label_mapping`` and ``ignore_ids`` raise (a broken file) instead of being
-            ignored (a dataset whose unlisted ids mean "unlabelled").
+    """Pairs of files of one split, their class names, and the raw-id -> class-index mapping (``label_mapping``,
+    to a class index or ``BACKGROUND_INDEX``). Subclasses only find the files and the mapping; loading lives here.
+    ``strict``: raw ids outside the mapping and ``ignore_ids`` raise (a broken file) instead of being ignored (a
+    dataset whose unlisted ids mean "unlabelled").
     """
 
     name = "segmentation"

@@ -187,15 +187,9 @@ class SyntheticObject:
 
 @dataclass(frozen=True)
 class SyntheticScene:
-    """A generated scene.
-
-    Attributes:
-        seed: the seed it was generated from.
-        image: ``uint8`` array ``[H, W, 3]``.
-        label: ``uint8`` array ``[H, W]``; ``0`` = background, ``c + 1`` = ``SHAPE_CLASSES[c]``.
-        class_indices: sorted indices (into ``SHAPE_CLASSES``) of the classes visible in ``label``.
-        objects: the shapes in drawing order (a fully described scene, for tests and debugging).
-    """
+    """A generated scene: ``image`` (``uint8 [H, W, 3]``), ``label`` (``uint8 [H, W]``, ``0`` = background,
+    ``c + 1`` = ``SHAPE_CLASSES[c]``), the sorted ``class_indices`` visible in it, and its ``objects`` in drawing
+    order (a fully described scene, for tests and debugging)."""
 
     seed: int
     image: np.ndarray
