@@ -3,33 +3,16 @@
     accelerate launch --multi_gpu --num_processes 8 -m digseg_diffusers.inference.cli segment \
         --input_dir photos/ --prompt person --prompt car --out results/ --batch_images 8 --format coco
 
-Every process lists nothing itself: the main process locks OUT, lists the inputs and broadcasts the list; each
-process takes its contiguous share (`PartialState.split_between_processes`), reads its images, groups those of
-the same size into calls of up to `batch_images` images, and writes per image, atomically:
-
-- ``OUT/<relative path without extension>.png``: the label map (pixel value = label, 0 = background, k + 1 =
-  prompt k; palette PNG, or 16-bit grayscale beyond 255 prompts);
-- ``OUT/<relative path without extension>.json``, written last: the labels, one segment per prompt with a
-  non-empty mask (score = mean probability inside the mask, area, bbox, and with ``coco`` its COCO RLE), and
-  ``"status": "complete"``.
-
-An image whose JSON is complete (and names the same input and settings) is skipped, so a killed run resumes where
-it stopped, with any number of processes. An unreadable image or one the pipeline refuses is counted and listed,
-never fatal. The command line's IMAGE files run through the same engine (`PathsSource`, with `MasksAndOverlay`
-writing each image's masks and overlay next to its label map).
-
-Nothing a run did not write for the same input and settings is deleted or overwritten: OUT must be new, empty or a
-folder of earlier results (``digseg_run.json``), other settings are refused, and so is an IMAGE file whose name
-holds another file's results, unless ``overwrite`` (``--overwrite``). Hidden temporaries that a killed run left
-(`LEFTOVER_TEMPORARY`) are removed at the start of the next run into the same OUT.
-With ``coco`` each process also writes a part file with the COCO records of its whole share (new and earlier
-results); the main process merges them into ``OUT/annotations_coco.json`` (pycocotools' format). The main process
-writes ``OUT/digseg_summary.json`` (images, failures with reasons, throughput per process) at the end, and
-``OUT/digseg_run.json`` (the settings) at the start: a run with other settings into the same OUT is refused.
-
-Output names mirror the input's relative path; inputs whose outputs would meet (names that differ only in their
-extension, ``a.png``, ``a.jpg``, compared case-insensitively) keep the extension (``a.png.png``, ``a.jpg.png``);
-see `output_names`. Dataset rows are named by split and index (``train/00000042``).
+The main process locks OUT, lists the inputs and broadcasts the list; each process takes its contiguous share,
+groups images of the same size into calls of up to `batch_images`, and writes per image, atomically,
+``OUT/<name>.png`` (label map: 0 = background, k + 1 = prompt k; palette PNG, 16-bit beyond 255 prompts) and then
+``OUT/<name>.json`` (segments with score, area, bbox and, with ``coco``, COCO RLE; ``"status": "complete"``).
+A complete result for the same input and settings is skipped, so a killed run resumes with any number of processes;
+an unreadable image is listed as a failure, never fatal. Nothing else is overwritten: OUT must be new, empty or a
+folder of earlier results (``digseg_run.json``), and other settings are refused, unless ``--overwrite``. The
+command line's IMAGE files run through the same engine (`PathsSource`, `MasksAndOverlay`). Output names mirror
+the input's relative path (`output_names`); dataset rows are named by split and index (``train/00000042``).
+With ``coco`` the processes' part files are merged into ``OUT/annotations_coco.json`` (pycocotools' format).
 """
 
 from __future__ import annotations
@@ -71,6 +54,12 @@ LEFTOVER_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}" + re.escape(TEMPORARY_SUF
 
 class BatchInferenceError(Exception):
     """A user-facing error of a dataset run (bad input list, unusable OUT, settings differing from OUT's)."""
+
+
+def error_summary(error: BaseException) -> str:
+    """The first line of an error's message (its type's name if it has none): one-line errors and failure lists."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,7 +185,7 @@ class PathsSource(ImageSource):
 
     def check_outputs(self, out: Path, items: Sequence[InputItem], names: Sequence[str]) -> None:
         for item, name in zip(items, names):
-            earlier = _read_json(out / f"{name}.json")
+            earlier = read_json(out / f"{name}.json")
             if earlier is not None and earlier.get("image") not in (None, item.source):
                 raise BatchInferenceError(
                     f"--out {out} holds the results of another image named {item.key} ({earlier.get('image')}); "
@@ -233,8 +222,7 @@ class HFDatasetSource(ImageSource):
                 else:
                     dataset = datasets.load_dataset(self.name, split=self.split)
             except Exception as error:  # missing dataset or split, no network, bad folder: all mean "cannot load"
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise BatchInferenceError(f"cannot load --dataset {self.name}:{self.split}: {reason}") from None
+                raise BatchInferenceError(f"cannot load --dataset {self.name}:{self.split}: {error_summary(error)}") from None
             columns = [k for k, v in dataset.features.items() if isinstance(v, datasets.Image)]
             self._column = columns[0] if columns else ("image" if "image" in dataset.column_names else None)
             if self._column is None:
@@ -260,7 +248,7 @@ class HFDatasetSource(ImageSource):
 
                 return open_image(image)
         except (OSError, ValueError, SyntaxError, EOFError) as error:
-            raise ValueError(f"cannot read row {item.source}: {str(error).strip() or type(error).__name__}") from None
+            raise ValueError(f"cannot read row {item.source}: {error_summary(error)}") from None
         raise ValueError(f"row {item.source}: column {self._column!r} holds a {type(image).__name__}, not an image")
 
 
@@ -318,7 +306,8 @@ def settings_fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A JSON object file's content; None when it is missing, unreadable or not an object."""
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -326,15 +315,13 @@ def _read_json(path: Path) -> dict | None:
     return document if isinstance(document, dict) else None
 
 
-def read_result(out: Path, name: str, item: InputItem, source: ImageSource | None = None, settings_id: str | None = None) -> dict | None:
-    """The complete result document of `item` under `out` (made with the settings `settings_id`, when given), or
-    None when it must be (re)computed."""
-    document = _read_json(out / f"{name}.json")
-    if document is None or document.get("status") != "complete":
+def read_result(out: Path, name: str, item: InputItem, source: ImageSource, settings_id: str) -> dict | None:
+    """The complete result document of `item` under `out` made with the settings `settings_id`, or None when it
+    must be (re)computed."""
+    document = read_json(out / f"{name}.json")
+    if document is None or document.get("status") != "complete" or document.get("settings_id") != settings_id:
         return None
-    if not (source.same_input(document, item) if source is not None else document.get("source") == item.key):
-        return None
-    if settings_id is not None and document.get("settings_id") != settings_id:
+    if not source.same_input(document, item):
         return None
     extras = document.get("files", [])
     files = [document.get("label_map", ""), *(extras if isinstance(extras, list) else [None])]
@@ -392,35 +379,10 @@ def row_generators(num_images: int, num_prompts: int, seed: int, ensemble_size: 
     return [torch.Generator().manual_seed(seed + r) for _ in range(num_images) for r in range(rows)]
 
 
-class MasksAndOverlay:
-    """Per-image extras of the command line's IMAGE mode, next to the label map: one mask PNG per prompt in
-    ``NAME.masks/`` (``mask_<k>_<prompt>.png``, 255 = inside) and a coloured overlay ``NAME.overlay.png``. The
-    result JSON lists them (``files``) and, per prompt, its mask area, label-map area and largest probability."""
-
-    suffixes = (".overlay.png", ".masks")
-    description = "label map, masks, overlay"
-
-    def write(self, out: Path, name: str, output, index: int, pixels) -> dict:
-        from PIL import Image
-
-        from digseg_diffusers.inference.visualization import overlay
-
-        prompts = list(output.prompts[index])
-        masks = np.asarray(output.masks[index])
-        probabilities = np.asarray(output.probabilities[index])
-        label_map = np.asarray(output.label_maps[index])
-        masks_dir = Path(f"{name}.masks")
-        (out / masks_dir).mkdir(parents=True, exist_ok=True)
-        files = [(masks_dir / mask_file_name(k, prompt, len(prompts))).as_posix() for k, prompt in enumerate(prompts)]
-        for k, file in enumerate(files):
-            with atomic_file(out / file) as tmp:
-                Image.fromarray(masks[k].astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
-        entries = prompt_statistics(prompts, masks, probabilities, label_map, files)
-        overlay_file = f"{name}.overlay.png"
-        with atomic_file(out / overlay_file) as tmp:
-            Image.fromarray(overlay(pixels, label_map, num_classes=len(prompts))).save(tmp, format="PNG")
-        files.append(overlay_file)
-        return {"files": files, "overlay": overlay_file, "prompts": entries, "background_area_fraction": float((label_map == 0).mean())}
+def save_png(path: Path, image) -> None:
+    """Write a PIL image as PNG, atomically (the format is named: the temporary file ends in ".tmp")."""
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def _safe_name(text: str) -> str:
@@ -433,20 +395,52 @@ def mask_file_name(k: int, prompt: str, num_prompts: int) -> str:
     return f"mask_{k:0{max(2, len(str(num_prompts - 1)))}d}_{_safe_name(prompt)}.png"
 
 
-def prompt_statistics(prompts: Sequence[str], masks, probabilities, label_map, mask_files: Sequence[str]) -> list[dict]:
-    """Per prompt: its label, mask file, the fraction of the image its mask covers, the fraction the label map
-    gives it (masks overlap, the label map does not), and its largest probability."""
-    return [
+def write_masks_and_overlay(out: Path, masks_folder: str, overlay_file: str, output, index: int, image) -> dict:
+    """One mask PNG per prompt (255 = inside) in `masks_folder` and the coloured overlay, for people to look at.
+    Returns the result JSON's entries: the files and, per prompt, the fraction of the image its mask covers, the
+    fraction the label map gives it (masks overlap, the label map does not) and its largest probability."""
+    from PIL import Image
+
+    from digseg_diffusers.inference.visualization import overlay
+
+    prompts = list(output.prompts[index])
+    masks, label_map = np.asarray(output.masks[index]), np.asarray(output.label_maps[index])
+    probabilities = np.asarray(output.probabilities[index])
+    files = [str(PurePosixPath(masks_folder, mask_file_name(k, p, len(prompts)))) for k, p in enumerate(prompts)]
+    (out / masks_folder).mkdir(parents=True, exist_ok=True)
+    for k, file in enumerate(files):
+        save_png(out / file, Image.fromarray(masks[k].astype(np.uint8) * 255, mode="L"))
+    save_png(out / overlay_file, Image.fromarray(overlay(image, label_map, num_classes=len(prompts))))
+    entries = [
         {
             "prompt": prompt,
             "label": k + 1,
             "mask_file": file,
-            "mask_area_fraction": float(np.asarray(masks[k]).mean()),
-            "label_area_fraction": float((np.asarray(label_map) == k + 1).mean()),
-            "max_probability": float(np.asarray(probabilities[k]).max()),
+            "mask_area_fraction": float(masks[k].mean()),
+            "label_area_fraction": float((label_map == k + 1).mean()),
+            "max_probability": float(probabilities[k].max()),
         }
-        for k, (prompt, file) in enumerate(zip(prompts, mask_files))
+        for k, (prompt, file) in enumerate(zip(prompts, files))
     ]
+    return {"files": [*files, overlay_file], "overlay": overlay_file, "prompts": entries,
+            "background_area_fraction": float((label_map == 0).mean())}  # fmt: skip
+
+
+def segment_images(pipe, images: list, prompts: Sequence[str], seed: int, pipeline_kwargs: dict):
+    """One pipeline call over same-size images; each row's noise comes from `row_generators`, so a result never
+    depends on the batch or the process its image landed in."""
+    generators = row_generators(len(images), len(prompts), seed, pipeline_kwargs.get("ensemble_size", 1))
+    return pipe(images, list(prompts), output_type="np", generator=generators, **pipeline_kwargs)
+
+
+class MasksAndOverlay:
+    """Per-image extras of the command line's IMAGE mode: ``NAME.masks/`` and ``NAME.overlay.png``."""
+
+    suffixes = (".overlay.png", ".masks")
+    description = "label map, masks, overlay"
+
+    def write(self, out: Path, name: str, output, index: int, pixels) -> dict:
+        return write_masks_and_overlay(out, f"{name}.masks", f"{name}.overlay.png", output, index, pixels)
 
 
 def write_result(
@@ -462,11 +456,10 @@ def write_result(
     label_map = np.asarray(output.label_maps[index])
     label_file = Path(f"{name}.png")
     (out / label_file).parent.mkdir(parents=True, exist_ok=True)
-    earlier = _read_json(out / f"{name}.json") or {}
+    earlier = read_json(out / f"{name}.json") or {}
     if earlier:  # being replaced (other settings, --overwrite): never "complete" over files that are half new
         atomic_write_json(out / f"{name}.json", {"status": "incomplete", "source": item.key, "files": earlier.get("files", [])})
-    with atomic_file(out / label_file) as tmp:
-        label_map_image(label_map, len(prompts), label_png).save(tmp, format="PNG")
+    save_png(out / label_file, label_map_image(label_map, len(prompts), label_png))
     document = {
         "status": "complete",
         "format_version": RESULT_FORMAT_VERSION,
@@ -492,12 +485,7 @@ def write_result(
 
 def coco_records(document: dict, image_id: int) -> dict:
     """One result document as a COCO image entry and its annotations (ids of annotations set at merge time)."""
-    image = {
-        "id": image_id,
-        "file_name": document["source"],
-        "height": document["height"],
-        "width": document["width"],
-    }
+    image = {"id": image_id, "file_name": document["source"], "height": document["height"], "width": document["width"]}
     annotations = [
         {
             "image_id": image_id,
@@ -517,29 +505,47 @@ def merge_coco_parts(parts: Sequence[Path], destination: Path, prompts: Sequence
     """Stream the processes' part files (JSON lines of `coco_records`) into one COCO annotations file."""
     counts = {"images": 0, "annotations": 0}
     categories = [{"id": k + 1, "name": prompt, "supercategory": "prompt"} for k, prompt in enumerate(prompts)]
+
+    def records():
+        for part in parts:
+            with open(part, encoding="utf-8") as lines:
+                yield from map(json.loads, lines)
+
     with atomic_file(destination) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         handle.write('{"info": {"description": "DiGSeg predictions", "version": "1.0"}, "licenses": [], ')
-        handle.write(f'"categories": {json.dumps(categories)},\n"images": [')
-        for section in ("images", "annotations"):
-            if section == "annotations":
-                handle.write('],\n"annotations": [')
-            for part in parts:
-                with open(part, encoding="utf-8") as lines:
-                    for line in lines:
-                        record = json.loads(line)
-                        entries = [record["image"]] if section == "images" else record["annotations"]
-                        for entry in entries:
-                            if section == "annotations":
-                                entry = {"id": counts["annotations"] + 1, **entry}
-                            handle.write(("\n" if counts[section] == 0 else ",\n") + json.dumps(entry))
-                            counts[section] += 1
-        handle.write("]}\n")
+        handle.write(f'"categories": {json.dumps(categories)}')
+        for section in ("images", "annotations"):  # two passes: the file is never held in memory
+            handle.write(f',\n"{section}": [')
+            for record in records():
+                for entry in [record["image"]] if section == "images" else record["annotations"]:
+                    if section == "annotations":
+                        entry = {"id": counts[section] + 1, **entry}
+                    handle.write(("\n" if counts[section] == 0 else ",\n") + json.dumps(entry))
+                    counts[section] += 1
+            handle.write("]")
+        handle.write("}\n")
     return counts
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def resolved_settings(pipe, pipeline_kwargs: dict) -> dict:
+    """The pipeline settings a result depends on, with the model's defaults filled in (for summaries and resume)."""
+    kwargs = pipeline_kwargs
+    resolved = pipe.resolve_call_defaults(
+        kwargs.get("num_inference_steps"), kwargs.get("processing_resolution"),
+        kwargs.get("mask_threshold"), kwargs.get("background_threshold"),
+    )  # fmt: skip
+    return {
+        "steps": resolved["num_inference_steps"],
+        "ensemble": kwargs.get("ensemble_size", 1),
+        "processing_resolution": resolved["processing_resolution"],
+        "threshold": resolved["mask_threshold"],
+        "background_threshold": resolved["background_threshold"],
+    }
 
 
 @dataclass
@@ -559,45 +565,68 @@ class BatchOptions:
     extras: MasksAndOverlay | None = None
     """Per-image files written next to the label map (the command line's IMAGE mode: masks and overlay)."""
 
+    def __post_init__(self) -> None:
+        """Refuse bad options when they are made: before the model loads and before any image."""
+        from digseg_diffusers.inference.visualization import LABEL_PNG_ENCODINGS
+
+        check_output_format(self.output_format)
+        if self.label_png not in LABEL_PNG_ENCODINGS:
+            raise BatchInferenceError(f"--label_png must be one of {LABEL_PNG_ENCODINGS}; got {self.label_png!r}")
+        if not self.prompts or any(not isinstance(p, str) or not p.strip() for p in self.prompts):
+            raise BatchInferenceError(f"prompts must be non-empty strings; got {self.prompts!r}")
+        if self.label_png == "palette" and len(self.prompts) > 255:
+            raise BatchInferenceError(
+                f"a palette PNG holds 255 labels; {len(self.prompts)} prompts need --label_png 16bit (or auto)"
+            )
+
 
 def _broadcast_from_main(state, compute: Callable[[], object]):
     """Run `compute` on the main process and hand its result (or its `BatchInferenceError`) to every process."""
-    result = None
+    from accelerate.utils import broadcast_object_list
+
+    box = [None]
     if state.is_main_process:
         try:
-            result = ("ok", compute())
+            box = [("ok", compute())]
         except BatchInferenceError as error:
-            result = ("error", str(error))
-    if state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        box = [result]
-        broadcast_object_list(box, from_process=0)
-        result = box[0]
-    if result[0] == "error":
-        raise BatchInferenceError(result[1])
-    return result[1]
+            box = [("error", str(error))]
+    status, value = broadcast_object_list(box, from_process=0)[0]
+    if status == "error":
+        raise BatchInferenceError(value)
+    return value
 
 
-def _gather(state, value) -> list:
-    if state.num_processes == 1:
-        return [value]
-    from accelerate.utils import gather_object
-
-    return gather_object([value])
-
-
-def remove_leftover_temporaries(out: Path) -> list[Path]:
+def remove_leftover_temporaries(out: Path) -> None:
     """Delete the hidden temporary files (`LEFTOVER_TEMPORARY`) that killed runs left under `out`: never read,
     always incomplete. Called with OUT locked, so no live writer owns them."""
-    removed = []
     for folder, _, files in os.walk(out):
-        for name in files:
-            if LEFTOVER_TEMPORARY.match(name):
-                path = Path(folder, name)
-                path.unlink(missing_ok=True)
-                removed.append(path)
-    return removed
+        for name in filter(LEFTOVER_TEMPORARY.match, files):
+            Path(folder, name).unlink(missing_ok=True)
+
+
+def lock_output_folder(out: Path) -> DirectoryLock:
+    """Create and lock OUT before any model work (one writer per OUT), or raise `BatchInferenceError` saying why it
+    cannot be used; the refusal names the process that holds it."""
+    if out.exists() and not out.is_dir():
+        raise BatchInferenceError(f"--out {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return DirectoryLock(out, LOCK_NAME).acquire()  # creating the lock file also proves the folder writable
+    except FolderLockedError as error:
+        raise BatchInferenceError(f"--out {out}: {error}; wait for it to finish or choose another --out") from None
+    except OSError as error:
+        if is_disk_full(error):
+            raise BatchInferenceError(
+                f"--out {out}: the disk is full ({error.strerror}); free some space or choose an --out on another disk"
+            ) from None
+        raise BatchInferenceError(f"--out {out} is not a writable folder: {error.strerror or error}") from None
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """The sorted names at the top of OUT other than the lock, COCO part files and leftover temporaries."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name not in (LOCK_NAME, PARTS_DIR) and not LEFTOVER_TEMPORARY.match(p.name))
 
 
 class DatasetRun:
@@ -629,17 +658,7 @@ class DatasetRun:
         self.names = output_names([item.key for item in self.items], extras.suffixes if extras is not None else ())
 
     def _lock_and_list(self) -> list[InputItem]:
-        if self.out.exists() and not self.out.is_dir():
-            raise BatchInferenceError(f"--out {self.out} exists and is not a folder")
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self._lock = DirectoryLock(self.out, LOCK_NAME).acquire()
-        except FolderLockedError as error:
-            raise BatchInferenceError(f"--out {self.out}: {error}; wait for it to finish or choose another --out") from None
-        except OSError as error:
-            if is_disk_full(error):
-                raise BatchInferenceError(f"--out {self.out}: the disk is full ({error.strerror}); free some space or choose an --out on another disk") from None
-            raise BatchInferenceError(f"--out {self.out} is not a writable folder: {error.strerror or error}") from None
+        self._lock = lock_output_folder(self.out)
         ours = (self.out / RUN_RECORD_NAME).is_file()
         if not ours and not self.overwrite:
             self._refuse_other_content()
@@ -653,7 +672,7 @@ class DatasetRun:
 
     def _refuse_other_content(self) -> None:
         """OUT must be new, empty, or a folder of earlier digseg results: never someone's own files."""
-        others = sorted(p.name for p in self.out.iterdir() if p.name not in (LOCK_NAME, PARTS_DIR) and not LEFTOVER_TEMPORARY.match(p.name))
+        others = foreign_entries(self.out)
         if others:
             shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
             raise BatchInferenceError(
@@ -674,19 +693,10 @@ class DatasetRun:
 
     def settings(self, pipe, options: BatchOptions, describe: dict) -> dict:
         """What the results depend on (written to and checked against ``OUT/digseg_run.json``)."""
-        kwargs = options.pipeline_kwargs
-        resolved = pipe.resolve_call_defaults(
-            kwargs.get("num_inference_steps"), kwargs.get("processing_resolution"),
-            kwargs.get("mask_threshold"), kwargs.get("background_threshold"),
-        )  # fmt: skip
         return {
             **describe,
             "prompts": list(options.prompts),
-            "steps": resolved["num_inference_steps"],
-            "ensemble": kwargs.get("ensemble_size", 1),
-            "processing_resolution": resolved["processing_resolution"],
-            "threshold": resolved["mask_threshold"],
-            "background_threshold": resolved["background_threshold"],
+            **resolved_settings(pipe, options.pipeline_kwargs),
             "seed": options.seed,
             "label_png": options.label_png,
             "format": options.output_format,
@@ -695,13 +705,11 @@ class DatasetRun:
 
     def _check_settings(self, settings: dict) -> None:
         path = self.out / RUN_RECORD_NAME
-        if path.is_file():
-            try:
-                earlier = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
-            except (OSError, ValueError, AttributeError):
-                earlier = None
+        if path.is_file() and not self.overwrite:
+            record = read_json(path)
+            earlier = record.get("settings", {}) if record is not None else None
             differing = sorted(k for k in set(settings) | set(earlier or {}) if (earlier or {}).get(k) != settings.get(k))
-            if (earlier is None or differing) and not self.overwrite:
+            if earlier is None or differing:
                 what = ", ".join(differing) if earlier is not None else f"unreadable {RUN_RECORD_NAME}"
                 raise BatchInferenceError(
                     f"--out {self.out} holds results made with other settings ({what}); use another --out, the "
@@ -715,15 +723,8 @@ class DatasetRun:
         `on_image_done` is called on this process as each of its images is done, with ``{"key", "image", "status"
         ("segmented", "skipped": complete from an earlier run, or "failed"), "document" (the result JSON) or
         "reason"}``."""
-        from digseg_diffusers.inference.visualization import LABEL_PNG_ENCODINGS
+        from accelerate.utils import gather_object
 
-        check_output_format(options.output_format)
-        if options.label_png not in LABEL_PNG_ENCODINGS:
-            raise BatchInferenceError(f"--label_png must be one of {LABEL_PNG_ENCODINGS}; got {options.label_png!r}")
-        if not options.prompts or any(not isinstance(p, str) or not p.strip() for p in options.prompts):
-            raise BatchInferenceError(f"prompts must be non-empty strings; got {options.prompts!r}")
-        if options.label_png == "palette" and len(options.prompts) > 255:
-            raise BatchInferenceError(f"a palette PNG holds 255 labels; {len(options.prompts)} prompts need --label_png 16bit")
         settings = self.settings(pipe, options, describe or {})
         self.settings_used = settings
         self.name_outputs(options.extras)
@@ -733,10 +734,9 @@ class DatasetRun:
         state = self.state
         with state.split_between_processes(list(range(len(self.items)))) as positions:
             positions = list(positions)
-        shard = _Shard(self, pipe, options, positions, on_image_done)
-        stats = shard.run()
+        stats = _Shard(self, pipe, options, positions, on_image_done).run()
         state.wait_for_everyone()
-        all_stats = _gather(state, stats)
+        all_stats = gather_object([stats])
         check = getattr(pipe, "prompts_outside_vocabulary", None)
         self._outside_vocabulary = check(list(options.prompts)) if check is not None else []
         summary = _broadcast_from_main(state, lambda: self._finish(all_stats, settings, options))
@@ -850,17 +850,14 @@ class _Shard:
         run = self.run_
         start = time.perf_counter()
         try:
-            output = self.pipe(
-                [pixels for _, pixels in group], self.options.prompts, output_type="np",
-                generator=row_generators(len(group), len(self.options.prompts), self.options.seed, self.options.pipeline_kwargs.get("ensemble_size", 1)),
-                **self.options.pipeline_kwargs,
-            )  # fmt: skip
+            images = [pixels for _, pixels in group]
+            output = segment_images(self.pipe, images, self.options.prompts, self.options.seed, self.options.pipeline_kwargs)
         except (ValueError, RuntimeError) as error:  # the pipeline refused an image, or ran out of memory
             if len(group) > 1:
                 for member in group:  # find which image it was
                     self._segment([member])
                 return
-            self._fail(group[0][0], str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+            self._fail(group[0][0], error_summary(error))
             return
         seconds = (time.perf_counter() - start) / len(group)
         extra = {
@@ -941,12 +938,8 @@ class BatchSegmenter:
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
             by_size.setdefault(tuple(image.shape[:2]), []).append(i)
-        ensemble = self.pipeline_kwargs.get("ensemble_size", 1)
         for indices in by_size.values():
-            output = self.pipe(
-                [images[i] for i in indices], self.prompts, output_type="np",
-                generator=row_generators(len(indices), len(self.prompts), self.seed, ensemble), **self.pipeline_kwargs,
-            )  # fmt: skip
+            output = segment_images(self.pipe, [images[i] for i in indices], self.prompts, self.seed, self.pipeline_kwargs)
             for j, i in enumerate(indices):
                 label_maps[i] = np.asarray(output.label_maps[j]).astype(np.uint16)
                 segments[i] = json.dumps(segment_records(output, j, rle=True))

@@ -4,24 +4,15 @@
     digseg segment photo.png --prompt circle --prompt star --out results/
     digseg segment --input_dir photos/ -p @prompts.txt --out results/
 
-A thin layer over `DiGSegPipeline` and the dataset engine `batch_inference.DatasetRun`: IMAGE files and whole
-datasets (--input_dir, --input_list, --dataset) go through the same engine, with one output naming scheme, one lock
-on --out and the same guarantees: per image ``OUT/<name>.png`` (label map: pixel value = label, 0 = background,
-k + 1 = prompt k; palette PNG, 16-bit beyond 255 prompts) and ``OUT/<name>.json`` (written last: the result is
-complete); IMAGE files also get ``OUT/<name>.overlay.png`` and one mask PNG per prompt in ``OUT/<name>.masks/``.
-
-Nothing is lost: --out must be new, empty or a folder of earlier digseg results (else --overwrite); a folder of
-results made with other settings is refused (else --overwrite); a result already complete for the same input and
-settings is kept and skipped (a killed run resumes); no two inputs share an output name; every file is written
-atomically. Every user error (bad argument, unreadable image, missing model, unusable --out) ends with one line
-on stderr and exit code 2, decided before the model loads where it can be; the arguments and the input files are
-checked before the heavy imports (torch, diffusers), so a wrong path fails at once.
+A thin layer over `DiGSegPipeline` and the dataset engine `inference.batch.DatasetRun`, which IMAGE files and
+datasets share (one naming scheme, one lock on --out, resumable, nothing overwritten without --overwrite). Every
+user error ends with one line on stderr and exit code 2; arguments and input files are checked before the heavy
+imports (torch, diffusers), so a wrong path fails at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -29,31 +20,33 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from digseg_diffusers.atomic_io import DirectoryLock, FolderLockedError, atomic_file, atomic_write_json, is_disk_full
+from digseg_diffusers.atomic_io import atomic_write_json, is_disk_full
+from digseg_diffusers.demo import DEMO_MODEL_NAME, demo_model_summary
 from digseg_diffusers.inference.batch import (
-    LEFTOVER_TEMPORARY,
-    LOCK_NAME,
+    LOCK_NAME,  # noqa: F401  (`cli.LOCK_NAME`: the lock a running `digseg` holds on --out)
     OUTPUT_FORMATS,
     BatchInferenceError,
-    check_output_format,
+    BatchOptions,
+    MasksAndOverlay,
+    error_summary,
+    foreign_entries,
+    lock_output_folder,
+    mask_file_name,
+    read_json,
+    remove_leftover_temporaries,
+    save_png,
+    write_masks_and_overlay,
 )
-from digseg_diffusers.demo import DEMO_MODEL_NAME, demo_model_summary
-from digseg_diffusers.prompts import parse_prompts
 from digseg_diffusers.inference.visualization import LABEL_PNG_ENCODINGS
-
-if TYPE_CHECKING:  # numpy is imported with the heavy modules, after the inputs are checked
-    import numpy as np
+from digseg_diffusers.prompts import parse_prompts
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 SUMMARY_NAME = "summary.json"
-"""The demo's summary (`digseg demo`); segment runs write `batch_inference.SUMMARY_NAME`."""
+"""The demo's summary (`digseg demo`); segment runs write `inference.batch.SUMMARY_NAME`."""
 MAX_PROMPT_LINES = 20
 """Per-image console lines list at most this many prompts (all of them are in the image's JSON)."""
-
-logger = logging.getLogger(__name__)
 
 
 class CLIError(Exception):
@@ -65,35 +58,24 @@ class CLIError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _int_at_least(minimum: int, description: str):
-    """An argparse `type` for integers >= `minimum` that names the expectation in its error."""
+def _number(convert: type, low: float, high: float | None, description: str):
+    """An argparse `type` for numbers in [low, high] that names the expectation in its error."""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}") from None
-        if value < minimum:
+        if not (low <= value and (high is None or value <= high)):  # written so that NaN is refused too
             raise argparse.ArgumentTypeError(f"expected {description}, got {value}")
         return value
 
     return parse
 
 
-_positive_int = _int_at_least(1, "a positive integer")
-_non_negative_int = _int_at_least(0, "a non-negative integer")
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return value
-
-
+_positive_int = _number(int, 1, None, "a positive integer")
+_non_negative_int = _number(int, 0, None, "a non-negative integer")
+_probability = _number(float, 0.0, 1.0, "a number in [0, 1]")
 def _spellings(option: str) -> list[str]:
     """``--batch_images`` -> both ``--batch_images`` and ``--batch-images``: users type either."""
     body = option[2:]
@@ -150,8 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         + demo_model_summary(),
         formatter_class=_HelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     segment = commands.add_parser(
         "segment",
@@ -256,20 +237,15 @@ def check_image_paths(paths: Sequence[str]) -> None:
 def _resolve_device(name: str):
     import torch
 
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise CLIError(f"unknown --device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name} was asked for, but CUDA is not available")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise CLIError(f"--device {name} was asked for, but MPS is not available")
+    if not {"cuda": torch.cuda.is_available(), "mps": mps}.get(device.type, True):
+        raise CLIError(f"--device {name} was asked for, but {device.type.upper()} is not available")
     return device
 
 
@@ -289,8 +265,7 @@ def load_pipeline(model: str, adapter: str | None, device_name: str, quiet_loadi
     try:
         pipe = DiGSegPipeline.from_pretrained(model)
     except Exception as error:  # OSError, ValueError, HTTP errors, missing files: all mean "cannot load"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CLIError(f"cannot load the model {model!r}: {reason}") from None
+        raise CLIError(f"cannot load the model {model!r}: {error_summary(error)}") from None
     finally:
         for module, enabled in zip(bars, were_enabled):
             if enabled:
@@ -299,8 +274,7 @@ def load_pipeline(model: str, adapter: str | None, device_name: str, quiet_loadi
         try:
             pipe.load_digseg_adapter(adapter)
         except Exception as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CLIError(f"cannot load the adapter {adapter!r}: {reason}") from None
+            raise CLIError(f"cannot load the adapter {adapter!r}: {error_summary(error)}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -327,25 +301,6 @@ def _pipeline_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def run_pipeline(pipe, image: np.ndarray, prompts: list[str], args: argparse.Namespace, progress=None):
-    """One pipeline call for one image; pipeline ValueErrors (bad arguments) become `CLIError`."""
-    import torch
-
-    generator = torch.Generator().manual_seed(args.seed)
-    done_before = progress.n if progress is not None else 0
-
-    def callback(done: int, total: int) -> None:
-        if progress is not None:
-            progress.total = max(progress.total or 0, done_before + total)
-            progress.n = done_before + done
-            progress.refresh()
-
-    try:
-        return pipe(image, prompts, generator=generator, output_type="np", progress_callback=callback, **_pipeline_kwargs(args))
-    except ValueError as error:
-        raise CLIError(str(error).strip().splitlines()[0]) from None
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # segment: IMAGE files and datasets, one engine
 # ----------------------------------------------------------------------------------------------------------------
@@ -358,61 +313,49 @@ def command_segment(args: argparse.Namespace) -> dict:
         raise CLIError("give either IMAGE files or one of --input_dir / --input_list / --dataset, not both")
     if not dataset_inputs and not args.images:
         raise CLIError("give IMAGE files, or one of --input_dir / --input_list / --dataset")
-    if args.label_png == "palette" and len(prompts) > 255:
-        raise CLIError(f"a palette PNG holds 255 labels; {len(prompts)} prompts need --label_png 16bit (or auto)")
-    try:
-        check_output_format(args.format)
-    except BatchInferenceError as error:
-        raise CLIError(str(error)) from None
-    if args.images:
+    images_mode = bool(args.images)
+    # BatchOptions refuses a bad --format or --label_png here, before any work
+    options = BatchOptions(
+        prompts=prompts, batch_images=args.batch_images, seed=args.seed, label_png=args.label_png,
+        output_format=args.format, pipeline_kwargs=_pipeline_kwargs(args),
+        progress=not args.quiet and not images_mode, extras=MasksAndOverlay() if images_mode else None,
+    )  # fmt: skip
+    if images_mode:
         check_image_paths(args.images)
-    return _run_engine(args, prompts)
+    return _run_engine(args, options)
 
 
-def _run_engine(args: argparse.Namespace, prompts: list[str]) -> dict:
-    """`batch_inference.DatasetRun` over the IMAGE files (with masks and overlay per image) or the dataset."""
+def _run_engine(args: argparse.Namespace, options: BatchOptions) -> dict:
+    """`inference.batch.DatasetRun` over the IMAGE files (with masks and overlay per image) or the dataset."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from digseg_diffusers.inference.batch import (
-        BatchInferenceError, BatchOptions, DatasetRun, FolderSource, HFDatasetSource, ListSource, MasksAndOverlay,
-        PathsSource,
-    )  # fmt: skip
+    from digseg_diffusers.inference.batch import DatasetRun, FolderSource, HFDatasetSource, ListSource, PathsSource
 
     images_mode = bool(args.images)
     state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))  # gloo on CPUs
-    try:
-        if images_mode:
-            source = PathsSource(args.images)
-        elif args.input_dir:
-            source = FolderSource(args.input_dir)
-        elif args.input_list:
-            source = ListSource(args.input_list)
-        else:
-            source = HFDatasetSource(args.dataset)
-        with DatasetRun(source, args.out, state, overwrite=args.overwrite) as run:  # locks --out, lists the inputs
-            device = args.device
-            if device == "auto" or (device == "cuda" and state.device.type == "cuda"):
-                device = str(state.device)  # under accelerate launch: each process on its own GPU
-            start = time.perf_counter()
-            pipe = load_pipeline(args.model, args.adapter, device)
-            load_seconds = time.perf_counter() - start
-            _note_prompts_outside_vocabulary(pipe, prompts, args.model, state.is_main_process)
-            options = BatchOptions(
-                prompts=prompts, batch_images=args.batch_images, seed=args.seed, label_png=args.label_png,
-                output_format=args.format, pipeline_kwargs=_pipeline_kwargs(args),
-                progress=not args.quiet and not images_mode, extras=MasksAndOverlay() if images_mode else None,
-            )  # fmt: skip
-            report = _ImageLines(Path(args.out), len(run.items), state.num_processes) if images_mode else None
-            summary = run.run(pipe, options, describe={"model": args.model, "adapter": args.adapter}, on_image_done=report)
-    except BatchInferenceError as error:
-        raise CLIError(str(error)) from None
+    if images_mode:
+        source = PathsSource(args.images)
+    elif args.input_dir:
+        source = FolderSource(args.input_dir)
+    elif args.input_list:
+        source = ListSource(args.input_list)
+    else:
+        source = HFDatasetSource(args.dataset)
+    with DatasetRun(source, args.out, state, overwrite=args.overwrite) as run:  # locks --out, lists the inputs
+        device = args.device
+        if device == "auto" or (device == "cuda" and state.device.type == "cuda"):
+            device = str(state.device)  # under accelerate launch: each process on its own GPU
+        start = time.perf_counter()
+        pipe = load_pipeline(args.model, args.adapter, device)
+        load_seconds = time.perf_counter() - start
+        _note_prompts_outside_vocabulary(pipe, options.prompts, args.model, state.is_main_process)
+        report = _ImageLines(Path(args.out), len(run.items), state.num_processes) if images_mode else None
+        summary = run.run(pipe, options, describe={"model": args.model, "adapter": args.adapter}, on_image_done=report)
     return {
         "command": "segment-images" if images_mode else "segment-dataset", "is_main_process": state.is_main_process,
         "out": str(args.out), "load_model_seconds": load_seconds, **summary,
     }  # fmt: skip
-
-
 class _ImageLines:
     """Prints each image's result as it finishes: where its files are and, per prompt, labelled numbers."""
 
@@ -447,13 +390,10 @@ class _ImageLines:
 
 
 class ResultFolder:
-    """The demo's output folder, written so that a kill or a rerun never leaves it mixing two runs.
-
-    `begin` claims the folder with a provisional summary.json (``"status": "incomplete"``, the input it is for,
-    the files about to be written and the previous run's files); every file is then written atomically; files of
-    the previous run that this one does not rewrite (masks of other prompts) are removed; the final
-    summary.json (``"status": "complete"``) comes last.
-    """
+    """The demo's output folder, written so that a kill or a rerun never leaves it mixing two runs: `begin` claims
+    it with a provisional summary.json (``"status": "incomplete"``, the files about to be written and the previous
+    run's files); `finish` removes the previous run's files this one did not rewrite (masks of other prompts), then
+    writes the final summary.json (``"status": "complete"``)."""
 
     def __init__(self, folder: Path, source: str, image: str):
         self.folder, self.source, self.image = Path(folder), source, image
@@ -461,10 +401,8 @@ class ResultFolder:
 
     def begin(self, planned_files: Sequence[str]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        for leftover in self.folder.iterdir():  # from a killed writer (we hold the lock)
-            if LEFTOVER_TEMPORARY.match(leftover.name) and leftover.is_file():
-                leftover.unlink()
-        previous = _read_summary(self.folder) or {}
+        remove_leftover_temporaries(self.folder)  # from a killed writer (we hold the lock)
+        previous = read_json(self.folder / SUMMARY_NAME) or {}
         if not str(previous.get("source", "")).startswith("digseg demo"):  # not ours: name no file to remove
             previous = {}
         earlier = [entry.get("mask_file") for entry in previous.get("prompts", []) if isinstance(entry, dict)]
@@ -476,48 +414,21 @@ class ResultFolder:
              "files_being_written": list(planned_files), "stale_files": sorted(self._stale)},
         )  # fmt: skip
 
-    def save_image(self, name: str, image) -> None:
-        with atomic_file(self.folder / name) as tmp:
-            image.save(tmp, format="PNG")
-
     def finish(self, summary: dict) -> None:
         for name in sorted(self._stale):
             (self.folder / name).unlink(missing_ok=True)
         atomic_write_json(self.folder / SUMMARY_NAME, {"status": "complete", "source": self.source, **summary})
 
 
-def lock_output_root(out: str) -> DirectoryLock:
-    """Create and lock --out before any model work, or raise `CLIError` saying why it cannot be used."""
-    root = Path(out)
-    if root.exists() and not root.is_dir():
-        raise CLIError(f"--out {out} exists and is not a folder")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        return DirectoryLock(root, LOCK_NAME).acquire()  # creating the lock file also proves the folder writable
-    except FolderLockedError as error:
-        raise CLIError(f"--out {out}: {error}; wait for it to finish or choose another --out") from None
-    except OSError as error:
-        raise CLIError(f"--out {out} is not a writable folder: {error.strerror or error}") from None
-
-
 def _check_demo_folder(out: Path, source: str, arguments: dict, overwrite: bool) -> None:
     """The demo writes into --out only if it is new, empty, or holds this same demo (scene and settings)."""
-    if overwrite or not out.is_dir():
+    if overwrite or not foreign_entries(out):
         return
-    if not [p for p in out.iterdir() if p.name != LOCK_NAME and not LEFTOVER_TEMPORARY.match(p.name)]:
-        return
-    earlier = _read_summary(out)
+    earlier = read_json(out / SUMMARY_NAME)
     if earlier is None or earlier.get("source") != source or earlier.get("arguments") != arguments:
-        what = "the results of another demo scene or other settings" if earlier and str(earlier.get("source", "")).startswith("digseg demo") else "other files"
+        ours = earlier and str(earlier.get("source", "")).startswith("digseg demo")
+        what = "the results of another demo scene or other settings" if ours else "other files"
         raise CLIError(f"--out {out} already holds {what}; choose another --out, or pass --overwrite to replace them")
-
-
-def _read_summary(folder: Path) -> dict | None:
-    try:
-        document = json.loads((folder / SUMMARY_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return document if isinstance(document, dict) else None
 
 
 def _demo_prompts(scene, seed: int, with_absent_class: bool) -> list[str]:
@@ -532,112 +443,88 @@ def _demo_prompts(scene, seed: int, with_absent_class: bool) -> list[str]:
     return prompts
 
 
+DEMO_ARGUMENTS = ("scene", "no_absent_class", "model", "adapter", "steps", "ensemble", "resolution", "threshold",
+                  "background_threshold", "seed")  # fmt: skip
+"""What the demo's outputs depend on: a rerun with the same values may replace them, others are refused."""
+
+
 def command_demo(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
     from digseg_diffusers.data.synthetic import SPLIT_SEED_OFFSETS, generate_scene
+    from digseg_diffusers.inference.batch import resolved_settings
+    from digseg_diffusers.inference.visualization import label_map_image
 
     seed = SPLIT_SEED_OFFSETS["test"] + args.scene
     source = f"digseg demo scene {seed}"
     arguments = {name: getattr(args, name) for name in DEMO_ARGUMENTS}
-    with lock_output_root(args.out):
-        _check_demo_folder(Path(args.out), source, arguments, args.overwrite)  # before the model loads
+    out, pipeline_kwargs = Path(args.out), _pipeline_kwargs(args)
+    with lock_output_folder(out):
+        _check_demo_folder(out, source, arguments, args.overwrite)  # before the model loads
         scene = generate_scene(seed, size=64)
         prompts = _demo_prompts(scene, seed, not args.no_absent_class)
         start = time.perf_counter()
         pipe = load_pipeline(args.model, args.adapter, args.device)
         load_seconds = time.perf_counter() - start
         outside = _note_prompts_outside_vocabulary(pipe, prompts, args.model, announce=True)
-        with _progress_bar(args, "digseg demo") as progress:
+        quiet = True if args.quiet else None
+        with tqdm(total=0, desc="digseg demo", unit="U-Net call", disable=quiet, leave=False) as bar:
+
+            def count_unet_calls(done: int, total: int) -> None:
+                bar.total, bar.n = total, done
+                bar.refresh()
+
             segment_start = time.perf_counter()
-            output = run_pipeline(pipe, scene.image, prompts, args, progress)
+            try:
+                output = pipe(
+                    scene.image, prompts, generator=torch.Generator().manual_seed(args.seed), output_type="np",
+                    progress_callback=count_unet_calls, **pipeline_kwargs,
+                )  # fmt: skip
+            except ValueError as error:  # the pipeline refused an argument
+                raise CLIError(error_summary(error)) from None
             segment_seconds = time.perf_counter() - segment_start
-        folder = ResultFolder(Path(args.out), source=source, image=f"synthetic test scene {args.scene}")
-        folder.begin(_demo_files(prompts))
-        summary = _write_demo_outputs(folder, scene.image, prompts, output)
-        summary.update(_write_demo_extras(folder, scene, prompts, output, seed))
+        masks = [mask_file_name(k, prompt, len(prompts)) for k, prompt in enumerate(prompts)]
+        folder = ResultFolder(out, source=source, image=f"synthetic test scene {args.scene}")
+        folder.begin(masks + ["label_map.png", "overlay.png", "ground_truth.png", "image.png", "panel.png"])
+        summary = write_masks_and_overlay(out, "", "overlay.png", output, 0, scene.image)
+        save_png(out / "label_map.png", label_map_image(np.asarray(output.label_maps[0]), len(prompts), "auto"))
+        summary.update(_write_demo_extras(out, scene, prompts, output, seed))
         summary.update(
             {
                 "arguments": arguments,
-                "settings": _inference_settings(pipe, args),
+                "settings": {"model": args.model, "adapter": args.adapter, **resolved_settings(pipe, pipeline_kwargs),
+                             "seed": args.seed, "device": str(pipe.device)},
                 "prompts_outside_training_vocabulary": outside,
                 "timings": {"load_model_seconds": load_seconds, "segment_seconds": segment_seconds},
             }
-        )
+        )  # fmt: skip
         folder.finish(summary)
     return summary
 
 
-DEMO_ARGUMENTS = ("scene", "no_absent_class", "model", "adapter", "steps", "ensemble", "resolution", "threshold",
-                  "background_threshold", "seed")  # fmt: skip
-"""What the demo's outputs depend on: a rerun with the same values may replace them, others are refused."""
-
-
-def _demo_files(prompts: Sequence[str]) -> list[str]:
-    from digseg_diffusers.inference.batch import mask_file_name
-
-    masks = [mask_file_name(k, prompt, len(prompts)) for k, prompt in enumerate(prompts)]
-    return masks + ["label_map.png", "overlay.png", "ground_truth.png", "image.png", "panel.png"]
-
-
-def _write_demo_outputs(folder: ResultFolder, image, prompts: list[str], output) -> dict:
-    """The masks, label map and overlay of the demo scene, and the per-prompt numbers (`prompt_statistics`)."""
-    import numpy as np
-    from PIL import Image
-
-    from digseg_diffusers.inference.batch import prompt_statistics
-    from digseg_diffusers.inference.visualization import label_map_image, overlay
-
-    masks, label_map = np.asarray(output.masks[0]), np.asarray(output.label_maps[0])
-    files = _demo_files(prompts)[: len(prompts)]
-    for k, file in enumerate(files):
-        folder.save_image(file, Image.fromarray(masks[k].astype(np.uint8) * 255, mode="L"))
-    folder.save_image("label_map.png", label_map_image(label_map, len(prompts), "auto"))
-    folder.save_image("overlay.png", Image.fromarray(overlay(image, label_map, num_classes=len(prompts))))
-    entries = prompt_statistics(prompts, masks, np.asarray(output.probabilities[0]), label_map, files)
-    return {"prompts": entries, "background_area_fraction": float((label_map == 0).mean())}
-
-
-def _progress_bar(args: argparse.Namespace, description: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=0, desc=description, unit="U-Net call", disable=True if args.quiet else None, leave=False)
-
-
-def _inference_settings(pipe, args: argparse.Namespace) -> dict:
-    resolved = pipe.resolve_call_defaults(args.steps or None, args.resolution, args.threshold, args.background_threshold)
-    return {
-        "model": args.model,
-        "adapter": args.adapter,
-        "steps": resolved["num_inference_steps"],
-        "ensemble": args.ensemble,
-        "processing_resolution": resolved["processing_resolution"],
-        "threshold": resolved["mask_threshold"],
-        "background_threshold": resolved["background_threshold"],
-        "seed": args.seed,
-        "device": str(pipe.device),
-    }
-
-
-def _write_demo_extras(folder: ResultFolder, scene, prompts: list[str], output, seed: int) -> dict:
+def _write_demo_extras(out: Path, scene, prompts: list[str], output, seed: int) -> dict:
     """The demo's ground truth, input and comparison panel, and its scores."""
     import numpy as np
     from PIL import Image
 
-    from digseg_diffusers.evaluation.runner import BACKGROUND_NAME, EvaluationAccumulator
     from digseg_diffusers.data.synthetic import SHAPE_CLASSES
+    from digseg_diffusers.evaluation.runner import BACKGROUND_NAME, EvaluationAccumulator
     from digseg_diffusers.inference.visualization import label_map_image
 
     # Ground truth in the prompts' label space (0 = background, k + 1 = prompt k), and the scene's IoU.
     truth = np.zeros_like(scene.label, dtype=np.int64)
     for k, name in enumerate(prompts):
         truth[scene.label == SHAPE_CLASSES.index(name) + 1] = k + 1
-    folder.save_image("ground_truth.png", label_map_image(truth, len(prompts), "palette"))
-    folder.save_image("image.png", Image.fromarray(scene.image))
+    save_png(out / "ground_truth.png", label_map_image(truth, len(prompts), "palette"))
+    save_png(out / "image.png", Image.fromarray(scene.image))
     accumulator = EvaluationAccumulator(SHAPE_CLASSES, ignore_index=255, thresholds=())  # the benchmark's scoring
     accumulator.add(scene.validation_example().label, [SHAPE_CLASSES.index(p) for p in prompts], None, np.asarray(output.label_maps[0]))
     metrics = accumulator.compute()
     per_class = {name: metrics["per_class"][name]["iou"] for name in [BACKGROUND_NAME] + prompts}
     names = [p if p in scene.class_names else f"{p} (not in the scene)" for p in prompts]
-    folder.save_image("panel.png", _panel(scene.image, truth, np.asarray(output.label_maps[0]), names))
+    save_png(out / "panel.png", _panel(scene.image, truth, np.asarray(output.label_maps[0]), names))
     return {
         "command": "demo",
         "scene_seed": seed,
@@ -706,21 +593,13 @@ def _print_summary(document: dict) -> None:
         print(f"  ... {document['failed'] - 20} more failures in {Path(document['out']) / 'digseg_summary.json'}")
 
 
-def _disk_full_message(error: OSError, out: str) -> str:
-    where = error.filename or out
-    return (
-        f"the disk is full: cannot write {where} ({error.strerror or 'no space left'}); free some space or choose an "
-        "--out on another disk, then run the same command again: finished results are kept and skipped"
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse prints its own one-line error and exits with 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         document = command_segment(args) if args.command == "segment" else command_demo(args)
-    except CLIError as error:
+    except (CLIError, BatchInferenceError) as error:
         print(f"digseg: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -729,7 +608,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         if not is_disk_full(error):
             raise
-        print(f"digseg: error: {_disk_full_message(error, args.out)}", file=sys.stderr)
+        where, reason = error.filename or args.out, error.strerror or "no space left"
+        print(f"digseg: error: the disk is full: cannot write {where} ({reason}); free some space or choose an --out on "
+              "another disk, then run the same command again: finished results are kept and skipped", file=sys.stderr)
         return EXIT_FAILURE
     _print_summary(document)
     if document.get("is_main_process", True):
