@@ -1,16 +1,10 @@
 """Crash-safe file output: atomic files and folders, and a lock against a second writer.
 
-A process can be killed at any instruction (SIGKILL, power loss, an out-of-memory kill). Everything this project
-writes for later use (checkpoints, trained adapters, summaries, the command line's masks) goes through these
-helpers, so that a reader only ever sees a file or folder that is either the old complete one or the new complete
-one, never a half-written one:
-
-- a file is written under a temporary name in the same folder, flushed to disk and renamed over the target
-  (`os.replace` is atomic on POSIX and Windows);
-- a folder is built under a temporary name and renamed into place when complete (`publish_directory`);
-- a folder is removed by first renaming it out of the way (`remove_directory`), so a kill during the removal
-  never leaves a half-deleted folder under its real name;
-- `DirectoryLock` keeps a second process from writing into a folder that one is already writing into.
+A process can be killed at any instruction (SIGKILL, power loss, out of memory). Everything this project writes for
+later use (checkpoints, adapters, summaries, the command line's results) goes through these helpers, so a reader
+only ever sees the old complete file or folder or the new complete one: files and folders are written under a
+hidden temporary name next to the target and renamed into place (`os.replace` is atomic on POSIX and Windows), and
+folders are renamed out of the way before they are deleted.
 """
 
 from __future__ import annotations
@@ -42,12 +36,9 @@ def fsync_path(path: str | os.PathLike) -> None:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # Windows cannot open folders
         return
-    try:
+    with contextlib.suppress(OSError):
         os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    os.close(fd)
 
 
 def fsync_tree(folder: str | os.PathLike) -> None:
@@ -68,8 +59,7 @@ def temporary_sibling(path: str | os.PathLike, tag: str = "") -> Path:
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `path` in one step, on error it is removed.
 
-    `path` keeps its old content (or stays absent) until the new content is complete and on disk. Writers that
-    pick a format from the file name (PIL) must be told the format explicitly: the temporary name ends in ".tmp".
+    Writers that pick a format from the file name (PIL) must be told the format: the temporary name ends in ".tmp".
     """
     path = Path(path)
     tmp = temporary_sibling(path)
@@ -88,9 +78,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_file(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 def atomic_write_json(path: str | os.PathLike, document) -> None:
@@ -111,25 +100,22 @@ def remove_directory(path: str | os.PathLike) -> None:
 
 
 def publish_directory(staging: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Make the complete folder `staging` appear as `final` (replacing an existing `final`).
+    """Make the complete folder `staging` appear as `final` (replacing an existing `final`), flushed to disk first.
 
-    The content is flushed to disk first. A folder cannot be renamed over a non-empty one, so an existing
-    `final` is first renamed aside and deleted after the swap; a kill between the two renames leaves no `final`
-    (readers fall back to what else exists) but never a mixed one.
+    A folder cannot be renamed over a non-empty one, so an existing `final` is renamed aside and deleted after the
+    swap; a kill between the two renames leaves no `final` (readers fall back to what else exists), never a mixed one.
     """
     staging, final = Path(staging), Path(final)
     fsync_tree(staging)
-    if final.exists():
-        replaced = temporary_sibling(final, "replaced")
+    replaced = temporary_sibling(final, "replaced") if final.exists() else None
+    if replaced is not None:
         if replaced.exists():
             shutil.rmtree(replaced)
         os.rename(final, replaced)
-        os.rename(staging, final)
-        fsync_path(final.parent)
+    os.rename(staging, final)
+    fsync_path(final.parent)
+    if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
-    else:
-        os.rename(staging, final)
-        fsync_path(final.parent)
 
 
 @contextlib.contextmanager
@@ -156,9 +142,8 @@ class FolderLockedError(RuntimeError):
 class DirectoryLock:
     """An exclusive, non-blocking lock on a folder, held through a lock file inside it.
 
-    The operating system releases the lock when its holder dies (`flock` on POSIX, `msvcrt.locking` on Windows),
-    so a killed writer never leaves a stale lock behind; the file's text (process id, host, start time) only
-    serves to name the holder in the error.
+    The OS releases the lock when its holder dies (`flock` on POSIX, `msvcrt.locking` on Windows), so a killed
+    writer never leaves a stale lock; the file's text (process id, host, start time) names the holder in the error.
     """
 
     def __init__(self, folder: str | os.PathLike, name: str = ".digseg.lock"):
@@ -169,17 +154,20 @@ class DirectoryLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             if not _try_lock(fd):
-                holder = _read_text(fd)
+                try:
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    holder = os.read(fd, 200).decode("utf-8", "replace").strip()
+                except OSError:  # Windows: the locked byte cannot be read
+                    holder = ""
                 os.close(fd)
                 raise FolderLockedError(
                     f"{self.path.parent} is being written by another process ({holder or 'holder unknown'})"
                 )
             try:  # the previous holder may have deleted the file between our open and our lock: lock the new one
-                same_file = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
             except FileNotFoundError:
-                same_file = False
-            if same_file:
-                break
+                pass
             os.close(fd)
         self._fd = fd
         try:
@@ -206,26 +194,16 @@ class DirectoryLock:
 
 
 def _try_lock(fd: int) -> bool:
+    """Take the OS lock without waiting; False when another process holds it."""
     try:
-        import fcntl
-    except ImportError:  # Windows
-        import msvcrt
+        if os.name == "nt":
+            import msvcrt
 
-        try:
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     except OSError:
         return False
-
-
-def _read_text(fd: int) -> str:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        return os.read(fd, 200).decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
