@@ -15,10 +15,7 @@ PROMPT_SEPARATORS = re.compile(r"[,\n\r]+")
 
 def parse_prompts(text: str | None) -> list[str]:
     """Comma- and/or newline-separated prompts -> a clean list (stripped, empties and duplicates dropped, order kept).
-
-    Duplicates are dropped because two identical prompts would give two identical masks and split the label map's
-    argmax between them.
-    """
+    Two identical prompts would give two identical masks and split the label map's argmax between them."""
     if text is None:
         return []
     if not isinstance(text, str):
@@ -34,9 +31,7 @@ def normalize_prompt(prompt: str) -> str:
 
 def prompts_outside_vocabulary(prompts: Iterable[str], vocabulary: Sequence[str] | None) -> list[str]:
     """The prompts (in order, once each) that are not names of `vocabulary`; none when it is None (open vocabulary).
-
-    A vocabulary entry may list synonyms separated by commas ("tv, television"); each of them counts.
-    """
+    A vocabulary entry may list synonyms separated by commas ("tv, television"); each of them counts."""
     if vocabulary is None:
         return []
     known = {normalize_prompt(name) for entry in vocabulary for name in entry.split(",") if name.strip()}
@@ -51,9 +46,7 @@ def prompts_per_image(prompt: str | list[str] | list[list[str]] | None, num_imag
         per_image = [[prompt]] * num_images
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, (list, tuple)) for p in prompt):
         if len(prompt) != num_images:
-            raise ValueError(
-                f"`prompt` has {len(prompt)} per-image lists but there are {num_images} images."
-            )
+            raise ValueError(f"`prompt` has {len(prompt)} per-image lists but there are {num_images} images.")
         per_image = [list(p) for p in prompt]
     elif isinstance(prompt, (list, tuple)):
         per_image = [list(prompt)] * num_images

@@ -1,7 +1,6 @@
-"""Colours for DiGSeg label maps: one fixed palette shared by the CLI, the ComfyUI nodes and the demos.
-
-Framework-free on purpose (numpy + PIL only) so that every front end draws the same class in the same colour:
-label 0 is the background (black, left untouched by `overlay`), label k + 1 is prompt k.
+"""Colours for DiGSeg label maps: one fixed palette shared by the CLI, the ComfyUI nodes and the demos, so every
+front end draws the same class in the same colour (label 0 = background, black; label k + 1 = prompt k).
+numpy and PIL only: no framework import.
 """
 
 from __future__ import annotations
@@ -108,11 +107,8 @@ def _as_label_array(label_map) -> np.ndarray:
 def colorize_label_map(label_map, num_classes: int | None = None, ignore_index: int | None = 255) -> np.ndarray:
     """Paint a ``[H, W]`` label map (0 = background, k + 1 = prompt k) as an ``[H, W, 3]`` uint8 RGB image.
 
-    Args:
-        label_map: integer labels (numpy array, PIL "L"/"P"/"I" image, or anything `np.asarray` accepts).
-        num_classes: the number of prompts K; labels above K are an error (a mismatch between the map and the
-            prompt list it came with). Defaults to the largest label present.
-        ignore_index: painted white when ``num_classes < ignore_index`` (ground-truth "unlabelled" pixels).
+    A label above `num_classes` (default: the largest present) is an error: the map does not match its prompt list.
+    `ignore_index` pixels are painted white when ``num_classes < ignore_index`` (ground-truth "unlabelled" pixels).
     """
     labels = _as_label_array(label_map)
     ignored = None
@@ -134,17 +130,10 @@ def colorize_label_map(label_map, num_classes: int | None = None, ignore_index: 
 
 
 def overlay(image_uint8, label_map, alpha: float = 0.5, num_classes: int | None = None) -> np.ndarray:
-    """Blend the label colours onto an image; background pixels (label 0) keep the image unchanged.
+    """Blend the label colours (weight `alpha`) onto an image; background pixels (label 0) keep the image unchanged.
 
-    Args:
-        image_uint8: ``[H, W, 3]`` (or ``[H, W]`` grey, or ``[H, W, 4]`` RGBA: alpha dropped) uint8 image, a PIL
-            image of any mode, or a uint16 / float-in-[0, 1] array (rescaled to 8 bits, never clipped).
-        label_map: ``[H, W]`` integer labels of the same height and width.
-        alpha: weight of the label colour, in [0, 1].
-        num_classes: as in `colorize_label_map`.
-
-    Returns:
-        ``[H, W, 3]`` uint8.
+    `image_uint8` may be ``[H, W]``, ``[H, W, 3]`` or ``[H, W, 4]`` (alpha dropped) uint8, a PIL image of any mode, or
+    a uint16 / float-in-[0, 1] array (rescaled to 8 bits, never clipped). Returns ``[H, W, 3]`` uint8.
     """
     image = image_uint8 if isinstance(image_uint8, Image.Image) else np.asarray(image_uint8)
     if isinstance(image, Image.Image) or image.dtype != np.uint8:
@@ -155,12 +144,10 @@ def overlay(image_uint8, label_map, alpha: float = 0.5, num_classes: int | None 
         except ValueError as error:
             raise ValueError(f"`image_uint8`: {error}") from None
     if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
+        image = image[:, :, None]
     if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
         raise ValueError(f"`image_uint8` must be [H, W], [H, W, 3] or [H, W, 4]; got shape {image.shape}.")
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    image = image[:, :, :3]
+    image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"`alpha` must lie in [0, 1]; got {alpha}.")
     labels = _as_label_array(label_map)
