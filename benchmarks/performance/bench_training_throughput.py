@@ -1,33 +1,26 @@
 """Training throughput of `train_adapter.py`'s step at SD2 size: samples/s, peak memory, model FLOP utilisation.
 
 The step is the script's own: `accelerate` (mixed precision, backward, gradient clipping), the trainable text
-projection, `digseg_diffusers.training.step.compute_training_loss`, AdamW; image and mask latents come from the
-frozen VAE (`encode_batch_images` / `mask_codec.encode_masks`) or, with cached latents, from the script's
-`LatentCache` (what `--cache_latents` serves after the first epoch). Weights are random (SD2's U-Net and the SD
-VAE, `benchmarks/common.py`); the text encoder is not part of a step (the script encodes the class names once).
+projection, `compute_training_loss`, AdamW; latents come from the frozen VAE or, with cached latents, from the
+script's `LatentCache` (what `--cache_latents` serves after the first epoch). Weights are random (SD2's U-Net and
+the SD VAE); the text encoder is not part of a step (the script encodes the class names once). Variants of one
+adapter mode are timed interleaved; the modes run one after the other (one SD2 U-Net in memory at a time), so
+compare modes with care on a loaded host. Model FLOPs are counted (`FlopCounterMode`) on the step without gradient
+checkpointing (recomputation is work, not model FLOPs); MFU = model FLOPs / time / `--peak_tflops`.
 
-Variants of one adapter mode (gradient checkpointing, cached latents, batch sizes) are timed interleaved; the
-modes run one after the other (one SD2 U-Net in memory at a time), so compare modes with care on a loaded host.
-
-Model FLOPs per step are counted with `torch.utils.flop_counter.FlopCounterMode` on the step without gradient
-checkpointing (recomputation is work, not model FLOPs); MFU = model FLOPs / time / `--peak_tflops` (default from
-the GPU's name, `PEAK_TFLOPS`: dense bf16 tensor-core peaks from the vendors' data sheets).
-
-    python -m benchmarks.performance.bench_training_throughput --config sd2 --resolution 128 --batch_sizes 1 2 --repeats 2
-    python -m benchmarks.performance.bench_training_throughput --config sd2 --resolution 512 --device cuda --mixed_precision bf16 \\
-        --batch_sizes 1 4 8 --repeats 3
-    python -m benchmarks.performance.bench_training_throughput --config tiny --resolution 64 --repeats 1   # smoke test
+    python -m benchmarks.performance.bench_training_throughput --config sd2 --resolution 128 --batch_sizes 1 2
+    python -m benchmarks.performance.bench_training_throughput --config sd2 --resolution 512 --device cuda \
+        --mixed_precision bf16 --batch_sizes 1 4 8 --repeats 3
+    python -m benchmarks.performance.bench_training_throughput --config tiny --resolution 64 --repeats 1  # smoke test
 """
 
 from __future__ import annotations
 
-import gc
 import itertools
-import os
 
 import torch
 from accelerate import Accelerator
-from benchmarks.common import PeakMemory, base_parser, interleaved, make_pipeline, markdown_table, sd2_unet, write_results
+from benchmarks import common
 from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -35,8 +28,8 @@ from digseg_diffusers import mask_codec
 from digseg_diffusers.adapter import DiGSegAdapterConfig, apply_adapter
 from digseg_diffusers.testing_utils import make_tiny_unet
 from digseg_diffusers.text_projection import DiGSegTextProjection
-from digseg_diffusers.training.step import LOSSES, LatentCache, TrainingLossConfig, compute_training_loss, encode_batch_images
-
+from digseg_diffusers.training.step import LOSSES, LatentCache, TrainingLossConfig, compute_training_loss
+from digseg_diffusers.training.step import encode_batch_images
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched against `torch.cuda.get_device_name` (first hit).
 PEAK_TFLOPS = {
@@ -70,11 +63,12 @@ def build_models(config: str, device: str = "cpu"):
         raise SystemExit(f"--config {config}: use sd2 or tiny")
     with torch.device(device):
         if config == "sd2":
-            return sd2_unet(device).train(), DiGSegTextProjection(TEXT_WIDTH, 1024).train(), TEXT_WIDTH
+            return common.sd2_unet(device).train(), DiGSegTextProjection(TEXT_WIDTH, 1024).train(), TEXT_WIDTH
         return make_tiny_unet().train(), DiGSegTextProjection(24, 32).train(), 24
 
 
-def saved_activation_bytes(config: str, mode: str, resolution: int, batch: int, rank: int, checkpointing: bool) -> tuple:
+def saved_activation_bytes(config: str, mode: str, resolution: int, batch: int, rank: int,
+                           checkpointing: bool) -> tuple:
     """Bytes the U-Net step keeps for backward (tensors saved by autograd, weights excluded), counted on the meta
     device (shapes only: no memory, no compute), and the trainable / all parameter counts.
 
@@ -107,23 +101,27 @@ def saved_activation_bytes(config: str, mode: str, resolution: int, batch: int, 
 
 
 def memory_estimate(args) -> tuple[str, list]:
-    """Estimated GPU memory of a train_adapter.py step at `--estimate_resolution` (bf16 mixed precision): fp32
-    weights of the U-Net and projection (accelerate keeps them), fp32 gradients and AdamW's two moments of the
+    """The estimated GPU memory of a train_adapter.py step at `--estimate_resolution` (bf16 mixed precision), printed:
+    fp32 weights of the U-Net and projection (accelerate keeps them), fp32 gradients and AdamW's two moments of the
     trainable ones, the frozen VAE and text encoder in bf16, and the activations counted on the meta device."""
     gib = 2**30
     frozen = (VAE_PARAMETERS + args.text_encoder_parameters) * 2
-    rows, table = [], []
+    rows, cells = [], []
     for mode, checkpointing, batch in itertools.product(args.modes, (False, True), args.estimate_batch_sizes):
         activations, trainable, parameters = saved_activation_bytes(
             args.config, mode, args.estimate_resolution, batch, args.rank, checkpointing)
         persistent = parameters * 4 + trainable * 12 + frozen
         total = persistent + activations
         rows.append({"mode": mode, "gradient_checkpointing": checkpointing, "batch_size": batch,
-                     "persistent_gib": persistent / gib, "activations_gib": activations / gib, "total_gib": total / gib})
-        table.append([mode, "on (lower bound)" if checkpointing else "off", batch, persistent / gib,
+                     "persistent_gib": persistent / gib, "activations_gib": activations / gib,
+                     "total_gib": total / gib})
+        cells.append([mode, "on (lower bound)" if checkpointing else "off", batch, persistent / gib,
                       activations / gib, total / gib])
     headers = ["mode", "grad. checkpointing", "batch", "weights + optimizer GiB", "activations GiB", "total GiB"]
-    return markdown_table(headers, table), rows
+    table = common.print_table(headers, cells, f"\nestimated GPU memory of a step at {args.estimate_resolution} px, "
+                               "bf16 mixed precision (activations counted in fp32 on the meta device: an upper bound "
+                               "without checkpointing)")
+    return table, rows
 
 
 def make_batch(rows: int, resolution: int, seed: int) -> dict:
@@ -143,7 +141,7 @@ def make_batch(rows: int, resolution: int, seed: int) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = base_parser(__doc__.split("\n\n")[0])
+    parser = common.base_parser(__doc__.split("\n\n")[0])
     parser.set_defaults(config="sd2", resolution=128, repeats=2)
     parser.add_argument("--modes", nargs="+", choices=("lora", "full"), default=["lora", "full"])
     parser.add_argument("--gradient_checkpointing", nargs="+", choices=("off", "on"), default=["off", "on"])
@@ -160,20 +158,17 @@ def main(argv=None) -> None:
     parser.add_argument("--estimate_batch_sizes", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--text_encoder_parameters", type=float, default=123_060_480,
                         help="frozen text encoder kept on the device (default: CLIP ViT-L/14's text tower)")
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
+    torch.set_grad_enabled(True)  # a training step
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if args.device.startswith("cuda") else "no"
     args.dtype = {"no": "fp32"}.get(args.mixed_precision, args.mixed_precision)  # names the results file
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    weight_dtype = common.DTYPES[args.dtype]
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=device.type == "cpu")
     peak = peak_tflops(args)
 
-    pipe = make_pipeline(args.config)  # its VAE and scheduler config (the U-Net is built per mode below)
+    pipe = common.make_pipeline(args.config)  # its VAE and scheduler config (the U-Net is built per mode below)
     vae = pipe.vae.to(device, dtype=weight_dtype).requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     del pipe
@@ -182,7 +177,8 @@ def main(argv=None) -> None:
     rows, results = [], []
     for mode in args.modes:
         unet, text_projection, text_width = build_models(args.config)
-        trainable = apply_adapter(unet, text_projection, DiGSegAdapterConfig(mode=mode, rank=args.rank, alpha=args.rank))
+        adapter = DiGSegAdapterConfig(mode=mode, rank=args.rank, alpha=args.rank)
+        trainable = apply_adapter(unet, text_projection, adapter)
         unet.to(device)
         text_projection.to(device)
         optimizer = torch.optim.AdamW(trainable, lr=1e-5)
@@ -219,71 +215,62 @@ def main(argv=None) -> None:
 
             return run
 
-        variants = {}
-        for size, checkpointing, latents in itertools.product(args.batch_sizes, args.gradient_checkpointing, args.latents):
-            variants[(size, checkpointing, latents)] = step(batches[size], checkpointing == "on", latents == "cached")
-        counted, memory = {}, {}
+        grid = itertools.product(args.batch_sizes, args.gradient_checkpointing, args.latents)
+        variants = {(size, ckpt, latents): step(batches[size], ckpt == "on", latents == "cached")
+                    for size, ckpt, latents in grid}
+        counted = {}
         for key, fn in variants.items():  # the first step of each variant (optimizer state, lazy init) is counted
             counter = FlopCounterMode(display=False)
             with counter:
                 fn()
             counted[key] = counter.get_total_flops()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            with PeakMemory() as block:
-                fn()
-            memory[key] = block
-        timing = interleaved({key: fn for key, fn in variants.items()}, repeats=args.repeats, warmup=False)
+        common.synchronize()
+        memory = common.peak_memory(variants)
+        timing = common.interleaved(variants, repeats=args.repeats, warmup=False)
         trainable_count = sum(p.numel() for p in trainable)
-        parameter_count = sum(p.numel() for p in raw_unet.parameters()) + sum(p.numel() for p in text_projection.parameters())
+        parameter_count = sum(p.numel() for p in itertools.chain(raw_unet.parameters(), text_projection.parameters()))
         for key, t in timing.items():
             size, checkpointing, latents = key
             model_flops = counted.get((size, "off", latents), counted[key])
             seconds = t["median"]
             tflops = model_flops / seconds / 1e12
             block = memory[key]
+            on_cuda = block.cuda_peak_mb is not None
             result = {
                 "mode": mode, "batch_size": size, "gradient_checkpointing": checkpointing, "latents": latents,
-                "seconds_per_step": seconds, "samples_per_s": size / seconds, "model_tflop_per_step": model_flops / 1e12,
-                "counted_tflop_per_step": counted[key] / 1e12, "achieved_tflops": tflops,
-                "mfu": tflops / peak if peak else None, "cuda_peak_mb": block.cuda_peak_mb,
+                "seconds_per_step": seconds, "samples_per_s": size / seconds,
+                "model_tflop_per_step": model_flops / 1e12, "counted_tflop_per_step": counted[key] / 1e12,
+                "achieved_tflops": tflops, "mfu": tflops / peak if peak else None, "cuda_peak_mb": block.cuda_peak_mb,
                 # weights, gradients and optimizer state included: what has to fit on the card
-                "cuda_max_allocated_mb": block.cuda_peak_mb + block.cuda_start_mb if block.cuda_peak_mb is not None else None,
+                "cuda_max_allocated_mb": block.cuda_peak_mb + block.cuda_start_mb if on_cuda else None,
                 "step_rss_growth_mb": block.peak_rss_mb, "trainable_parameters": trainable_count,
                 "parameters": parameter_count, "times": t["times"],
             }
             results.append(result)
-            rows.append([mode, size, checkpointing, latents, 1000 * seconds, size / seconds, model_flops / 1e9, 1000 * tflops,
-                         f"{100 * result['mfu']:.1f}%" if peak else "-",
-                         f"{result['cuda_max_allocated_mb']:.0f}" if block.cuda_peak_mb is not None
+            rows.append([mode, size, checkpointing, latents, 1000 * seconds, size / seconds, model_flops / 1e9,
+                         1000 * tflops, f"{100 * result['mfu']:.1f}%" if peak else "-",
+                         f"{result['cuda_max_allocated_mb']:.0f}" if on_cuda
                          else f"{block.peak_rss_mb:.0f} (RSS growth)"])
             print(f"{mode:>4} batch {size} checkpointing {checkpointing:>3} latents {latents:>7}: "
                   f"{size / seconds:7.2f} samples/s, {tflops:.3f} TFLOP/s", flush=True)
         print(f"{mode}: {trainable_count:,} trainable of {parameter_count:,} parameters")
         del unet, text_projection, optimizer, raw_unet, variants, latent_cache
-        accelerator.free_memory()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        accelerator.free_memory()  # and collects garbage, empties the CUDA cache
 
-    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\n{args.config}, {args.resolution} px, mixed precision {args.mixed_precision}, loss {args.loss}, "
-          f"{device_name}, load {load:.2f}, peak {peak or '-'} TFLOP/s")
-    memory_header = "CUDA peak MB (all)" if device.type == "cuda" else "step peak MB"
-    table = markdown_table(["mode", "batch", "grad. checkpointing", "latents", "ms / step", "samples/s",
-                            "model GFLOP / step", "GFLOP/s", "MFU", memory_header], rows)
-    print(table)
+    cuda = device.type == "cuda"
+    device_name = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    load = common.load_average()
+    table = common.print_table(
+        ["mode", "batch", "grad. checkpointing", "latents", "ms / step", "samples/s", "model GFLOP / step", "GFLOP/s",
+         "MFU", "CUDA peak MB (all)" if cuda else "step peak MB"], rows,
+        f"\n{args.config}, {args.resolution} px, mixed precision {args.mixed_precision}, loss {args.loss}, "
+        f"{device_name}, load {load:.2f}, peak {peak or '-'} TFLOP/s")
     estimate_table, estimate = None, None
     if args.estimate_resolution:
         estimate_table, estimate = memory_estimate(args)
-        print(f"\nestimated GPU memory of a step at {args.estimate_resolution} px, bf16 mixed precision "
-              f"(activations counted in fp32 on the meta device: an upper bound without checkpointing)")
-        print(estimate_table)
-    path = write_results("training_throughput", args, {"results": results, "table": table, "peak_tflops": peak,
+    common.write_results("training_throughput", args, {"results": results, "table": table, "peak_tflops": peak,
                                                         "load_average": load, "memory_estimate": estimate,
                                                         "memory_estimate_table": estimate_table})
-    print(f"results: {path}")
 
 
 if __name__ == "__main__":
