@@ -75,7 +75,7 @@ def test_report_without_matplotlib_writes_the_rest_and_says_how_to_get_charts(tm
     report = (tmp_path / "evaluation.md").read_text()
     assert "| 1x1 |" in report and "| circle |" in report and ".png" not in report
     hint_lines = [line for line in report.splitlines() if "pip install matplotlib" in line]
-    assert hint_lines == [CHARTS_INSTALL_HINT] and "digseg-diffusers[charts]" in CHARTS_INSTALL_HINT
+    assert hint_lines == [CHARTS_INSTALL_HINT] and ".[charts]" in CHARTS_INSTALL_HINT
     assert "pip install matplotlib" in caplog.text
 
 

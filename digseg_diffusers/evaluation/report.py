@@ -34,7 +34,7 @@ RESULTS_NAME = "evaluation.json"
 REPORT_NAME = "evaluation.md"
 CURVE_PLOT_NAME = "iou_vs_threshold.png"
 CHARTS_INSTALL_HINT = (
-    "Charts need matplotlib, which is not installed: pip install matplotlib (or pip install 'digseg-diffusers[charts]')"
+    'Charts need matplotlib, which is not installed: pip install matplotlib (or pip install -e ".[charts]")'
 )
 # result key -> report column
 SUMMARY_COLUMNS = {
