@@ -4,12 +4,10 @@ argmax-aware multi-prompt loss, every arm fine-tuning the same model for the sam
 
     python -m benchmarks.quality.demo_loss_ab --work_dir runs/loss_ab --init_model digseg-demo --steps 200 --seeds 0 1
 
-Each arm is one `training/train_demo_model.py --init_model ...` run (so the arms run exactly the recipe's code
-path; interrupted arms resume from their checkpoints, finished ones are skipped), followed by the recipe's
-threshold calibration and a 1 x 1 evaluation on held-out test scenes in the training style family (`plain`
-rendering) and in the style-shifted rendering (`benchmarks/quality/demo_fidelity.py`'s protocol). Writes
-``WORK_DIR/loss_ab.json`` and a markdown table ``WORK_DIR/loss_ab.md``; the starting model is scored as the
-first row.
+Each arm is one `training/train_demo_model.py --init_model ...` run (the recipe's own code path; interrupted arms
+resume from their checkpoints, finished ones are skipped), then the recipe's threshold calibration and a 1 x 1
+evaluation on held-out test scenes in the `plain` and the style-shifted rendering (`demo_fidelity.py`'s protocol).
+Writes ``WORK_DIR/loss_ab.json`` and ``WORK_DIR/loss_ab.md``; the starting model is the first row.
 """
 
 from __future__ import annotations
@@ -22,13 +20,11 @@ import sys
 from pathlib import Path
 
 import torch
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
+from benchmarks.common import ROOT, markdown_table
 from benchmarks.quality.demo_fidelity import evaluate_settings, held_out_examples
 
-from digseg_diffusers import DiGSegPipeline  # noqa: E402
-from digseg_diffusers.demo import resolve_model_name  # noqa: E402
+from digseg_diffusers import DiGSegPipeline
+from digseg_diffusers.demo import resolve_model_name
 
 DEFAULT_ARMS = ("latent:1", "latent:4", "e2e:1", "e2e:4", "latent+e2e:1", "latent+e2e:4")
 EVAL_STYLES = ("plain", "shifted")
@@ -38,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", required=True)
     parser.add_argument("--init_model", default="digseg-demo")
-    parser.add_argument("--arms", nargs="*", default=list(DEFAULT_ARMS), help='"LOSS:K" pairs (K = prompts per image).')
+    parser.add_argument("--arms", nargs="*", default=list(DEFAULT_ARMS),
+                        help='"LOSS:K" pairs (K = prompts per image).')
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--learning_rate", type=float, default=2e-4)
@@ -62,7 +59,7 @@ def train_arm(args: argparse.Namespace, arm: str, seed: int, run_dir: Path) -> N
         return
     loss, prompts = arm.split(":")
     command = [
-        sys.executable, str(REPO_ROOT / "training" / "train_demo_model.py"),
+        sys.executable, str(Path(ROOT) / "training" / "train_demo_model.py"),
         "--work_dir", str(run_dir), "--init_model", args.init_model,
         "--data_dir", args.data_dir or str(Path(args.work_dir) / "data"),
         "--train_style", args.train_style, "--num_train_images", str(args.num_train_images),
@@ -89,17 +86,12 @@ def score(model: str, num_scenes: int) -> dict:
 
 
 def write_table(path: Path, results: list[dict]) -> None:
-    lines = [
-        "| arm | seed | train s | tau | mIoU test | fg IoU test | mIoU shifted | fg IoU shifted | per class test (circle square triangle star ring cross bg) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in results:
-        per_class = " ".join(f"{v:.2f}" for v in r["plain"]["per_class_iou"].values())
-        lines.append(
-            f"| {r['arm']} | {r['seed']} | {r['train_s']:.0f} | {r['mask_threshold']} | {r['plain']['mIoU']:.3f} | "
-            f"{r['plain']['foreground_iou']:.3f} | {r['shifted']['mIoU']:.3f} | {r['shifted']['foreground_iou']:.3f} | {per_class} |"
-        )
-    path.write_text("\n".join(lines) + "\n")
+    headers = ["arm", "seed", "train s", "tau", "mIoU test", "fg IoU test", "mIoU shifted", "fg IoU shifted",
+               "per class test (circle square triangle star ring cross bg)"]
+    rows = [[r["arm"], r["seed"], f"{r['train_s']:.0f}", str(r["mask_threshold"]),
+             *(f"{r[style][key]:.3f}" for style in EVAL_STYLES for key in ("mIoU", "foreground_iou")),
+             " ".join(f"{v:.2f}" for v in r["plain"]["per_class_iou"].values())] for r in results]
+    path.write_text(markdown_table(headers, rows) + "\n")
 
 
 def main(argv=None) -> list[dict]:
@@ -121,7 +113,8 @@ def main(argv=None) -> list[dict]:
             train_arm(args, arm, seed, run_dir)
             summary = json.loads((run_dir / "demo_build_summary.json").read_text())
             seconds = summary["timings"]["unet_s"]  # U-Net stage only (a resumed arm: its last part)
-            results.append({"arm": arm, "seed": seed, "train_s": seconds, **score(summary["pipeline"], args.num_eval_scenes)})
+            scores = score(summary["pipeline"], args.num_eval_scenes)
+            results.append({"arm": arm, "seed": seed, "train_s": seconds, **scores})
             results_file.write_text(json.dumps(results, indent=2) + "\n")
             write_table(work / "loss_ab.md", results)
             print(json.dumps(results[-1]), flush=True)
