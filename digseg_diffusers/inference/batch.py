@@ -152,12 +152,9 @@ class ListSource(ImageSource):
 
 class PathsSource(ImageSource):
     """Image files named one by one (the command line's IMAGE arguments), keyed by their path relative to the
-    folder that holds them all: ``photo.jpg`` -> ``OUT/photo.*``; ``x/a.png y/a.png`` -> ``OUT/x/a.*``, ``OUT/y/a.*``.
-
-    The user named these files, so each is decoded when listed and one that cannot be read stops the run (before
-    the model loads) instead of being listed as a failure. Since the key does not say which folder a file came
-    from, a result is this input's only if it names the same file (`same_input`), and `check_outputs` refuses a run
-    that would replace the results of another file of the same name.
+    folder that holds them all (``x/a.png y/a.png`` -> ``OUT/x/a.*``, ``OUT/y/a.*``). The user named them, so one
+    that cannot be read stops the run before the model loads; as the key does not say which folder a file came
+    from, a result is this input's only if it names the same file, and another file's results are never replaced.
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike]):
@@ -222,7 +219,8 @@ class HFDatasetSource(ImageSource):
                 else:
                     dataset = datasets.load_dataset(self.name, split=self.split)
             except Exception as error:  # missing dataset or split, no network, bad folder: all mean "cannot load"
-                raise BatchInferenceError(f"cannot load --dataset {self.name}:{self.split}: {error_summary(error)}") from None
+                reason = error_summary(error)
+                raise BatchInferenceError(f"cannot load --dataset {self.name}:{self.split}: {reason}") from None
             columns = [k for k, v in dataset.features.items() if isinstance(v, datasets.Image)]
             self._column = columns[0] if columns else ("image" if "image" in dataset.column_names else None)
             if self._column is None:
@@ -253,22 +251,15 @@ class HFDatasetSource(ImageSource):
 
 
 def output_names(keys: Sequence[str], extra_suffixes: Sequence[str] = ()) -> list[str]:
-    """Per input key, the relative path (no extension) NAME of its outputs: ``NAME.png``, ``NAME.json`` and
-    ``NAME + suffix`` for each of `extra_suffixes` (files or folders of per-image extras).
-
-    NAME is the key without its extension, unless one of those paths would be (compared case-insensitively) a path
-    of another input's outputs, lie inside one, or be one of the run's own files at the top level; such inputs keep
-    their extension (``a.png``, ``a.jpg`` -> ``a.png.png``, ``a.jpg.png``), and if that still clashes, add a hash
-    of the key. So no output of one input ever overwrites another's.
-    """
+    """Per input key, the relative path NAME of its outputs (``NAME.png``, ``NAME.json``, ``NAME + suffix`` for each
+    of `extra_suffixes`), so that no output of one input ever overwrites another's: the key without its extension,
+    unless a path would (case-insensitively) be another input's, lie inside one or be one of the run's own files;
+    such inputs keep their extension (``a.png``, ``a.jpg`` -> ``a.png.png``, ``a.jpg.png``), then add a hash."""
     reserved = {name.casefold() for name in RESERVED_NAMES}
 
     def candidate(key: str, level: int) -> str:
-        if level == 0:
-            return str(PurePosixPath(key).with_suffix("")) if PurePosixPath(key).suffix else key
-        if level == 1:
-            return key
-        return f"{key}~{hashlib.sha1(key.encode('utf-8')).hexdigest()[:8]}"
+        stem = str(PurePosixPath(key).with_suffix("")) if PurePosixPath(key).suffix else key
+        return (stem, key, f"{key}~{hashlib.sha1(key.encode('utf-8')).hexdigest()[:8]}")[level]
 
     def paths_of(name: str) -> list[str]:
         return [path.casefold() for path in (f"{name}.png", f"{name}.json", *(name + suffix for suffix in extra_suffixes))]
@@ -626,7 +617,8 @@ def foreign_entries(out: Path) -> list[str]:
     """The sorted names at the top of OUT other than the lock, COCO part files and leftover temporaries."""
     if not out.is_dir():
         return []
-    return sorted(p.name for p in out.iterdir() if p.name not in (LOCK_NAME, PARTS_DIR) and not LEFTOVER_TEMPORARY.match(p.name))
+    ours = (LOCK_NAME, PARTS_DIR)
+    return sorted(p.name for p in out.iterdir() if p.name not in ours and not LEFTOVER_TEMPORARY.match(p.name))
 
 
 class DatasetRun:
@@ -653,9 +645,6 @@ class DatasetRun:
             self.close()  # e.g. no inputs: --out is free again at once
             raise
         return self
-
-    def name_outputs(self, extras: MasksAndOverlay | None) -> None:
-        self.names = output_names([item.key for item in self.items], extras.suffixes if extras is not None else ())
 
     def _lock_and_list(self) -> list[InputItem]:
         self._lock = lock_output_folder(self.out)
@@ -727,7 +716,8 @@ class DatasetRun:
 
         settings = self.settings(pipe, options, describe or {})
         self.settings_used = settings
-        self.name_outputs(options.extras)
+        suffixes = options.extras.suffixes if options.extras is not None else ()
+        self.names = output_names([item.key for item in self.items], suffixes)
         if not self.overwrite:
             _broadcast_from_main(self.state, lambda: self.source.check_outputs(self.out, self.items, self.names))
         _broadcast_from_main(self.state, lambda: self._check_settings(settings))
@@ -850,8 +840,9 @@ class _Shard:
         run = self.run_
         start = time.perf_counter()
         try:
+            options = self.options
             images = [pixels for _, pixels in group]
-            output = segment_images(self.pipe, images, self.options.prompts, self.options.seed, self.options.pipeline_kwargs)
+            output = segment_images(self.pipe, images, options.prompts, options.seed, options.pipeline_kwargs)
         except (ValueError, RuntimeError) as error:  # the pipeline refused an image, or ran out of memory
             if len(group) > 1:
                 for member in group:  # find which image it was
@@ -881,9 +872,8 @@ class _Shard:
                                 "status": status, "document": document, "reason": reason})  # fmt: skip
 
     def _record(self, position: int, document: dict | None) -> None:
-        """Note an image as done (None: failed). Part lines go out in input order whatever the batching, so the
-        merged COCO file is the same for any batch size, number of processes or resume history; only images
-        read ahead (at most the window) wait here."""
+        """Note an image as done (None: failed). Part lines go out in input order, so the merged COCO file is the
+        same for any batch size, number of processes or resume history."""
         self._bar.update()
         if self._part is None:
             return
@@ -908,13 +898,10 @@ class _Shard:
 
 
 class BatchSegmenter:
-    """A callable over a batch ``{column: sequence}`` of decoded images, for engines that shard data themselves:
-    ``ray.data.Dataset.map_batches(BatchSegmenter, fn_constructor_kwargs=...)`` (one pipeline per actor) or
-    ``datasets.Dataset.map(BatchSegmenter(...), batched=True)``.
-
-    Adds two columns: ``label_map`` (``[H, W]`` uint16 per image) and ``segments`` (per image a JSON string of
-    `segment_records` with COCO RLE masks). Images of one batch may differ in size: each size is one pipeline
-    call. Noise as in `DatasetRun` (`row_generators`), so results match the command line's.
+    """A callable over a batch ``{column: sequence}`` of decoded images, for engines that shard data themselves
+    (Ray Data's ``map_batches``, ``datasets.Dataset.map(batched=True)``): adds ``label_map`` (``[H, W]`` uint16) and
+    ``segments`` (a JSON string of `segment_records` with COCO RLE masks) per image. Each image size is one pipeline
+    call, with the same noise as `DatasetRun`, so results match the command line's.
     """
 
     def __init__(self, model: str, prompts: Sequence[str], device: str | None = None, image_column: str = "image",
@@ -939,7 +926,8 @@ class BatchSegmenter:
         for i, image in enumerate(images):
             by_size.setdefault(tuple(image.shape[:2]), []).append(i)
         for indices in by_size.values():
-            output = segment_images(self.pipe, [images[i] for i in indices], self.prompts, self.seed, self.pipeline_kwargs)
+            same_size = [images[i] for i in indices]
+            output = segment_images(self.pipe, same_size, self.prompts, self.seed, self.pipeline_kwargs)
             for j, i in enumerate(indices):
                 label_maps[i] = np.asarray(output.label_maps[j]).astype(np.uint16)
                 segments[i] = json.dumps(segment_records(output, j, rle=True))

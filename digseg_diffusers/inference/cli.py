@@ -21,6 +21,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np  # numpy and PIL come with the palette helpers anyway; torch and diffusers only when needed
+from PIL import Image
+
 from digseg_diffusers.atomic_io import atomic_write_json, is_disk_full
 from digseg_diffusers.demo import DEMO_MODEL_NAME, demo_model_summary
 from digseg_diffusers.inference.batch import (
@@ -35,10 +38,17 @@ from digseg_diffusers.inference.batch import (
     mask_file_name,
     read_json,
     remove_leftover_temporaries,
+    resolved_settings,
     save_png,
     write_masks_and_overlay,
 )
-from digseg_diffusers.inference.visualization import LABEL_PNG_ENCODINGS
+from digseg_diffusers.inference.visualization import (
+    LABEL_PNG_ENCODINGS,
+    colorize_label_map,
+    label_map_image,
+    legend_image,
+    titled_row,
+)
 from digseg_diffusers.prompts import parse_prompts
 
 EXIT_USAGE = 2
@@ -432,8 +442,6 @@ def _check_demo_folder(out: Path, source: str, arguments: dict, overwrite: bool)
 
 
 def _demo_prompts(scene, seed: int, with_absent_class: bool) -> list[str]:
-    import numpy as np
-
     from digseg_diffusers.data.synthetic import SHAPE_CLASSES
 
     prompts = list(scene.class_names)
@@ -449,13 +457,10 @@ DEMO_ARGUMENTS = ("scene", "no_absent_class", "model", "adapter", "steps", "ense
 
 
 def command_demo(args: argparse.Namespace) -> dict:
-    import numpy as np
     import torch
     from tqdm.auto import tqdm
 
     from digseg_diffusers.data.synthetic import SPLIT_SEED_OFFSETS, generate_scene
-    from digseg_diffusers.inference.batch import resolved_settings
-    from digseg_diffusers.inference.visualization import label_map_image
 
     seed = SPLIT_SEED_OFFSETS["test"] + args.scene
     source = f"digseg demo scene {seed}"
@@ -506,12 +511,8 @@ def command_demo(args: argparse.Namespace) -> dict:
 
 def _write_demo_extras(out: Path, scene, prompts: list[str], output, seed: int) -> dict:
     """The demo's ground truth, input and comparison panel, and its scores."""
-    import numpy as np
-    from PIL import Image
-
     from digseg_diffusers.data.synthetic import SHAPE_CLASSES
     from digseg_diffusers.evaluation.runner import BACKGROUND_NAME, EvaluationAccumulator
-    from digseg_diffusers.inference.visualization import label_map_image
 
     # Ground truth in the prompts' label space (0 = background, k + 1 = prompt k), and the scene's IoU.
     truth = np.zeros_like(scene.label, dtype=np.int64)
@@ -539,11 +540,6 @@ def _write_demo_extras(out: Path, scene, prompts: list[str], output, seed: int) 
 def _panel(image, truth, prediction, prompts: Sequence[str], scale: int = 4):
     """Image | ground truth | prediction side by side, enlarged (nearest) so 64 px scenes are easy to see, with a
     title over each tile and a legend (each class name next to its colour) below."""
-    import numpy as np
-    from PIL import Image
-
-    from digseg_diffusers.inference.visualization import colorize_label_map, legend_image, titled_row
-
     num_classes = len(prompts)
     tiles = [image, colorize_label_map(truth, num_classes, None), colorize_label_map(prediction, num_classes, None)]
     height, width = image.shape[:2]
@@ -609,8 +605,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not is_disk_full(error):
             raise
         where, reason = error.filename or args.out, error.strerror or "no space left"
-        print(f"digseg: error: the disk is full: cannot write {where} ({reason}); free some space or choose an --out on "
-              "another disk, then run the same command again: finished results are kept and skipped", file=sys.stderr)
+        print(f"digseg: error: the disk is full: cannot write {where} ({reason}); free some space or choose an --out "
+              "on another disk, then run the same command again: finished results are kept and skipped",
+              file=sys.stderr)  # fmt: skip
         return EXIT_FAILURE
     _print_summary(document)
     if document.get("is_main_process", True):
