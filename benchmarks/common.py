@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import importlib
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 from typing import Callable
@@ -25,7 +29,9 @@ import psutil
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from digseg_diffusers import mask_codec
+from digseg_diffusers import DiGSegPipeline, mask_codec
+from digseg_diffusers.data.synthetic import generate_scene
+from digseg_diffusers.demo import default_model_path
 from digseg_diffusers.mask_decoder import DiGSegMaskDecoder, count_flops
 from digseg_diffusers.testing_utils import make_tiny_components, make_tiny_unet, make_tiny_vae
 
@@ -37,9 +43,6 @@ PROMPTS = [
     "circle", "square", "triangle", "star", "ring", "cross", "heart", "sky",
     "tree", "road", "car", "person", "building", "grass", "water", "dog",
 ]
-
-
-# ------------------------------------------------------------------------------------------------ configurations
 
 
 # SD2's sizes on the test components' layouts (the same block types, 8 U-Net input channels, 8x VAE).
@@ -65,9 +68,6 @@ def make_pipeline(config: str, light_decoder: bool = False, device: str = "cpu",
     """"tiny" (the test components), "demo" (the packaged demo model) or "sd2" (SD2 U-Net + SD VAE, random), moved
     to `device` and `dtype`. The text encoder of "sd2" is the tiny one projected to 1024: it runs once per distinct
     prompt and is not what this work measures."""
-    from digseg_diffusers.demo import default_model_path
-    from digseg_diffusers.pipeline_digseg import DiGSegPipeline
-
     if config == "tiny":
         pipe = DiGSegPipeline(**make_tiny_components())
     elif config == "demo":
@@ -85,8 +85,6 @@ def make_pipeline(config: str, light_decoder: bool = False, device: str = "cpu",
 
 def scene_image(resolution: int, seed: int = 0) -> np.ndarray:
     """A synthetic scene (uint8 HWC) at `resolution`, so every run sees the same pixels."""
-    from digseg_diffusers.data.synthetic import generate_scene
-
     return generate_scene(seed, size=resolution).image
 
 
@@ -97,11 +95,6 @@ def generators(num_rows: int, seed: int = 0) -> list[torch.Generator]:
 def baseline_pipeline_class(ref: str):
     """`DiGSegPipeline` as it was at git revision `ref` (the whole package of that revision, imported under another
     name), so that one process can time the code before and after a change side by side."""
-    import importlib
-    import subprocess
-    import tarfile
-    import tempfile
-
     folder = tempfile.mkdtemp(prefix="digseg_baseline_")
     archive = os.path.join(folder, "package.tar")
     subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", "-o", archive, ref, "digseg_diffusers"], check=True)
@@ -119,11 +112,11 @@ def baseline_pipeline_class(ref: str):
 class CudaGraphed(torch.nn.Module):
     """`module`'s forward replayed from a CUDA graph, one graph per input signature (shapes, dtypes, other args).
 
-    What `torch.compile(mode="reduce-overhead")` does, without compiling: a one-image call of the SD2 pipeline is
-    bound by the host issuing ~2,200 operator calls per U-Net forward; a graph launches them at once. Tensor inputs are
-    copied into the graph's static buffers, outputs copied out (the next replay overwrites them). Only for
-    modules whose forward has no host syncs and returns tensors (or tuples of them): the U-Net with
-    ``return_dict=False``, the VAE encoder, the light mask decoder. Attributes are read through from `module`.
+    What `torch.compile(mode="reduce-overhead")` does, without compiling: a one-image SD2 call is bound by the host
+    issuing ~2,200 operator calls per U-Net forward; a graph launches them at once. Tensor inputs are copied into the
+    graph's static buffers, outputs copied out (the next replay overwrites them). Only for modules without host syncs
+    that return tensors (or tuples): the U-Net with ``return_dict=False``, the VAE encoder, the light mask decoder.
+    Other attributes are read from `module`.
     """
 
     def __init__(self, module: torch.nn.Module, warmup: int = 2):
@@ -183,9 +176,6 @@ class CudaGraphed(torch.nn.Module):
         return graph, static_args, static_kwargs, static_out
 
 
-# ------------------------------------------------------------------------------------------------------- timing
-
-
 def synchronize() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
@@ -210,9 +200,6 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int = 3, war
             synchronize()  # GPU work is asynchronous: stop the clock when it is done, not when it is queued
             times[name].append(time.perf_counter() - start)
     return {name: {"times": t, "median": statistics.median(t)} for name, t in times.items()}
-
-
-# ------------------------------------------------------------------------------------------------------- memory
 
 
 class PeakMemory:
@@ -265,9 +252,6 @@ def peak_memory(variants: dict[str, Callable[[], object]]) -> dict[str, PeakMemo
     return peaks
 
 
-# -------------------------------------------------------------------------------------------------------- FLOPs
-
-
 def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
     """The same architecture on the meta device (rebuilt from its config: no copy of an 866M-weight model)."""
     if hasattr(model, "config") and hasattr(type(model), "from_config"):
@@ -298,9 +282,6 @@ def component_flops(pipe, resolution: int, rows: int = 1) -> dict[str, int]:
     return flops
 
 
-# ------------------------------------------------------------------------------------------------------ machine
-
-
 def machine_description() -> dict:
     cpu = platform.processor() or "unknown"
     if os.path.isfile("/proc/cpuinfo"):
@@ -323,9 +304,6 @@ def load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
-# ------------------------------------------------------------------------------------------------------- output
-
-
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", choices=CONFIGS, default="tiny")
@@ -340,11 +318,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# How far two mathematically equal computations (rows batched differently) may differ in each precision: bounds that
-# catch wrong rows (off by > 1e-2), not rounding, on any CPU. In float32 the tiny models stay below the tests'
-# 1e-5 (`testing_utils.CROSS_PATH_ATOL`), but SD2-size layers sum 1024-wide and reached 1.26e-5 on an Intel
-# Sapphire Rapids CPU. The half-precision bounds are loose because a *random* SD VAE decoder amplifies rounding (a
-# trained one does not; the light decoder's differences stay ~5e-3).
+# How far two equal computations (rows batched differently) may differ per precision: bounds that catch wrong rows
+# (off by > 1e-2), not rounding, on any CPU (SD2-size layers sum 1024-wide: 1.26e-5 in fp32 on a Sapphire Rapids CPU,
+# above the tests' CROSS_PATH_ATOL). Half precision is loose because a *random* SD VAE decoder amplifies rounding.
 OUTPUT_TOLERANCE = {torch.float32: 1e-4, torch.float16: 0.15, torch.bfloat16: 0.15}
 
 

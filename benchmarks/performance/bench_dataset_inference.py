@@ -8,11 +8,9 @@
     python -m benchmarks.performance.bench_dataset_inference --device cuda --processes 1 2 4 8 --num_images 2000 \
         --batch_images 16 --batch_size 64 --output benchmarks/performance/results/dataset_inference_cuda.json
 
-Each variant segments the same synthetic images into a fresh --out (so nothing is skipped), running the real
-command line in fresh processes; variants run interleaved (1 2 1 2 ...) and the medians are compared, because a
-shared machine drifts between minutes. Throughput is the run summary's: images segmented / seconds of the
-slowest process's segmenting loop (reading, batching, U-Net, writing; model loading and process start excluded);
-wall seconds including start-up are reported too. Prints the table and the N-process / 1-process ratios.
+Each variant runs the real command line in fresh processes on the same images into a fresh --out, interleaved
+(1 2 1 2 ...). Throughput is the run summary's: images / seconds of the slowest process's segmenting loop (model
+loading and process start excluded); wall seconds with start-up are reported too, and the N / 1-process ratios.
 """
 
 from __future__ import annotations
@@ -62,10 +60,12 @@ def write_images(folder: str, count: int, size: int) -> None:
 
 def run_once(args, processes: int, images: str, out: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    command = ["-m", "digseg_diffusers.inference.cli", "segment", "--input_dir", images, "--out", out, "--model", args.model,
-               "--batch_images", str(args.batch_images), "--batch-size", str(args.batch_size), "--format", args.format, "--quiet",
-               "--device", "cpu" if args.device == "cpu" else "auto", *sum((["-p", p] for p in PROMPTS), [])]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    command = ["-m", "digseg_diffusers.inference.cli", "segment", "--input_dir", images, "--out", out,
+               "--model", args.model, "--batch_images", str(args.batch_images), "--batch-size", str(args.batch_size),
+               "--format", args.format, "--quiet", "--device", "cpu" if args.device == "cpu" else "auto",
+               *sum((["-p", p] for p in PROMPTS), [])]
+    python_path = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=python_path)
     if processes == 1:
         argv = [sys.executable, *command]
     else:
@@ -110,8 +110,9 @@ def main() -> None:
         rows.append([n, rate, rate / base, wall])
     headers = ["processes", "images/s", f"ratio to {args.processes[0]} process(es)", "wall s (incl. start-up)"]
     print(markdown_table(headers, rows))
-    payload = {"benchmark": "dataset_inference", "args": {k: v for k, v in vars(args).items() if k not in ("work_dir", "output")},
-               "machine": machine_description(), "results": {str(n): v for n, v in table.items()}}  # fmt: skip
+    arguments = {k: v for k, v in vars(args).items() if k not in ("work_dir", "output")}
+    payload = {"benchmark": "dataset_inference", "args": arguments, "machine": machine_description(),
+               "results": {str(n): v for n, v in table.items()}}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump(payload, handle, indent=2)

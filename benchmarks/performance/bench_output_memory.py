@@ -1,15 +1,12 @@
 """Peak memory of one call against the number of prompts K and the image size, by what the caller asks for.
 
-The U-Net and VAE work at the processing resolution; what grows with K x H x W is the output at the input
-resolution. Modes: "all" (float32 probabilities + masks + label map, the default and what every call paid
-before outputs were selectable), "labels" (label map only: computed prompt chunk by prompt chunk, so memory
-grows with `batch_size`, not K), "uint8" (label map + uint8 probabilities). With ``--before DIR`` the "all" mode
-is also measured with the package found in DIR (a checkout of an earlier commit), for a before/after table.
+What grows with K x H x W is the output at the input resolution. Modes: "all" (float32 probabilities + masks +
+label map, the default), "labels" (label map only: computed prompt chunk by prompt chunk, so memory grows with
+`batch_size`, not K), "uint8" (label map + uint8 probabilities). ``--before DIR`` also measures "all" with the
+package of DIR (a checkout of an earlier commit). Each setting runs in a fresh process (an allocator keeps freed
+memory); the tiny pipeline at processing resolution 64 keeps the model's own memory negligible.
 
-Each setting runs in a fresh process (an allocator keeps freed memory); the peak RSS above the RSS before the call
-is recorded. The tiny random pipeline at processing resolution 64 keeps the model's own memory negligible.
-
-    python -m benchmarks.performance.bench_output_memory --sizes 0.25 3 12 --ks 1 16 150 --before /path/to/old/checkout
+    python -m benchmarks.performance.bench_output_memory --sizes 0.25 3 12 --ks 1 16 150 --before /old/checkout
 """
 
 from __future__ import annotations
@@ -76,7 +73,7 @@ def main(argv=None):
         print(json.dumps(measure(float(size), int(k), mode)))
         return
 
-    from benchmarks.common import RESULTS_DIR, machine_description, markdown_table
+    from benchmarks.common import RESULTS_DIR, machine_description, print_table
 
     results = []
     columns = (["before"] if args.before else []) + list(MODES)
@@ -90,17 +87,13 @@ def main(argv=None):
             results.append(row)
             print(json.dumps(row), flush=True)
 
-    def cell(entry):
-        return entry.get("peak_rss_mb", entry.get("error", "?"))
-
-    headers = ["image MP", "K"] + [f"{c} MB" for c in columns] + ["labels / all"]
     rows = []
     for row in results:
         all_mb, labels_mb = row["all"].get("peak_rss_mb"), row["labels"].get("peak_rss_mb")
         ratio = f"{labels_mb / all_mb:.3f}" if all_mb and labels_mb is not None else "-"
-        rows.append([row["size_mp"], row["k"]] + [cell(row[c]) for c in columns] + [ratio])
-    table = markdown_table(headers, rows)
-    print(table)
+        cells = [row[c].get("peak_rss_mb", row[c].get("error", "?")) for c in columns]
+        rows.append([row["size_mp"], row["k"], *cells, ratio])
+    table = print_table(["image MP", "K"] + [f"{c} MB" for c in columns] + ["labels / all"], rows)
     path = args.output or os.path.join(RESULTS_DIR, "output_memory_tiny.json")
     with open(path, "w") as f:
         json.dump({"benchmark": "output_memory", "machine": machine_description(), "results": results,

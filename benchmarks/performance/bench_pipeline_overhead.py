@@ -98,7 +98,9 @@ def main(argv=None):
 
     def same_model(pipeline_class):
         """Another pipeline object (its own prompt cache) on the same modules and settings."""
-        other = pipeline_class.from_pipe(pipe)
+        settings = {key: value for key, value in pipe.config.items()
+                    if not key.startswith("_") and key not in pipe.components}
+        other = pipeline_class(**pipe.components, **settings)  # not `from_pipe`: it rejects the baseline's classes
         other.set_progress_bar_config(disable=True)
         return other
 
