@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+from PIL import Image
 
 from digseg_diffusers.atomic_io import (
     TEMPORARY_SUFFIX,
@@ -38,6 +39,7 @@ from digseg_diffusers.atomic_io import (
     is_disk_full,
     remove_directory,
 )
+from digseg_diffusers.inference.visualization import LABEL_PNG_ENCODINGS, label_map_image, overlay
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
 RUN_RECORD_NAME = "digseg_run.json"
@@ -234,8 +236,6 @@ class HFDatasetSource(ImageSource):
         return [InputItem(f"{self.split}/{i:0{digits}d}", str(i)) for i in range(count)]
 
     def open(self, item: InputItem):
-        from PIL import Image
-
         try:
             image = self._load()[int(item.source)][self._column]
             if isinstance(image, Image.Image):
@@ -390,10 +390,6 @@ def write_masks_and_overlay(out: Path, masks_folder: str, overlay_file: str, out
     """One mask PNG per prompt (255 = inside) in `masks_folder` and the coloured overlay, for people to look at.
     Returns the result JSON's entries: the files and, per prompt, the fraction of the image its mask covers, the
     fraction the label map gives it (masks overlap, the label map does not) and its largest probability."""
-    from PIL import Image
-
-    from digseg_diffusers.inference.visualization import overlay
-
     prompts = list(output.prompts[index])
     masks, label_map = np.asarray(output.masks[index]), np.asarray(output.label_maps[index])
     probabilities = np.asarray(output.probabilities[index])
@@ -441,8 +437,6 @@ def write_result(
     """Write one image's label-map PNG (and `extras`' files), then its JSON (last: its presence means the result is
     complete). Files that an earlier result of this input listed and this one does not (masks of other prompts,
     after ``--overwrite``) are removed once the new JSON is in place: they were this input's own outputs."""
-    from digseg_diffusers.inference.visualization import label_map_image
-
     prompts = list(output.prompts[index])
     label_map = np.asarray(output.label_maps[index])
     label_file = Path(f"{name}.png")
@@ -558,8 +552,6 @@ class BatchOptions:
 
     def __post_init__(self) -> None:
         """Refuse bad options when they are made: before the model loads and before any image."""
-        from digseg_diffusers.inference.visualization import LABEL_PNG_ENCODINGS
-
         check_output_format(self.output_format)
         if self.label_png not in LABEL_PNG_ENCODINGS:
             raise BatchInferenceError(f"--label_png must be one of {LABEL_PNG_ENCODINGS}; got {self.label_png!r}")

@@ -259,7 +259,7 @@ def _resolve_device(name: str):
     return device
 
 
-def load_pipeline(model: str, adapter: str | None, device_name: str, quiet_loading: bool = True):
+def load_pipeline(model: str, adapter: str | None, device_name: str):
     """Load the pipeline (and adapter) or raise `CLIError` with a one-line reason."""
     from digseg_diffusers.pipeline_digseg import DiGSegPipeline
 
@@ -269,9 +269,8 @@ def load_pipeline(model: str, adapter: str | None, device_name: str, quiet_loadi
 
     bars = (diffusers.utils.logging, transformers.utils.logging)
     were_enabled = [module.is_progress_bar_enabled() for module in bars]
-    if quiet_loading:  # "Loading pipeline components" bars are noise for a command-line user
-        for module in bars:
-            module.disable_progress_bar()
+    for module in bars:  # "Loading pipeline components" bars are noise for a command-line user
+        module.disable_progress_bar()
     try:
         pipe = DiGSegPipeline.from_pretrained(model)
     except Exception as error:  # OSError, ValueError, HTTP errors, missing files: all mean "cannot load"

@@ -111,21 +111,17 @@ def colorize_label_map(label_map, num_classes: int | None = None, ignore_index: 
     `ignore_index` pixels are painted white when ``num_classes < ignore_index`` (ground-truth "unlabelled" pixels).
     """
     labels = _as_label_array(label_map)
-    ignored = None
+    ignored = np.zeros(labels.shape, dtype=bool)
     if ignore_index is not None and (num_classes is None or num_classes < ignore_index):
         ignored = labels == ignore_index
-        if ignored.any():
-            labels = np.where(ignored, 0, labels)
-        else:
-            ignored = None
+        labels = np.where(ignored, 0, labels)
     largest = int(labels.max()) if labels.size else 0
     if num_classes is None:
         num_classes = largest
     elif largest > num_classes:
         raise ValueError(f"`label_map` has label {largest} but `num_classes` is {num_classes} (labels are 0..K).")
     rgb = label_colors(num_classes)[labels]
-    if ignored is not None:
-        rgb[ignored] = IGNORE_COLOR
+    rgb[ignored] = IGNORE_COLOR
     return rgb
 
 
