@@ -6,26 +6,22 @@
         --dataset_format ade20k --train_data_dir /data/ADEChallengeData2016 --output_dir digseg-ade20k
 
 One sample = one image and one queried class; the U-Net learns to denoise that class's mask latent, conditioned
-on the image latent (concatenated) and the class name (cross-attention). The VAE and text encoder stay frozen;
-the adapter (LoRA, or "full" weights, on the selected cross-attention projections and the mid-block attention)
-plus `conv_in` and the text projection train. Runs on one CPU, several processes, one or many GPUs and several
-machines through accelerate's own launcher; checkpoints with `save_state` hold only the trainable weights and
-the optimizer/scheduler/RNG state, and `--resume_from_checkpoint latest` continues where a run stopped.
+on the image latent (concatenated) and the class name (cross-attention). The VAE and text encoder stay frozen; the
+adapter (LoRA or "full" weights on the selected cross-attention projections and the mid-block attention), `conv_in`
+and the text projection train. Runs on one CPU, several processes, one or many GPUs and several machines through
+accelerate's launcher.
 
-Nothing is lost when the process is killed at any moment: a checkpoint, the adapter, the pipeline and
-train_summary.json each appear only once complete (`digseg_diffusers.training.checkpointing`, `atomic_io`); `latest` is
-the newest complete checkpoint; old checkpoints are removed only after the new one is in place; resuming a
-finished run does nothing. (accelerate's `ProjectConfiguration(automatic_checkpoint_naming=True)` is not used for
-this: it writes `save_state` straight into the final folder and rotates old checkpoints out before the new one is
-complete, so a kill at the wrong moment leaves no resumable checkpoint.)
+Nothing is lost when the process is killed at any moment: a checkpoint (`save_state`: the trainable weights and
+the optimizer/scheduler/RNG state), the adapter, the pipeline and train_summary.json each appear only once complete
+(`digseg_diffusers.training.checkpointing`); `--resume_from_checkpoint latest` continues from the newest complete
+checkpoint; resuming a finished run does nothing. (accelerate's `automatic_checkpoint_naming` is not used: it
+rotates old checkpoints out before the new one is complete.)
 
-Before any model is loaded (`main`): an `--output_dir` that holds another run (checkpoints, adapter, pipeline or
-summary) is refused unless `--resume_from_checkpoint` continues it or `--overwrite_output_dir` replaces it (its
-outputs removed first, so two runs never mix); a resumed checkpoint must come from a run with the same settings
-(its manifest records them; `SETTINGS_THAT_MAY_CHANGE_ON_RESUME` lists those a resume may change); the dataset is
-read and every model source is checked (a Hub id that is neither cached nor reachable fails at once). Each of
-these ends with one line and exit code 2. A full disk while writing a checkpoint or the final outputs ends with one
-line and exit code 1, everything written before intact and no partial checkpoint left.
+Before any model loads, each of these ends with one line and exit code 2: an `--output_dir` that holds another run
+(unless `--resume_from_checkpoint` continues it or `--overwrite_output_dir` removes its outputs first); a checkpoint
+of a run with other settings (`SETTINGS_THAT_MAY_CHANGE_ON_RESUME` lists those a resume may change); an unreadable
+dataset; a model source that is neither cached nor reachable. A full disk while saving ends with one line and exit
+code 1, everything written before intact and no partial checkpoint left.
 """
 
 from __future__ import annotations
@@ -173,14 +169,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
-def _with_dashed_spelling(add_argument):
-    """Wrap a parser's or group's `add_argument` so that every `--snake_case` option also answers to `--snake-case`."""
+def option_group(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+    """An argument group whose every `--snake_case` option also answers to `--snake-case`."""
+    group = parser.add_argument_group(title)
+    add_argument = group.add_argument
 
     def add(*names: str, **kwargs):
         dashed = [name.replace("_", "-") for name in names if name.startswith("--") and "_" in name]
         return add_argument(*names, *dashed, **kwargs)
 
-    return add
+    group.add_argument = add
+    return group
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,8 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLE,
         formatter_class=HelpFormatter,
     )
-    model = parser.add_argument_group("model")
-    model.add_argument = _with_dashed_spelling(model.add_argument)
+    model = option_group(parser, "model")
     model.add_argument(
         "--pretrained_model_name_or_path", metavar="ID",
         help="A DiGSeg pipeline folder or Hub id to start from (this or --base_model).",
@@ -230,8 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints then hold the whole U-Net. Implies --save_pipeline.",
     )
 
-    data = parser.add_argument_group("data")
-    data.add_argument = _with_dashed_spelling(data.add_argument)
+    data = option_group(parser, "data")
     data.add_argument(
         "--dataset_format", choices=DATASET_FORMATS, default="folder",
         help="Dataset layout: 'folder' (docs/data_format.md) or a benchmark's own layout.",
@@ -267,8 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         "latent per image and one mask latent per (image, class) seen.",
     )
 
-    train = parser.add_argument_group("training")
-    train.add_argument = _with_dashed_spelling(train.add_argument)
+    train = option_group(parser, "training")
     train.add_argument(
         "--output_dir", required=True, metavar="DIR",
         help="Checkpoints, the adapter, the pipeline and train_summary.json go here. A folder that holds another "
@@ -374,8 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         "options may change.",
     )
 
-    report = parser.add_argument_group("logging, validation and publishing")
-    report.add_argument = _with_dashed_spelling(report.add_argument)
+    report = option_group(parser, "logging, validation and publishing")
     report.add_argument(
         "--report_to", choices=["none", "all", *TRACKER_PACKAGES], default=default_tracker(),
         help='Experiment tracker; "all": every installed one. The default is tensorboard when it is installed, '
@@ -532,25 +527,24 @@ def check_inputs(args: argparse.Namespace):
             reader_kwargs["class_names"] = read_class_names_file(args.class_names_file)
         except (OSError, ValueError) as error:
             fail(f"--class_names_file: {error}")
-    try:
-        train_reader = build_reader(args.dataset_format, args.train_data_dir, args.train_split, **reader_kwargs)
-    except (OSError, ValueError) as error:
-        fail(f"--train_data_dir: {error}")
+
+    def read_split(split: str | None, option: str):
+        try:
+            return build_reader(args.dataset_format, args.train_data_dir, split, **reader_kwargs)
+        except (OSError, ValueError) as error:
+            fail(f"{option}: {error}")
+
+    train_reader = read_split(args.train_split, "--train_data_dir")
     validation_reader = None
     if args.validation_split:
-        try:
-            validation_reader = build_reader(
-                args.dataset_format, args.train_data_dir, args.validation_split, **reader_kwargs
-            )
-        except (OSError, ValueError) as error:
-            fail(f"--validation_split {args.validation_split}: {error}")
-    models = (
-        ("pretrained_model_name_or_path", "the DiGSeg pipeline"),
-        ("base_model", "the base model"),
-        ("text_encoder", "the text encoder"),
-        ("resume_adapter", "the adapter"),
-    )
-    for option, what in models:
+        validation_reader = read_split(args.validation_split, f"--validation_split {args.validation_split}")
+    models = {
+        "pretrained_model_name_or_path": "the DiGSeg pipeline",
+        "base_model": "the base model",
+        "text_encoder": "the text encoder",
+        "resume_adapter": "the adapter",
+    }
+    for option, what in models.items():
         if getattr(args, option):
             try:
                 require_hub_source(getattr(args, option), what)
@@ -598,18 +592,15 @@ def select_task_decoder(args: argparse.Namespace, pipeline, loss_config: Trainin
     light = getattr(pipeline, "mask_decoder", None)
     if args.e2e_decoder == "light" and light is None:
         raise SystemExit("train_adapter.py: error: --e2e_decoder light needs a pipeline with a mask_decoder component")
-    use_light = light is not None and args.e2e_decoder != "vae"
+    if light is not None:
+        light.requires_grad_(False)
+    decoder = None if args.e2e_decoder == "vae" else light
     if not (loss_config.needs_decoder and args.train_decoder):
-        if light is not None:
-            light.requires_grad_(False)
-        return (light if use_light else None), []
-    module = light if use_light else pipeline.vae
-    parts = [light] if use_light else [pipeline.vae.post_quant_conv, pipeline.vae.decoder]
-    params = []
+        return decoder, []
+    parts = [decoder] if decoder is not None else [pipeline.vae.post_quant_conv, pipeline.vae.decoder]
     for part in parts:
         part.requires_grad_(True)
-        params += list(part.parameters())
-    return (module if use_light else None), params
+    return decoder, [param for part in parts for param in part.parameters()]
 
 
 def trained_decoder_state(pipeline, light_decoder, keep_vars: bool = False) -> dict:
@@ -639,6 +630,8 @@ logger = None  # accelerate's multi-process logger, made by `train` (accelerate 
 def train(args: argparse.Namespace, settings: dict, resume_path: Path | None, train_reader, validation_reader) -> dict:
     """The training run; returns the summary (also written to train_summary.json)."""
     global logger
+    from dataclasses import fields
+
     import torch
     from accelerate import Accelerator
     from accelerate.logging import get_logger
@@ -718,32 +711,22 @@ def train(args: argparse.Namespace, settings: dict, resume_path: Path | None, tr
         train_conv_in=not args.no_conv_in,
         base_model=base_model,
     )
-    trainable_params = apply_adapter(unet, text_projection, adapter_config)
+    apply_adapter(unet, text_projection, adapter_config)
     if args.resume_adapter:
         adapter_config = load_adapter(unet, text_projection, args.resume_adapter, is_trainable=True)
-        trainable_params = [p for p in list(unet.parameters()) + list(text_projection.parameters()) if p.requires_grad]
     if args.train_entire_unet:
         unet.requires_grad_(True)
-        trainable_params = [p for p in list(unet.parameters()) + list(text_projection.parameters()) if p.requires_grad]
         args.save_pipeline = True
+    trainable_params = [p for p in list(unet.parameters()) + list(text_projection.parameters()) if p.requires_grad]
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae.to(accelerator.device)  # its frozen parameters go to weight_dtype below, once the decoder's role is known
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)  # the base model's betas and target
-    loss_config = TrainingLossConfig(
-        loss=args.loss,
-        prompts_per_image=args.prompts_per_image,
-        noise_variant=args.noise_variant,
-        noise_strength=args.noise_strength,
-        timestep_bias_strategy=args.timestep_bias_strategy,
-        timestep_bias_multiplier=args.timestep_bias_multiplier,
-        timestep_bias_portion=args.timestep_bias_portion,
-        e2e_weight=args.e2e_weight,
-        multi_prompt_weight=args.multi_prompt_weight,
-        mask_threshold=float(pipeline.config.default_mask_threshold),
-    )
+    # Every field but the threshold is the option of the same name; the threshold is the pipeline's own.
+    loss_options = {f.name: getattr(args, f.name) for f in fields(TrainingLossConfig) if hasattr(args, f.name)}
+    loss_config = TrainingLossConfig(**loss_options, mask_threshold=float(pipeline.config.default_mask_threshold))
     e2e_mask_decoder, decoder_params = select_task_decoder(args, pipeline, loss_config)
     if decoder_params:
         trainable_params = trainable_params + decoder_params
@@ -771,21 +754,22 @@ def train(args: argparse.Namespace, settings: dict, resume_path: Path | None, tr
                 save_file(trained_decoder_state(pipeline, e2e_mask_decoder), os.path.join(output_dir, DECODER_WEIGHTS))
         weights.clear()
 
+    @torch.no_grad()
+    def copy_in_place(tensors: dict, path: str) -> None:  # in place: the optimizer and DDP hold these very tensors
+        state = load_file(path)
+        for name, tensor in tensors.items():
+            tensor.copy_(state[name])
+
     def load_model_hook(models, input_dir):
-        if args.train_entire_unet:  # copy in place: the optimizer and DDP hold these very tensors
-            plain_unet = accelerator.unwrap_model(unet)
-            state = load_file(os.path.join(input_dir, ENTIRE_UNET_WEIGHTS))
-            with torch.no_grad():
-                for name, tensor in plain_unet.state_dict(keep_vars=True).items():
-                    tensor.copy_(state[name])
+        if args.train_entire_unet:
+            unet_state = accelerator.unwrap_model(unet).state_dict(keep_vars=True)
+            copy_in_place(unet_state, os.path.join(input_dir, ENTIRE_UNET_WEIGHTS))
         load_adapter(unet, text_projection, os.path.join(input_dir, ADAPTER_SUBFOLDER), is_trainable=True)
         if args.train_entire_unet:
             accelerator.unwrap_model(unet).requires_grad_(True)
         if decoder_params:
-            state = load_file(os.path.join(input_dir, DECODER_WEIGHTS))
-            with torch.no_grad():
-                for name, tensor in trained_decoder_state(pipeline, e2e_mask_decoder, keep_vars=True).items():
-                    tensor.copy_(state[name])
+            decoder_state = trained_decoder_state(pipeline, e2e_mask_decoder, keep_vars=True)
+            copy_in_place(decoder_state, os.path.join(input_dir, DECODER_WEIGHTS))
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_model_hook)
