@@ -5,18 +5,15 @@
         --dataset_format ade20k --dataset_root /data/ADEChallengeData2016 --split validation \
         --settings 1x1 4x2 --output_dir eval-ade20k
 
-Protocols:
-- closed vocabulary (default): every dataset class is a prompt of every image;
-- open vocabulary (``--proposer PATH``, or ``--proposer pipeline`` for the proposer saved with the pipeline): a CLIP
-  class proposer picks each image's candidate classes and only those are segmented; pixels of classes that were
-  not proposed count as misses.
+Closed vocabulary (default): every dataset class prompts every image. Open vocabulary (``--proposer PATH``, or
+``pipeline`` for the proposer saved with it): a CLIP class proposer picks each image's candidates; pixels of
+classes not proposed count as misses.
 
-Distributed: each process takes the examples whose index modulo the number of processes is its rank; the count
-tensors are summed with ``accelerator.reduce``. Every ``--checkpoint_every`` images each process saves its
-shard's counts under ``OUTPUT/partial/``; ``--resume`` continues from there (with the same number of processes).
-Writes ``evaluation.json`` (``card_metrics`` feeds ``digseg_diffusers.hub.cards.card_metadata``), ``evaluation.md`` and
-PNG plots. The metric logic lives in ``digseg_diffusers.evaluation.runner``; this script parses arguments, runs the loop
-and draws the report.
+Each process takes the examples whose index modulo the number of processes is its rank, and saves its counts under
+``OUTPUT/partial/`` every ``--checkpoint_every`` images (``--resume`` continues with the same number of processes);
+the counts are summed with ``accelerator.reduce``. Writes ``evaluation.json`` (``card_metrics`` feeds
+``digseg_diffusers.hub.cards.card_metadata``), ``evaluation.md`` and PNG plots; the metrics live in
+``digseg_diffusers.evaluation.runner``.
 """
 
 from __future__ import annotations
@@ -105,11 +102,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------------------------
-
-
 def build_dataset_reader(args):
     class_names = None
     if args.class_names_file:
@@ -138,12 +130,8 @@ def load_pipeline(args, device: torch.device):
 def load_proposer(args, pipe, device: torch.device):
     if args.proposer is None:
         return None
-    overrides = {
-        "global_threshold": args.proposer_global_threshold,
-        "patch_threshold": args.proposer_patch_threshold,
-        "top_k": args.proposer_top_k,
-    }
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    given = {name: getattr(args, f"proposer_{name}") for name in ("global_threshold", "patch_threshold", "top_k")}
+    overrides = {name: value for name, value in given.items() if value is not None}
     if overrides.get("patch_threshold", 0) < 0:
         overrides["patch_threshold"] = None
     if args.proposer == "pipeline":
@@ -201,11 +189,6 @@ def prepare_output_dir(args, accelerator: Accelerator) -> str:
     return partial_dir
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Main loop
-# --------------------------------------------------------------------------------------------------------------------
-
-
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -218,12 +201,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     pipe = load_pipeline(args, accelerator.device)
     proposer = load_proposer(args, pipe, accelerator.device)
     include_background = BACKGROUND_INDEX in reader.label_mapping.values()
-    pipeline_kwargs = {
+    inference_options = {
         "processing_resolution": args.processing_resolution,
         "mask_threshold": args.mask_threshold,
         "background_threshold": args.background_threshold,
-        "batch_size": args.batch_size,
     }
+    pipeline_kwargs = {**inference_options, "batch_size": args.batch_size}
 
     def new_accumulators() -> dict:
         return {
@@ -286,32 +269,17 @@ def main(argv: list[str] | None = None) -> dict | None:
         accelerator.end_training()
         return None
 
-    results = build_results(args, reader, totals, num_examples, world, include_background, proposer)
-    results["inference"] = effective_inference_settings(args, pipe)
+    resolved = pipe.resolve_call_defaults(**inference_options)  # the values the pipeline used
+    inference = {**{name: resolved[name] for name in inference_options}, "dtype": args.dtype, "seed": args.seed}
+    results = build_results(args, reader, totals, num_examples, world, include_background, proposer, inference)
     write_evaluation_report(results, args.output_dir)
     logger.info(f"wrote {os.path.join(args.output_dir, RESULTS_NAME)} and {REPORT_NAME}")
     accelerator.end_training()
     return results
 
 
-def effective_inference_settings(args, pipe) -> dict:
-    """The values the pipeline actually used (arguments, else the pipeline's defaults)."""
-    resolved = pipe.resolve_call_defaults(
-        processing_resolution=args.processing_resolution,
-        mask_threshold=args.mask_threshold,
-        background_threshold=args.background_threshold,
-    )
-    return {
-        "processing_resolution": resolved["processing_resolution"],
-        "mask_threshold": resolved["mask_threshold"],
-        "background_threshold": resolved["background_threshold"],
-        "dtype": args.dtype,
-        "seed": args.seed,
-    }
-
-
 def build_results(
-    args, reader, totals: dict, num_examples: int, world: int, include_background: bool, proposer
+    args, reader, totals: dict, num_examples: int, world: int, include_background: bool, proposer, inference: dict
 ) -> dict:
     settings = {
         setting.name: {
@@ -342,7 +310,7 @@ def build_results(
                 "ignore_index": reader.ignore_index,
                 "background_class": include_background,
             },
-            "inference": {},  # filled by `effective_inference_settings`
+            "inference": inference,
             "num_processes": world,
             "primary_setting": primary,
             "card_metrics": card_metrics(settings[primary]),
