@@ -1,21 +1,15 @@
 """Training checkpoints that survive a kill at any moment: complete or invisible, never half-written.
 
-`accelerate`'s `save_state` writes its files one by one straight into the folder it is given (and its automatic
-naming deletes old checkpoints *before* writing the new one), so a process killed during a save leaves a
-`checkpoint-N` folder that looks like the newest but cannot be loaded. Here a checkpoint is written as:
+accelerate's `save_state` writes file by file into its target folder (and its automatic naming deletes old
+checkpoints before writing the new one), so a kill mid-save leaves a `checkpoint-N` that looks newest but cannot be
+loaded. Here every process saves into a hidden staging folder; the main process adds ``training_state.json`` and,
+last, the manifest ``digseg_checkpoint.json`` (every file with its size, and the run's settings); the folder is then
+flushed and renamed to ``checkpoint-N``, and only then are checkpoints beyond ``total_limit`` and leftovers of
+interrupted saves removed.
 
-1. every process calls `save_state` into a hidden staging folder (``.checkpoint-N.incomplete.tmp``);
-2. the main process adds ``training_state.json`` (losses, validation, skipped files) and last a manifest,
-   ``digseg_checkpoint.json``, listing every file with its size;
-3. the staging folder is flushed to disk and renamed to ``checkpoint-N`` (atomic);
-4. only then are old checkpoints beyond ``total_limit`` removed, and leftovers of interrupted saves deleted.
-
-A ``checkpoint-N`` folder counts as complete when its manifest is there and every file it lists has the recorded
-size. ``latest`` is the newest complete one; incomplete ones are named in a warning and skipped.
-
-The manifest also records the run's settings, so that a resume can tell a checkpoint of *this* run from one of
-another run left in the same folder (`settings_differences`). A save that fails (a full disk above all) removes
-its staging folder and raises `DiskFullError` when the disk is full: what was complete before stays as it was.
+A checkpoint is complete when its manifest is there and every file it lists has the recorded size; ``latest`` is
+the newest complete one. The recorded settings let a resume tell this run's checkpoint from another run's
+(`settings_differences`). A failed save removes its staging folder; a full disk raises `DiskFullError`.
 """
 
 from __future__ import annotations
@@ -69,19 +63,13 @@ def checkpoint_step(path: str | Path) -> int | None:
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     """Every ``checkpoint-N`` folder of a run, complete or not, oldest first."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    found = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and checkpoint_step(p) is not None]
     return sorted(found, key=checkpoint_step)
 
 
 def interrupted_saves(output_dir: str | Path) -> list[Path]:
     """Hidden staging or removal folders left by a save or rotation that was killed."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob(f".{CHECKPOINT_PREFIX}*{TEMPORARY_SUFFIX}") if p.is_dir())
+    return sorted(p for p in Path(output_dir).glob(f".{CHECKPOINT_PREFIX}*{TEMPORARY_SUFFIX}") if p.is_dir())
 
 
 def write_manifest(folder: str | Path, step: int, settings: Mapping[str, Any] | None = None) -> None:
@@ -192,18 +180,14 @@ def resolve_resume_checkpoint(
 
 def saved_step(folder: str | Path) -> int | None:
     """The training step a checkpoint was saved at (its training state, else its name)."""
-    state = read_training_state(folder)
-    if "global_step" in state:
-        return int(state["global_step"])
-    return checkpoint_step(folder)
+    step = read_training_state(folder).get("global_step")
+    return checkpoint_step(folder) if step is None else int(step)
 
 
 def read_training_state(folder: str | Path) -> dict:
     """The ``training_state.json`` of a checkpoint ({} when it has none)."""
     path = Path(folder) / TRAINING_STATE_NAME
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def save_checkpoint(
@@ -260,9 +244,7 @@ def is_out_of_space(error: BaseException, path: str | Path) -> bool:
     link: BaseException | None = error
     while link is not None and id(link) not in seen:
         seen.add(id(link))
-        if is_disk_full(link):
-            return True
-        if "No space left on device" in str(link) or "os error 28" in str(link):
+        if is_disk_full(link) or "No space left on device" in str(link) or "os error 28" in str(link):
             return True
         link = link.__cause__ or link.__context__
     return free_bytes(path) < LOW_SPACE_BYTES

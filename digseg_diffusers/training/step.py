@@ -1,29 +1,23 @@
 """The DiGSeg training step: timesteps, noise, target, and the weighted loss (latent, end-to-end, multi-prompt).
 
-`training/train_adapter.py` is a thin loop around `compute_training_loss`; tests and other scripts call it too.
+`training/train_adapter.py` is a thin loop around `compute_training_loss`. The objectives (``LOSSES``):
 
-Three objectives (``LOSSES``), chosen with ``TrainingLossConfig.loss``:
+- ``"latent"`` (method.md section 3): DiGSeg's timesteps and noise, the scheduler's target (epsilon or v), a
+  squared error per latent pixel weighted by the share of valid image pixels under it.
+- ``"e2e"`` (the end-to-end task loss of diffusion-e2e-ft, "Fine-Tuning Image-Conditional Diffusion Models is
+  Easier than You Think"): every row at ``T - 1`` from Gaussian noise (where 1-step trailing inference starts);
+  the x0 estimate is decoded, with gradients, by the VAE or the light `DiGSegMaskDecoder`, and scored with
+  BCE + soft Dice on the valid pixels.
+- ``"latent+e2e"``: both losses on one prediction at ``T - 1``.
 
-- ``"latent"`` (method.md section 3): timesteps from ``sample_training_timesteps``, DiGSeg's training noise,
-  the scheduler's target (epsilon or v), a squared error per latent pixel weighted by the share of valid image
-  pixels under it.
-- ``"e2e"`` (end-to-end task loss, as in "Fine-Tuning Image-Conditional Diffusion Models is Easier than You
-  Think", diffusion-e2e-ft): every row at the fixed timestep ``T - 1`` (the only one 1-step inference with
-  trailing spacing asks at), from Gaussian noise (what inference starts from); the model's x0 estimate is
-  decoded by the mask decoder (the VAE decoder, or the light `DiGSegMaskDecoder`), with gradients through the
-  decoder, and scored against the ground-truth mask with BCE + soft Dice on the valid pixels.
-- ``"latent+e2e"``: the same rows at ``T - 1``, both the latent loss and the task loss on one prediction.
+``prompts_per_image = K > 1`` adds the argmax-aware multi-prompt loss: K consecutive rows query one image (its
+present classes and sampled absent ones) at one timestep, and a per-pixel cross-entropy over the K decoded maps
+plus background scores the decision inference makes.
 
-``prompts_per_image = K > 1`` adds the argmax-aware multi-prompt loss: the batch holds K queries of each image
-(consecutive rows; its present classes and sampled absent ones), and a per-pixel cross-entropy over the K
-decoded maps plus background scores the decision inference makes (each pixel takes the prompt with the highest
-probability, or background when none reaches the mask threshold). The K rows of an image share one timestep.
-
-Decision logits. Both losses need logits whose sign is the pipeline's decision: positive exactly where the
-probability the pipeline computes exceeds the mask threshold tau. For the light decoder these are its logits
-minus ``logit(tau)``; for the VAE decoder (probability ``(c + 1) / 2`` of the decoded channel mean ``c``,
-clamped) they are ``VAE_LOGIT_SCALE * (c - (2 tau - 1))``: unclamped, so a wrong pixel far out of range still
-gets a gradient. Background is then the constant logit 0, and the argmax over ``[K maps, background]`` is the
+Both decoded losses use decision logits, positive exactly where the pipeline's probability exceeds the mask
+threshold tau: the light decoder's logits minus ``logit(tau)``, or for the VAE (probability ``(c + 1) / 2`` of the
+clamped channel mean ``c``) ``VAE_LOGIT_SCALE * (c - (2 tau - 1))``, unclamped so that a pixel far out of range
+still gets a gradient. Background is the constant logit 0: the argmax over ``[K maps, background]`` is the
 pipeline's label map.
 """
 
@@ -221,17 +215,12 @@ def compute_training_loss(
     vae=None,
     mask_decoder=None,
 ) -> TrainingLoss:
-    """One forward pass of the U-Net on a batch of rows and the configured loss.
+    """One U-Net forward pass on ``cat([image_latents, z_t])`` and the configured loss.
 
-    Args:
-        unet: the denoiser; called on ``cat([image_latents, z_t])``.
-        scheduler: a diffusers scheduler with ``alphas_cumprod``, ``add_noise`` and ``get_velocity`` (DDPM).
-        image_latents / mask_latents: ``[R, C, h, w]`` scaled VAE latents (`mask_codec`).
-        text_states: ``[R, L, D]`` projected text states of each row's query.
-        masks / valid: ``[R, 1, H, W]`` target masks and valid-pixel maps (pixel resolution).
-        config: the objective.
-        generator: draws this step's timesteps and noise (seeded per batch, so a resumed run replays exactly).
-        vae / mask_decoder: the decoder for the task and multi-prompt losses (the light decoder when given).
+    Latents are ``[R, C, h, w]`` (scaled, `mask_codec`), `text_states` ``[R, L, D]``, `masks` / `valid`
+    ``[R, 1, H, W]`` in pixels. `scheduler` is a DDPM-like scheduler (``alphas_cumprod``, ``add_noise``,
+    ``get_velocity``). `generator` draws the timesteps and noise (seeded per batch: a resume replays exactly);
+    `vae` / `mask_decoder` decode for the task and multi-prompt losses (the light decoder when given).
     """
     rows = mask_latents.shape[0]
     group_size = config.prompts_per_image
@@ -281,11 +270,6 @@ def compute_training_loss(
             total = total + config.multi_prompt_weight * cross_entropy
             parts["multi_prompt"] = cross_entropy.item()
     return TrainingLoss(total, parts)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Batch inputs: image latents, per-batch seeds, and the latent cache of fixed crops (`--cache_latents`)
-# ------------------------------------------------------------------------------------------------------------------
 
 
 def encode_batch_images(vae, batch: dict, device, dtype) -> torch.Tensor:
