@@ -3,27 +3,21 @@
 
     python training/train_demo_model.py --work_dir runs/demo --install
 
-Steps (each is skipped when its output already exists, so an interrupted run continues):
-1. write the synthetic shape world in the generic folder format (`digseg_diffusers.data.synthetic.write_dataset`):
-   train split for training, val split for the periodic validation; test seeds stay untouched for the benchmark;
-2. train the small `AutoencoderKL` (4x downsampling, 8 latent channels) on scene images and masks
-   (`training/train_vae.py`);
-3. assemble the *untrained* DiGSeg pipeline: that VAE, a frozen randomly initialised character-level CLIP text
-   encoder with its tokenizer, a small SD2-layout U-Net taking ``[z_x, z_t]`` (2 x the latent channels; self- and
-   cross-attention with heads of 16 channels, see ``demo_block_types`` and ``attention_heads_per_level``), a fresh
-   text projection and DDIM with trailing spacing and v-prediction (1-step inference);
-4. train every U-Net weight and the text projection from scratch with `training/train_adapter.py
-   --adapter_mode full --train_entire_unet` (one process, or `--num_processes 2` through accelerate), on the
-   scenes as generated (no scale jitter or flips: the generator already draws size, position and rotation, so
-   each scene's VAE latents are encoded once and cached, `--cache_latents`), with timesteps biased to the
-   high-noise end (1-step inference only asks at t = T-1; uniform timesteps learned that map several times slower
-   on this budget); optionally in `--num_stages` cosine cycles (warm restarts:
-   stage k starts from stage k-1's weights at the learning rate halved k-1 times, with a fresh optimizer);
-5. pick the default mask threshold by mIoU on validation-split scenes (`calibrate_mask_threshold`);
-6. with `--install`, copy the trained pipeline into `digseg_diffusers/models/demo/` (what the package ships).
+Each step is skipped when its output exists, so an interrupted run continues:
+1. the synthetic shape world in the folder format (`digseg_diffusers.data.synthetic`): train and val splits (test
+   seeds stay untouched for the benchmark);
+2. the small 4x `AutoencoderKL` (8 latent channels) trained on scene images and masks (`training/train_vae.py`);
+3. the *untrained* pipeline (`digseg_diffusers.training.demo_recipe`): that VAE, a frozen random character-level
+   CLIP text encoder, a small SD2-layout U-Net over ``[z_x, z_t]``, a fresh text projection, 1-step DDIM;
+4. every U-Net weight and the text projection trained from scratch by `training/train_adapter.py --adapter_mode
+   full --train_entire_unet` (one process, or `--num_processes` through accelerate), on the scenes as generated
+   (their latents cached, `--cache_latents`), timesteps biased to the high-noise end (1-step inference only asks at
+   t = T-1; uniform ones learned several times slower); optionally `--num_stages` cosine cycles (warm restarts),
+   each from the previous weights at half the learning rate;
+5. the default mask threshold picked by validation mIoU (`calibrate_mask_threshold`);
+6. with `--install`, the pipeline copied into `digseg_diffusers/models/demo/` (what the package ships).
 
-Everything is seeded; on a 2-core CPU the default recipe takes well under an hour (see hub_cards/demo_model_card.md
-for the measured times).
+Everything is seeded; on a 2-core CPU the default recipe takes well under an hour (hub_cards/demo_model_card.md).
 """
 
 from __future__ import annotations
@@ -37,7 +31,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
 
 from digseg_diffusers.demo import resolve_model_name
 from digseg_diffusers.training.demo_recipe import (
@@ -324,9 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     vae_dir = work / "vae"
     start = time.time()
-    if args.init_model:
-        pass  # fine-tuning: the VAE and the architecture come with the model
-    elif not (vae_dir / "config.json").is_file():
+    if not args.init_model and not (vae_dir / "config.json").is_file():  # fine-tuning: the model brings its VAE
         run_stage(
             "VAE training",
             [sys.executable, str(REPO_ROOT / "training" / "train_vae.py"), "--output_dir", str(vae_dir),

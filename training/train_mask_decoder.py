@@ -1,9 +1,8 @@
 """Train the light mask decoder (`DiGSegMaskDecoder`) for a given VAE on synthetic masks, and measure it.
 
-The decoder learns to turn the VAE's scaled mask latents (`mask_codec.encode_masks`) back into the masks. The
-VAE stays frozen, so its latents are computed once and cached. At the end the script reports, on held-out
-(validation-split) masks, the IoU of the full VAE decoder and of the light decoder from the *same* latents,
-and the decode FLOPs of both at the training resolution and at 512 px.
+The decoder learns to turn the frozen VAE's scaled mask latents (`mask_codec.encode_masks`, computed once) back into
+the masks. The report compares, on validation-split masks, the IoU of the VAE decoder and of the light decoder from
+the *same* latents, and the decode FLOPs of both at the training resolution and at 512 px.
 
     # a DiGSeg pipeline folder (or "digseg-demo"): its vae/ is used and the decoder is saved into a copy
     python training/train_mask_decoder.py --pretrained_model_name_or_path digseg-demo --output_dir out/md \
@@ -11,8 +10,8 @@ and the decode FLOPs of both at the training resolution and at 512 px.
     # a bare VAE folder
     python training/train_mask_decoder.py --pretrained_model_name_or_path path/to/vae --output_dir out/md
 
-Outputs: OUTPUT/mask_decoder (the decoder, `DiGSegMaskDecoder.from_pretrained`), OUTPUT/summary.json, and with
-`--save_pipeline` OUTPUT/pipeline (the pipeline with the decoder registered; it decodes with it by default).
+Outputs: OUTPUT/mask_decoder (`DiGSegMaskDecoder.from_pretrained`), OUTPUT/summary.json, and with `--save_pipeline`
+OUTPUT/pipeline (the pipeline with the decoder registered; it decodes with it by default).
 """
 
 from __future__ import annotations
@@ -102,8 +101,7 @@ def denoiser_latents(pipe, num_scenes: int, resolution: int, seed: int) -> tuple
 
 @torch.no_grad()
 def encode_in_chunks(vae, masks: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    chunks = [masks[i : i + batch_size] for i in range(0, len(masks), batch_size)]
-    return torch.cat([mask_codec.encode_masks(vae, chunk) for chunk in chunks])
+    return torch.cat([mask_codec.encode_masks(vae, chunk) for chunk in masks.split(batch_size)])
 
 
 def main(argv=None) -> dict:

@@ -3,16 +3,11 @@
 
     python training/train_vae.py --output_dir runs/demo/vae
 
-DiGSeg keeps its VAE frozen and relies on it to round-trip binary masks almost losslessly (method.md section 2;
-the paper's SD VAE reaches MAE 0.004). No SD VAE can be downloaded here, so the demo model gets its own: every
-batch mixes scene images with masks encoded exactly as `digseg_diffusers.mask_codec` encodes them (``2m - 1``
-replicated to 3 channels), so the decoder learns both kinds of input. Scenes come from the train split of
-`digseg_diffusers.data.synthetic` (never from the val/test seeds).
-
-The loss is L1 + MSE reconstruction plus a small KL term that keeps the posterior well conditioned; no GAN or
-perceptual loss is needed for flat shapes. After training, `vae.config.scaling_factor` is set to
-``1 / std`` of the latents (posterior means) of a sample of images and masks, so the diffusion target has unit
-variance, and the model is written with `save_pretrained`.
+DiGSeg's frozen VAE must round-trip binary masks almost losslessly (method.md section 2; SD's VAE: MAE 0.004), and
+no SD VAE can be downloaded here: so every batch mixes train-split scenes with masks encoded as
+`digseg_diffusers.mask_codec` encodes them. The loss is L1 + MSE plus a small KL term (no GAN or perceptual loss
+is needed for flat shapes). `vae.config.scaling_factor` is then set to ``1 / std`` of the latents of held-out
+images and masks, so that the diffusion target has unit variance.
 """
 
 from __future__ import annotations
