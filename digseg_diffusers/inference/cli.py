@@ -86,6 +86,8 @@ def _number(convert: type, low: float, high: float | None, description: str):
 _positive_int = _number(int, 1, None, "a positive integer")
 _non_negative_int = _number(int, 0, None, "a non-negative integer")
 _probability = _number(float, 0.0, 1.0, "a number in [0, 1]")
+
+
 def _spellings(option: str) -> list[str]:
     """``--batch_images`` -> both ``--batch_images`` and ``--batch-images``: users type either."""
     body = option[2:]
@@ -365,6 +367,8 @@ def _run_engine(args: argparse.Namespace, options: BatchOptions) -> dict:
         "command": "segment-images" if images_mode else "segment-dataset", "is_main_process": state.is_main_process,
         "out": str(args.out), "load_model_seconds": load_seconds, **summary,
     }  # fmt: skip
+
+
 class _ImageLines:
     """Prints each image's result as it finishes: where its files are and, per prompt, labelled numbers."""
 
@@ -473,8 +477,8 @@ def command_demo(args: argparse.Namespace) -> dict:
         pipe = load_pipeline(args.model, args.adapter, args.device)
         load_seconds = time.perf_counter() - start
         outside = _note_prompts_outside_vocabulary(pipe, prompts, args.model, announce=True)
-        quiet = True if args.quiet else None
-        with tqdm(total=0, desc="digseg demo", unit="U-Net call", disable=quiet, leave=False) as bar:
+        disable = True if args.quiet else None  # None: tqdm hides the bar when stderr is not a terminal
+        with tqdm(total=0, desc="digseg demo", unit="U-Net call", disable=disable, leave=False) as bar:
 
             def count_unet_calls(done: int, total: int) -> None:
                 bar.total, bar.n = total, done
