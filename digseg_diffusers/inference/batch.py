@@ -8,10 +8,11 @@ groups images of the same size into calls of up to `batch_images`, and writes pe
 ``OUT/<name>.png`` (label map: 0 = background, k + 1 = prompt k; palette PNG, 16-bit beyond 255 prompts) and then
 ``OUT/<name>.json`` (segments with score, area, bbox and, with ``coco``, COCO RLE; ``"status": "complete"``).
 A complete result for the same input and settings is skipped, so a killed run resumes with any number of processes;
-an unreadable image is listed as a failure, never fatal. Nothing else is overwritten: OUT must be new, empty or a
-folder of earlier results (``digseg_run.json``), and other settings are refused, unless ``--overwrite``. The
-command line's IMAGE files run through the same engine (`PathsSource`, `MasksAndOverlay`). Output names mirror
-the input's relative path (`output_names`); dataset rows are named by split and index (``train/00000042``).
+an unreadable image, or one the pipeline refuses, is listed in ``OUT/digseg_summary.json``, never fatal. Nothing
+else is overwritten: OUT must be new, empty or a folder of earlier results (``digseg_run.json``, the settings), and
+other settings are refused, unless ``--overwrite``. The command line's IMAGE files run through the same engine
+(`PathsSource`, `MasksAndOverlay`). Output names mirror the input's relative path (`output_names`); dataset rows
+are named by split and index (``train/00000042``).
 With ``coco`` the processes' part files are merged into ``OUT/annotations_coco.json`` (pycocotools' format).
 """
 
