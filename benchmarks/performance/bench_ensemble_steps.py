@@ -1,13 +1,11 @@
 """Ensemble size x denoising steps, like the paper's Table 6 (E x S: 1x1, 1x2, 4x2, 8x2, 20x50 "w/o trailing").
 
-One image, one prompt per call (the paper's FPS is per class query). "20x50 w/o trailing" uses DDIM with
-`timestep_spacing="leading"`, the others the pipeline's trailing spacing. All settings are timed interleaved;
-the table gives images/s and the speed relative to 1x1, next to the paper's relative speed (its GPU FPS
-divided by its 1x1 FPS), and the U-Net + decode FLOPs per image.
+One image, one prompt per call (the paper's FPS is per class query); "20x50 w/o trailing" uses DDIM's
+`timestep_spacing="leading"`. Timed interleaved; the table gives images/s and the speed relative to 1x1 next to
+the paper's (its GPU FPS / its 1x1 FPS), and the FLOPs per image.
 
     python -m benchmarks.performance.bench_ensemble_steps --config tiny --resolution 64
     python -m benchmarks.performance.bench_ensemble_steps --config sd2 --resolution 128 --repeats 2 --skip_long
-    python -m benchmarks.performance.bench_ensemble_steps --config sd2 --resolution 512 --device cuda --dtype bf16 --repeats 10
 """
 
 from __future__ import annotations

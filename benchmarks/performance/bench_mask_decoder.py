@@ -1,9 +1,8 @@
 """The light mask decoder vs the full VAE decoder: FLOPs, time (side by side), IoU on the synthetic set.
 
-FLOPs are counted on meta-device copies for the tiny test VAE, the SD VAE architecture and (optionally) a
-trained VAE, at several resolutions. Time: K latents decoded by each decoder, interleaved. IoU: masks of the
-synthetic validation split encoded by the trained VAE, decoded by both decoders from the same latents
-(`digseg_diffusers.mask_decoder.evaluate_mask_decoders`), against the ground truth.
+FLOPs: on meta-device copies of the tiny test VAE, the SD VAE and (optionally) a trained VAE. Time: K latents
+decoded by each decoder, interleaved. IoU: synthetic validation masks encoded by the trained VAE, decoded by both
+decoders from the same latents (`evaluate_mask_decoders`); with a pipeline, end to end.
 
     python -m benchmarks.performance.bench_mask_decoder --resolution 128 --k 4 \
         --vae_path OUT/quick_vae --mask_decoder_path OUT/md/mask_decoder

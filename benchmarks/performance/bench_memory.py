@@ -1,8 +1,8 @@
 """Peak memory vs `batch_size`: the pipeline's chunking keeps memory bounded however many prompts are asked.
 
-Every setting runs in a fresh process (an allocator keeps freed memory, so a second measurement in the same
-process would read low): the pipeline is built, one call with K prompts runs, and the peak RSS above the RSS
-before the call is recorded (CUDA: max allocated). Results never depend on `batch_size` (tests/test_pipeline).
+Every setting runs in a fresh process (an allocator keeps freed memory: a second measurement would read low);
+one call with K prompts, its peak RSS above the RSS before it (CUDA: max allocated). Results never depend on
+`batch_size` (tests/test_pipeline).
 
     python -m benchmarks.performance.bench_memory --config tiny --resolution 256 --k 16 --batch_sizes 1 4 16
 """

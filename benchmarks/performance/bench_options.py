@@ -1,9 +1,7 @@
 """Performance options side by side: fp32 baseline vs channels_last, bfloat16, fused vs unfused LoRA, the light
 decoder, VAE slicing, and (with --compile) `torch.compile` of the U-Net. Each variant is its own pipeline with
-the same weights; times are common.interleaved; the max difference of the probability maps vs the baseline is shown.
-
-On a CPU, bfloat16 runs are for correctness, not speed (few CPUs have fast bf16 kernels); the GPU numbers are
-what matters for fp16/bf16.
+the same weights; times are interleaved; the max difference of the probability maps vs the baseline is shown.
+On a CPU, bfloat16 is for correctness, not speed (few CPUs have fast bf16 kernels).
 
     python -m benchmarks.performance.bench_options --config tiny --resolution 128 --k 4 --compile
 """

@@ -1,15 +1,12 @@
 """The pipeline's own overhead: a full call vs the sum of its raw component calls on the same inputs.
 
-"Raw" runs only the model calls the pipeline makes (text encoder + projection once per prompt, VAE encode once,
-U-Net once per chunk and step, VAE decode per chunk) on tensors prepared in advance; everything else the
-pipeline does (input checks, resizing, noise, scheduler, ensembling, thresholds, label maps, numpy output) is
-the overhead. "Raw, cached text" leaves the text encoder out: what a call with its prompts in the pipeline's
-prompt cache runs. `--baseline_ref REF` also times the pipeline of git revision REF on the same components
-(before/after in one run). Also prints the FLOPs of encode / U-Net / decode counted with `torch.utils.flop_counter`.
+"Raw" runs only the model calls the pipeline makes (text encoder + projection per prompt, VAE encode, U-Net per
+chunk and step, VAE decode per chunk) on tensors prepared in advance; the rest of a call (checks, resizing, noise,
+scheduler, thresholds, label maps, numpy output) is the overhead. "Raw, cached text" leaves the text encoder out, as
+a call with its prompts in the prompt cache does. `--baseline_ref REF` also times the pipeline of git revision REF
+on the same components. Also prints the FLOPs of encode / U-Net / decode.
 
     python -m benchmarks.performance.bench_pipeline_overhead --config demo --k 1 --baseline_ref main
-    python -m benchmarks.performance.bench_pipeline_overhead --config tiny --resolution 64 --k 4
-    python -m benchmarks.performance.bench_pipeline_overhead --config sd2 --resolution 128 --k 2 --repeats 2
     python -m benchmarks.performance.bench_pipeline_overhead --config sd2 --resolution 512 --k 1 --device cuda \
         --dtype bf16
 """

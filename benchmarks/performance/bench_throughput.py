@@ -1,11 +1,10 @@
 """Images per second at 1x1 (one prompt per image, one step, E=1): each precision and memory-format variant,
-each mask decoder, one or several images per call; timed common.interleaved. Made for a GPU (`--device cuda`); it runs
+each mask decoder, one or several images per call; timed interleaved. Made for a GPU (`--device cuda`); it runs
 on the CPU too.
 
-Before timing, every variant's probabilities are compared with the fp32 pipeline's on the same device and inputs
-(same weights: each variant is built from the same seed), so a fast variant that computes something else shows.
-`--offload_check` also runs `enable_model_cpu_offload()` and compares its output and CUDA peak with the resident
-pipeline.
+Before timing, every variant's probabilities are compared with the fp32 pipeline's (same weights and inputs), so a
+fast variant that computes something else shows. `--offload_check` also compares `enable_model_cpu_offload()`'s
+output and CUDA peak with the resident pipeline's.
 
     python -m benchmarks.performance.bench_throughput --config sd2 --resolution 512 --device cuda
     python -m benchmarks.performance.bench_throughput --config tiny --resolution 64 --variants fp32 bf16 --repeats 3

@@ -1,10 +1,9 @@
 """Train a small 8x `AutoencoderKL` on synthetic scenes and their masks, as a stand-in for a trained VAE.
 
-The light mask decoder is measured against "the full VAE decoder" of some *trained* VAE: a random VAE does not
-reproduce masks, so its IoU means nothing. When no trained model is at hand (no Hub access here), this script
-makes one in minutes on a CPU: half of every batch are synthetic images, half are masks in the codec's
-``2m - 1`` convention, reconstructed with L1 + a tiny KL term. The latents are rescaled to unit variance by
-setting `scaling_factor` from the data, as SD does.
+The light mask decoder is compared with the decoder of a *trained* VAE (a random one does not reproduce masks).
+Without Hub access, this makes one in minutes on a CPU: half of every batch are synthetic images, half masks in
+the codec's ``2m - 1`` convention, reconstructed with L1 + a tiny KL term; `scaling_factor` then rescales the
+latents to unit variance, as SD does.
 
     python -m benchmarks.performance.train_quick_mask_vae --output_dir OUT/quick_vae --max_steps 1500 --max_minutes 15
 """
