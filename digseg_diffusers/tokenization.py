@@ -18,24 +18,11 @@ BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's reversible byte -> printable unicode map."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, [chr(c) for c in codes]))
-
-
 def char_vocabulary() -> dict[str, int]:
     """The 514-token vocabulary: 256 byte symbols, their end-of-word forms, BOS and EOS."""
-    symbols = list(_bytes_to_unicode().values())
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # CLIP/GPT-2's reversible byte -> unicode map
+
+    symbols = list(bytes_to_unicode().values())
     vocab = {s: i for i, s in enumerate(symbols)}
     vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
     vocab[BOS_TOKEN] = len(vocab)
