@@ -1,16 +1,11 @@
 """`DiGSegPipeline`: text-prompted segmentation by denoising mask latents with a Stable Diffusion U-Net.
 
-A sibling of diffusers' Marigold pipelines: same argument names where the meaning is the same, an output
-dataclass, `check_inputs`, batch chunking, progress bars, `generator`/`latents`, `output_type`.
-
-How a call runs (method.md section 4), batched by design:
-1. every image is encoded once by the VAE (``z_x``); every distinct prompt is encoded once (text encoder +
-   `text_projection`);
-2. each (image, prompt, ensemble member) is one *row*; rows start from Gaussian noise and are denoised with
-   DDIM (trailing spacing) in chunks of `batch_size` rows, the U-Net seeing ``[z_x, z_y,t]``;
-3. the E ensemble latents of an (image, prompt) pair are averaged, then decoded (batched) into a probability
-   map; `> mask_threshold` gives the binary mask, the argmax over prompts gives the label map.
-Noise is drawn for all rows before chunking, so results do not depend on `batch_size`.
+A sibling of diffusers' Marigold pipelines (same argument names where the meaning is the same). A call (method.md
+section 4) encodes every image once (VAE, ``z_x``) and every distinct prompt once; each (image, prompt, ensemble
+member) is a *row*, denoised from Gaussian noise in chunks of `batch_size` rows with the U-Net seeing
+``[z_x, z_y,t]``; the ensemble latents of a pair are averaged and decoded into a probability map (``>
+mask_threshold``: the mask; argmax over prompts: the label map). Noise is drawn for all rows before chunking, so
+results do not depend on `batch_size`.
 """
 
 from __future__ import annotations
@@ -93,17 +88,15 @@ class DiGSegOutput(BaseOutput):
     """Output of `DiGSegPipeline`; every list has one entry per input image, in input order.
 
     Args:
-        probabilities: per image, the probability maps ``[K, H, W]`` in [0, 1], one per prompt in prompt order
-            (`np.ndarray` for "np", `torch.Tensor` for "pt", a list of K "L"-mode images for "pil"; float32 unless
-            `probability_dtype` says otherwise), or None with `output_probabilities=False`.
-        masks: per image, the binary masks ``[K, H, W]`` (`probabilities > mask_threshold`; bool arrays/tensors,
-            or "L" images with 0/255 for "pil"), or None with `output_masks=False`.
+        probabilities: per image, ``[K, H, W]`` maps in [0, 1], one per prompt (arrays, tensors, or K "L"-mode
+            images for "pil"; float32 unless `probability_dtype` says otherwise), or None.
+        masks: per image, the binary masks ``[K, H, W]`` (`probabilities > mask_threshold`; "L" images with 0/255
+            for "pil"), or None.
         label_maps: per image, ``[H, W]`` int64 labels: `BACKGROUND_LABEL` (0) where the best prompt scores below
             `background_threshold`, else 1 + the index of the best prompt ("P"-mode palette image for "pil").
         prompts: per image, the prompts in the order of the K maps.
         uncertainty: per image, ``[K, H, W]`` standard deviation of the ensemble members' probabilities, or None.
-        latents: ``[R, 4, h, w]`` final latents of every row (image-major, then prompt, then ensemble member),
-            or None.
+        latents: ``[R, 4, h, w]`` final latents of every row (image-major, then prompt, then member), or None.
     """
 
     probabilities: list | None
@@ -117,12 +110,9 @@ class DiGSegOutput(BaseOutput):
         """Image `index`'s results as transformers' image-segmentation pipeline lists them.
 
         One ``{"label": prompt, "score": float, "mask": PIL "L" image (0 / 255)}`` per prompt whose mask is not
-        empty, in prompt order. ``mask`` is the prompt's own binary mask (`masks`: probability > mask threshold;
-        masks of different prompts may overlap, unlike the label map's regions). ``score`` is the mean
-        probability inside that mask, in [mask threshold, 1]: how sure the model is of the pixels it claims.
-        Prompts whose mask is empty are left out, as transformers leaves out labels that do not occur. Needs
-        the call's `output_masks` and `output_probabilities` (any `probability_dtype`, any `output_type`).
-        ``mask_format="np"`` gives ``[H, W]`` bool arrays instead of PIL images.
+        empty (as transformers leaves out labels that do not occur), in prompt order. ``mask`` is the prompt's own
+        binary mask (masks may overlap, unlike label-map regions); ``score`` the mean probability inside it.
+        Needs the call's `output_masks` and `output_probabilities`; ``mask_format="np"`` gives bool arrays.
         """
         if mask_format not in ("pil", "np"):
             raise ValueError(f"`mask_format` must be 'pil' or 'np'; got {mask_format!r}.")
@@ -159,11 +149,10 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
         default_mask_threshold: tau for binary masks (0.7, the paper's fixed value).
         default_background_threshold: tau_bg for the label map; None means "same as the mask threshold".
         base_model: name or path of the text-to-image model this pipeline was built from (for model cards).
-        mask_decoder: optional light `DiGSegMaskDecoder` trained on this VAE's mask latents; when present it
-            decodes the masks by default (~600x fewer FLOPs than the SD VAE decoder; see `mask_decoder.py`).
-        training_vocabulary: the class names a closed-vocabulary model was trained on (the demo model: six
-            shapes); prompts outside it still run but give a warning, since their masks mean nothing. None (the
-            default) for open-vocabulary models, e.g. those trained with a CLIP text encoder.
+        mask_decoder: optional light `DiGSegMaskDecoder` trained on this VAE's mask latents, used by default when
+            present (~600x fewer FLOPs than the SD VAE decoder).
+        training_vocabulary: the class names of a closed-vocabulary model (the demo model's six shapes): other
+            prompts run with a warning. None for open-vocabulary models.
     """
 
     model_cpu_offload_seq = "text_encoder->text_projection->unet->vae->mask_decoder"
@@ -172,14 +161,10 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
     _callback_tensor_inputs = ["latents", "image_latents", "prompt_embeds"]
 
     class_proposer = None
-    """Optional `DiGSegClassProposer` (a plain attribute, see `set_class_proposer`): picks each image's classes
-    when the pipeline is called with `vocabulary=`.
-
-    A plain attribute, not a registered diffusers component: it is optional, usually attached after loading (any
-    CLIP checkpoint becomes one), and outside the denoising computation that diffusers' components, offloading
-    sequence and `model_index.json` describe, so a saved pipeline's index is the same with or without one. It is
-    saved into the ``class_proposer/`` subfolder (diffusers' loader ignores it), and this class's `from_pretrained`,
-    `save_pretrained` and `to` carry it along."""
+    """Optional `DiGSegClassProposer` (see `set_class_proposer`): picks each image's classes in calls with
+    `vocabulary=`. Not a registered diffusers component: it is optional, usually attached after loading, and
+    outside the denoising computation, so `model_index.json` is the same with or without one. This class's
+    `from_pretrained`, `save_pretrained` (``class_proposer/`` subfolder) and `to` carry it along."""
 
     def __init__(
         self,
@@ -218,9 +203,7 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
         self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = DiGSegImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Construction
-    # ------------------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------------- Construction
 
     @classmethod
     def from_base_model(
@@ -234,9 +217,9 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
     ) -> "DiGSegPipeline":
         """Build an *untrained* DiGSeg pipeline from a Stable-Diffusion-layout checkpoint (hub id or folder).
 
-        The U-Net's `conv_in` is widened to ``[z_x, z_y]`` (pretrained kernel duplicated and halved), a fresh
-        `text_projection` maps the text width to the U-Net's `cross_attention_dim`, and the scheduler becomes DDIM
-        with trailing spacing (keeping the base's betas and `prediction_type`, epsilon or v).
+        `conv_in` is widened to ``[z_x, z_y]`` (`conversion.widen_conv_in`), a fresh `text_projection` maps the text
+        width to `cross_attention_dim`, the scheduler becomes DDIM with trailing spacing (same betas and
+        `prediction_type`).
 
         Args:
             base_model: hub id or folder with `unet/`, `vae/`, `scheduler/` (and `text_encoder/`, `tokenizer/`
@@ -258,14 +241,9 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
 
     @property
     def _execution_device(self) -> torch.device:
-        """`DiffusionPipeline._execution_device`, without its walk over every submodule when nothing is offloaded.
-
-        The parent looks for offloading hooks in every module of every component (~3 ms per call with an SD2
-        U-Net on a CPU host, paid before any GPU work starts). accelerate's offloading (model, sequential, device
-        maps) and diffusers' group offloading all hook each offloaded component's top-level module, so when no
-        component carries a hook the answer is `self.device`, read from each component's first tensor; otherwise
-        the parent decides.
-        """
+        """`DiffusionPipeline._execution_device`, without its walk over every submodule (~3 ms per call with an
+        SD2 U-Net on a CPU host) when nothing is offloaded. accelerate's and diffusers' offloading all hook each
+        offloaded component's top-level module; without such a hook the answer is the components' device."""
         modules = [getattr(self, name, None) for name in _component_names(type(self))]
         modules = [m for m in modules if isinstance(m, torch.nn.Module)]
         if any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in modules):
@@ -303,9 +281,7 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
             )
         self.class_proposer = class_proposer
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Building blocks shared with training
-    # ------------------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------- Building blocks shared with training
 
     def encode_images(
         self, pixels: torch.Tensor, batch_size: int | None = None, device: torch.device | None = None
@@ -316,15 +292,8 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
         `enable_model_cpu_offload` the VAE sits on the CPU until its hook moves it, and the inputs must already
         be on the execution device then.
         """
-        batch_size = batch_size or pixels.shape[0]
         device = device if device is not None else self._execution_device
-        return torch.cat(
-            [
-                mask_codec.encode_pixels(self.vae, pixels[i : i + batch_size].to(device))
-                for i in range(0, pixels.shape[0], batch_size)
-            ],
-            dim=0,
-        )
+        return _chunked(lambda chunk: mask_codec.encode_pixels(self.vae, chunk.to(device)), pixels, batch_size)
 
     def decode_latents(
         self, latents: torch.Tensor, batch_size: int | None = None, mask_decoder: str | None = None
@@ -333,15 +302,8 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
 
         `mask_decoder`: "light" (the `mask_decoder` component), "vae" (the VAE decoder), or None (light when present).
         """
-        batch_size = batch_size or max(latents.shape[0], 1)
         light = self._light_mask_decoder(mask_decoder)
-        return torch.cat(
-            [
-                mask_codec.decode_masks(self.vae, latents[i : i + batch_size], mask_decoder=light)
-                for i in range(0, latents.shape[0], batch_size)
-            ],
-            dim=0,
-        )
+        return _chunked(lambda chunk: mask_codec.decode_masks(self.vae, chunk, mask_decoder=light), latents, batch_size)
 
     def _light_mask_decoder(self, choice: str | None):
         """The light decoder module to use for `choice` ("light" / "vae" / None), or None for the VAE decoder."""
@@ -359,9 +321,7 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
             )
         return light
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Input handling
-    # ------------------------------------------------------------------------------------------------------------
+    # --------------------------------------------------------------------------------------------------- Input handling
 
     def check_inputs(
         self,
@@ -401,8 +361,9 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
         max_steps = self.scheduler.config.num_train_timesteps
         if not 1 <= num_inference_steps <= max_steps:
             raise ValueError(f"`num_inference_steps` must be in [1, {max_steps}]; got {num_inference_steps}.")
-        if not isinstance(ensemble_size, int) or ensemble_size < 1:
-            raise ValueError(f"`ensemble_size` must be a positive integer; got {ensemble_size!r}.")
+        for name, value in (("ensemble_size", ensemble_size), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
         if output_uncertainty and ensemble_size < 2:
             raise ValueError("`output_uncertainty=True` needs `ensemble_size` of at least 2.")
         if not isinstance(processing_resolution, int) or processing_resolution < 0:
@@ -415,8 +376,6 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
             )
         if resample_method_input not in RESAMPLE_METHODS:
             raise ValueError(f"`resample_method_input` must be one of {RESAMPLE_METHODS}; got {resample_method_input!r}.")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
         for name, value in (("mask_threshold", mask_threshold), ("background_threshold", background_threshold)):
             if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"`{name}` must be a number in [0, 1]; got {value!r}.")
@@ -429,9 +388,7 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
         check_initial_noise(latents, generator, (num_rows, self.vae.config.latent_channels, *latent_size))
         return latent_size
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Inference
-    # ------------------------------------------------------------------------------------------------------------
+    # -------------------------------------------------------------------------------------------------------- Inference
 
     def resolve_call_defaults(
         self,
@@ -447,20 +404,16 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
         e.g. a model whose calibrated threshold is not 0.7.
         """
         config = self.config
-        if mask_threshold is None:
-            mask_threshold = config.default_mask_threshold
-        if background_threshold is None:
-            background_threshold = config.default_background_threshold
-            if background_threshold is None:
-                background_threshold = mask_threshold
-        return {
-            "num_inference_steps": config.default_denoising_steps if num_inference_steps is None else num_inference_steps,
-            "processing_resolution": (
-                config.default_processing_resolution if processing_resolution is None else processing_resolution
-            ),
-            "mask_threshold": mask_threshold,
-            "background_threshold": background_threshold,
+        settings = {
+            "num_inference_steps": (num_inference_steps, config.default_denoising_steps),
+            "processing_resolution": (processing_resolution, config.default_processing_resolution),
+            "mask_threshold": (mask_threshold, config.default_mask_threshold),
+            "background_threshold": (background_threshold, config.default_background_threshold),
         }
+        resolved = {name: default if value is None else value for name, (value, default) in settings.items()}
+        if resolved["background_threshold"] is None:
+            resolved["background_threshold"] = resolved["mask_threshold"]
+        return resolved
 
     @property
     def num_timesteps(self) -> int:
@@ -506,8 +459,7 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
 
         Args:
             image: a PIL image, a numpy array (HWC / NHWC; uint8, uint16, or float in [0, 1]), a torch tensor
-                (CHW / NCHW, float in [0, 1] or uint8), or a list of those. Grayscale, RGBA (alpha dropped), 16-bit
-                inputs and sizes that are not multiples of 8 are handled. All images of one call share a size.
+                (CHW / NCHW, float in [0, 1] or uint8), or a list of those, all of one size (any size and mode).
             prompt: a class name or phrase, a list of them (shared by every image), or one list per image.
             num_inference_steps: DDIM steps per query (default from the config: 1, enough with trailing spacing).
             ensemble_size: noise seeds per query; their final latents are averaged before decoding.
@@ -515,8 +467,8 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
                 default from the config (512).
             match_input_resolution: resize the outputs back to the input size (else: processing size).
             resample_method_input: interpolation for the input resize (and the output resize of probabilities).
-            batch_size: rows (image x prompt x ensemble member) per U-Net call; also the VAE chunk size.
-                Bounds memory; never changes results.
+            batch_size: rows (image x prompt x ensemble member) per U-Net call, and the VAE chunk size; bounds
+                memory, never changes results.
             mask_threshold: tau for `masks` (default from the config: 0.7).
             background_threshold: tau_bg for `label_maps` (default: the config's, else `mask_threshold`).
             generator: one `torch.Generator`, or one per row (images x prompts x ensemble_size, image-major); it
@@ -527,15 +479,12 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
             output_uncertainty: also return the ensemble's per-pixel standard deviation (needs
                 `ensemble_size >= 2`; decodes every member, so it costs E x more decoding).
             output_latent: also return the final latents of every row.
-            return_dict: return a `DiGSegOutput`; else the tuple of its fields that are not None, in field order
-                (diffusers' `BaseOutput.to_tuple`: outputs that were switched off leave no holes).
+            return_dict: return a `DiGSegOutput`; else the tuple of its fields that are not None (no holes).
             progress_callback: called as ``progress_callback(done, total)`` after every U-Net call; raise from
                 it to cancel the run (ComfyUI does this for its interrupt button).
-            callback_on_step_end: diffusers' step callback, ``callback_on_step_end(pipe, step_index, timestep,
-                callback_kwargs) -> dict``, or a `PipelineCallback` / `MultiPipelineCallbacks`. Called after every
-                scheduler step of every chunk of `batch_size` rows (`step_index` counts the chunk's steps from 0);
-                `callback_kwargs` holds that chunk's tensors named in `callback_on_step_end_tensor_inputs`, and
-                tensors in the returned dict replace them.
+            callback_on_step_end: diffusers' step callback (a function ``(pipe, step_index, timestep,
+                callback_kwargs) -> dict``, or a `PipelineCallback`), called after every step of every chunk of
+                `batch_size` rows with that chunk's tensors; tensors in the returned dict replace them.
             callback_on_step_end_tensor_inputs: names from `_callback_tensor_inputs`: "latents" (the mask latents
                 ``z_y``, default), "image_latents" (``z_x``), "prompt_embeds" (the rows' cross-attention states).
             vocabulary: instead of `prompt`: a list of class names, a bundled vocabulary name (``"ade20k-150"``)
@@ -543,9 +492,8 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
                 first); without one, every class is a prompt of every image. `prompts` in the output tells which.
             mask_decoder: "light" (the pipeline's light `mask_decoder` component), "vae" (the full VAE decoder), or
                 None: light when the pipeline has one.
-            output_probabilities: return the ``[K, H, W]`` probability maps (else `probabilities` is None). With
-                many prompts on a large image these dominate memory (150 prompts on a 12 MP photo: 7 GB in
-                float32); the label map alone needs ``batch_size`` maps at a time.
+            output_probabilities: return the ``[K, H, W]`` probability maps (else None); with many prompts on a
+                large image they dominate memory (150 prompts, 12 MP: 7 GB in float32), the label map does not.
             output_masks: return the ``[K, H, W]`` binary masks (else `masks` is None).
             probability_dtype: "float32" (default), "float16", or "uint8" (``round(255 p)``: 4x less memory) for
                 `probabilities` and `uncertainty`.
@@ -553,8 +501,7 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
         Examples:
 
         Returns:
-            `DiGSegOutput`, or with ``return_dict=False`` the tuple of its fields that are not None, e.g.
-            ``(probabilities, masks, label_maps, prompts)`` for a default call.
+            `DiGSegOutput`, or with ``return_dict=False`` the tuple of its fields that are not None.
         """
         # 0-1. Defaults from the config; inputs, checked before any heavy work.
         defaults = self.resolve_call_defaults(num_inference_steps, processing_resolution, mask_threshold, background_threshold)
@@ -767,6 +714,12 @@ class DiGSegPipeline(DiGSegPipelineHubMixin, DiffusionPipeline, DiGSegLoraLoader
             convert_outputs(out_labels, output_type, "label"),
             convert_outputs(out_unc, output_type, "probability") if uncertainty is not None else None,
         )
+
+def _chunked(fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+    """``fn`` applied to ``inputs`` in chunks of ``batch_size`` rows (None: all at once), concatenated."""
+    batch_size = batch_size or max(inputs.shape[0], 1)
+    return torch.cat([fn(inputs[i : i + batch_size]) for i in range(0, inputs.shape[0], batch_size)], dim=0)
+
 
 def _row_indices(
     prompts_per_image: list[list[str]], unique_prompts: list[str], ensemble_size: int, device: torch.device
