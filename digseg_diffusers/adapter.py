@@ -367,11 +367,8 @@ def apply_adapter(
 def adapter_state_dict(
     unet: nn.Module, text_projection: nn.Module | None, config: DiGSegAdapterConfig | None = None
 ) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (CPU copies): LoRA or selected weights, ``conv_in``, text projection.
-
-    Keys are ``unet.<name>`` (LoRA keys as PEFT writes them, without the adapter name) and
-    ``text_projection.<name>``.
-    """
+    """The adapter's tensors as its file holds them (`adapter_tensors`): LoRA or selected weights, ``conv_in``,
+    text projection."""
     unet = _unwrap(unet)
     text_projection = _unwrap(text_projection)
     config = resolve_config(unet, config or _recorded_config(unet) or DiGSegAdapterConfig())
@@ -394,7 +391,9 @@ def adapter_state_dict(
 
 
 def adapter_tensors(
-    attention: Mapping[str, torch.Tensor], conv_in: Mapping[str, torch.Tensor], text_projection: Mapping[str, torch.Tensor]
+    attention: Mapping[str, torch.Tensor],
+    conv_in: Mapping[str, torch.Tensor],
+    text_projection: Mapping[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """An adapter file's tensors (CPU copies, keys ``unet.*`` / ``text_projection.*``) from its parts: the
     attention tensors (LoRA keys as PEFT writes them, without the adapter name, or full weights), the state of
@@ -835,15 +834,12 @@ def load_adapter(
     is_trainable: bool = False,
     **hub_kwargs,
 ) -> DiGSegAdapterConfig:
-    """Load a saved DiGSeg adapter into ``unet`` (and ``text_projection``) in place, as training needs it.
-
-    ``directory_or_hub_id`` is a folder written by `save_adapter`, its weights file, or a Hugging Face Hub repo
-    id (``hub_kwargs`` such as ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``weight_name`` go to
-    the download). Everything is checked before any weight is touched (`prepare_adapter`). A DiGSeg LoRA already
+    """Load a saved DiGSeg adapter (a `save_adapter` folder, its weights file, or a Hub repo id; ``hub_kwargs``
+    such as ``revision``, ``token``, ``weight_name`` go to the download) into ``unet`` and ``text_projection`` in
+    place, as training needs it; returns its config. Everything is checked first (`prepare_adapter`). A DiGSeg LoRA
     in ``unet`` is replaced; ``conv_in`` and the text projection are overwritten (the pipeline's
-    ``load_lora_weights`` keeps the base weights instead, to unload them again). With ``is_trainable=True``
-    the adapter's parameters are left trainable (as after `apply_adapter`), otherwise everything is frozen.
-    Returns the adapter's config.
+    ``load_lora_weights`` keeps the base weights to unload them again). ``is_trainable=True`` leaves the adapter's
+    parameters trainable (as after `apply_adapter`), otherwise everything is frozen.
     """
     unet = _unwrap(unet)
     text_projection = _unwrap(text_projection)
@@ -971,13 +967,13 @@ def unfuse_adapter(unet: nn.Module) -> None:
     restore_base_weights(layers)
 
 
-def plain_state_dict(module: nn.Module, overrides: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """``module.state_dict()`` as a model without PEFT layers has it: each wrapped layer's base weights (merged
-    where a LoRA is fused) under the plain name, no LoRA tensors; ``overrides`` replace entries by key.
+def plain_copy(module: nn.Module, overrides: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A model of ``module``'s class and config without PEFT layers, sharing its tensors (no copy): each wrapped
+    layer's base weights (merged where a LoRA is fused) under the plain name, no LoRA tensors; ``overrides``
+    replace tensors by key. A pipeline folder saved from it loads into a stock model; the wrapped state
+    (``...base_layer.weight``, ``...lora_A.<name>.weight``) would load as uninitialised layers."""
+    from accelerate import init_empty_weights
 
-    A pipeline folder saved from this loads into a stock model; the wrapped state (``...base_layer.weight``,
-    ``...lora_A.<name>.weight``) would load as uninitialised layers.
-    """
     state = {
         key.replace(".base_layer.", "."): value
         for key, value in module.state_dict().items()
@@ -986,16 +982,9 @@ def plain_state_dict(module: nn.Module, overrides: dict[str, torch.Tensor] | Non
     unknown = sorted(set(overrides or {}) - set(state))
     if unknown:
         raise KeyError(f"overrides name no tensor of the module: {unknown[:5]}")
-    return {**state, **(overrides or {})}
-
-
-def plain_copy(module: nn.Module, overrides: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """A model of ``module``'s class and config without PEFT layers, sharing `plain_state_dict`'s tensors (no copy)."""
-    from accelerate import init_empty_weights
-
     with init_empty_weights():
         plain = type(module).from_config(module.config)
-    plain.load_state_dict(plain_state_dict(module, overrides), strict=True, assign=True)
+    plain.load_state_dict({**state, **(overrides or {})}, strict=True, assign=True)
     return plain.eval()
 
 

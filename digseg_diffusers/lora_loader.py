@@ -1,12 +1,7 @@
-"""`DiGSegLoraLoaderMixin`: diffusers' LoRA loader conventions for DiGSeg adapters, beside the pipeline.
-
-As diffusers factors LoRA loading out of its pipelines (``loaders/lora_base.py``, ``lora_pipeline.py``), so does
-this mixin: `load_lora_weights`, `set_adapters`, `disable_lora` / `enable_lora`, `delete_adapters`, `fuse_lora` /
-`unfuse_lora` and `unload_lora_weights`, built on diffusers' `LoraBaseMixin` for the U-Net's LoRA. A DiGSeg adapter
-also trains two parts whole (``conv_in`` and the text projection, `adapter.WholeWeightAdapters`): they follow
-every one of those calls, mixed with the same adapter weights as the LoRA deltas.
-
-Saving keeps PEFT's wrapper keys out of a pipeline folder (`components_for_saving`).
+"""`DiGSegLoraLoaderMixin`: diffusers' LoRA loader methods for DiGSeg adapters, factored out of the pipeline as
+diffusers does (``loaders/lora_base.py``). Built on diffusers' `LoraBaseMixin` for the U-Net's LoRA; the two parts
+a DiGSeg adapter trains whole (``conv_in``, the text projection: `adapter.WholeWeightAdapters`) follow every call,
+mixed with the same adapter weights. Saving keeps PEFT's wrapper keys out of a pipeline folder.
 """
 
 from __future__ import annotations
