@@ -93,7 +93,8 @@ def check_initial_noise(latents, generator, expected_shape: tuple[int, ...]) -> 
         if not bool(torch.isfinite(latents).all()):
             raise ValueError("`latents` contains NaN or infinite values.")
     if isinstance(generator, list):
-        check_generator_list(generator, num_rows, f"one generator per row: {num_rows} (images x prompts x ensemble_size)")
+        expected = f"one generator per row: {num_rows} (images x prompts x ensemble_size)"
+        check_generator_list(generator, num_rows, expected)
     elif generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"`generator` must be a torch.Generator or a list of them; got {type(generator).__name__}.")
 
