@@ -72,15 +72,12 @@ def components_from_base_model(
         tokenizer_class = CLIPTokenizer if isinstance(model, CLIPTextModel) else AutoTokenizer
         return tokenizer_class.from_pretrained(source, **extra, **kwargs)
 
-    if text_encoder is None:
-        text_encoder = load_text_model(base_model, "text_encoder")
+    if text_encoder is None or isinstance(text_encoder, (str, os.PathLike)):
+        own = text_encoder is None  # the base's text_encoder/ and tokenizer/ subfolders
+        source = base_model if own else str(text_encoder)
+        text_encoder = load_text_model(source, "text_encoder" if own else None)
         if tokenizer is None:
-            tokenizer = load_tokenizer(base_model, "tokenizer", text_encoder)
-    elif isinstance(text_encoder, (str, os.PathLike)):
-        source = str(text_encoder)
-        text_encoder = load_text_model(source, None)
-        if tokenizer is None:
-            tokenizer = load_tokenizer(source, None, text_encoder)
+            tokenizer = load_tokenizer(source, "tokenizer" if own else None, text_encoder)
     if tokenizer is None:
         raise ValueError("`tokenizer` is required when `text_encoder` is given as a model instance.")
     if isinstance(tokenizer, (str, os.PathLike)):

@@ -103,13 +103,14 @@ def make_tiny_class_proposer(seed: int = 0, **kwargs):
     return DiGSegClassProposer(make_tiny_clip_model(seed), build_char_clip_tokenizer(), **kwargs)
 
 
+SD2_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+"""SD2's noise schedule (scaled-linear betas over 1000 steps)."""
+
+
 def make_ddim_scheduler(prediction_type: str = "v_prediction") -> DDIMScheduler:
     """DDIM with trailing spacing and SD2's scaled-linear betas, as DiGSeg uses at inference."""
     return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
+        **SD2_BETAS,
         clip_sample=False,
         set_alpha_to_one=True,
         steps_offset=1,
@@ -152,13 +153,7 @@ def save_tiny_sd_base(path: str | os.PathLike, prediction_type: str = "epsilon",
     path = str(path)
     make_tiny_unet(in_channels=4, cross_attention_dim=32, seed=seed).save_pretrained(os.path.join(path, "unet"))
     make_tiny_vae(seed=seed).save_pretrained(os.path.join(path, "vae"))
-    DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type=prediction_type,
-    ).save_pretrained(os.path.join(path, "scheduler"))
+    DDPMScheduler(**SD2_BETAS, prediction_type=prediction_type).save_pretrained(os.path.join(path, "scheduler"))
     make_tiny_text_encoder(hidden_size=32, seed=seed).save_pretrained(os.path.join(path, "text_encoder"))
     build_char_clip_tokenizer().save_pretrained(os.path.join(path, "tokenizer"))
     return path
@@ -199,9 +194,7 @@ def write_hub_cache(cache_dir: str | os.PathLike, repo_id: str, folder: str | os
     return snapshot
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Comparing results of two code paths
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------- Comparing results of two code paths
 
 CROSS_PATH_ATOL = 1e-5
 """Largest difference allowed between float32 results of two *different* code paths on the tiny models.
