@@ -1,12 +1,10 @@
 """The embedded demo model: a small DiGSeg pipeline trained by this project on the synthetic shape world.
 
-No Stable Diffusion or CLIP weights can be downloaded on the project's machines, and a new user should see the
-method segment something in the first minute. So the package ships a few-MB DiGSeg model (its own small VAE,
-a frozen character-level CLIP text encoder, a small SD2-layout U-Net trained from scratch with
-`training/train_adapter.py`) that segments the classes of `digseg_diffusers.data.synthetic.SHAPE_CLASSES` in 64 px
-scenes. `training/train_demo_model.py` reproduces it; `hub_cards/demo_model_card.md` documents it.
-
-It is loadable by path (`default_model_path()`) or by its short name::
+So that a new user sees the method segment something in the first minute without downloading SD or CLIP, the
+package ships a few-MB DiGSeg model (small VAE, frozen character-level CLIP text encoder, SD2-layout U-Net trained
+from scratch) for the classes of `digseg_diffusers.data.synthetic.SHAPE_CLASSES` in 64 px scenes.
+`training/train_demo_model.py` reproduces it; `hub_cards/demo_model_card.md` documents it. Load it by path
+(`default_model_path()`) or by its short name::
 
     from digseg_diffusers import DiGSegPipeline
     pipe = DiGSegPipeline.from_pretrained("digseg-demo")

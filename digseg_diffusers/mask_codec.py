@@ -1,17 +1,11 @@
-"""Mask <-> latent codec (method.md section 2).
+"""Mask <-> latent codec (method.md section 2): the one place (training, inference, the VAE mask study) that knows
+how a mask becomes a VAE latent and back.
 
-This module is the only place that knows how a segmentation mask becomes a VAE latent and back. Training,
-inference and the VAE mask study all go through it, so a change of convention happens here or nowhere.
-
-Conventions:
-- pixels handed to a VAE are in [-1, 1], ``[B, 3, H, W]``;
-- a mask ``m`` in [0, 1] (binary for training targets) is encoded as ``2m - 1`` replicated to 3 channels,
-  through the posterior *mean* (no sampling), times ``vae.config.scaling_factor``;
-- a latent is decoded with ``D(z / scaling_factor)``, averaged over the 3 channels, clamped to [-1, 1] and
-  mapped to [0, 1]; or, with a light `DiGSegMaskDecoder` (trained on the scaled latents), as the sigmoid of
-  its logits.
-
-Both ``AutoencoderKL`` (a posterior with a mean) and ``AutoencoderTiny`` (a deterministic encoder) are accepted.
+A mask ``m`` in [0, 1] is encoded as ``2m - 1`` replicated to 3 channels (VAE pixels are ``[B, 3, H, W]`` in
+[-1, 1]), through the posterior *mean* (no sampling), times ``vae.config.scaling_factor``. A latent is decoded with
+``D(z / scaling_factor)``, averaged over the channels, clamped to [-1, 1] and mapped to [0, 1]; or, with a light
+`DiGSegMaskDecoder` (trained on the scaled latents), as the sigmoid of its logits. ``AutoencoderKL`` and
+``AutoencoderTiny`` (a deterministic encoder) are both accepted.
 """
 
 from __future__ import annotations
@@ -37,13 +31,10 @@ def scaling_factor(vae) -> float:
 
 
 def compute_dtype(model) -> torch.dtype:
-    """The dtype `model` computes in: what diffusers' ``model.dtype`` answers, without its walk over every submodule.
-
-    ``ModelMixin.dtype`` looks for a layerwise-casting hook in every submodule (2 ms per call for the demo U-Net,
-    paid on every pipeline call). Here only the first module holding parameters is asked: layerwise casting hooks
-    every weighted layer but norms and projections named in its skip patterns, and the first layer (``conv_in``)
-    is not one of those. Models with ``_keep_in_fp32_modules`` get diffusers' full answer.
-    """
+    """The dtype `model` computes in: diffusers' ``model.dtype`` without its walk over every submodule for a
+    layerwise-casting hook (2 ms per pipeline call for the demo U-Net). Only the first module holding parameters
+    is asked: layerwise casting hooks every weighted layer but the norms and projections it skips, and the first
+    (``conv_in``) is none of those. Models with ``_keep_in_fp32_modules`` get diffusers' full answer."""
     if not isinstance(model, torch.nn.Module):  # a duck-typed codec (encode / decode / dtype), as in the VAE study
         return getattr(model, "dtype", torch.float32)
     if getattr(model, "_keep_in_fp32_modules", None):

@@ -1,13 +1,10 @@
 """A lightweight mask decoder: mask latents -> mask logits, at a small fraction of the VAE decoder's cost.
 
-DiGSeg decodes one latent per (image, prompt). With the SD VAE that decode is ~2.5 TFLOP per 512 px mask, more
-than the U-Net forward and the image encode together, so with K prompts the decoder dominates. A mask is a
-single channel with mostly flat regions and sharp edges; a few conv + upsample layers reproduce it from the
-latent (the VAE's own decoder must also be able to draw images, which is where its size goes).
-
-The decoder is trained per VAE (`training/train_mask_decoder.py`): its inputs are that VAE's *scaled* mask
-latents (`mask_codec.encode_masks`), its output is one logit per pixel. `mask_codec.decode_masks(vae, latents,
-mask_decoder=...)` turns the logits into probabilities, so the probability convention stays in the codec.
+DiGSeg decodes one latent per (image, prompt); the SD VAE's decode (~2.5 TFLOP per 512 px mask, more than the
+U-Net and the image encode together) dominates with K prompts. A mask is one channel of flat regions and sharp
+edges, which a few conv + upsample layers reproduce. The decoder is trained per VAE
+(`training/train_mask_decoder.py`) on its *scaled* mask latents; `mask_codec.decode_masks` turns its logits into
+probabilities, so the probability convention stays in the codec.
 """
 
 from __future__ import annotations
@@ -96,9 +93,7 @@ class DiGSegMaskDecoder(ModelMixin, ConfigMixin):
         return self.conv_out(x)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Measuring and training (used by training/train_mask_decoder.py, the benchmarks and the tests)
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------ Measuring and training (used by training/train_mask_decoder.py, the benchmarks and the tests)
 
 
 def count_flops(fn, *args, **kwargs) -> int:

@@ -203,15 +203,12 @@ def sample_training_timesteps(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Draw one training timestep per sample: ``t ~ U{0..T-1}`` (the method), or biased towards one end.
+    """Draw one training timestep per sample: ``t ~ U{0..T-1}`` (``"none"``: exactly ``torch.randint``), or biased.
 
     ``bias_strategy="later"`` multiplies the sampling weight of the last ``bias_portion`` of the timesteps by
-    ``bias_multiplier`` (``"earlier"``: the first portion), as diffusers' SDXL training script does. Why: with
-    zero terminal SNR and 1-step inference, the model is only ever asked at ``t = T - 1``, where the mask must be
-    produced from the image alone; a model trained from scratch on a small budget learns that map several times
-    faster when most samples come from the high-noise end (the embedded demo model's recipe).
-
-    ``"none"`` is exactly ``torch.randint(0, T, (batch_size,), generator=generator)``.
+    ``bias_multiplier`` (``"earlier"``: the first portion), as diffusers' SDXL training script does. 1-step
+    inference only asks the model at ``t = T - 1``, and a model trained from scratch on a small budget learns that
+    map several times faster from mostly high-noise samples (the embedded demo model's recipe).
     """
     check_timestep_bias(bias_strategy, bias_multiplier, bias_portion)
     _check_num_train_timesteps(num_train_timesteps)

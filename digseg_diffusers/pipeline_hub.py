@@ -32,9 +32,8 @@ class DiGSegPipelineHubMixin:
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiGSegPipeline":
         """`DiffusionPipeline.from_pretrained`, plus the short name "digseg-demo" and the saved class proposer.
 
-        Weights stay as diffusers loads them (memory-mapped where it can): a reloaded pipeline reproduces the saved
-        one up to float32 rounding (~1e-6 on CPUs). Call `align_cpu_weights` on the components for bit-exact CPU
-        reproduction at the cost of one copy of every unaligned weight.
+        Weights stay memory-mapped where diffusers can: a reload reproduces the saved pipeline up to float32
+        rounding (~1e-6 on CPUs); `align_cpu_weights` makes it bit-exact at the cost of a copy.
         """
         pretrained_model_name_or_path = resolve_model_name(pretrained_model_name_or_path)
         require_hub_source(pretrained_model_name_or_path, "the DiGSeg pipeline", **hub_kwargs(kwargs))
@@ -63,11 +62,8 @@ class DiGSegPipelineHubMixin:
 
     @classmethod
     def _dict_from_json_file(cls, json_file: str | os.PathLike, *args, **kwargs) -> dict[str, Any]:
-        """`model_index.json` with the stock-diffusers loader entry `_class_name` mapped back to this class.
-
-        diffusers' Hub download reads the index through this method; mapping the entry keeps it from importing the
-        repo's ``pipeline_digseg.py`` stub (see `hub.layout`): this class already is the pipeline.
-        """
+        """`model_index.json` with the stock-diffusers loader entry `_class_name` mapped back to this class, so that
+        diffusers' Hub download does not import the repo's ``pipeline_digseg.py`` stub (see `hub.layout`)."""
         from .hub.layout import package_model_index
 
         # Extra arguments (diffusers < 0.42 passes `dduf_entries`) go through unchanged.
@@ -75,11 +71,8 @@ class DiGSegPipelineHubMixin:
 
     @classmethod
     def load_config(cls, *args, **kwargs):
-        """`ConfigMixin.load_config`, with the custom components' stub entries mapped to the package's classes.
-
-        So `DiGSegPipeline.from_pretrained` loads `text_projection` and `mask_decoder` with the installed classes
-        and runs no code from the folder or repo (`trust_remote_code` is not needed).
-        """
+        """`ConfigMixin.load_config`, with the custom components' stub entries mapped to the package's classes, so
+        that loading runs no code from the folder or repo (`trust_remote_code` is not needed)."""
         from .hub.layout import package_model_index
 
         loaded = super().load_config(*args, **kwargs)
@@ -192,10 +185,9 @@ def _load_class_proposer(pretrained_model_name_or_path: str, kwargs: dict):
 def align_cpu_weights(module: torch.nn.Module, alignment: int = 64) -> torch.nn.Module:
     """Copy CPU parameters and buffers that sit at unaligned addresses into freshly allocated memory (opt-in).
 
-    Weights memory-mapped from a safetensors file can start at any byte offset; CPU kernels then take another
-    (equally valid) summation order, and a reloaded model differs from the saved one by ~1e-6. Realigning makes
-    a loaded model reproduce the saved one bit for bit on the same CPU, but copies those weights (no more
-    memory-mapping), so `from_pretrained` does not do it: call it yourself where bit-exactness matters.
+    Memory-mapped weights can start at any byte offset, and CPU kernels then take another (equally valid)
+    summation order (~1e-6 differences). Realigned, a loaded model reproduces the saved one bit for bit, but
+    the weights are copied (no more memory-mapping), so `from_pretrained` leaves it to the caller.
     """
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
