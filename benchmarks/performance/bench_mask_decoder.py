@@ -103,13 +103,9 @@ def main(argv=None):
 
     iou, iou_table = None, None
     if trained is not None:
-        from digseg_diffusers.data.synthetic import generate_scene, split_seeds
-
-        masks = []
-        for seed in split_seeds("val", args.num_eval_scenes):
-            scene = generate_scene(seed, size=args.eval_resolution)
-            masks += [torch.from_numpy(scene.mask(c)) for c in scene.class_indices]
-        iou = evaluate_mask_decoders(trained[0], trained[1], torch.stack(masks).float())
+        _, scenes = common.synthetic_scenes("val", args.num_eval_scenes, args.eval_resolution)
+        masks = torch.stack([torch.from_numpy(s.mask(c)) for s in scenes for c in s.class_indices]).float()
+        iou = evaluate_mask_decoders(trained[0], trained[1], masks)
         iou_table = common.print_table(
             ["masks (val split)", "IoU full VAE decoder", "IoU light decoder", "difference (points)"],
             [[iou["num_masks"], iou["iou_vae"], iou["iou_light"], iou["iou_difference_points"]]])

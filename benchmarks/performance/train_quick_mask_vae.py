@@ -17,10 +17,10 @@ import time
 
 import numpy as np
 import torch
+from benchmarks.common import synthetic_scenes
 from diffusers import AutoencoderKL
 
 from digseg_diffusers import mask_codec
-from digseg_diffusers.data.synthetic import generate_scene, split_seeds
 
 
 def parse_args(argv=None):
@@ -40,12 +40,8 @@ def parse_args(argv=None):
 
 def load_scenes(num_scenes: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``[N, 3, H, W]`` in [-1, 1] and every visible class mask ``[M, H, W]`` in {0, 1} of the train split."""
-    images, masks = [], []
-    for seed in split_seeds("train", num_scenes):
-        scene = generate_scene(seed, size=resolution)
-        images.append(torch.from_numpy(scene.image).permute(2, 0, 1).float() / 127.5 - 1.0)
-        masks += [torch.from_numpy(scene.mask(c)) for c in scene.class_indices]
-    return torch.stack(images), torch.stack(masks).float()
+    images, scenes = synthetic_scenes("train", num_scenes, resolution)
+    return images, torch.stack([torch.from_numpy(s.mask(c)) for s in scenes for c in s.class_indices]).float()
 
 
 def main(argv=None) -> None:

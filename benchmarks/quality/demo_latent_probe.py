@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from benchmarks import common
 
 from digseg_diffusers import mask_codec
-from digseg_diffusers.data.synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene, split_seeds
+from digseg_diffusers.data.synthetic import SHAPE_CLASSES
 from digseg_diffusers.evaluation.metrics import ConfusionMatrix
 from digseg_diffusers.training.demo_recipe import build_demo_unet
 
@@ -37,13 +37,8 @@ INPUTS = ("latent", "pixels")
 
 def scenes(split: str, num_scenes: int, size: int, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Images in [-1, 1] ``[N, 3, size, size]`` and label maps ``[N, size, size]`` of generated scenes."""
-    images, labels = [], []
-    for seed in split_seeds(split, num_scenes, seed_offset=SPLIT_SEED_OFFSETS[split] + first):
-        scene = generate_scene(seed, size=size)
-        images.append(scene.image)
-        labels.append(scene.label)
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return pixels, torch.from_numpy(np.stack(labels)).long()
+    pixels, generated = common.synthetic_scenes(split, num_scenes, size, first)
+    return pixels, torch.from_numpy(np.stack([scene.label for scene in generated])).long()
 
 
 @torch.no_grad()
