@@ -1,18 +1,12 @@
 """Input canonicalisation for DiGSeg: any common image form -> float ``[N, 3, H, W]`` in [0, 1].
 
-Resizing, padding to the VAE's multiple and un-padding are Marigold's (diffusers' `MarigoldImageProcessor`);
-this subclass only widens what it accepts: RGBA / LA (alpha dropped), palette, CMYK, 16-bit and 32-bit integer
-PIL images, and 4-channel arrays, so that users never have to convert an image before segmenting it; and images
-whose short side would shrink below one pixel are kept at one pixel (then padded) instead of refused.
-
-This is the one place that turns images into pixels: the pipeline, the CLI (`open_image`), the dataset readers
-and the visualisation (`to_uint8_rgb`) all go through it, so a 16-bit file gives the same masks as its 8-bit
-version everywhere (PIL's own ``.convert("RGB")`` clips 16-bit values to 0 / 255).
-
-Integer pixels are read by their dtype, as diffusers' image processors read them (value / the dtype's maximum):
-``uint8`` as value / 255 and ``uint16`` as value / 65535, in numpy arrays and torch tensors alike; floats must lie
-in [0, 1]. Other integer dtypes are refused: a ``uint32`` array holding 0..255 would read as black (value /
-4294967295) and give other masks than the same picture as ``uint8``, without any error.
+Resizing and (un)padding are Marigold's (diffusers' `MarigoldImageProcessor`); this subclass widens what it
+accepts (RGBA / LA with alpha dropped, palette, CMYK, 16- and 32-bit integer PIL images, 4-channel arrays) and
+keeps a short side that would shrink below one pixel at one pixel. It is the one place that turns images into
+pixels (pipeline, CLI, dataset readers, visualisation), so a 16-bit file gives the masks of its 8-bit version
+everywhere (PIL's ``.convert("RGB")`` clips 16-bit values). Integers are read by dtype, as diffusers does:
+``uint8`` as value / 255, ``uint16`` as value / 65535; floats must lie in [0, 1]. Other integer dtypes are refused:
+a ``uint32`` array holding 0..255 would silently read as black.
 """
 
 from __future__ import annotations
@@ -86,18 +80,7 @@ class DiGSegImageProcessor(MarigoldImageProcessor):
             raise ValueError("`image` is an empty list.")
         tensors = []
         for i, img in enumerate(images):
-            if not isinstance(img, (Image.Image, np.ndarray, torch.Tensor)):
-                raise ValueError(f"`image[{i}]` has unsupported type {type(img).__name__}; use PIL, numpy or torch.")
-            try:
-                tensor = self.load_image_canonical(img)
-            except ValueError as error:
-                raise ValueError(f"`image[{i}]`: {error}") from None
-            if tensor.numel() == 0:
-                raise ValueError(f"`image[{i}]` is empty: shape {tuple(tensor.shape)}.")
-            try:
-                check_unit_range(tensor)
-            except ValueError as error:
-                raise ValueError(f"`image[{i}]`: {error}.") from None
+            tensor = canonical_image(img, f"`image[{i}]`")
             if tensors and tensor.shape[-2:] != tensors[0].shape[-2:]:
                 raise ValueError(
                     f"`image[{i}]` is {tuple(tensor.shape[-2:])} (H, W) but `image[0]` is "
@@ -144,6 +127,23 @@ class DiGSegImageProcessor(MarigoldImageProcessor):
         return MarigoldImageProcessor.load_image_canonical(image, device=device, dtype=dtype)
 
 
+def canonical_image(image, name: str) -> torch.Tensor:
+    """One image (or a batch) of any supported form -> float ``[N, 3, H, W]`` in [0, 1]; errors start with ``name``."""
+    if not isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
+        raise ValueError(f"{name} has unsupported type {type(image).__name__}; use PIL, numpy or torch.")
+    try:
+        pixels = DiGSegImageProcessor.load_image_canonical(image)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+    if pixels.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(pixels.shape)}.")
+    try:
+        check_unit_range(pixels)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}.") from None
+    return pixels
+
+
 def processing_size(image_size: tuple[int, int], processing_resolution: int) -> tuple[int, int]:
     """``(H, W)`` after resizing the longest side to `processing_resolution` (0 = native), each side >= 1."""
     height, width = image_size
@@ -164,12 +164,12 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise ValueError(f"cannot read image {path}: the file is empty (0 bytes)")
     try:
         image = Image.open(path)
-        image.load()  # decode now: truncated or corrupt files raise here, not later inside the pipeline
     except Image.DecompressionBombError as error:
         raise ValueError(f"cannot read image {path}: {error}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
         reason = str(error).strip() or type(error).__name__
         raise ValueError(f"cannot read image {path}: {reason}") from None
+    _decode(image)  # now: truncated or corrupt files raise here, not later inside the pipeline
     return image
 
 
@@ -208,7 +208,6 @@ def label_map_from_best(best: torch.Tensor, best_index: torch.Tensor, background
     return torch.where(best >= background_threshold, best_index + 1, BACKGROUND_LABEL).long()
 
 
-
 def vae_scale_factor(vae) -> int:
     """Pixels per latent pixel: 2 ** (number of VAE blocks - 1); 8 for Stable Diffusion's VAEs."""
     if vae is None:
@@ -216,7 +215,6 @@ def vae_scale_factor(vae) -> int:
     if isinstance(vae, AutoencoderTiny):
         return 2 ** (len(vae.config.encoder_block_out_channels) - 1)
     return 2 ** (len(vae.config.block_out_channels) - 1)
-
 
 
 PROBABILITY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}

@@ -13,6 +13,7 @@ uncalibrated). The image is resized whole (no center crop), so classes near the 
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from .hub.files import hub_kwargs, resolve_file
-from .image_processing import DiGSegImageProcessor, check_unit_range
+from .image_processing import DiGSegImageProcessor, canonical_image
 from .prompts import prompts_per_image
 from .vocabularies import Vocabulary, load_vocabulary
 
@@ -68,21 +69,6 @@ class ProposalScores:
     @property
     def proposals(self) -> list[list[str]]:
         return [[self.class_names[i] for i in indices] for indices in self.selected]
-
-
-def _image_to_chw(image: ImageInput, index: int) -> list[torch.Tensor]:
-    """One image (or a batch) as float ``[3, H, W]`` tensors in [0, 1], through the pipeline's canonicaliser (and
-    its range check: float pixels outside [0, 1] are refused, not clipped)."""
-    if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
-        raise ValueError(
-            f"images[{index}]: expected a PIL image, numpy array or torch tensor; got {type(image).__name__}"
-        )
-    try:
-        pixels = DiGSegImageProcessor.load_image_canonical(image)  # [N, 3, H, W]
-        check_unit_range(pixels)
-    except ValueError as error:
-        raise ValueError(f"images[{index}]: {error}") from None
-    return list(pixels.unbind(0))
 
 
 class DiGSegClassProposer(torch.nn.Module):
@@ -217,10 +203,9 @@ class DiGSegClassProposer(torch.nn.Module):
         The resize is the pipeline's (`DiGSegImageProcessor.resize_antialias`, in float32), not transformers'
         `CLIPImageProcessor`: without torchvision that one resizes through 8-bit PIL images, which moves the
         normalised values by up to 0.3 on textured images and drops the precision of 16-bit and float inputs."""
-        if isinstance(images, (list, tuple)):
-            tensors = [t for i, image in enumerate(images) for t in _image_to_chw(image, i)]
-        else:
-            tensors = _image_to_chw(images, 0)
+        # The pipeline's canonicaliser and range check: float pixels outside [0, 1] are refused, not clipped.
+        images = images if isinstance(images, (list, tuple)) else [images]
+        tensors = [t for i, image in enumerate(images) for t in canonical_image(image, f"images[{i}]").unbind(0)]
         if not tensors:
             raise ValueError("no images given")
         size = (self.image_size, self.image_size)
@@ -348,10 +333,7 @@ class DiGSegClassProposer(torch.nn.Module):
         if config_file is not None:  # else a plain CLIP checkpoint: default settings
             with open(config_file, encoding="utf-8") as f:
                 settings = json.load(f)
-        own_keys = {
-            "template", "global_threshold", "patch_threshold", "top_k", "min_classes", "image_size",
-            "image_mean", "image_std", "text_batch_size",
-        }  # fmt: skip
+        own_keys = set(inspect.signature(cls).parameters) - {"clip_model", "tokenizer"}
         settings.update({k: kwargs.pop(k) for k in list(kwargs) if k in own_keys})
         sub = {"subfolder": subfolder} if subfolder else {}
         clip_model = CLIPModel.from_pretrained(path, **sub, **kwargs)
