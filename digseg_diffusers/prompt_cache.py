@@ -96,20 +96,13 @@ class PromptEmbeddingCache:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._entries))
         self.misses += len(missing)
         self.hits += len(prompts) - len(missing)
-        found = {}
-        if missing:
-            # One copy per row, so that evicting a prompt frees its memory (a view would keep the whole batch).
-            found = {prompt: row.clone() for prompt, row in zip(missing, encode(missing))}
-        rows = []
+        # One copy per row, so that evicting a prompt frees its memory (a view would keep the whole batch).
+        found = {prompt: row.clone() for prompt, row in zip(missing, encode(missing))} if missing else {}
+        rows = [found[prompt] if prompt in found else self._entries[prompt] for prompt in prompts]
         for prompt in prompts:
-            row = found.get(prompt)
-            if row is None:
-                row = self._entries[prompt]
-                self._entries.move_to_end(prompt)
-            rows.append(row)
-        for prompt, row in found.items():
-            self._entries[prompt] = row
-            self._entries.move_to_end(prompt)
+            if prompt not in found:
+                self._entries.move_to_end(prompt)  # hits become the most recently used, then the new prompts
+        self._entries.update(found)
         self._evict()
         return torch.stack(rows)  # a copy: callers may write into it without touching the cache
 
