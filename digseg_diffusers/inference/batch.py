@@ -782,10 +782,8 @@ class _Shard:
         state = self.run_.state
         start = time.perf_counter()
         description = "digseg segment" + (f" (process 0 of {state.num_processes}: its share)" if state.num_processes > 1 else "")
-        self._bar = tqdm(
-            total=len(self.positions), desc=description, unit="img", disable=not (state.is_main_process and self.options.progress)
-        )
-        try:
+        shown = state.is_main_process and self.options.progress
+        with tqdm(total=len(self.positions), desc=description, unit="img", disable=not shown) as self._bar:
             if self.coco:
                 part = self.run_.out / PARTS_DIR / _part_name(state.process_index, state.num_processes)
                 part.parent.mkdir(parents=True, exist_ok=True)
@@ -793,8 +791,6 @@ class _Shard:
                     self._segment_all()
             else:
                 self._segment_all()
-        finally:
-            self._bar.close()
         seconds = time.perf_counter() - start
         self.stats.update(seconds=seconds, images_per_second=self.stats["segmented"] / seconds if seconds > 0 else 0.0)
         return self.stats

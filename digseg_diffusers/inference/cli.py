@@ -413,8 +413,7 @@ class ResultFolder:
         self._stale: set[str] = set()
 
     def begin(self, planned_files: Sequence[str]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        remove_leftover_temporaries(self.folder)  # from a killed writer (we hold the lock)
+        remove_leftover_temporaries(self.folder)  # from a killed writer (the caller holds the lock)
         previous = read_json(self.folder / SUMMARY_NAME) or {}
         if not str(previous.get("source", "")).startswith("digseg demo"):  # not ours: name no file to remove
             previous = {}
