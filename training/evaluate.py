@@ -221,11 +221,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     shard_file = os.path.join(partial_dir, f"shard-{rank:03d}-of-{world:03d}.pt")
     run_fingerprint = fingerprint(args, reader, num_examples, world, proposer)
     if args.resume:
-        other_runs = sorted(
-            name
-            for name in os.listdir(partial_dir)
-            if name.startswith("shard-") and not name.endswith(f"-of-{world:03d}.pt")
-        )
+        shards_now = f"-of-{world:03d}.pt"
+        other_runs = sorted(p.name for p in Path(partial_dir).glob("shard-*") if not p.name.endswith(shards_now))
         if other_runs:
             raise ValueError(
                 f"--resume: {partial_dir} holds shards of a run with another number of processes ({other_runs[0]}); "

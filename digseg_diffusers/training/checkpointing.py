@@ -200,10 +200,8 @@ def save_checkpoint(
 ) -> Path:
     """`accelerator.save_state` into ``output_dir/checkpoint-{step}``, so that it appears only when complete.
 
-    Every process must call this (they all write their RNG state). `training_state` (JSON) is stored beside
-    accelerate's files, `settings` (JSON) in the manifest. With `total_limit`, the oldest complete checkpoints
-    beyond it are removed, after the new one is in place. A save that fails leaves nothing behind (its staging
-    folder is removed, which also gives back the space it took); a full disk raises `DiskFullError`.
+    Every process must call this (each writes its RNG state). `training_state` goes beside accelerate's files,
+    `settings` into the manifest (both JSON). A failed save removes its staging folder (giving the space back).
     """
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
     staging = temporary_sibling(final, "incomplete")

@@ -10,20 +10,6 @@ import os
 
 import torch
 
-__all__ = [
-    "FULL_RESOLUTION_ATTENTION",
-    "DEFAULT_FULL_RESOLUTION_ATTENTION",
-    "RESOLUTION_MULTIPLE",
-    "DEMO_UNET_CHANNELS",
-    "UNET_NORM_GROUPS",
-    "DEFAULT_ATTENTION_HEAD_CHANNELS",
-    "demo_block_types",
-    "attention_heads_per_level",
-    "demo_scheduler",
-    "build_demo_unet",
-    "build_untrained_pipeline",
-]
-
 # SD2's layout: 4 levels, plain bottom level, text cross-attention in the others and in the mid block. What the
 # full-resolution level gets is `--full_resolution_attention`: SD2's self- + cross-attention ("full", the default),
 # cross-attention only ("cross": diffusers' `only_cross_attention`, the previous model's choice, made when 16 heads of

@@ -37,23 +37,6 @@ from digseg_diffusers.noise import (
     sample_training_timesteps,
 )
 
-__all__ = [
-    "LOSSES",
-    "VAE_LOGIT_SCALE",
-    "TrainingLossConfig",
-    "TrainingLoss",
-    "compute_training_loss",
-    "latent_loss_weights",
-    "weighted_latent_loss",
-    "predicted_original_sample",
-    "decision_logits",
-    "mask_task_loss",
-    "multi_prompt_cross_entropy",
-    "encode_batch_images",
-    "batch_seed",
-    "LatentCache",
-]
-
 LOSSES: tuple[str, ...] = ("latent", "e2e", "latent+e2e")
 # Slope of the VAE decoder's decision logits per unit of decoded channel value (range [-1, 1]): the default
 # threshold 0.7 sits at c = 0.4, so c = 1 gives logit 3 (p 0.95) and c = -1 gives -7.
@@ -121,15 +104,11 @@ def weighted_latent_loss(model_pred: torch.Tensor, target: torch.Tensor, valid: 
     return squared_error.sum() / (weights.sum() * model_pred.shape[1]).clamp(min=1.0)
 
 
-def _alphas_cumprod(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    alphas = scheduler.alphas_cumprod.to(device=like.device, dtype=torch.float32)[timesteps.to(like.device).long()]
-    return alphas.view(-1, *([1] * (like.dim() - 1)))
-
-
 def predicted_original_sample(scheduler, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
     """The x0 estimate of a prediction at `timesteps` (what DDIM's ``pred_original_sample`` gives)."""
     prediction_type = scheduler.config.prediction_type
-    alpha = _alphas_cumprod(scheduler, timesteps, sample)
+    alpha = scheduler.alphas_cumprod.to(device=sample.device, dtype=torch.float32)[timesteps.to(sample.device).long()]
+    alpha = alpha.view(-1, *([1] * (sample.dim() - 1)))
     output, sample = model_output.float(), sample.float()
     if prediction_type == "v_prediction":
         return alpha.sqrt() * sample - (1 - alpha).sqrt() * output
