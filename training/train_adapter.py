@@ -728,8 +728,7 @@ def train(args: argparse.Namespace, settings: dict, resume_path: Path | None, tr
     loss_options = {f.name: getattr(args, f.name) for f in fields(TrainingLossConfig) if hasattr(args, f.name)}
     loss_config = TrainingLossConfig(**loss_options, mask_threshold=float(pipeline.config.default_mask_threshold))
     e2e_mask_decoder, decoder_params = select_task_decoder(args, pipeline, loss_config)
-    if decoder_params:
-        trainable_params = trainable_params + decoder_params
+    trainable_params += decoder_params
     if e2e_mask_decoder is not None:
         e2e_mask_decoder.to(accelerator.device)
     if weight_dtype != torch.float32:
