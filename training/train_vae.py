@@ -49,16 +49,13 @@ def build_vae(block_out_channels: tuple[int, ...], latent_channels: int = 4, sam
 
 
 class SceneBank:
-    """Images and one-class masks of train-split scenes, generated once (a few thousand 64 px scenes fit easily)."""
+    """A split's scenes with their images in [-1, 1] and label maps, made once (thousands of 64 px scenes fit)."""
 
-    def __init__(self, num_scenes: int, size: int):
-        images, labels = [], []
-        for seed in split_seeds("train", num_scenes):
-            scene = generate_scene(seed, size=size)
-            images.append(scene.image)
-            labels.append(scene.label)
-        self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        self.labels = torch.from_numpy(np.stack(labels)).long()
+    def __init__(self, num_scenes: int, size: int, split: str = "train"):
+        self.scenes = [generate_scene(seed, size=size) for seed in split_seeds(split, num_scenes)]
+        images = np.stack([scene.image for scene in self.scenes])
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        self.labels = torch.from_numpy(np.stack([scene.label for scene in self.scenes])).long()
 
     def sample(self, batch_size: int, generator: torch.Generator, crop_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch of images and a batch of masks in VAE pixel space ([-1, 1], 3 channels), randomly flipped and
@@ -181,13 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_seconds = time.time() - start
 
     # Measure on validation scenes (never trained on), then fix the scaling factor from the latent std.
-    eval_images, eval_masks = [], []
-    for seed in split_seeds("val", args.num_eval_scenes):
-        scene = generate_scene(seed, size=args.resolution)
-        eval_images.append(torch.from_numpy(scene.image).permute(2, 0, 1).float() / 127.5 - 1.0)
-        for class_index in scene.class_indices:
-            eval_masks.append(torch.from_numpy(scene.mask(class_index)).float())
-    metrics = measure(vae, torch.stack(eval_images), torch.stack(eval_masks))
+    held_out = SceneBank(args.num_eval_scenes, args.resolution, split="val")
+    masks = [torch.from_numpy(scene.mask(index)).float() for scene in held_out.scenes for index in scene.class_indices]
+    metrics = measure(vae, held_out.images.contiguous(), torch.stack(masks))  # contiguous: as measured so far
     vae.register_to_config(scaling_factor=round(1.0 / metrics["latent_std"], 5))
     logger.info(f"validation: {metrics}; scaling_factor {vae.config.scaling_factor}")
     vae.save_pretrained(args.output_dir)
