@@ -8,6 +8,12 @@ no SD VAE can be downloaded here: so every batch mixes train-split scenes with m
 `digseg_diffusers.mask_codec` encodes them. The loss is L1 + MSE plus a small KL term (no GAN or perceptual loss
 is needed for flat shapes). `vae.config.scaling_factor` is then set to ``1 / std`` of the latents of held-out
 images and masks, so that the diffusion target has unit variance.
+
+Also the stand-in for a trained SD-like 8x VAE that `benchmarks/performance/bench_mask_decoder.py` compares the light
+mask decoder with (a random VAE does not reproduce masks):
+
+    python training/train_vae.py --output_dir OUT/quick_vae --block_out_channels 32 64 64 64 --crop_size 0 \
+        --max_train_steps 3000 --max_minutes 18
 """
 
 from __future__ import annotations
@@ -121,6 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_eval_scenes", type=int, default=64, help="Scenes (from the val split) for the final measurements.")
     parser.add_argument("--seed", type=int, default=0, help='Seed of the scenes and the initialisation.')
     parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    parser.add_argument("--max_minutes", type=float, default=None,
+                        help="Stop after this many minutes of training, even before --max_train_steps (the learning "
+                        "rate schedule stays planned for --max_train_steps; default: no limit).")
     args = parser.parse_args(argv)
     for name in ("resolution", "latent_channels", "num_scenes", "train_batch_size", "max_train_steps", "num_eval_scenes"):
         if getattr(args, name) < 1:
@@ -175,6 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
             history.append((step, loss.item()))
             logger.info(f"step {step:5d}  loss {loss.item():.4f}  image {float(per_item[:n].mean()):.4f}  "
                         f"mask {float(per_item[n:].mean()):.4f}  {time.time() - start:.0f}s")
+        if args.max_minutes and time.time() - start > 60 * args.max_minutes:
+            logger.info(f"stopping after {step + 1} steps: --max_minutes {args.max_minutes} reached")
+            break
     train_seconds = time.time() - start
 
     # Measure on validation scenes (never trained on), then fix the scaling factor from the latent std.
@@ -187,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "args": vars(args),
         "parameters": sum(p.numel() for p in vae.parameters()),
+        "steps": step + 1,
         "train_seconds": train_seconds,
         "scaling_factor": vae.config.scaling_factor,
         "validation": metrics,
