@@ -17,7 +17,6 @@ OUTPUT/pipeline (the pipeline with the decoder registered; it decodes with it by
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -26,9 +25,9 @@ import time
 import torch
 
 from digseg_diffusers import mask_codec
-from digseg_diffusers.mask_decoder import DiGSegMaskDecoder, count_flops, evaluate_mask_decoders, fit_mask_decoder
 from digseg_diffusers.data.synthetic import generate_scene, split_seeds
-from digseg_diffusers.evaluation.vae_study import load_vae
+from digseg_diffusers.evaluation.vae_study import decode_flops, load_vae, synthetic_class_masks
+from digseg_diffusers.mask_decoder import DiGSegMaskDecoder, evaluate_mask_decoders, fit_mask_decoder
 
 logger = logging.getLogger("train_mask_decoder")
 
@@ -60,15 +59,6 @@ def parse_args(argv=None):
                         help="also save the pipeline with the decoder registered to OUTPUT/pipeline")
     parser.add_argument("--seed", type=int, default=0, help='seed of the scenes and the initialisation')
     return parser.parse_args(argv)
-
-
-def synthetic_masks(split: str, num_scenes: int, resolution: int) -> torch.Tensor:
-    """Every visible class mask ``[M, H, W]`` in {0, 1} of the first `num_scenes` scenes of `split`."""
-    masks = []
-    for seed in split_seeds(split, num_scenes):
-        scene = generate_scene(seed, size=resolution)
-        masks += [torch.from_numpy(scene.mask(c)) for c in scene.class_indices]
-    return torch.stack(masks).float()
 
 
 def resolve_vae(name_or_path: str):
@@ -112,8 +102,8 @@ def main(argv=None) -> dict:
     vae.requires_grad_(False)
 
     start = time.time()
-    train_masks = synthetic_masks("train", args.num_train_scenes, args.resolution)
-    eval_masks = synthetic_masks("val", args.num_eval_scenes, args.resolution)
+    train_masks = synthetic_class_masks("train", args.num_train_scenes, args.resolution)
+    eval_masks = synthetic_class_masks("val", args.num_eval_scenes, args.resolution)
     train_latents = encode_in_chunks(vae, train_masks).float()
     latent_std = float(train_latents.std())
     if args.num_distill_scenes:
@@ -154,14 +144,9 @@ def main(argv=None) -> dict:
     train_seconds = time.time() - start
 
     report = evaluate_mask_decoders(vae, decoder, eval_masks, threshold=args.threshold)
-    # FLOPs from shapes alone: meta-device copies run no arithmetic, so 512 px costs nothing here.
-    meta_vae, meta_decoder = copy.deepcopy(vae).to("meta"), copy.deepcopy(decoder).to("meta")
     flops = {}
     for size in sorted({args.resolution, 512}):
-        side = size // decoder.upsampling_factor
-        latent = torch.zeros(1, train_latents.shape[1], side, side, device="meta")
-        full = count_flops(mask_codec.decode_masks, meta_vae, latent)
-        light = count_flops(mask_codec.decode_masks, meta_vae, latent, mask_decoder=meta_decoder)
+        full, light = decode_flops(vae, decoder, size)
         flops[str(size)] = {"vae_decoder": full, "light_decoder": light, "ratio": full / light}
     summary = {
         "vae": args.pretrained_model_name_or_path,

@@ -14,16 +14,9 @@ import torch
 from benchmarks import common
 
 from digseg_diffusers import mask_codec
-from digseg_diffusers.mask_decoder import DiGSegMaskDecoder, count_flops, evaluate_mask_decoders
+from digseg_diffusers.evaluation.vae_study import decode_flops, load_vae, synthetic_class_masks
+from digseg_diffusers.mask_decoder import DiGSegMaskDecoder, evaluate_mask_decoders
 from digseg_diffusers.testing_utils import make_tiny_vae
-
-
-def decode_flops(vae, decoder, resolution: int) -> tuple[int, int]:
-    meta_vae, meta_decoder = common.meta_copy(vae), common.meta_copy(decoder)
-    side = resolution // decoder.upsampling_factor
-    latents = torch.zeros(1, 4, side, side, device="meta")
-    return (count_flops(mask_codec.decode_masks, meta_vae, latents),
-            count_flops(mask_codec.decode_masks, meta_vae, latents, mask_decoder=meta_decoder))
 
 
 def pipeline_iou(pipeline_path: str, num_scenes: int, resolution: int) -> dict:
@@ -68,8 +61,6 @@ def main(argv=None):
             "SD VAE (128,256,512,512)": (common.sd_vae("meta"), default_decoder)}
     trained = None
     if args.vae_path:
-        from digseg_diffusers.evaluation.vae_study import load_vae
-
         trained_vae = load_vae(args.vae_path)
         trained_decoder = (DiGSegMaskDecoder.from_pretrained(args.mask_decoder_path).eval()
                            if args.mask_decoder_path else default_decoder)
@@ -103,8 +94,7 @@ def main(argv=None):
 
     iou, iou_table = None, None
     if trained is not None:
-        _, scenes = common.synthetic_scenes("val", args.num_eval_scenes, args.eval_resolution)
-        masks = torch.stack([torch.from_numpy(s.mask(c)) for s in scenes for c in s.class_indices]).float()
+        masks = synthetic_class_masks("val", args.num_eval_scenes, args.eval_resolution)
         iou = evaluate_mask_decoders(trained[0], trained[1], masks)
         iou_table = common.print_table(
             ["masks (val split)", "IoU full VAE decoder", "IoU light decoder", "difference (points)"],

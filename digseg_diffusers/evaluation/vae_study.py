@@ -12,11 +12,13 @@ as training targets and inference outputs go:
   averages per-mask IoUs instead).
 
 The paper encodes whole label maps (matching colours to a palette); DiGSeg only ever encodes binary masks, so
-those are measured.
+those are measured. The light mask decoder is set against the VAE decoder on the same kind of masks
+(`synthetic_class_masks`, `decode_flops`).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable, Sequence
 
@@ -24,15 +26,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from digseg_diffusers.mask_codec import decode_mask_channels, encode_masks, mask_channels_to_probabilities
+from digseg_diffusers.data.synthetic import generate_scene, split_seeds
 from digseg_diffusers.evaluation.metrics import ConfusionMatrix, binary_segmentation_metrics
+from digseg_diffusers.mask_codec import decode_mask_channels, decode_masks, encode_masks, mask_channels_to_probabilities
+from digseg_diffusers.mask_decoder import count_flops
 
 __all__ = [
     "generate_random_masks",
+    "synthetic_class_masks",
     "masks_from_label_maps",
     "read_label_maps",
     "load_vae",
     "vae_mask_roundtrip",
+    "decode_flops",
     "format_markdown_table",
 ]
 
@@ -60,6 +66,15 @@ def generate_random_masks(num_masks: int, height: int, width: int, seed: int = 0
         if masks[i].sum() == 0:  # a shape entirely off-image: fall back to a centred square
             masks[i, height // 4 : height - height // 4, width // 4 : width - width // 4] = 1.0
     return masks
+
+
+def synthetic_class_masks(split: str, num_scenes: int, resolution: int) -> torch.Tensor:
+    """Every visible class mask ``[M, H, W]`` in {0, 1} of the first `num_scenes` scenes of a synthetic split."""
+    masks = []
+    for seed in split_seeds(split, num_scenes):
+        scene = generate_scene(seed, size=resolution)
+        masks += [torch.from_numpy(scene.mask(c)) for c in scene.class_indices]
+    return torch.stack(masks).float()
 
 
 def read_label_maps(data_dir: str | os.PathLike) -> Iterable[tuple[str, np.ndarray]]:
@@ -168,6 +183,16 @@ def vae_mask_roundtrip(vae, masks: torch.Tensor, batch_size: int = 8, threshold:
     report["iou"] = pooled.binary_scores(positive_class=1)["iou"]
     report["mean_mask_iou"] = float(np.mean(mask_ious)) if mask_ious else float("nan")
     return report
+
+
+def decode_flops(vae, mask_decoder, resolution: int) -> tuple[int, int]:
+    """FLOPs of decoding one ``resolution``-px mask latent with the VAE decoder and with the light decoder, counted
+    on meta-device copies (shapes only, so SD sizes cost nothing)."""
+    meta_vae, meta_decoder = copy.deepcopy(vae).to("meta"), copy.deepcopy(mask_decoder).to("meta")
+    side = resolution // mask_decoder.upsampling_factor
+    latents = torch.zeros(1, mask_decoder.config.latent_channels, side, side, device="meta")
+    full = count_flops(decode_masks, meta_vae, latents)
+    return full, count_flops(decode_masks, meta_vae, latents, mask_decoder=meta_decoder)
 
 
 def format_markdown_table(rows: Sequence[tuple[str, dict]]) -> str:
