@@ -173,7 +173,7 @@ def overlay_batch(
     images: torch.Tensor, label_maps: torch.Tensor, num_classes: int, alpha: float = OVERLAY_ALPHA
 ) -> torch.Tensor:
     """Colour label maps ``[B, H, W]`` onto an IMAGE batch ``[B, H, W, C]`` -> IMAGE ``[B, H, W, 3]``."""
-    pixels = (comfy_images_to_pipeline(images).permute(0, 2, 3, 1) * 255.0).round().to(torch.uint8).numpy()
+    pixels = comfy_images_to_pipeline(images).permute(0, 2, 3, 1).numpy()  # `overlay` rounds them to 8 bits
     if tuple(label_maps.shape) != pixels.shape[:3]:
         raise ValueError(f"label maps {tuple(label_maps.shape)} do not match images {pixels.shape[:3]} (B, H, W).")
     labels = label_maps.to(torch.int64).cpu().numpy()
