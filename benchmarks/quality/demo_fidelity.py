@@ -25,7 +25,7 @@ import torch
 from benchmarks.common import markdown_table
 
 from digseg_diffusers import DiGSegPipeline
-from digseg_diffusers.evaluation.runner import evaluate_examples
+from digseg_diffusers.evaluation.runner import EvaluationSetting, evaluate_examples
 from digseg_diffusers.evaluation.report import plot_lines
 from digseg_diffusers.evaluation.metrics import IoUThresholdCurve, binary_segmentation_metrics
 from digseg_diffusers.data.synthetic import SHAPE_CLASSES, STYLES, generate_scene, split_seeds
@@ -171,7 +171,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.num_threads)
     settings = DEFAULT_SETTINGS
     if args.settings:
-        settings = tuple(tuple(int(v) for v in item.lower().split("x")) for item in args.settings)
+        settings = tuple((s.ensemble_size, s.num_inference_steps) for s in map(EvaluationSetting.parse, args.settings))
     pipe = DiGSegPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     resolution = pipe.config.default_processing_resolution

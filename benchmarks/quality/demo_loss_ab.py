@@ -24,7 +24,6 @@ from benchmarks.common import ROOT, markdown_table
 from benchmarks.quality.demo_fidelity import evaluate_settings, held_out_examples
 
 from digseg_diffusers import DiGSegPipeline
-from digseg_diffusers.demo import resolve_model_name
 
 DEFAULT_ARMS = ("latent:1", "latent:4", "e2e:1", "e2e:4", "latent+e2e:1", "latent+e2e:4")
 EVAL_STYLES = ("plain", "shifted")
@@ -75,7 +74,7 @@ def train_arm(args: argparse.Namespace, arm: str, seed: int, run_dir: Path) -> N
 
 
 def score(model: str, num_scenes: int) -> dict:
-    pipe = DiGSegPipeline.from_pretrained(resolve_model_name(model))
+    pipe = DiGSegPipeline.from_pretrained(model)  # "digseg-demo" included
     pipe.set_progress_bar_config(disable=True)
     size = pipe.config.default_processing_resolution
     scores = {"mask_threshold": pipe.config.default_mask_threshold}
