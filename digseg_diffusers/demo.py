@@ -16,10 +16,10 @@ import json
 import os
 from pathlib import Path
 
+from .hub.layout import MODEL_INDEX_NAME
+
 DEMO_MODEL_NAME = "digseg-demo"
 """Short name that `DiGSegPipeline.from_pretrained` (and the CLI's `--model`) resolve to the packaged folder."""
-
-MODEL_INDEX = "model_index.json"
 
 
 def default_model_path() -> str:
@@ -29,9 +29,9 @@ def default_model_path() -> str:
         FileNotFoundError: when this installation carries no demo model (e.g. a source checkout without it).
     """
     path = Path(__file__).resolve().parent / "models" / "demo"
-    if not (path / MODEL_INDEX).is_file():
+    if not (path / MODEL_INDEX_NAME).is_file():
         raise FileNotFoundError(
-            f"The embedded demo model is missing: {path} has no {MODEL_INDEX}. Reinstall from a clone of "
+            f"The embedded demo model is missing: {path} has no {MODEL_INDEX_NAME}. Reinstall from a clone of "
             "the repository (`pip install -e .`), or rebuild it with `python training/train_demo_model.py`."
         )
     return str(path)
@@ -41,9 +41,9 @@ def demo_model_summary() -> str:
     """One sentence on what the embedded demo model can segment (for `--help` and `digseg demo`), read from its
     recorded training vocabulary without loading it."""
     try:
-        index = json.loads((Path(__file__).resolve().parent / "models" / "demo" / MODEL_INDEX).read_text(encoding="utf-8"))
+        index = json.loads((Path(default_model_path()) / MODEL_INDEX_NAME).read_text(encoding="utf-8"))
         classes = list(index["training_vocabulary"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # FileNotFoundError: no demo model in this installation
         return f"The embedded demo model ({DEMO_MODEL_NAME}) segments only the shapes of its synthetic training world."
     return (
         f"The embedded demo model (--model {DEMO_MODEL_NAME}, the default) segments only {len(classes)} synthetic "
