@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .hub.files import resolve_file
@@ -517,8 +517,7 @@ def save_adapter(
             "config it was applied with as `config=`."
         )
     state = adapter_state_dict(unet, text_projection, config)
-    architecture = architecture_fingerprint(unet, text_projection if config.train_text_projection else None)
-    return write_adapter_file(save_directory, state, config, target_modules, architecture)
+    return write_adapter_file(save_directory, state, config, target_modules, unet, text_projection)
 
 
 def write_adapter_file(
@@ -526,10 +525,11 @@ def write_adapter_file(
     state: dict[str, torch.Tensor],
     config: DiGSegAdapterConfig,
     target_modules: list[str],
-    architecture: dict[str, Any],
+    unet: nn.Module,
+    text_projection: nn.Module | None,
 ) -> str:
-    """Write an adapter's tensors (keys ``unet.*`` / ``text_projection.*``) with its config document; returns the
-    file's path. The one writer of the format, for `save_adapter` and for the pipeline's loaded adapters."""
+    """Write an adapter's tensors (keys ``unet.*`` / ``text_projection.*``), config document and the fingerprint of
+    the models it fits; returns the file's path. The one writer of the format (`save_adapter`, loaded adapters)."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
     document = {
@@ -537,7 +537,7 @@ def write_adapter_file(
         "format_version": ADAPTER_FORMAT_VERSION,
         **config.to_dict(),
         "target_modules": target_modules,
-        "architecture": architecture,
+        "architecture": architecture_fingerprint(unet, text_projection if config.train_text_projection else None),
         "library_versions": _library_versions(),
     }
     metadata = {"format": "pt", DIGSEG_METADATA_KEY: json.dumps(document, sort_keys=True)}
@@ -608,9 +608,9 @@ def read_adapter(
     source = repr(str(directory_or_hub_id))
     weights_path = _resolve_adapter_file(directory_or_hub_id, subfolder, weight_name, **hub_kwargs)
     try:
-        with safe_open(weights_path, framework="pt") as handle:
+        with safe_open(weights_path, framework="pt") as handle:  # one read for the config document and the tensors
             metadata = handle.metadata() or {}
-        tensors = load_file(weights_path, device="cpu")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError) as error:  # truncated, corrupt or not a safetensors file
         raise ValueError(
             f"Cannot read the DiGSeg adapter {source}: its weights file {weights_path} is truncated or corrupt "

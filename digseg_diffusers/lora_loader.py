@@ -20,7 +20,6 @@ from .adapter import (
     DiGSegAdapterConfig,
     WholeWeightAdapters,
     adapter_tensors,
-    architecture_fingerprint,
     fuse_adapter,
     has_digseg_lora,
     load_adapter,
@@ -164,8 +163,8 @@ class DiGSegLoraLoaderMixin(LoraBaseMixin):
                 whole.get("conv_in", {}),
                 whole.get("text_projection", {}),
             )
-            architecture = architecture_fingerprint(self.unet, self.text_projection if config.train_text_projection else None)
-            write_adapter_file(os.path.join(folder, name), tensors, config, target_modules, architecture)
+            path = os.path.join(folder, name)
+            write_adapter_file(path, tensors, config, target_modules, self.unet, self.text_projection)
         logger.warning(
             f"The pipeline is saved with its base weights; its unfused LoRA adapter(s) {list(state['layouts'])} are "
             f"in {folder}/<name> (load them with `pipe.load_lora_weights`). Call `fuse_lora()` first to save the "
