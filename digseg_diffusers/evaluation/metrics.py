@@ -20,14 +20,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = [
-    "ConfusionMatrix",
-    "IoUThresholdCurve",
-    "iou_vs_threshold",
-    "binary_segmentation_metrics",
-    "to_jsonable",
-]
-
 
 def _as_long_tensor(x, name: str, device: torch.device | None = None) -> torch.Tensor:
     if isinstance(x, torch.Tensor):

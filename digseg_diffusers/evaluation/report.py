@@ -16,18 +16,6 @@ from pathlib import Path
 
 from ..atomic_io import atomic_file, atomic_write_json, atomic_write_text
 
-__all__ = [
-    "RESULTS_NAME",
-    "REPORT_NAME",
-    "CURVE_PLOT_NAME",
-    "CHARTS_INSTALL_HINT",
-    "write_evaluation_report",
-    "markdown_report",
-    "plot_lines",
-    "plot_iou_vs_threshold",
-    "plot_per_class_iou",
-]
-
 logger = logging.getLogger(__name__)
 
 RESULTS_NAME = "evaluation.json"

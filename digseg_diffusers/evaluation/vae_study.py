@@ -31,17 +31,6 @@ from digseg_diffusers.evaluation.metrics import ConfusionMatrix, binary_segmenta
 from digseg_diffusers.mask_codec import decode_mask_channels, decode_masks, encode_masks, mask_channels_to_probabilities
 from digseg_diffusers.mask_decoder import count_flops
 
-__all__ = [
-    "generate_random_masks",
-    "synthetic_class_masks",
-    "masks_from_label_maps",
-    "read_label_maps",
-    "load_vae",
-    "vae_mask_roundtrip",
-    "decode_flops",
-    "format_markdown_table",
-]
-
 LABEL_MAP_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 
 
