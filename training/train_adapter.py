@@ -641,7 +641,6 @@ def train(args: argparse.Namespace, settings: dict, resume_path: Path | None, tr
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
-    from digseg_diffusers import mask_codec
     from digseg_diffusers.adapter import DiGSegAdapterConfig, apply_adapter, load_adapter, save_adapter
     from digseg_diffusers.data import SegmentationTrainingDataset, augmentation_is_random, collate_segmentation_batch
     from digseg_diffusers.hub.cards import public_training_config
@@ -650,8 +649,7 @@ def train(args: argparse.Namespace, settings: dict, resume_path: Path | None, tr
         TrainingLoss,
         TrainingLossConfig,
         batch_seed,
-        compute_training_loss,
-        encode_batch_images,
+        compute_batch_loss,
     )
 
     logger = get_logger(__name__, log_level="INFO")
@@ -858,37 +856,15 @@ def train(args: argparse.Namespace, settings: dict, resume_path: Path | None, tr
         micro_batch_losses: list[TrainingLoss] = []  # of the current optimizer step (gradient accumulation)
         for batch in batches:
             with accelerator.accumulate(unet, text_projection):
-                with torch.no_grad():
-                    if latent_cache is not None:
-                        image_latents, mask_latents = latent_cache.encode(vae, batch, accelerator.device, weight_dtype)
-                    else:
-                        image_latents = encode_batch_images(vae, batch, accelerator.device, weight_dtype)
-                        mask_latents = mask_codec.encode_masks(vae, batch["mask"].to(accelerator.device, weight_dtype)).float()
-                # Timesteps and noise of a batch depend only on (seed, process, batch number): a resumed run
-                # draws exactly what the interrupted one would have, whatever else consumed the global RNG.
-                generator = torch.Generator(device=mask_latents.device).manual_seed(
-                    batch_seed(args.seed, accelerator.process_index, batches_seen)
+                step_loss_parts = compute_batch_loss(
+                    unet, text_projection, noise_scheduler, vae, batch, class_token_states, loss_config,
+                    seed=batch_seed(args.seed, accelerator.process_index, batches_seen), latent_cache=latent_cache,
+                    mask_decoder=e2e_mask_decoder, autocast=accelerator.autocast,  # fp16 / bf16 frozen, fp32 trainable
                 )
                 batches_seen += 1
-                text_states = text_projection(class_token_states[batch["class_index"].to(accelerator.device)].float())
-                with accelerator.autocast():  # fp16 / bf16 frozen weights meet fp32 trainable ones
-                    step_loss_parts = compute_training_loss(
-                        unet,
-                        noise_scheduler,
-                        image_latents,
-                        mask_latents,
-                        text_states,
-                        masks=batch["mask"].to(accelerator.device),
-                        valid=batch["valid"].to(accelerator.device),
-                        config=loss_config,
-                        generator=generator,
-                        vae=vae,
-                        mask_decoder=e2e_mask_decoder,
-                    )
-                loss = step_loss_parts.loss
                 micro_batch_losses.append(step_loss_parts)
 
-                accelerator.backward(loss)
+                accelerator.backward(step_loss_parts.loss)
                 if accelerator.sync_gradients:
                     # The decoder is not wrapped for distributed training: average its gradients here.
                     if decoder_params and accelerator.num_processes > 1:

@@ -1,9 +1,9 @@
 """Training throughput of `train_adapter.py`'s step at SD2 size: samples/s, peak memory, model FLOP utilisation.
 
-The step is the script's own: `accelerate` (mixed precision, backward, gradient clipping), the trainable text
-projection, `compute_training_loss`, AdamW; latents come from the frozen VAE or, with cached latents, from the
-script's `LatentCache` (what `--cache_latents` serves after the first epoch). Weights are random (SD2's U-Net and
-the SD VAE); the text encoder is not part of a step (the script encodes the class names once). Variants of one
+The step is the script's own: `accelerate` (mixed precision, backward, gradient clipping), `compute_batch_loss`
+(the trainable text projection, `compute_training_loss`), AdamW; latents come from the frozen VAE or, with cached
+latents, from the script's `LatentCache` (what `--cache_latents` serves after the first epoch). Weights are random
+(SD2's U-Net and the SD VAE); the text encoder is not part of a step (the script encodes the class names once). Variants of one
 adapter mode are timed interleaved; the modes run one after the other (one SD2 U-Net in memory at a time), so
 compare modes with care on a loaded host. Model FLOPs are counted (`FlopCounterMode`) on the step without gradient
 checkpointing (recomputation is work, not model FLOPs); MFU = model FLOPs / time / `--peak_tflops`.
@@ -24,12 +24,10 @@ from benchmarks import common
 from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
-from digseg_diffusers import mask_codec
 from digseg_diffusers.adapter import DiGSegAdapterConfig, apply_adapter
 from digseg_diffusers.testing_utils import make_tiny_unet
 from digseg_diffusers.text_projection import DiGSegTextProjection
-from digseg_diffusers.training.step import LOSSES, LatentCache, TrainingLossConfig, compute_training_loss
-from digseg_diffusers.training.step import encode_batch_images
+from digseg_diffusers.training.step import LOSSES, LatentCache, TrainingLossConfig, compute_batch_loss
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched against `torch.cuda.get_device_name` (first hit).
 PEAK_TFLOPS = {
@@ -195,20 +193,11 @@ def main(argv=None) -> None:
                     raw_unet.enable_gradient_checkpointing()
                 else:
                     raw_unet.disable_gradient_checkpointing()
-                with torch.no_grad():  # train_adapter.py's step from here on
-                    if cached:
-                        image_latents, mask_latents = latent_cache.encode(vae, batch, device, weight_dtype)
-                    else:
-                        image_latents = encode_batch_images(vae, batch, device, weight_dtype)
-                        mask_latents = mask_codec.encode_masks(vae, batch["mask"].to(device, weight_dtype)).float()
-                generator = torch.Generator(device=mask_latents.device).manual_seed(0)
-                text_states = text_projection(token_states[batch["class_index"].to(device)].float())
-                loss = compute_training_loss(
-                    unet, noise_scheduler, image_latents, mask_latents, text_states,
-                    masks=batch["mask"].to(device), valid=batch["valid"].to(device), config=loss_config,
-                    generator=generator, vae=vae,
-                ).loss
-                accelerator.backward(loss)
+                loss = compute_batch_loss(  # train_adapter.py's step from here on
+                    unet, text_projection, noise_scheduler, vae, batch, token_states, loss_config, seed=0,
+                    latent_cache=latent_cache if cached else None, autocast=accelerator.autocast,
+                )
+                accelerator.backward(loss.loss)
                 accelerator.clip_grad_norm_(trainable, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

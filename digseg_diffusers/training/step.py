@@ -1,6 +1,6 @@
 """The DiGSeg training step: timesteps, noise, target, and the weighted loss (latent, end-to-end, multi-prompt).
 
-`training/train_adapter.py` is a thin loop around `compute_training_loss`. The objectives (``LOSSES``):
+`training/train_adapter.py` is a thin loop around `compute_batch_loss`. The objectives (``LOSSES``):
 
 - ``"latent"`` (method.md section 3): DiGSeg's timesteps and noise, the scheduler's target (epsilon or v), a
   squared error per latent pixel weighted by the share of valid image pixels under it.
@@ -23,7 +23,9 @@ pipeline's label map.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -257,6 +259,41 @@ def encode_batch_images(vae, batch: dict, device, dtype) -> torch.Tensor:
     first_rows = torch.unique_consecutive(image_row, return_counts=True)[1].cumsum(0) - 1  # any row of each image
     latents = mask_codec.encode_pixels(vae, batch["pixel_values"][first_rows].to(device, dtype)).float()
     return latents[image_row.to(latents.device) - image_row.min().to(latents.device)]
+
+
+def compute_batch_loss(
+    unet,
+    text_projection,
+    scheduler,
+    vae,
+    batch: dict,
+    class_token_states: torch.Tensor,
+    config: TrainingLossConfig,
+    seed: int,
+    latent_cache: LatentCache | None = None,
+    mask_decoder=None,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> TrainingLoss:
+    """`compute_training_loss` on a `collate_segmentation_batch` batch: `train_adapter.py`'s step before backward.
+
+    The frozen VAE (or `latent_cache`) encodes on the device and in the dtype of `class_token_states` (every class
+    name's frozen text-encoder states). Timesteps and noise come from `seed` alone (`batch_seed`), so a resumed run
+    draws what the interrupted one would have; `autocast` wraps the U-Net pass and the decoding, not the projection.
+    """
+    device, dtype = class_token_states.device, class_token_states.dtype
+    with torch.no_grad():
+        if latent_cache is not None:
+            image_latents, mask_latents = latent_cache.encode(vae, batch, device, dtype)
+        else:
+            image_latents = encode_batch_images(vae, batch, device, dtype)
+            mask_latents = mask_codec.encode_masks(vae, batch["mask"].to(device, dtype)).float()
+    generator = torch.Generator(device=mask_latents.device).manual_seed(seed)
+    text_states = text_projection(class_token_states[batch["class_index"].to(device)].float())
+    with autocast():
+        return compute_training_loss(
+            unet, scheduler, image_latents, mask_latents, text_states, masks=batch["mask"].to(device),
+            valid=batch["valid"].to(device), config=config, generator=generator, vae=vae, mask_decoder=mask_decoder,
+        )
 
 
 def batch_seed(seed: int, process_index: int, batch_number: int) -> int:
