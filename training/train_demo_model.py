@@ -36,6 +36,7 @@ from digseg_diffusers.demo import resolve_model_name
 from digseg_diffusers.training.demo_recipe import (
     DEFAULT_ATTENTION_HEAD_CHANNELS,
     DEFAULT_FULL_RESOLUTION_ATTENTION,
+    DEMO_TIMESTEP_BIAS,
     DEMO_UNET_CHANNELS,
     FULL_RESOLUTION_ATTENTION,
     RESOLUTION_MULTIPLE,
@@ -53,8 +54,6 @@ PACKAGED_MODEL_DIR = REPO_ROOT / "digseg_diffusers" / "models" / "demo"
 
 logger = logging.getLogger("train_demo_model")
 
-# 1-step inference only asks at t = T-1, so training timesteps are biased to the high-noise end.
-TIMESTEP_BIAS_STRATEGY = "later"
 AUGMENTATIONS = ("scale_flip", "none")
 
 
@@ -150,7 +149,7 @@ def run_training(
             *(["--train_decoder"] if args.train_decoder else []),
             "--noise_variant", args.noise_variant,
             "--negative_prob", str(args.negative_prob),
-            "--timestep_bias_strategy", TIMESTEP_BIAS_STRATEGY,
+            "--timestep_bias_strategy", DEMO_TIMESTEP_BIAS["timestep_bias_strategy"],
             "--timestep_bias_multiplier", str(args.timestep_bias_multiplier),
             "--timestep_bias_portion", str(args.timestep_bias_portion),
             *(["--scale_range", "1", "1", "--flip_prob", "0", "--cache_latents"] if args.augmentation == "none" else []),
@@ -205,11 +204,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "0.5 -> 0.162 mIoU (0.1 with seeds 1 and 2: 0.317, 0.341).",
     )
     parser.add_argument(
-        "--timestep_bias_multiplier", type=float, default=1000.0,
+        "--timestep_bias_multiplier", type=float, default=DEMO_TIMESTEP_BIAS["timestep_bias_multiplier"],
         help="Weight of the last --timestep_bias_portion of the timesteps (1-step inference asks only at T-1).",
     )
     parser.add_argument(
-        "--timestep_bias_portion", type=float, default=0.01,
+        "--timestep_bias_portion", type=float, default=DEMO_TIMESTEP_BIAS["timestep_bias_portion"],
         help="0.01 x 1000 puts 91%% of the samples at t >= 990 (0.1 x 30: 77%% at t >= 900; mIoU 0.415 vs 0.460 with "
         "a 4-channel VAE).",
     )
@@ -292,7 +291,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     except ValueError as error:
         parser.error(f"--attention_head_channels: {error}")
     try:  # the same check train_adapter.py runs on these values, here before the VAE stage rather than after it
-        check_timestep_bias(TIMESTEP_BIAS_STRATEGY, args.timestep_bias_multiplier, args.timestep_bias_portion)
+        check_timestep_bias(
+            DEMO_TIMESTEP_BIAS["timestep_bias_strategy"], args.timestep_bias_multiplier, args.timestep_bias_portion
+        )
     except ValueError as error:
         parser.error(f"--timestep_bias_*: {error}")
 

@@ -21,7 +21,7 @@ from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from digseg_diffusers import mask_codec
-from digseg_diffusers.training.demo_recipe import build_demo_unet
+from digseg_diffusers.training.demo_recipe import DEMO_TIMESTEP_BIAS, build_demo_unet
 from digseg_diffusers.training.step import LOSSES, TrainingLossConfig, compute_training_loss
 
 # (name, full-resolution attention, channels per head; None = 16 heads per level)
@@ -58,11 +58,8 @@ def main() -> None:
     masks = (torch.rand(batch, 1, args.resolution, args.resolution) > 0.5).float()
     valid = torch.ones_like(masks)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    # the demo recipe's objective (training/train_demo_model.py): latent loss, timesteps biased to T - 1
-    loss_config = TrainingLossConfig(
-        loss=args.loss, prompts_per_image=args.prompts_per_image, timestep_bias_strategy="later",
-        timestep_bias_multiplier=1000.0, timestep_bias_portion=0.01,
-    )
+    # the demo recipe's objective (training/train_demo_model.py): timesteps biased to T - 1
+    loss_config = TrainingLossConfig(loss=args.loss, prompts_per_image=args.prompts_per_image, **DEMO_TIMESTEP_BIAS)
 
     def training_step(unet, forward=None, channels_last=False, autocast=False):
         """train_adapter.py's step: `compute_training_loss` (noise, target, weighted loss), backward, AdamW."""

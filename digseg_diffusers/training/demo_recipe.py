@@ -21,6 +21,8 @@ RESOLUTION_MULTIPLE = 32
 DEMO_UNET_CHANNELS = (32, 64, 96, 96)
 UNET_NORM_GROUPS = 16  # GroupNorm groups in every U-Net level: each level's width must be a multiple
 DEFAULT_ATTENTION_HEAD_CHANNELS = 16
+# 1-step inference only asks at t = T-1, so the demo's training timesteps are biased to the high-noise end.
+DEMO_TIMESTEP_BIAS = dict(timestep_bias_strategy="later", timestep_bias_multiplier=1000.0, timestep_bias_portion=0.01)
 
 
 def demo_block_types(full_resolution_attention: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[bool, ...]]:
