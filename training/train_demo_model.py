@@ -66,13 +66,13 @@ def calibrate_mask_threshold(pipeline_dir: str | os.PathLike, num_scenes: int = 
     """
     from digseg_diffusers import DiGSegPipeline
     from digseg_diffusers.evaluation.runner import evaluate_examples_at_thresholds
-    from digseg_diffusers.data.synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene
+    from digseg_diffusers.data.synthetic import SHAPE_CLASSES, SPLIT_SEED_OFFSETS, generate_scene, split_seeds
 
     pipe = DiGSegPipeline.from_pretrained(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.config.default_processing_resolution
-    start = SPLIT_SEED_OFFSETS["val"] + first_scene
-    examples = [generate_scene(seed, size=size).validation_example() for seed in range(start, start + num_scenes)]
+    seeds = split_seeds("val", num_scenes, seed_offset=SPLIT_SEED_OFFSETS["val"] + first_scene)
+    examples = [generate_scene(seed, size=size).validation_example() for seed in seeds]
     thresholds = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
     confusions = evaluate_examples_at_thresholds(pipe, examples, SHAPE_CLASSES, thresholds, batch_size=32)
     scores = {}
