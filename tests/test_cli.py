@@ -16,6 +16,7 @@ from PIL import Image
 
 from digseg_diffusers import atomic_io
 from digseg_diffusers.inference import cli
+from digseg_diffusers.inference.batch import LOCK_NAME
 from digseg_diffusers.testing_utils import make_tiny_pipeline
 
 
@@ -296,7 +297,7 @@ def test_read_only_out_fails_before_any_model_work(tmp_path, capsys):
 def test_a_second_writer_to_the_same_out_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    with atomic_io.DirectoryLock(out, cli.LOCK_NAME):  # what a running `digseg segment --out out` holds
+    with atomic_io.DirectoryLock(out, LOCK_NAME):  # what a running `digseg segment --out out` holds
         code, _, stderr = _run(["segment", _save_image(tmp_path / "ok.png"), "-p", "a", "--model", str(tmp_path / "none"), "-o", str(out)], capsys)
     assert code == 2 and "being written by another process" in stderr and f"pid {os.getpid()}" in stderr
     assert list(out.iterdir()) == []  # nothing written, and the lock file went with its holder
@@ -310,11 +311,11 @@ def test_the_lock_of_a_killed_writer_is_released(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(atomic_io.FolderLockedError, match=f"pid {holder.pid}"):
-            atomic_io.DirectoryLock(tmp_path, cli.LOCK_NAME).acquire()
+            atomic_io.DirectoryLock(tmp_path, LOCK_NAME).acquire()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    with atomic_io.DirectoryLock(tmp_path, cli.LOCK_NAME):  # the OS freed it with its holder; no stale lock
+    with atomic_io.DirectoryLock(tmp_path, LOCK_NAME):  # the OS freed it with its holder; no stale lock
         pass
 
 

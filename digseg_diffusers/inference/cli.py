@@ -27,7 +27,6 @@ from PIL import Image
 from digseg_diffusers.atomic_io import atomic_write_json, is_disk_full
 from digseg_diffusers.demo import DEMO_MODEL_NAME, demo_model_summary
 from digseg_diffusers.inference.batch import (
-    LOCK_NAME,  # noqa: F401  (`cli.LOCK_NAME`: the lock a running `digseg` holds on --out)
     OUTPUT_FORMATS,
     BatchInferenceError,
     BatchOptions,
