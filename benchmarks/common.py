@@ -30,7 +30,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from digseg_diffusers import DiGSegPipeline, mask_codec
-from digseg_diffusers.data.synthetic import SPLIT_SEED_OFFSETS, generate_scene, split_seeds
+from digseg_diffusers.data.synthetic import generate_scene
 from digseg_diffusers.demo import default_model_path
 from digseg_diffusers.mask_decoder import DiGSegMaskDecoder, count_flops
 from digseg_diffusers.testing_utils import make_tiny_components, make_tiny_unet, make_tiny_vae
@@ -86,14 +86,6 @@ def make_pipeline(config: str, light_decoder: bool = False, device: str = "cpu",
 def scene_image(resolution: int, seed: int = 0) -> np.ndarray:
     """A synthetic scene (uint8 HWC) at `resolution`, so every run sees the same pixels."""
     return generate_scene(seed, size=resolution).image
-
-
-def synthetic_scenes(split: str, num_scenes: int, size: int, first: int = 0) -> tuple[torch.Tensor, list]:
-    """Scenes `first`, `first + 1`, ... of a synthetic split, and their images ``[N, 3, size, size]`` in [-1, 1]."""
-    seeds = split_seeds(split, num_scenes, seed_offset=SPLIT_SEED_OFFSETS[split] + first)
-    scenes = [generate_scene(seed, size=size) for seed in seeds]
-    images = torch.from_numpy(np.stack([scene.image for scene in scenes]))
-    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0, scenes
 
 
 def generators(num_rows: int, seed: int = 0) -> list[torch.Generator]:

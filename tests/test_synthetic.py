@@ -170,3 +170,20 @@ def test_write_dataset_records_the_style(tmp_path):
     assert json.loads((split_dir / "synthetic.json").read_text())["style"] == "shifted"
     image = np.asarray(Image.open(split_dir / "images" / "scene_10000001.png"))
     np.testing.assert_array_equal(image, generate_scene(10_000_001, size=32, style="shifted").image)
+
+
+def test_split_scene_tensors_are_the_split_scenes_in_vae_pixel_space():
+    import torch
+
+    from digseg_diffusers.data.synthetic import SEEDS_PER_SPLIT, split_scene_tensors
+
+    scenes, images, labels = split_scene_tensors("val", 3, 32, first=2)
+    expected = [generate_scene(SPLIT_SEED_OFFSETS["val"] + 2 + i, size=32) for i in range(3)]
+    assert [s.label.tolist() for s in scenes] == [s.label.tolist() for s in expected]
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.shape == (3, 32, 32) and labels.dtype == torch.int64
+    assert torch.equal(images[1], torch.from_numpy(expected[1].image).permute(2, 0, 1).float() / 127.5 - 1.0)
+    assert torch.equal(labels[2], torch.from_numpy(expected[2].label).long())
+    assert images.min() >= -1.0 and images.max() <= 1.0
+    with pytest.raises(ValueError, match="owns seeds"):  # held-out seeds stay inside their block
+        split_scene_tensors("train", 2, 32, first=SEEDS_PER_SPLIT - 1)

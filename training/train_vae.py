@@ -26,13 +26,12 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
 from digseg_diffusers import mask_codec
 from digseg_diffusers.evaluation.metrics import binary_segmentation_metrics
-from digseg_diffusers.data.synthetic import generate_scene, split_seeds
+from digseg_diffusers.data.synthetic import split_scene_tensors
 
 logger = logging.getLogger("train_vae")
 
@@ -58,10 +57,7 @@ class SceneBank:
     """A split's scenes with their images in [-1, 1] and label maps, made once (thousands of 64 px scenes fit)."""
 
     def __init__(self, num_scenes: int, size: int, split: str = "train"):
-        self.scenes = [generate_scene(seed, size=size) for seed in split_seeds(split, num_scenes)]
-        images = np.stack([scene.image for scene in self.scenes])
-        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        self.labels = torch.from_numpy(np.stack([scene.label for scene in self.scenes])).long()
+        self.scenes, self.images, self.labels = split_scene_tensors(split, num_scenes, size)
 
     def sample(self, batch_size: int, generator: torch.Generator, crop_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch of images and a batch of masks in VAE pixel space ([-1, 1], 3 channels), randomly flipped and

@@ -20,13 +20,12 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from benchmarks import common
 
 from digseg_diffusers import mask_codec
-from digseg_diffusers.data.synthetic import SHAPE_CLASSES
+from digseg_diffusers.data.synthetic import SHAPE_CLASSES, split_scene_tensors
 from digseg_diffusers.evaluation.metrics import ConfusionMatrix
 from digseg_diffusers.training.demo_recipe import build_demo_unet
 
@@ -37,8 +36,8 @@ INPUTS = ("latent", "pixels")
 
 def scenes(split: str, num_scenes: int, size: int, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Images in [-1, 1] ``[N, 3, size, size]`` and label maps ``[N, size, size]`` of generated scenes."""
-    pixels, generated = common.synthetic_scenes(split, num_scenes, size, first)
-    return pixels, torch.from_numpy(np.stack([scene.label for scene in generated])).long()
+    _, pixels, labels = split_scene_tensors(split, num_scenes, size, first)
+    return pixels, labels
 
 
 @torch.no_grad()

@@ -459,6 +459,17 @@ def split_seeds(split: str, num_images: int, seed_offset: int | None = None) -> 
     return range(seed_offset, seed_offset + num_images)
 
 
+def split_scene_tensors(split: str, num_scenes: int, size: int, first: int = 0):
+    """Scenes `first`, `first + 1`, ... of a split, with their images ``[N, 3, size, size]`` in [-1, 1] (the VAE's
+    pixel space) and label maps ``[N, size, size]`` (int64) as torch tensors: what VAE training and studies use."""
+    import torch  # only here: the generator itself needs numpy alone
+
+    seeds = split_seeds(split, num_scenes, SPLIT_SEED_OFFSETS[split] + first)
+    scenes = [generate_scene(seed, size=size) for seed in seeds]
+    images = torch.from_numpy(np.stack([scene.image for scene in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return scenes, images, torch.from_numpy(np.stack([scene.label for scene in scenes])).long()
+
+
 def write_dataset(
     root: str | os.PathLike,
     split: str = "train",
