@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from digseg_diffusers import DiGSegPipeline
-from digseg_diffusers.demo import default_model_path
+from digseg_diffusers.demo import default_model_path, demo_model_vocabulary
 from digseg_diffusers.hub.files import hub_reachable, is_hub_unreachable, looks_like_hub_id
 from digseg_diffusers.inference.visualization import overlay
 from digseg_diffusers.prompts import parse_prompts
@@ -245,13 +245,6 @@ def list_model_folders(search_paths: list[str], max_depth: int = 2, marker: str 
                     models.append(name)
         found.update(models)
     return sorted(found)
-
-
-def demo_model_vocabulary() -> list[str] | None:
-    """The classes the embedded demo model was trained on, or None: read from its config alone (no weights), so
-    that the node schemas can say what the demo model segments."""
-    folder = demo_model_path()
-    return None if folder is None else DiGSegPipeline.load_config(folder).get("training_vocabulary")
 
 
 def demo_vocabulary_note() -> str:

@@ -37,13 +37,20 @@ def default_model_path() -> str:
     return str(path)
 
 
-def demo_model_summary() -> str:
-    """One sentence on what the embedded demo model can segment (for `--help` and `digseg demo`), read from its
-    recorded training vocabulary without loading it."""
+def demo_model_vocabulary() -> list[str] | None:
+    """The classes the embedded demo model was trained on, read from its model_index.json without loading the model
+    or importing torch (the CLI's `--help` and ComfyUI's node schemas say them); None when none is installed."""
     try:
         index = json.loads((Path(default_model_path()) / MODEL_INDEX_NAME).read_text(encoding="utf-8"))
-        classes = list(index["training_vocabulary"])
+        return list(index["training_vocabulary"])
     except (OSError, ValueError, KeyError, TypeError):  # FileNotFoundError: no demo model in this installation
+        return None
+
+
+def demo_model_summary() -> str:
+    """One sentence on what the embedded demo model can segment (for `--help` and `digseg demo`)."""
+    classes = demo_model_vocabulary()
+    if classes is None:
         return f"The embedded demo model ({DEMO_MODEL_NAME}) segments only the shapes of its synthetic training world."
     return (
         f"The embedded demo model (--model {DEMO_MODEL_NAME}, the default) segments only {len(classes)} synthetic "
