@@ -23,6 +23,7 @@ import torch
 from digseg_diffusers import DiGSegPipeline
 from digseg_diffusers.demo import default_model_path, demo_model_vocabulary
 from digseg_diffusers.hub.files import hub_reachable, is_hub_unreachable, looks_like_hub_id
+from digseg_diffusers.hub.layout import MODEL_INDEX_NAME
 from digseg_diffusers.inference.visualization import overlay
 from digseg_diffusers.prompts import parse_prompts
 from digseg_diffusers.proposal import DiGSegClassProposer
@@ -39,7 +40,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISIONS = ("auto", *DTYPES)
 PICK_KINDS = ("mask", "probability", "region")
 OVERLAY_ALPHA = 0.5
-MODEL_INDEX = "model_index.json"
 # Segment's default text: classes the embedded demo model was trained on (see `demo_model_vocabulary`).
 DEFAULT_PROMPTS = "circle, square, star"
 
@@ -232,7 +232,7 @@ def demo_model_path() -> str | None:
         return None
 
 
-def list_model_folders(search_paths: list[str], max_depth: int = 2, marker: str = MODEL_INDEX) -> list[str]:
+def list_model_folders(search_paths: list[str], max_depth: int = 2, marker: str = MODEL_INDEX_NAME) -> list[str]:
     """Names ("/"-separated, relative) of the folders holding `marker` under the search paths, up to `max_depth`
     levels deep (``models/digseg/org/name``); hidden folders and folders inside a model folder are not listed."""
     found: set[str] = set()
@@ -273,7 +273,7 @@ def _find_in(search_paths: list[str], name: str) -> str | None:
 
 
 def resolve_model_source(
-    model: str, hub_id_or_path: str, search_paths: list[str], marker: str = MODEL_INDEX
+    model: str, hub_id_or_path: str, search_paths: list[str], marker: str = MODEL_INDEX_NAME
 ) -> tuple[str, str]:
     """Decide what to load: ``("local", folder)`` or ``("hub", repo_id)``.
 

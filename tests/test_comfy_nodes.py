@@ -21,6 +21,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from comfy_nodes import logic  # noqa: E402
+from digseg_diffusers.hub.layout import MODEL_INDEX_NAME  # noqa: E402
 from digseg_diffusers.testing_utils import (  # noqa: E402
     assert_close_across_paths,
     assert_label_maps_match_across_paths,
@@ -279,7 +280,7 @@ def test_pick_mask_unknown_name_gives_empty_mask_with_batch_size():
 # ------------------------------------------------------------------------------------------------ models
 
 
-def make_model_folder(root: Path, name: str, marker: str = logic.MODEL_INDEX) -> Path:
+def make_model_folder(root: Path, name: str, marker: str = MODEL_INDEX_NAME) -> Path:
     folder = root.joinpath(*name.split("/"))
     folder.mkdir(parents=True)
     (folder / marker).write_text("{}")
